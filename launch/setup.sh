@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Create .venv and install mdm_jax with the extras given as arguments (e.g. `dev`).
+# Idempotent: a stamp records what was installed; an unchanged setup.cfg + extras is a no-op.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extras="${*:-}"
+py="${PYTHON:-python3}"
+want="$(sha256sum setup.cfg pyproject.toml | sha256sum | cut -c1-16) extras=[${extras}]"
+stamp=.venv/.mdm_jax_installed
+if [ -f "$stamp" ] && grep -qxF "$want" "$stamp"; then
+  exit 0
+fi
+[ -x .venv/bin/python ] || "$py" -m venv .venv
+spec="."
+[ -n "$extras" ] && spec=".[$(echo "$extras" | tr ' ' ',')]"
+echo "[setup] installing mdm_jax $spec into .venv (first run takes ~1 minute)" >&2
+.venv/bin/python -m pip install -q --disable-pip-version-check -e "$spec" 2>&1 \
+  | grep -v "^WARNING: Location" || true
+.venv/bin/python -c "import mdm_jax, jax" || { echo "[setup] install failed" >&2; exit 1; }
+# Record every extra installed so far, so that `setup.sh dev` after `setup.sh` does not reinstall.
+echo "$want" >> "$stamp"
