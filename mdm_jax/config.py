@@ -1,0 +1,171 @@
+"""The run configuration: ConfigDict schema with defaults, and validation before anything compiles.
+
+Experiment files (`experiments/*.py`) start from `base_config()` and override fields; every entry
+point takes `--config=path.py[:arg]` plus `--config.key=value` overrides. `validate()` turns a
+config into clear errors that name the field and the fix.
+"""
+
+from __future__ import annotations
+
+import math
+
+import ml_collections
+
+from mdm_jax.model import ATTENTION_IMPLS, REMAT_POLICIES, ModelArgs
+from mdm_jax.objectives import OBJECTIVES, ObjectiveArgs
+from mdm_jax.presets import get_preset
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message names the field and the fix."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.workdir = "runs/default"
+    c.seed = 3407
+    c.steps = 1000
+    c.global_batch = 256  # sequences per optimizer step
+    c.micro_batch = 0  # sequences per forward/backward; 0 = global_batch (no accumulation)
+    c.seq_len = 2048
+
+    c.model = ml_collections.ConfigDict()
+    c.model.preset = "170M"
+    c.model.vocab_size = 0  # 0 = the preset's (32000 for SMDM presets)
+    c.model.dtype = "bfloat16"  # compute dtype; parameters are float32
+    c.model.remat = "none"  # none | full | dots | dots_no_batch
+    c.model.scan_layers = True
+    c.model.attention = "xla"  # xla | jax | cudnn
+
+    c.objective = ml_collections.ConfigDict()
+    c.objective.kind = "mdm"  # mdm | arm
+    c.objective.eps = 1e-3
+    c.objective.variable_length_prob = 0.01
+    c.objective.weighting = "elbo"
+    c.objective.t_sampling = "uniform"
+    c.objective.loss_chunk = 256
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = 2e-4
+    c.optim.min_lr = 2e-5
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.95
+    c.optim.weight_decay = 0.1
+    c.optim.grad_clip = 1.0
+    c.optim.warmup_steps = -1  # -1 = SMDM's max(100, steps / 100)
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1  # -1 = all devices left after fsdp and tensor
+    c.mesh.fsdp = 1
+    c.mesh.tensor = 1
+
+    c.data = ml_collections.ConfigDict()
+    c.data.train_dir = ""  # a directory written by `python -m mdm_jax.data.prepare`
+    c.data.eval_dir = ""  # validation split; "" = no validation
+    c.data.tokenizer = ""  # SentencePiece model, for samples and the vocabulary check
+    c.data.worker_count = 0  # Grain worker processes (0 = in the main process)
+    c.data.eval_batches = 4
+
+    c.log_every = 10
+    c.eval_every = 200
+    c.checkpoint_every = 500
+    c.checkpoint_keep = 3
+    c.samples = ml_collections.ConfigDict()
+    c.samples.count = 0  # samples printed at the end of training
+    c.samples.steps = 64
+    c.samples.length = 0  # 0 = seq_len
+    return c
+
+
+def model_args(c: ml_collections.ConfigDict) -> ModelArgs:
+    preset = get_preset(c.model.preset)
+    return ModelArgs.from_preset(
+        preset,
+        vocab_size=c.model.vocab_size or None,
+        causal=c.objective.kind == "arm",
+        dtype=c.model.dtype,
+        remat=c.model.remat,
+        scan_layers=c.model.scan_layers,
+        attention=c.model.attention,
+    )
+
+
+def objective_args(c: ml_collections.ConfigDict) -> ObjectiveArgs:
+    o = c.objective
+    return ObjectiveArgs(kind=o.kind, eps=o.eps, variable_length_prob=o.variable_length_prob,
+                         weighting=o.weighting, t_sampling=o.t_sampling, loss_chunk=o.loss_chunk)
+
+
+def micro_batch(c: ml_collections.ConfigDict) -> int:
+    return c.micro_batch or c.global_batch
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate(c: ml_collections.ConfigDict, num_devices: int, process_count: int = 1) -> None:
+    """Raise ConfigError for the first problem found; cheap, runs before any compilation."""
+    try:
+        preset = get_preset(c.model.preset)
+    except ValueError as e:
+        raise ConfigError(f"config.model.preset: {e}") from None
+    _require(c.objective.kind in OBJECTIVES,
+             f"config.objective.kind={c.objective.kind!r}; valid: {', '.join(OBJECTIVES)}.")
+    _require(c.model.dtype in ("float32", "bfloat16"),
+             f"config.model.dtype={c.model.dtype!r}; valid: float32, bfloat16.")
+    _require(c.model.remat in REMAT_POLICIES,
+             f"config.model.remat={c.model.remat!r}; valid: {', '.join(REMAT_POLICIES)}.")
+    _require(c.model.attention in ATTENTION_IMPLS,
+             f"config.model.attention={c.model.attention!r}; valid: {', '.join(ATTENTION_IMPLS)}.")
+    _require(c.objective.weighting in ("elbo", "unweighted"),
+             f"config.objective.weighting={c.objective.weighting!r}; valid: elbo, unweighted.")
+    _require(c.objective.t_sampling in ("uniform", "stratified"),
+             f"config.objective.t_sampling={c.objective.t_sampling!r}; valid: uniform, stratified.")
+    _require(0 < c.objective.eps < 1, f"config.objective.eps={c.objective.eps} must be in (0, 1).")
+    _require(c.objective.loss_chunk >= 1,
+             f"config.objective.loss_chunk={c.objective.loss_chunk} must be >= 1.")
+    _require(c.steps >= 1, f"config.steps={c.steps} must be >= 1.")
+    _require(c.optim.lr > 0, f"config.optim.lr={c.optim.lr} must be > 0.")
+
+    max_len = preset.max_seq_len
+    _require(1 <= c.seq_len <= max_len,
+             f"config.seq_len={c.seq_len} is longer than preset {c.model.preset!r} supports "
+             f"({max_len}); lower config.seq_len to at most {max_len}.")
+
+    # The mesh, then everything that must divide it.
+    from mdm_jax.sharding import resolve_mesh_shape  # local: keeps config import light
+
+    try:
+        data, fsdp, tensor = resolve_mesh_shape(c.mesh.data, c.mesh.fsdp, c.mesh.tensor,
+                                                num_devices)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    batch_shards = data * fsdp
+    mb = micro_batch(c)
+    _require(c.global_batch >= 1, f"config.global_batch={c.global_batch} must be >= 1.")
+    _require(c.global_batch % mb == 0,
+             f"config.global_batch={c.global_batch} is not divisible by config.micro_batch={mb}; "
+             f"set config.micro_batch to a divisor of the global batch.")
+    _require(mb % batch_shards == 0,
+             f"config.micro_batch={mb} (global_batch when 0) is not divisible by the batch "
+             f"shards data*fsdp={data}*{fsdp}={batch_shards}; use a multiple of {batch_shards} "
+             f"or change config.mesh.")
+    _require(c.global_batch % process_count == 0,
+             f"config.global_batch={c.global_batch} is not divisible by the {process_count} "
+             f"processes; use a multiple of {process_count}.")
+    _require(preset.n_head % tensor == 0,
+             f"preset {c.model.preset!r} has {preset.n_head} heads, not divisible by "
+             f"config.mesh.tensor={tensor}; use a tensor axis that divides {preset.n_head}.")
+    _require(preset.mlp_dim % tensor == 0,
+             f"preset {c.model.preset!r} mlp_dim {preset.mlp_dim} is not divisible by "
+             f"config.mesh.tensor={tensor}.")
+    vocab = c.model.vocab_size or preset.vocab_size
+    _require(vocab % tensor == 0,
+             f"vocab_size {vocab} is not divisible by config.mesh.tensor={tensor}; the head is "
+             f"split over the tensor axis, so pick a tensor size that divides it.")
+    _require(preset.d_model % fsdp == 0,
+             f"preset {c.model.preset!r} d_model {preset.d_model} is not divisible by "
+             f"config.mesh.fsdp={fsdp}; FSDP splits the embed dimension, so choose fsdp from "
+             f"the divisors of {preset.d_model} (e.g. {math.gcd(preset.d_model, fsdp)}).")

@@ -1,0 +1,376 @@
+"""Offline packing: SlimPajama ``*.jsonl.zst`` -> fixed-length token blocks in ArrayRecord shards.
+
+Follows TinyLlama/SMDM: drop RedPajamaGithub, encode each document as tokens + EOS (no BOS),
+concatenate everything, cut (seq_len + 1)-token blocks (the +1 is the ARM shift). Each block is
+one ArrayRecord record of raw little-endian uint16 (int32 for vocabularies >= 65536).
+Bad records are counted by reason in the manifest, never fatal; an unreadable file is fatal.
+
+    python -m mdm_jax.data.prepare --input SlimPajama --output prepared/train \
+        --tokenizer tokenizer.model --split train --workers 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import multiprocessing
+import os
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import zstandard
+from array_record.python.array_record_module import ArrayRecordWriter
+from tqdm import tqdm
+
+from mdm_jax.data.tokenizer import Tokenizer
+
+KNOWN_SOURCES = frozenset(
+    {
+        "RedPajamaCommonCrawl",
+        "RedPajamaC4",
+        "RedPajamaGithub",
+        "RedPajamaBook",
+        "RedPajamaArXiv",
+        "RedPajamaWikipedia",
+        "RedPajamaStackExchange",
+    }
+)
+SKIP_REASONS = (
+    "bad_json",
+    "bad_utf8",
+    "missing_text",
+    "empty_text",
+    "dropped_source",
+    "unknown_source",
+)
+MANIFEST = "manifest.json"
+_ZSTD_CHUNK = 1 << 20
+
+
+class _ZstdRaw(io.RawIOBase):
+    """Streaming zstd decoder that, unlike ``stream_reader``, notices a truncated last frame."""
+
+    def __init__(self, f: io.BufferedIOBase, path: Path):
+        self._f, self._path = f, path
+        self._dctx = zstandard.ZstdDecompressor()
+        self._obj = self._dctx.decompressobj()
+        self._pending, self._pos = b"", 0  # decoded bytes not yet handed out
+        self._in_frame = False  # True once bytes of an unfinished frame have been fed
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf) -> int:
+        while self._pos == len(self._pending):
+            chunk = self._f.read(_ZSTD_CHUNK)
+            if not chunk:
+                if self._in_frame:
+                    raise ValueError(f"{self._path}: truncated zstd stream (file ends mid-frame)")
+                return 0
+            out = []
+            while chunk:
+                try:
+                    out.append(self._obj.decompress(chunk))
+                except zstandard.ZstdError as e:
+                    raise ValueError(f"{self._path}: corrupt zstd stream: {e}") from e
+                self._in_frame = not self._obj.eof
+                # A file may hold several frames: restart the decoder on the leftover bytes.
+                chunk = self._obj.unused_data if self._obj.eof else b""
+                if self._obj.eof:
+                    self._obj = self._dctx.decompressobj()
+            self._pending, self._pos = b"".join(out), 0
+        n = min(len(buf), len(self._pending) - self._pos)
+        buf[:n] = memoryview(self._pending)[self._pos : self._pos + n]
+        self._pos += n
+        return n
+
+
+def iter_documents(
+    path: str | Path, drop_sources: Sequence[str] = ()
+) -> Iterator[tuple[str | None, str | None, str | None]]:
+    """Stream one ``.jsonl.zst`` file, yielding ``(text, source, None)`` for usable documents
+    and ``(None, None, reason)`` for skipped records (reason is one of ``SKIP_REASONS``).
+
+    Lines are decoded with ``surrogateescape`` so one bad byte costs one record, not the file.
+    """
+    path = Path(path)
+    with open(path, "rb") as f:
+        raw = io.BufferedReader(_ZstdRaw(f, path), buffer_size=_ZSTD_CHUNK)
+        lines = io.TextIOWrapper(raw, encoding="utf-8", errors="surrogateescape", newline="\n")
+        for line in lines:
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                yield None, None, "bad_json"
+                continue
+            if not isinstance(rec, dict):
+                yield None, None, "bad_json"
+                continue
+            text = rec.get("text")
+            if not isinstance(text, str):
+                yield None, None, "missing_text"
+                continue
+            try:
+                text.encode("utf-8")  # raw bad bytes or lone \ud800 escapes
+            except UnicodeEncodeError:
+                yield None, None, "bad_utf8"
+                continue
+            if not text.strip():
+                yield None, None, "empty_text"
+                continue
+            meta = rec.get("meta")
+            source = meta.get("redpajama_set_name") if isinstance(meta, dict) else None
+            if source not in KNOWN_SOURCES:
+                yield None, None, "unknown_source"
+            elif source in drop_sources:
+                yield None, None, "dropped_source"
+            else:
+                yield text, source, None
+
+
+def list_input_files(input_dir: str | Path, split: str) -> list[Path]:
+    root = Path(input_dir) / split
+    files = sorted(root.glob("chunk*/*.jsonl.zst"))
+    if not files:
+        raise FileNotFoundError(
+            f"no input files: {root}/chunk*/*.jsonl.zst matched nothing (expected SlimPajama's "
+            f"layout {{train,validation,test}}/chunkK/*.jsonl.zst under {input_dir})"
+        )
+    return files
+
+
+# --- per-file encoding (runs in worker processes when workers > 1) ---------------------------
+
+_TOKENIZER: Tokenizer | None = None
+_ENCODE_BATCH = 256
+
+
+def _init_worker(tokenizer_path: str) -> None:
+    global _TOKENIZER
+    _TOKENIZER = Tokenizer.load(tokenizer_path)
+
+
+def _encode_file(args: tuple[str, tuple[str, ...], str]) -> dict:
+    """Tokens (+EOS per document) of one file, with its document/source/skip counts."""
+    path, drop_sources, dtype = args
+    tok = _TOKENIZER
+    assert tok is not None, "call _init_worker first"
+    pieces: list[np.ndarray] = []
+    sources: Counter[str] = Counter()
+    skipped: Counter[str] = Counter()
+    batch_text: list[str] = []
+    batch_src: list[str] = []
+    documents = 0
+
+    def flush() -> None:
+        for ids, src in zip(tok.encode_batch(batch_text), batch_src, strict=True):
+            ids.append(tok.eos_id)
+            pieces.append(np.asarray(ids, dtype=dtype))
+            sources[src] += len(ids)
+        batch_text.clear()
+        batch_src.clear()
+
+    for text, source, reason in iter_documents(path, drop_sources):
+        if reason is not None:
+            skipped[reason] += 1
+            continue
+        documents += 1
+        batch_text.append(text)
+        batch_src.append(source)
+        if len(batch_text) >= _ENCODE_BATCH:
+            flush()
+    flush()
+    tokens = np.concatenate(pieces) if pieces else np.zeros(0, dtype)
+    return dict(tokens=tokens, documents=documents, sources=sources, skipped=skipped)
+
+
+# --- shard writing ---------------------------------------------------------------------------
+
+
+class _ShardWriter:
+    """Cuts a token stream into blocks and rolls ArrayRecord shards, each written atomically."""
+
+    def __init__(self, output_dir: Path, split: str, block_len: int, shard_blocks: int):
+        self.output_dir, self.split = output_dir, split
+        self.block_len, self.shard_blocks = block_len, shard_blocks
+        self.shards: list[dict] = []
+        self._carry = np.zeros(0, np.uint16)
+        self._writer = None
+        self._tmp: Path | None = None
+        self._in_shard = 0
+
+    def _open(self) -> None:
+        name = f"{self.split}-{len(self.shards):05d}.array_record"
+        self._tmp = self.output_dir / (name + ".tmp")
+        # group_size:1 keeps each block independently readable: Grain reads at random.
+        self._writer = ArrayRecordWriter(str(self._tmp), "group_size:1")
+        if not self._writer.ok():
+            raise OSError(f"cannot open ArrayRecord writer for {self._tmp}")
+        self.shards.append({"file": name, "blocks": 0})
+        self._in_shard = 0
+
+    def _close(self) -> None:
+        if self._writer is None:
+            return
+        self._writer.close()
+        assert self._tmp is not None
+        os.replace(self._tmp, self.output_dir / self.shards[-1]["file"])
+        self.shards[-1]["blocks"] = self._in_shard
+        self._writer = None
+
+    def add(self, tokens: np.ndarray) -> None:
+        stream = np.concatenate([self._carry.astype(tokens.dtype), tokens])
+        n_blocks = len(stream) // self.block_len
+        blocks = stream[: n_blocks * self.block_len].reshape(n_blocks, self.block_len)
+        le = blocks.astype(blocks.dtype.newbyteorder("<"), copy=False)
+        for row in le:
+            if self._writer is None:
+                self._open()
+            self._writer.write(row.tobytes())
+            self._in_shard += 1
+            if self._in_shard == self.shard_blocks:
+                self._close()
+        self._carry = stream[n_blocks * self.block_len :]
+
+    def finish(self) -> int:
+        """Close the last shard; returns the number of tail tokens dropped."""
+        self._close()
+        return len(self._carry)
+
+
+# --- driver ----------------------------------------------------------------------------------
+
+
+def _read_manifest(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def prepare(
+    input_dir: str | Path,
+    output_dir: str | Path,
+    tokenizer_path: str | Path,
+    split: str = "train",
+    seq_len: int = 2048,
+    workers: int = 1,
+    drop_sources: Sequence[str] = ("RedPajamaGithub",),
+    shard_blocks: int = 8192,
+) -> dict:
+    """Tokenize and pack ``input_dir/{split}/chunk*/*.jsonl.zst`` into ``output_dir``.
+
+    Returns the manifest (also written to ``output_dir/manifest.json``). Idempotent: a manifest
+    made from the same inputs, tokenizer, split and seq_len is returned without redoing work.
+    """
+    if seq_len < 1 or shard_blocks < 1 or workers < 1:
+        raise ValueError(f"need seq_len, shard_blocks, workers >= 1; got {seq_len}, "
+                         f"{shard_blocks}, {workers}")
+    input_dir, output_dir = Path(input_dir), Path(output_dir)
+    tok = Tokenizer.load(tokenizer_path)
+    files = list_input_files(input_dir, split)
+    dtype = "uint16" if tok.vocab_size < 65536 else "int32"
+    inputs = {
+        "input_dir": str(input_dir.resolve()),
+        "input_files": [str(p.relative_to(input_dir)) for p in files],
+        "input_bytes": [p.stat().st_size for p in files],
+        "split": split,
+        "seq_len": seq_len,
+        "tokenizer_sha256": tok.sha256,
+        "drop_sources": sorted(drop_sources),
+        "shard_blocks": shard_blocks,
+    }
+    manifest_path = output_dir / MANIFEST
+    old = _read_manifest(manifest_path)
+    if old is not None and old.get("inputs") == inputs and all(
+        (output_dir / s["file"]).is_file() for s in old["shards"]
+    ):
+        return old
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    # A crash below must not leave a manifest that describes shards we are about to replace.
+    manifest_path.unlink(missing_ok=True)
+    for stale in output_dir.glob(f"{split}-*.array_record*"):
+        stale.unlink()
+
+    writer = _ShardWriter(output_dir, split, seq_len + 1, shard_blocks)
+    documents = tokens = 0
+    sources: Counter[str] = Counter()
+    skipped: Counter[str] = Counter({r: 0 for r in SKIP_REASONS})
+    jobs = [(str(p), tuple(drop_sources), dtype) for p in files]
+    start = time.perf_counter()
+    bar = tqdm(total=len(files), unit="file", desc=f"prepare {split}", dynamic_ncols=True)
+    pool = None
+    try:
+        if workers > 1:
+            ctx = multiprocessing.get_context("spawn")  # safe with JAX/threads in the parent
+            pool = ctx.Pool(workers, initializer=_init_worker, initargs=(str(tok.path),))
+            results = pool.imap(_encode_file, jobs)  # imap keeps input order: deterministic
+        else:
+            _init_worker(str(tok.path))
+            results = map(_encode_file, jobs)
+        for res in results:
+            writer.add(res["tokens"])
+            documents += res["documents"]
+            tokens += len(res["tokens"])
+            sources.update(res["sources"])
+            skipped.update(res["skipped"])
+            elapsed = max(time.perf_counter() - start, 1e-9)
+            bar.set_postfix(docs_s=f"{documents / elapsed:.0f}", tok_s=f"{tokens / elapsed:.3g}")
+            bar.update()
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.terminate()
+    tail = writer.finish()
+
+    manifest = {
+        "documents": documents,
+        "tokens": tokens,
+        "blocks": sum(s["blocks"] for s in writer.shards),
+        "tail_tokens_dropped": tail,
+        "sources": dict(sorted(sources.items())),
+        "skipped": dict(skipped),
+        "tokenizer": str(tok.path),
+        "tokenizer_sha256": tok.sha256,
+        "vocab_size": tok.vocab_size,
+        "eos_id": tok.eos_id,
+        "seq_len": seq_len,
+        "dtype": dtype,
+        "split": split,
+        "shards": writer.shards,
+        "inputs": inputs,
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+    tmp = manifest_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+    os.replace(tmp, manifest_path)
+    return manifest
+
+
+def cli(argv: Sequence[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--input", required=True, help="SlimPajama-style root holding {split}/chunk*/")
+    p.add_argument("--output", required=True, help="directory for shards and manifest.json")
+    p.add_argument("--tokenizer", required=True, help="SentencePiece .model file")
+    p.add_argument("--split", default="train")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--shard-blocks", type=int, default=8192)
+    a = p.parse_args(argv)
+    m = prepare(a.input, a.output, a.tokenizer, split=a.split, seq_len=a.seq_len,
+                workers=a.workers, shard_blocks=a.shard_blocks)
+    summary = {k: m[k] for k in ("documents", "tokens", "blocks", "tail_tokens_dropped",
+                                 "skipped", "sources", "dtype")}
+    print(json.dumps(summary, indent=1))
+    print(f"wrote {len(m['shards'])} shard(s) and {MANIFEST} to {a.output}")
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,166 @@
+"""Parameter and FLOP accounting, step planning and MFU (shared/REFERENCE.md section 3).
+
+SMDM convention: C = 6 * N * D with N the non-embedding parameters (no attention, no head), and
+steps = int(C / (6 N B L)). The detailed count adds attention and the head, for MFU and for the
+3 * F_fwd convention of the Duo study. Everything that plans compute imports from here.
+
+    python -m mdm_jax.flops --preset 170M --budget 1e19 --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+
+from mdm_jax.presets import Preset, get_preset
+
+SMDM_BATCH = 256
+SMDM_SEQ_LEN = 2048
+
+# Dense bf16 peak FLOP/s per device, by substring of jax's `device_kind` (lower-case).
+PEAK_FLOPS = {
+    "h200": 989e12,
+    "h100": 989e12,
+    "a100": 312e12,
+    "l4": 121e12,
+    "tpu v6": 918e12,
+    "tpu v5p": 459e12,
+    "tpu v5 lite": 197e12,
+    "tpu v5e": 197e12,
+    "tpu v5": 459e12,
+    "tpu v4": 275e12,
+}
+
+
+def non_embedding_params(preset: Preset) -> int:
+    return preset.non_embedding_params
+
+
+def total_params(preset: Preset, vocab_size: int | None = None, causal: bool = False) -> int:
+    """N plus the embedding (vocab + 1 rows for the MDM's mask token) and the untied head."""
+    v = vocab_size or preset.vocab_size
+    rows = v if causal else v + 1
+    return preset.non_embedding_params + rows * preset.d_model + preset.d_model * v
+
+
+def flops_per_token_6n(preset: Preset) -> float:
+    """Training FLOPs per token, SMDM convention: 6 N."""
+    return 6.0 * preset.non_embedding_params
+
+
+def forward_flops_per_token(preset: Preset, seq_len: int, vocab_size: int | None = None,
+                            causal: bool = False) -> float:
+    """Forward matmul FLOPs per token including attention scores/values and the head.
+
+    A bidirectional encoder attends to all L keys; a causal model's useful work is half of that.
+    """
+    v = vocab_size or preset.vocab_size
+    d_attn = preset.n_head * preset.head_dim
+    dense = 2.0 * (preset.non_embedding_params - preset.n_layer * 2 * preset.d_model
+                   - preset.d_model)  # weights only, norms excluded
+    attn = 2.0 * 2.0 * seq_len * d_attn * preset.n_layer * (0.5 if causal else 1.0)
+    head = 2.0 * preset.d_model * v
+    return dense + attn + head
+
+
+def train_flops_per_token(preset: Preset, seq_len: int, vocab_size: int | None = None,
+                          causal: bool = False) -> float:
+    """Detailed training FLOPs per token: 3 x forward (forward + backward)."""
+    return 3.0 * forward_flops_per_token(preset, seq_len, vocab_size, causal)
+
+
+def steps_for_budget(preset: Preset, budget: float, batch: int = SMDM_BATCH,
+                     seq_len: int = SMDM_SEQ_LEN, convention: str = "6n",
+                     vocab_size: int | None = None, causal: bool = False) -> int:
+    """Optimizer steps that spend `budget` FLOPs: SMDM's 6N (default) or Duo's 3 F_fwd."""
+    tokens_per_step = batch * seq_len
+    if convention == "6n":
+        per_token = flops_per_token_6n(preset)
+    elif convention == "3fwd":
+        per_token = train_flops_per_token(preset, seq_len, vocab_size, causal)
+    else:
+        raise ValueError(f"convention={convention!r}; valid: '6n' (SMDM) or '3fwd' (Duo)")
+    return int(budget / (per_token * tokens_per_step))
+
+
+def peak_flops(device_kind: str) -> float | None:
+    """Per-device dense bf16 peak for a known accelerator; None (e.g. CPU) if unknown."""
+    kind = device_kind.lower()
+    for key, value in PEAK_FLOPS.items():
+        if key in kind:
+            return value
+    return None
+
+
+def mfu(achieved_flops_per_s: float, device_kind: str, num_devices: int) -> float | None:
+    peak = peak_flops(device_kind)
+    return None if peak is None else achieved_flops_per_s / (peak * num_devices)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    preset: str
+    non_embedding_params: int
+    total_params: int
+    budget: float
+    batch: int
+    seq_len: int
+    steps: int
+    tokens: int
+    tokens_per_param: float
+    flops_per_token_6n: float
+    flops_per_token_detailed: float
+    convention: str
+
+
+def plan(name: str, budget: float, batch: int = SMDM_BATCH, seq_len: int = SMDM_SEQ_LEN,
+         convention: str = "6n", causal: bool = False) -> Plan:
+    preset = get_preset(name)
+    if budget <= 0:
+        raise ValueError(f"--budget must be a positive number of FLOPs, got {budget}")
+    steps = steps_for_budget(preset, budget, batch, seq_len, convention, causal=causal)
+    if steps < 1:
+        one_step = flops_per_token_6n(preset) * batch * seq_len
+        raise ValueError(
+            f"budget {budget:.3g} FLOPs buys less than one step of preset {name} at batch "
+            f"{batch} x {seq_len} (one step costs {one_step:.3g}); raise the budget or pick a "
+            f"smaller preset."
+        )
+    tokens = steps * batch * seq_len
+    return Plan(
+        preset=name, non_embedding_params=preset.non_embedding_params,
+        total_params=total_params(preset, causal=causal), budget=budget, batch=batch,
+        seq_len=seq_len, steps=steps, tokens=tokens,
+        tokens_per_param=tokens / preset.non_embedding_params,
+        flops_per_token_6n=flops_per_token_6n(preset),
+        flops_per_token_detailed=train_flops_per_token(preset, seq_len, causal=causal),
+        convention=convention,
+    )
+
+
+def cli(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", required=True, help="e.g. 170M, 1028M, tiny")
+    parser.add_argument("--budget", type=float, required=True, help="training FLOPs, e.g. 1e19")
+    parser.add_argument("--batch", type=int, default=SMDM_BATCH, help="sequences per step")
+    parser.add_argument("--seq-len", type=int, default=SMDM_SEQ_LEN)
+    parser.add_argument("--convention", choices=("6n", "3fwd"), default="6n")
+    parser.add_argument("--arm", action="store_true", help="causal model (no mask-token row)")
+    parser.add_argument("--json", action="store_true", help="print JSON")
+    args = parser.parse_args(argv)
+    try:
+        result = plan(args.preset, args.budget, args.batch, args.seq_len, args.convention,
+                      causal=args.arm)
+    except ValueError as e:
+        parser.exit(2, f"error: {e}\n")
+    if args.json:
+        print(json.dumps(dataclasses.asdict(result), indent=2))
+    else:
+        for key, value in dataclasses.asdict(result).items():
+            print(f"{key:>26}: {value:,}" if isinstance(value, int) else f"{key:>26}: {value}")
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,241 @@
+"""The SMDM encoder in Flax linen: Llama-style pre-norm blocks, bidirectional (MDM) or causal (ARM).
+
+Architecture facts (shared/REFERENCE.md section 1): RMSNorm eps 1e-5, rotate-half RoPE over the
+full head dim with base 10000, multi-head attention, SwiGLU `w3(silu(w1 x) * w2 x)`, no biases,
+final norm, untied head. The MDM embedding has one extra row for the mask token; the head never
+predicts it. Parameters carry logical axis names; `sharding.py` maps them onto the mesh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mdm_jax.presets import Preset
+
+REMAT_POLICIES = {
+    "none": None,  # no rematerialisation
+    "full": jax.checkpoint_policies.nothing_saveable,  # recompute everything in the backward
+    "dots": jax.checkpoint_policies.checkpoint_dots,  # keep matmul outputs, recompute the rest
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+ATTENTION_IMPLS = ("xla", "jax", "cudnn")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelArgs:
+    """Everything the encoder needs: a preset's shape plus run-time options."""
+
+    n_layer: int
+    n_head: int
+    d_model: int
+    head_dim: int
+    mlp_dim: int
+    vocab_size: int  # logits the head produces
+    causal: bool = False  # False: MDM (bidirectional, mask token row); True: ARM
+    max_seq_len: int = 2048
+    dtype: str = "float32"  # compute dtype; parameters are always float32
+    remat: str = "none"
+    scan_layers: bool = True
+    attention: str = "xla"
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-5
+
+    @classmethod
+    def from_preset(cls, preset: Preset, **overrides) -> ModelArgs:
+        fields = dict(
+            n_layer=preset.n_layer,
+            n_head=preset.n_head,
+            d_model=preset.d_model,
+            head_dim=preset.head_dim,
+            mlp_dim=preset.mlp_dim,
+            vocab_size=preset.vocab_size,
+            max_seq_len=preset.max_seq_len,
+        )
+        fields.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**fields)
+
+    @property
+    def mask_id(self) -> int:
+        """The MDM mask token: one past the last vocabulary entry (32000 for Llama-2's)."""
+        return self.vocab_size
+
+    @property
+    def embedding_rows(self) -> int:
+        return self.vocab_size if self.causal else self.vocab_size + 1
+
+    @property
+    def compute_dtype(self):
+        return jnp.dtype(self.dtype)
+
+
+def _normal(std: float):
+    return nn.initializers.normal(stddev=std)
+
+
+def _param(module: nn.Module, name: str, shape, std: float, axes: tuple[str, ...]):
+    init = nn.with_logical_partitioning(_normal(std), axes)
+    return module.param(name, init, shape, jnp.float32)
+
+
+def rope_tables(seq_len: int, head_dim: int, base: float) -> tuple[jax.Array, jax.Array]:
+    """cos/sin tables [seq_len, head_dim] for the rotate-half (non-interleaved) layout."""
+    inv_freq = 1.0 / (base ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    angles = jnp.arange(seq_len, dtype=jnp.float32)[:, None] * inv_freq[None, :]
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate [B, L, H, D] by position: x*cos + rotate_half(x)*sin, in float32."""
+    xf = x.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
+    out = xf * cos[None, :, None, :] + rotated * sin[None, :, None, :]
+    return out.astype(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    eps: float
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param(
+            "scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+            (x.shape[-1],), jnp.float32,
+        )
+        xf = x.astype(jnp.float32)  # statistics in float32 even under bf16 compute
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return (xf * scale).astype(self.dtype)
+
+
+def _key_mask(seq_len: int, causal: bool, lengths: jax.Array | None) -> jax.Array | None:
+    """Boolean [B or 1, 1, Lq, Lk] of allowed attention, or None when everything is allowed."""
+    mask = None
+    if causal:
+        pos = jnp.arange(seq_len)
+        mask = (pos[:, None] >= pos[None, :])[None, None]
+    if lengths is not None:
+        keep = (jnp.arange(seq_len)[None, :] < lengths[:, None])[:, None, None, :]
+        mask = keep if mask is None else mask & keep
+    return mask
+
+
+def xla_attention(q, k, v, *, causal: bool, lengths: jax.Array | None):
+    """Reference attention: fp32 scores and softmax, matmuls in the compute dtype."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+    mask = _key_mask(q.shape[1], causal, lengths)
+    if mask is not None:
+        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+
+
+def attention(q, k, v, *, impl: str, causal: bool, lengths: jax.Array | None):
+    if impl == "xla":
+        return xla_attention(q, k, v, causal=causal, lengths=lengths)
+    # jax.nn.dot_product_attention: "jax" lets XLA choose, "cudnn" demands the fused GPU kernel.
+    return jax.nn.dot_product_attention(
+        q, k, v, is_causal=causal, key_value_seq_lengths=lengths,
+        implementation=None if impl == "jax" else "cudnn",
+    )
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block; signature (carry, broadcast...) -> (carry, None) for nn.scan."""
+
+    args: ModelArgs
+
+    @nn.compact
+    def __call__(self, x, cos, sin, lengths):
+        a = self.args
+        dt = a.compute_dtype
+        std = math.sqrt(2.0 / (5.0 * a.d_model))
+        out_std = (1.0 / math.sqrt(a.d_model)) / a.n_layer
+        act = lambda y, axes: nn.with_logical_constraint(y, axes)
+
+        h = RMSNorm(a.norm_eps, dt, name="attn_norm")(x)
+        qkv_shape = (a.d_model, a.n_head, a.head_dim)
+        qkv_axes = ("embed", "heads", "head_dim")
+        q, k, v = (
+            jnp.einsum("bld,dhk->blhk", h, _param(self, n, qkv_shape, std, qkv_axes).astype(dt))
+            for n in ("wq", "wk", "wv")
+        )
+        head_axes = ("act_batch", "act_length", "act_heads", None)
+        q, k, v = (act(t, head_axes) for t in (q, k, v))
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        o = attention(q, k, v, impl=a.attention, causal=a.causal, lengths=lengths)
+        wo = _param(self, "wo", (a.n_head, a.head_dim, a.d_model), out_std,
+                    ("heads", "head_dim", "embed"))
+        x = x + act(jnp.einsum("blhk,hkd->bld", o, wo.astype(dt)), ("act_batch", "act_length",
+                                                                    "act_embed"))
+
+        h = RMSNorm(a.norm_eps, dt, name="mlp_norm")(x)
+        w1 = _param(self, "w1", (a.d_model, a.mlp_dim), std, ("embed", "mlp")).astype(dt)
+        w2 = _param(self, "w2", (a.d_model, a.mlp_dim), std, ("embed", "mlp")).astype(dt)
+        w3 = _param(self, "w3", (a.mlp_dim, a.d_model), out_std, ("mlp", "embed")).astype(dt)
+        gate = act(jax.nn.silu(h @ w1) * (h @ w2), ("act_batch", "act_length", "act_mlp"))
+        x = x + act(gate @ w3, ("act_batch", "act_length", "act_embed"))
+        return x, None
+
+
+class Encoder(nn.Module):
+    """tokens [B, L] -> final hidden states [B, L, d] (or logits [B, L, V] with return_logits).
+
+    `lengths` [B] (optional) restricts attention to the first lengths[b] keys: this is how a
+    batch truncated to a shorter length (SMDM's variable-length training) runs under jit without
+    recompiling.
+    """
+
+    args: ModelArgs
+
+    @nn.compact
+    def __call__(self, tokens, lengths=None, return_logits: bool = False):
+        a = self.args
+        dt = a.compute_dtype
+        std = math.sqrt(2.0 / (5.0 * a.d_model))
+        table = _param(self, "embedding", (a.embedding_rows, a.d_model), std,
+                       ("embed_vocab", "embed"))
+        # Gather the FSDP-sharded table before the lookup (as for every other weight), so the
+        # result is sharded like the batch instead of like the table.
+        table = nn.with_logical_constraint(table.astype(dt), ("embed_vocab", "act_embed"))
+        x = jnp.take(table, tokens, axis=0)
+        x = nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
+        cos, sin = rope_tables(tokens.shape[1], a.head_dim, a.rope_base)
+
+        block = Block
+        if a.remat != "none":
+            block = nn.remat(Block, policy=REMAT_POLICIES[a.remat], prevent_cse=not a.scan_layers)
+        if a.scan_layers:
+            stack = nn.scan(
+                block, variable_axes={"params": 0}, split_rngs={"params": True},
+                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=a.n_layer,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )
+            x, _ = stack(a, name="blocks")(x, cos, sin, lengths)
+        else:
+            for i in range(a.n_layer):
+                x, _ = block(a, name=f"block_{i}")(x, cos, sin, lengths)
+
+        x = RMSNorm(a.norm_eps, dt, name="final_norm")(x)
+        head = _param(self, "head", (a.d_model, a.vocab_size), std, ("embed", "vocab"))
+        if return_logits:
+            return logits_from_hidden(x, head)
+        return x
+
+
+def logits_from_hidden(hidden: jax.Array, head: jax.Array) -> jax.Array:
+    """Head projection with float32 accumulation (inputs stay in the compute dtype)."""
+    return jnp.einsum("...d,dv->...v", hidden, head.astype(hidden.dtype),
+                      preferred_element_type=jnp.float32)
+
+
+def head_kernel(params) -> jax.Array:
+    """The untied output head [d, vocab] from an (unboxed) parameter tree."""
+    return params["head"]

@@ -1,0 +1,110 @@
+"""Device mesh (data, fsdp, tensor), logical-axis rules, and shardings for state and batch.
+
+Parameters are annotated with logical names in `model.py`; the rules below map them to mesh
+axes: FSDP shards every weight's embed dimension, tensor parallelism shards heads, MLP and vocab
+(Megatron style), and the batch is split over (data, fsdp).
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+LOGICAL_RULES = (
+    # activations
+    ("act_batch", BATCH_AXES),
+    ("act_length", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    # parameters
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("embed_vocab", None),  # vocab + 1 rows (mask token) rarely divides a mesh axis
+    ("head_dim", None),
+    ("norm", None),
+    ("layers", None),
+)
+
+
+def resolve_mesh_shape(data: int, fsdp: int, tensor: int, num_devices: int) -> tuple[int, ...]:
+    """Replace at most one -1 by whatever fills the devices; errors name the config field."""
+    shape = {"data": data, "fsdp": fsdp, "tensor": tensor}
+    free = [k for k, v in shape.items() if v == -1]
+    if len(free) > 1:
+        raise ValueError(f"config.mesh: only one axis may be -1, got {shape}.")
+    for k, v in shape.items():
+        if v != -1 and v < 1:
+            raise ValueError(f"config.mesh.{k}={v} must be >= 1 (or -1 to fill the devices).")
+    fixed = math.prod(v for v in shape.values() if v != -1)
+    if free:
+        if num_devices % fixed:
+            raise ValueError(
+                f"config.mesh={shape}: {num_devices} devices are not divisible by the fixed axes "
+                f"({fixed}); choose axis sizes whose product divides {num_devices}."
+            )
+        shape[free[0]] = num_devices // fixed
+    total = math.prod(shape.values())
+    if total > num_devices:
+        raise ValueError(
+            f"config.mesh={shape} needs {total} devices but only {num_devices} are available "
+            f"({jax.default_backend()}); shrink config.mesh.data/fsdp/tensor so their product "
+            f"is at most {num_devices}."
+        )
+    return tuple(shape[k] for k in MESH_AXES)
+
+
+def make_mesh(shape: tuple[int, int, int], devices=None) -> Mesh:
+    """A (data, fsdp, tensor) mesh over the first prod(shape) devices, with Auto axis types."""
+    devices = list(devices if devices is not None else jax.devices())[: math.prod(shape)]
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+
+
+def logical_to_sharding(tree, mesh: Mesh):
+    """NamedShardings for a tree of logically-partitioned (boxed) abstract values."""
+    specs = nn.get_partition_spec(tree)
+    return nn.logical_to_mesh_sharding(specs, mesh, LOGICAL_RULES)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def check_divisible(abstract_params, mesh: Mesh) -> None:
+    """Every sharded parameter dimension must divide its mesh axes; name the parameter if not."""
+    specs = nn.get_partition_spec(abstract_params)
+    flat_specs = jax.tree_util.tree_flatten_with_path(
+        specs, is_leaf=lambda x: isinstance(x, PartitionSpec))[0]
+    flat_vals = jax.tree_util.tree_leaves(nn.unbox(abstract_params))
+    for (path, spec), val in zip(flat_specs, flat_vals, strict=True):
+        mesh_spec = nn.logical_to_mesh_axes(spec, LOGICAL_RULES)
+        for dim, axes in zip(val.shape, mesh_spec, strict=False):
+            if axes is None:
+                continue
+            axes = (axes,) if isinstance(axes, str) else tuple(axes)
+            size = math.prod(mesh.shape[a] for a in axes)
+            if dim % size:
+                name = "/".join(str(getattr(k, "key", k)) for k in path)
+                raise ValueError(
+                    f"parameter {name} has a dimension of {dim} that is split over mesh axes "
+                    f"{axes} of total size {size}, which does not divide it; change "
+                    f"config.mesh ({dict(mesh.shape)}) or the model size."
+                )
+
+
+def host_to_global(batch: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """This process's slice of the batch -> one global array sharded over the batch axes."""
+    return jax.make_array_from_process_local_data(sharding, batch)

@@ -1,0 +1,366 @@
+"""Train state, the jitted mesh-sharded train step, and the training loop.
+
+    python -m mdm_jax.train --config=experiments/tiny.py --config.steps=300 \
+        --config.workdir=runs/tiny
+
+One `jax.jit` step with explicit in/out shardings and donated state: the global batch is split
+into micro-batches that are scanned over (gradient accumulation), each drawing its own t and mask
+on device; gradients are averaged, clipped and applied with AdamW under the SMDM schedule.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec
+
+from mdm_jax import config as config_lib
+from mdm_jax import flops, sharding
+from mdm_jax.model import Encoder
+from mdm_jax.objectives import get_objective, model_inputs_len
+from mdm_jax.presets import get_preset
+
+log = logging.getLogger("mdm_jax")
+
+
+class TrainState(flax.struct.PyTreeNode):
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    rng: jax.Array  # raw uint32[2] key: checkpoints as a plain array
+
+
+def warmup_steps(c: ml_collections.ConfigDict) -> int:
+    """SMDM: max(100, steps / 100) unless the config names a number."""
+    w = c.optim.warmup_steps if c.optim.warmup_steps >= 0 else max(100, c.steps // 100)
+    return min(w, c.steps)
+
+
+def make_optimizer(c: ml_collections.ConfigDict):
+    """AdamW with linear warmup then cosine decay to min_lr, after global-norm clipping."""
+    warm = warmup_steps(c)
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=c.optim.lr, warmup_steps=warm,
+        decay_steps=max(c.steps, warm + 1), end_value=c.optim.min_lr)
+    tx = optax.chain(
+        optax.clip_by_global_norm(c.optim.grad_clip),
+        optax.adamw(schedule, b1=c.optim.b1, b2=c.optim.b2, weight_decay=c.optim.weight_decay),
+    )
+    return tx, schedule
+
+
+class Trainer:
+    """Everything compiled for one config on one mesh: init, train step and eval step."""
+
+    def __init__(self, c: ml_collections.ConfigDict, devices=None):
+        devices = list(devices if devices is not None else jax.devices())
+        config_lib.validate(c, len(devices), jax.process_count())
+        self.config = c
+        self.args = config_lib.model_args(c)
+        self.objective_args = config_lib.objective_args(c)
+        self.model = Encoder(self.args)
+        self.mesh = sharding.make_mesh(
+            sharding.resolve_mesh_shape(c.mesh.data, c.mesh.fsdp, c.mesh.tensor, len(devices)),
+            devices)
+        self.tx, self.schedule = make_optimizer(c)
+        self.micro_steps = c.global_batch // config_lib.micro_batch(c)
+        self.inputs_len = model_inputs_len(c.objective.kind, c.seq_len)
+
+        boxed = jax.eval_shape(self._init_boxed, jax.ShapeDtypeStruct((2,), jnp.uint32))
+        sharding.check_divisible(boxed.params, self.mesh)
+        self.state_sharding = sharding.logical_to_sharding(boxed, self.mesh)
+        self.abstract_state = nn.unbox(boxed)
+        self.batch_sharding = sharding.batch_sharding(self.mesh)
+        self._replicated = sharding.replicated(self.mesh)
+
+        self.init = jax.jit(lambda key: nn.unbox(self._init_boxed(key)),
+                            out_shardings=self.state_sharding)
+        self.step = jax.jit(self._train_step, in_shardings=(self.state_sharding,
+                                                            self.batch_sharding),
+                            out_shardings=(self.state_sharding, self._replicated),
+                            donate_argnums=0)
+        param_sharding = self.state_sharding.params
+        self.eval_step = jax.jit(self._eval_step,
+                                 in_shardings=(param_sharding, self.batch_sharding, None),
+                                 out_shardings=self._replicated)
+
+    # -- pure functions traced under jit ------------------------------------------------------
+    def _init_boxed(self, key) -> TrainState:
+        dummy = jnp.zeros((1, self.args.max_seq_len if self.config.seq_len == 0
+                           else self.config.seq_len), jnp.int32)
+        params = self.model.init(key, dummy)["params"]
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                          opt_state=self.tx.init(params), rng=key)
+
+    def _loss(self, params, tokens, key, train: bool = True, objective_args=None):
+        fn = get_objective(self.config.objective.kind)
+        return fn(self.model.apply, params, tokens, key, objective_args or self.objective_args,
+                  self.args.mask_id, train)
+
+    def _train_step(self, state: TrainState, batch: jax.Array):
+        tokens = batch[:, : self.inputs_len]
+        m = self.micro_steps
+        step_key = jax.random.fold_in(state.rng, state.step)
+        grad_fn = jax.value_and_grad(self._loss, has_aux=True)
+        if m == 1:
+            (_, metrics), grads = grad_fn(state.params, tokens, step_key)
+        else:
+            # Row j of every device's block goes to micro-batch j % m: no data moves.
+            micro = jnp.swapaxes(tokens.reshape(-1, m, tokens.shape[1]), 0, 1)
+            micro = jax.lax.with_sharding_constraint(
+                micro, NamedSharding(self.mesh, PartitionSpec(None, sharding.BATCH_AXES)))
+            param_sharding = self.state_sharding.params
+
+            def accumulate(acc, xs):
+                i, mb = xs
+                (_, aux), g = grad_fn(state.params, mb, jax.random.fold_in(step_key, i))
+                acc = jax.tree_util.tree_map(jnp.add, acc, g)
+                return jax.lax.with_sharding_constraint(acc, param_sharding), aux
+
+            zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
+            grads, aux = jax.lax.scan(accumulate, zeros, (jnp.arange(m), micro))
+            grads = jax.tree_util.tree_map(lambda g: g / m, grads)
+            metrics = jax.tree_util.tree_map(jnp.mean, aux)
+        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = dict(metrics, grad_norm=optax.global_norm(grads), lr=self.schedule(state.step))
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+        return new_state, metrics
+
+    def _eval_step(self, params, batch, key):
+        """The true bound for every objective: 1/t-weighted ELBO, stratified t, full length."""
+        args = dataclasses.replace(self.objective_args, weighting="elbo", t_sampling="stratified")
+        loss, _ = self._loss(params, batch[:, : self.inputs_len], key, False, args)
+        return loss
+
+    # -- host-side helpers --------------------------------------------------------------------
+    def context(self):
+        """Mesh + logical rules, active while jitted functions trace (activation constraints)."""
+        return _Context(self.mesh)
+
+    def create_state(self, seed: int) -> TrainState:
+        with self.context():
+            return self.init(jax.random.PRNGKey(seed))
+
+    def to_global(self, host_batch: np.ndarray) -> jax.Array:
+        return sharding.host_to_global(host_batch, self.batch_sharding)
+
+    def train_flops_per_step(self) -> float:
+        c = self.config
+        per_token = flops.train_flops_per_token(get_preset(c.model.preset), c.seq_len,
+                                                self.args.vocab_size, self.args.causal)
+        return per_token * c.global_batch * c.seq_len
+
+
+class _Context:
+    def __init__(self, mesh):
+        self._mesh = jax.set_mesh(mesh)
+        self._rules = nn.logical_axis_rules(sharding.LOGICAL_RULES)
+
+    def __enter__(self):
+        self._mesh.__enter__()
+        self._rules.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._rules.__exit__(*exc)
+        return self._mesh.__exit__(*exc)
+
+
+def _check_data(c: ml_collections.ConfigDict, data_dir: str, vocab_size: int) -> None:
+    """The prepared data must match the model: block length and vocabulary."""
+    from mdm_jax.data import loader
+
+    m = loader.manifest(data_dir)
+    if int(m["seq_len"]) != c.seq_len:
+        raise config_lib.ConfigError(
+            f"{data_dir} holds blocks of seq_len {m['seq_len']} but config.seq_len="
+            f"{c.seq_len}; set --config.seq_len={m['seq_len']} or prepare the data with "
+            f"--seq-len {c.seq_len}.")
+    if int(m["vocab_size"]) > vocab_size:
+        raise config_lib.ConfigError(
+            f"{data_dir} was tokenized with a vocabulary of {m['vocab_size']} but the model has "
+            f"vocab_size {vocab_size}; set --config.model.vocab_size={m['vocab_size']} or use "
+            f"a tokenizer with at most {vocab_size} pieces.")
+
+
+def evaluate(trainer: Trainer, state: TrainState, batches: list[np.ndarray], seed: int) -> float:
+    """Mean validation loss over fixed batches with fixed keys: comparable across steps/runs."""
+    losses = []
+    with trainer.context():
+        for i, batch in enumerate(batches):
+            key = jax.random.fold_in(jax.random.PRNGKey(seed), i)
+            losses.append(trainer.eval_step(state.params, trainer.to_global(batch), key))
+    return float(np.mean(jax.device_get(losses)))
+
+
+@dataclasses.dataclass
+class RunResult:
+    state: TrainState
+    history: list[dict]
+    eval_history: list[dict]
+    samples: list[str]
+
+
+def train(c: ml_collections.ConfigDict) -> RunResult:
+    """Run (or resume) training as configured; returns the final state and the metric history."""
+    from tqdm import tqdm
+
+    from mdm_jax.checkpoint import Checkpointer
+    from mdm_jax.data import loader
+    from mdm_jax.metrics import MetricWriter, format_metrics
+
+    trainer = Trainer(c)
+    pcount, pindex = jax.process_count(), jax.process_index()
+    if not c.data.train_dir:
+        raise config_lib.ConfigError(
+            "config.data.train_dir is empty; point it at a directory written by "
+            "`python -m mdm_jax.data.prepare` (see README).")
+    _check_data(c, c.data.train_dir, trainer.args.vocab_size)
+    per_host = c.global_batch // pcount
+    train_iter = loader.make_train_iterator(
+        c.data.train_dir, batch_size_per_process=per_host, seed=c.seed, process_index=pindex,
+        process_count=pcount, worker_count=c.data.worker_count)
+    eval_batches = []
+    if c.data.eval_dir and c.data.eval_batches:
+        _check_data(c, c.data.eval_dir, trainer.args.vocab_size)
+        eval_batches = loader.make_eval_batches(
+            c.data.eval_dir, batch_size_per_process=per_host, num_batches=c.data.eval_batches,
+            process_index=pindex, process_count=pcount)
+
+    ckpt = Checkpointer(c.workdir, every=c.checkpoint_every, keep=c.checkpoint_keep)
+    latest = ckpt.latest_step()
+    if latest is not None:
+        from mdm_jax.checkpoint import abstract_with_shardings
+
+        target = abstract_with_shardings(trainer.abstract_state, trainer.state_sharding)
+        state = ckpt.restore(latest, target, train_iter)
+        log.info("resumed from %s step %d", ckpt.directory, latest)
+    else:
+        state = trainer.create_state(c.seed)
+
+    writer = MetricWriter(c.workdir)
+    n_dev = trainer.mesh.size
+    device_kind = jax.devices()[0].device_kind
+    flops_per_step = trainer.train_flops_per_step()
+    tokens_per_step = c.global_batch * c.seq_len
+    history, eval_history = [], []
+    start = int(jax.device_get(state.step))
+    if pindex == 0:
+        n_params = flops.total_params(get_preset(c.model.preset), trainer.args.vocab_size,
+                                      trainer.args.causal)
+        print(f"[mdm_jax] {c.objective.kind.upper()} preset {c.model.preset} "
+              f"({n_params:,} params) "
+              f"mesh {dict(trainer.mesh.shape)} on {n_dev} x {device_kind}; "
+              f"steps {start}->{c.steps}, batch {c.global_batch} x {c.seq_len}"
+              f" ({trainer.micro_steps} micro-steps)", flush=True)
+
+    config_json = json.loads(c.to_json_best_effort())
+    with trainer.context():
+        t_compile = time.perf_counter()
+        step_fn = trainer.step.lower(state, jax.ShapeDtypeStruct(
+            (c.global_batch, c.seq_len + 1), jnp.int32, sharding=trainer.batch_sharding)).compile()
+        if pindex == 0 and start < c.steps:
+            print(f"[mdm_jax] train step compiled in {time.perf_counter() - t_compile:.1f}s",
+                  flush=True)
+        bar = tqdm(range(start, c.steps), initial=start, total=c.steps, desc="train",
+                   disable=pindex != 0, dynamic_ncols=True)
+        t_last, steps_since = time.perf_counter(), 0
+        for step in bar:
+            state, metrics = step_fn(state, trainer.to_global(next(train_iter)))
+            steps_since += 1
+            done = step + 1
+            if done % c.log_every == 0 or done == c.steps:
+                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                elapsed = time.perf_counter() - t_last
+                achieved = flops_per_step * steps_since / elapsed
+                metrics.update(tokens_per_s=tokens_per_step * steps_since / elapsed,
+                               flops_per_s=achieved, mfu=flops.mfu(achieved, device_kind, n_dev))
+                history.append({"step": done, **metrics})
+                writer.write(done, metrics)
+                bar.set_postfix(loss=f"{metrics['loss']:.3f}")
+                if pindex == 0:
+                    bar.write(format_metrics(done, {k: metrics[k] for k in (
+                        "loss", "lr", "grad_norm", "tokens_per_s", "flops_per_s", "mfu")}))
+                t_last, steps_since = time.perf_counter(), 0
+            if eval_batches and (done % c.eval_every == 0 or done == c.steps):
+                eval_loss = evaluate(trainer, state, eval_batches, c.seed)
+                eval_history.append({"step": done, "eval_loss": eval_loss})
+                writer.write(done, {"loss": eval_loss}, prefix="eval_")
+                if pindex == 0:
+                    bar.write(f"step {done:>6} | eval_loss {eval_loss:.4f}")
+                t_last = time.perf_counter()  # evaluation time is not training throughput
+            if ckpt.save(done, state, train_iter, config_json, force=done == c.steps):
+                t_last = time.perf_counter()
+        bar.close()
+    ckpt.close()
+
+    samples = []
+    if c.samples.count > 0:
+        samples = _print_samples(trainer, state, c)
+    writer.close()
+    return RunResult(state=state, history=history, eval_history=eval_history, samples=samples)
+
+
+def _print_samples(trainer: Trainer, state: TrainState, c: ml_collections.ConfigDict):
+    from mdm_jax.data.tokenizer import Tokenizer
+    from mdm_jax.sampling import generate
+
+    length = c.samples.length or c.seq_len
+    with trainer.context():
+        params = jax.device_get(state.params)  # small models only: sampling runs unsharded
+    tokens = generate(trainer.model, params, num=c.samples.count, length=length,
+                      steps=c.samples.steps, seed=c.seed)
+    tokens = np.asarray(jax.device_get(tokens))
+    texts = []
+    if c.data.tokenizer:
+        tok = Tokenizer.load(c.data.tokenizer)
+        texts = [tok.decode([int(t) for t in row if t < tok.vocab_size]) for row in tokens]
+    else:
+        texts = [" ".join(map(str, row)) for row in tokens]
+    if jax.process_index() == 0:
+        kind = "low-confidence remasking" if not trainer.args.causal else "ancestral"
+        print(f"\n[mdm_jax] {len(texts)} samples ({kind}, {c.samples.steps} steps, "
+              f"length {length}):")
+        for i, text in enumerate(texts):
+            print(f"--- sample {i} ---\n{text.strip()}\n")
+    return texts
+
+
+def _main(argv) -> None:
+    del argv
+    from absl import logging as absl_logging
+
+    # Orbax and Grain log every file operation at INFO; keep the console for training progress.
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        train(_CONFIG.value)
+    except config_lib.ConfigError as e:
+        raise SystemExit(f"config error: {e}") from None
+
+
+def cli() -> None:
+    from absl import app
+
+    app.run(_main)
+
+
+from ml_collections import config_flags  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config (.py)",
+                                          lock_config=True)
+
+if __name__ == "__main__":
+    cli()
