@@ -134,7 +134,7 @@ class Trainer:
             metrics = jax.tree_util.tree_map(jnp.mean, aux)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = dict(metrics, grad_norm=optax.global_norm(grads), lr=self.schedule(state.step))
+        metrics = dict(metrics, grad_norm=optax.tree.norm(grads), lr=self.schedule(state.step))
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
         return new_state, metrics
 

@@ -1,0 +1,78 @@
+"""Test set-up: 8 simulated CPU devices (set before jax is imported) and a tiny prepared corpus."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                           + " --xla_force_host_platform_device_count=8").strip()
+
+import pytest  # noqa: E402
+import zstandard  # noqa: E402
+
+SEQ_LEN = 64
+VOCAB = 256
+_WORDS = ("the king queen lord lady said to of and my his her in is was with for that not thou "
+          "thee shall will what good night day love death sword crown heaven fair sweet speak "
+          "come go hath doth know see hear").split()
+
+
+def _document(rng: random.Random) -> str:
+    lines = []
+    for _ in range(rng.randint(3, 10)):
+        words = [rng.choice(_WORDS) for _ in range(rng.randint(4, 10))]
+        lines.append(" ".join(words).capitalize() + ".")
+    return "\n".join(lines)
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """A SlimPajama-layout corpus prepared into train/validation shards with a 256-piece
+    tokenizer: {"train": dir, "validation": dir, "tokenizer": path}."""
+    from mdm_jax.data import prepare, train_tokenizer
+
+    root = tmp_path_factory.mktemp("tiny_corpus")
+    rng = random.Random(0)
+    for split, n_docs in (("train", 600), ("validation", 40)):
+        path = root / "raw" / split / "chunk1" / f"example_{split}_0.jsonl.zst"
+        path.parent.mkdir(parents=True)
+        lines = [json.dumps({"text": _document(rng),
+                             "meta": {"redpajama_set_name": "RedPajamaBook"}})
+                 for _ in range(n_docs)]
+        path.write_bytes(zstandard.ZstdCompressor().compress("\n".join(lines).encode()))
+    tok = train_tokenizer.train_tokenizer([str(root / "raw" / "train")], str(root / "tok"),
+                                          VOCAB)
+    out = {"tokenizer": str(tok)}
+    for split in ("train", "validation"):
+        prepare.prepare(root / "raw", root / split, tok, split=split, seq_len=SEQ_LEN)
+        out[split] = str(root / split)
+    return out
+
+
+def nano_config(**overrides):
+    """A < 1M-parameter float32 config for fast CPU tests."""
+    from mdm_jax.config import base_config
+
+    c = base_config()
+    c.model.preset = "nano"
+    c.model.dtype = "float32"
+    c.seq_len = SEQ_LEN
+    c.global_batch = 16
+    c.steps = 20
+    c.objective.loss_chunk = 16
+    c.optim.warmup_steps = 2
+    c.optim.lr = 3e-3
+    c.optim.min_lr = 3e-4
+    c.mesh.data = 1
+    c.log_every = 5
+    c.eval_every = 10
+    c.checkpoint_every = 10
+    for key, value in overrides.items():
+        node = c
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return c

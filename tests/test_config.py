@@ -1,0 +1,50 @@
+"""Every config problem is caught before compilation, with a message naming field and fix."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from conftest import nano_config
+from mdm_jax.config import ConfigError, validate
+
+
+@pytest.mark.parametrize("overrides,devices,match", [
+    ({"model.preset": "171M"}, 1, r"config\.model\.preset: unknown preset '171M'.*170M"),
+    ({"global_batch": 12, "mesh.data": 8}, 8, r"not divisible by the batch shards"),
+    ({"global_batch": 16, "micro_batch": 6}, 1, r"config\.micro_batch=6"),
+    ({"mesh.tensor": 3, "mesh.data": 1}, 8, r"4 heads, not divisible by config\.mesh\.tensor=3"),
+    ({"seq_len": 4096}, 1, r"config\.seq_len=4096 .*at most 128"),
+    ({"mesh.data": 4, "mesh.fsdp": 4}, 8, r"needs 16 devices but only 8"),
+    ({"mesh.data": -1, "mesh.fsdp": -1}, 8, r"only one axis may be -1"),
+    ({"mesh.fsdp": 3, "mesh.data": 1, "global_batch": 12}, 3, r"d_model 64 is not divisible by config\.mesh\.fsdp=3"),
+    ({"objective.kind": "gpt"}, 1, r"config\.objective\.kind='gpt'"),
+    ({"model.remat": "some"}, 1, r"config\.model\.remat='some'"),
+    ({"model.dtype": "float16"}, 1, r"config\.model\.dtype"),
+])
+def test_config_errors_name_the_field(overrides, devices, match):
+    with pytest.raises(ConfigError, match=match):
+        validate(nano_config(**overrides), devices)
+
+
+def test_valid_config_passes():
+    validate(nano_config(**{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}), 8)
+
+
+def test_cli_reports_config_error_before_compiling(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "mdm_jax.train", "--config=experiments/tiny.py",
+         "--config.model.preset=bogus", f"--config.workdir={tmp_path}"],
+        capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0
+    assert "config error: config.model.preset: unknown preset 'bogus'" in out.stderr
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_cli_rejects_unknown_override():
+    out = subprocess.run(
+        [sys.executable, "-m", "mdm_jax.train", "--config=experiments/tiny.py",
+         "--config.model.presett=170M"], capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "presett" in out.stderr
