@@ -63,7 +63,7 @@ _SMDM = {
 # Small presets for tests (< 1M parameters in total) and the CPU demo. Vocab sizes match the
 # tokenizers trained for them; any config may override vocab_size and max_seq_len.
 _TINY = {
-    "nano": Preset(2, 4, 64, 16, 192, vocab_size=256, max_seq_len=128),
+    "nano": Preset(2, 4, 64, 16, 192, vocab_size=512, max_seq_len=128),
     "tiny": Preset(4, 4, 128, 32, 384, vocab_size=2048, max_seq_len=256),
     "small": Preset(6, 6, 192, 32, 512, vocab_size=2048, max_seq_len=512),
 }

@@ -213,8 +213,12 @@ class RunResult:
     samples: list[str]
 
 
-def train(c: ml_collections.ConfigDict) -> RunResult:
-    """Run (or resume) training as configured; returns the final state and the metric history."""
+def train(c: ml_collections.ConfigDict, stop_at: int | None = None) -> RunResult:
+    """Run (or resume) training as configured; returns the final state and the metric history.
+
+    `stop_at` ends the run early after that step with a checkpoint, as an interruption would;
+    running again with the same workdir continues to `c.steps`.
+    """
     from tqdm import tqdm
 
     from mdm_jax.checkpoint import Checkpointer
@@ -274,6 +278,12 @@ def train(c: ml_collections.ConfigDict) -> RunResult:
         if pindex == 0 and start < c.steps:
             print(f"[mdm_jax] train step compiled in {time.perf_counter() - t_compile:.1f}s",
                   flush=True)
+        if eval_batches and start == 0:  # the untrained baseline, so progress is visible
+            eval_loss = evaluate(trainer, state, eval_batches, c.seed)
+            eval_history.append({"step": 0, "eval_loss": eval_loss})
+            writer.write(0, {"loss": eval_loss}, prefix="eval_")
+            if pindex == 0:
+                print(f"step      0 | eval_loss {eval_loss:.4f}", flush=True)
         bar = tqdm(range(start, c.steps), initial=start, total=c.steps, desc="train",
                    disable=pindex != 0, dynamic_ncols=True)
         t_last, steps_since = time.perf_counter(), 0
@@ -281,7 +291,7 @@ def train(c: ml_collections.ConfigDict) -> RunResult:
             state, metrics = step_fn(state, trainer.to_global(next(train_iter)))
             steps_since += 1
             done = step + 1
-            if done % c.log_every == 0 or done == c.steps:
+            if done % c.log_every == 0 or done in (c.steps, stop_at):
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 elapsed = time.perf_counter() - t_last
                 achieved = flops_per_step * steps_since / elapsed
@@ -294,15 +304,18 @@ def train(c: ml_collections.ConfigDict) -> RunResult:
                     bar.write(format_metrics(done, {k: metrics[k] for k in (
                         "loss", "lr", "grad_norm", "tokens_per_s", "flops_per_s", "mfu")}))
                 t_last, steps_since = time.perf_counter(), 0
-            if eval_batches and (done % c.eval_every == 0 or done == c.steps):
+            if eval_batches and (done % c.eval_every == 0 or done in (c.steps, stop_at)):
                 eval_loss = evaluate(trainer, state, eval_batches, c.seed)
                 eval_history.append({"step": done, "eval_loss": eval_loss})
                 writer.write(done, {"loss": eval_loss}, prefix="eval_")
                 if pindex == 0:
                     bar.write(f"step {done:>6} | eval_loss {eval_loss:.4f}")
                 t_last = time.perf_counter()  # evaluation time is not training throughput
-            if ckpt.save(done, state, train_iter, config_json, force=done == c.steps):
+            last = done == c.steps or done == stop_at
+            if ckpt.save(done, state, train_iter, config_json, force=last):
                 t_last = time.perf_counter()
+            if last:
+                break
         bar.close()
     ckpt.close()
 

@@ -13,7 +13,7 @@ import pytest  # noqa: E402
 import zstandard  # noqa: E402
 
 SEQ_LEN = 64
-VOCAB = 256
+VOCAB = 512
 _WORDS = ("the king queen lord lady said to of and my his her in is was with for that not thou "
           "thee shall will what good night day love death sword crown heaven fair sweet speak "
           "come go hath doth know see hear").split()
@@ -29,7 +29,7 @@ def _document(rng: random.Random) -> str:
 
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory):
-    """A SlimPajama-layout corpus prepared into train/validation shards with a 256-piece
+    """A SlimPajama-layout corpus prepared into train/validation shards with a 512-piece
     tokenizer: {"train": dir, "validation": dir, "tokenizer": path}."""
     from mdm_jax.data import prepare, train_tokenizer
 

@@ -113,7 +113,7 @@ def test_bidirectional_sees_the_future_causal_does_not(nano):
     mdm = lambda t: _hidden(args, params, t)
     assert float(jnp.max(jnp.abs(mdm(tokens)[:, 3] - mdm(changed)[:, 3]))) > 1e-4
     causal = dataclasses.replace(args, causal=True)
-    cparams = dict(params, embedding=params["embedding"][:256])
+    cparams = dict(params, embedding=params["embedding"][:512])
     arm = lambda t: _hidden(causal, cparams, t)
     np.testing.assert_array_equal(arm(tokens)[:, :12], arm(changed)[:, :12])
     assert float(jnp.max(jnp.abs(arm(tokens)[:, 12:] - arm(changed)[:, 12:]))) > 1e-4
@@ -152,6 +152,6 @@ def test_bf16_compute_keeps_float32_params(nano):
     out = _hidden(bf16, params, tokens)
     assert out.dtype == jnp.bfloat16
     logits = Encoder(bf16).apply({"params": params}, tokens, return_logits=True)
-    assert logits.dtype == jnp.float32 and logits.shape == (2, 16, 256)
+    assert logits.dtype == jnp.float32 and logits.shape == (2, 16, 512)
     ref = Encoder(args).apply({"params": params}, tokens, return_logits=True)
     assert float(jnp.max(jnp.abs(logits - ref))) < 0.1

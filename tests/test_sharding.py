@@ -48,7 +48,7 @@ def test_parameters_and_optimizer_state_are_sharded(results):
     assert w1.addressable_shards[0].data.shape == (2, 64 // 2, 192 // 2)
     head = state.params["head"]  # [embed, vocab]
     assert head.sharding.spec == P("fsdp", "tensor")
-    assert head.addressable_shards[0].data.shape == (32, 128)
+    assert head.addressable_shards[0].data.shape == (32, 256)
     wq = state.params["blocks"]["wq"]  # [layers, embed, heads, head_dim]
     assert wq.sharding.spec == P(None, "fsdp", "tensor", None)
     adam_mu = state.opt_state[1][0].mu["blocks"]["w1"]

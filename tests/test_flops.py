@@ -1,0 +1,53 @@
+"""FLOP accounting and step planning (shared/REFERENCE.md section 3)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mdm_jax import flops
+from mdm_jax.presets import get_preset
+
+
+def test_smdm_example_170m_at_1e19():
+    assert flops.steps_for_budget(get_preset("170M"), 1e19) == 18_710
+
+
+def test_cli_json(capsys):
+    flops.cli(["--preset", "170M", "--budget", "1e19", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert out["non_embedding_params"] == 169_897_728
+    assert out["steps"] == 18_710
+    assert out["tokens"] == 18_710 * 256 * 2048
+    assert out["total_params"] == 169_897_728 + 32001 * 768 + 768 * 32000
+
+
+def test_detailed_count_includes_attention_and_head():
+    p = get_preset("1028M")
+    fwd = flops.forward_flops_per_token(p, 2048)
+    dense = 2 * p.n_layer * (4 * p.d_model**2 + 3 * p.d_model * p.mlp_dim)
+    attn = 4 * 2048 * p.d_model * p.n_layer
+    head = 2 * p.d_model * 32000
+    assert fwd == dense + attn + head
+    assert flops.forward_flops_per_token(p, 2048, causal=True) == dense + attn / 2 + head
+    assert flops.train_flops_per_token(p, 2048) == 3 * fwd
+
+
+def test_duo_convention_is_selectable():
+    p = get_preset("170M")
+    six_n = flops.steps_for_budget(p, 1e19)
+    duo = flops.steps_for_budget(p, 1e19, convention="3fwd")
+    assert duo < six_n  # attention and head make each step costlier
+
+
+def test_budget_too_small_is_an_error():
+    with pytest.raises(ValueError, match="less than one step of preset 1028M"):
+        flops.plan("1028M", 1e12)
+    with pytest.raises(SystemExit):
+        flops.cli(["--preset", "bogus", "--budget", "1e19"])
+
+
+def test_mfu_uses_peak_table():
+    assert flops.mfu(494.5e12, "NVIDIA H100 80GB HBM3", 1) == pytest.approx(0.5)
+    assert flops.mfu(1e9, "cpu", 1) is None
