@@ -6,8 +6,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import nano_config
+
 from mdm_jax.config import ConfigError, validate
 
 
@@ -19,7 +19,8 @@ from mdm_jax.config import ConfigError, validate
     ({"seq_len": 4096}, 1, r"config\.seq_len=4096 .*at most 128"),
     ({"mesh.data": 4, "mesh.fsdp": 4}, 8, r"needs 16 devices but only 8"),
     ({"mesh.data": -1, "mesh.fsdp": -1}, 8, r"only one axis may be -1"),
-    ({"mesh.fsdp": 3, "mesh.data": 1, "global_batch": 12}, 3, r"d_model 64 is not divisible by config\.mesh\.fsdp=3"),
+    ({"mesh.fsdp": 3, "mesh.data": 1, "global_batch": 12}, 3,
+     r"d_model 64 is not divisible by config\.mesh\.fsdp=3"),
     ({"objective.kind": "gpt"}, 1, r"config\.objective\.kind='gpt'"),
     ({"model.remat": "some"}, 1, r"config\.model\.remat='some'"),
     ({"model.dtype": "float16"}, 1, r"config\.model\.dtype"),

@@ -9,8 +9,8 @@ import os
 import jax
 import numpy as np
 import pytest
-
 from conftest import nano_config
+
 from mdm_jax.train import train
 
 
