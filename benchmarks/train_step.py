@@ -32,6 +32,8 @@ SWEEP = {
     "baseline": {},
     "remat=dots": {"remat": "dots"},
     "remat=full": {"remat": "full"},
+    "remat=dots_no_batch": {"remat": "dots_no_batch"},
+    "dots+chunk128": {"remat": "dots", "loss_chunk": 128},
     "attention=jax": {"attention": "jax"},
     "loss_chunk=128": {"loss_chunk": 128},
     "loss_chunk=512": {"loss_chunk": 512},

@@ -85,3 +85,67 @@ def generate(model: Encoder, params, *, num: int, length: int, steps: int, seed:
     if prompt:
         canvas = canvas.at[:, : len(prompt)].set(jnp.asarray(prompt, jnp.int32))
     return sample_mdm(model, params, canvas, key, steps=steps, temperature=temperature)
+
+
+def load_for_sampling(workdir: str, step: int | None = None):
+    """(trainer, state, config) restored from a run's checkpoint onto one device."""
+    import ml_collections
+
+    from mdm_jax.checkpoint import Checkpointer, abstract_with_shardings
+    from mdm_jax.train import Trainer
+
+    ckpt = Checkpointer(workdir)
+    step = ckpt.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint under {ckpt.directory}; train first "
+                                f"(python -m mdm_jax.train --config=... --config.workdir="
+                                f"{workdir})")
+    c = ml_collections.ConfigDict(ckpt.restore_config(step))
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, 1, 1
+    c.micro_batch = 0
+    trainer = Trainer(c, devices=jax.devices()[:1])
+    target = abstract_with_shardings(trainer.abstract_state, trainer.state_sharding)
+    state = ckpt.restore(step, target, None)
+    ckpt.close()
+    return trainer, state, c
+
+
+def cli(argv=None) -> None:
+    import argparse
+
+    import numpy as np
+
+    from mdm_jax.data.tokenizer import Tokenizer
+
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", required=True, help="a training run's workdir")
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (latest)")
+    parser.add_argument("--num", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=64, help="reverse-process steps (MDM)")
+    parser.add_argument("--length", type=int, default=0, help="tokens per sample (seq_len)")
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--prompt", default="", help="text the samples start with")
+    parser.add_argument("--tokenizer", default="", help="SentencePiece model (the run's)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    try:
+        trainer, state, c = load_for_sampling(args.workdir, args.step)
+    except FileNotFoundError as e:
+        parser.exit(2, f"error: {e}\n")
+    tok = Tokenizer.load(args.tokenizer or c.data.tokenizer)
+    prompt = [tok.bos_id] + (tok.encode(args.prompt) if args.prompt else [])
+    length = args.length or c.seq_len
+    if len(prompt) >= length:
+        parser.exit(2, f"error: the prompt has {len(prompt)} tokens; --length {length} leaves "
+                       f"no room to generate\n")
+    out = generate(trainer.model, jax.device_get(state.params), num=args.num, length=length,
+                   steps=args.steps, seed=args.seed, temperature=args.temperature,
+                   prompt=prompt)
+    for i, row in enumerate(np.asarray(out)):
+        text = tok.decode([int(t) for t in row if t < tok.vocab_size])
+        print(f"--- sample {i} ---\n{text.strip()}\n")
+
+
+if __name__ == "__main__":
+    cli()
