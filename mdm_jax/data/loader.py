@@ -1,10 +1,18 @@
-"""Grain loading of prepared blocks: global shuffle, this process's slice, batches.
+"""Grain loading of prepared blocks: global shuffle, this process's slice, batches, mixtures.
 
 Pipeline (all index arithmetic, so the iterator state is one integer and resumes exactly):
 ``PackedBlocks -> shuffle(seed; reseeded per epoch) -> equal per-process slice -> batch ->
 repeat``. Every process computes the same permutation and takes a disjoint strided slice, so
 within an epoch the processes together see each block once (up to ``n % process_count`` blocks
-per epoch that no process sees, keeping step counts equal across hosts).
+per epoch that no process sees, keeping step counts equal across hosts). Grain passes the epoch
+number down through repeat/batch/slice as an index offset, so ``shuffle`` draws a new
+permutation (seed + epoch) every epoch.
+
+A data source is a directory written by ``mdm_jax.data.prepare`` or a directory of lit-gpt
+``*.bin`` files (``litgpt:DIR``; see ``mdm_jax.data.litgpt``). A mixture is a list of
+``(source, weight)`` pairs (``parse_mixture("dirA:0.7,dirB:0.3")``): each source is shuffled
+with its own seed, sliced per process and repeated forever, and Grain's ``MapDataset.mix``
+interleaves them deterministically in proportion to the weights before batching.
 """
 
 from __future__ import annotations
@@ -12,17 +20,60 @@ from __future__ import annotations
 import bisect
 import json
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import grain
 import numpy as np
 from absl import flags
 
+from mdm_jax.data import litgpt
 from mdm_jax.data.prepare import MANIFEST
+
+DataSpec = str | Path | Sequence[tuple[str | Path, float]]
+
+
+def parse_mixture(spec: str) -> list[tuple[str, float]]:
+    """``"dirA:0.7,dirB:0.3"`` -> ``[("dirA", 0.7), ("dirB", 0.3)]``; ``"dir"`` -> weight 1.
+
+    The weight is the text after the last ``:`` when it parses as a number, so paths with
+    colons (``litgpt:/data/slim``) keep theirs. Weights need not sum to one.
+    """
+    out: list[tuple[str, float]] = []
+    for part in str(spec).split(","):
+        part = part.strip()
+        if not part:
+            continue
+        path, weight = part, 1.0
+        head, sep, tail = part.rpartition(":")
+        if sep and head:
+            try:
+                path, weight = head, float(tail)
+            except ValueError:
+                pass
+        if not weight > 0 or weight == float("inf"):
+            raise ValueError(f"mixture {spec!r}: weight of {path!r} must be a positive number, "
+                             f"got {weight}")
+        out.append((path, weight))
+    if not out:
+        raise ValueError(f"empty data mixture {spec!r}; expected 'dir' or 'dirA:0.7,dirB:0.3'")
+    return out
+
+
+def _as_mixture(data: DataSpec) -> list[tuple[str | Path, float]]:
+    if isinstance(data, (str, Path)):
+        return [(data, 1.0)]
+    mix = [(d, float(w)) for d, w in data]
+    if not mix or any(not w > 0 for _, w in mix):
+        raise ValueError(f"a mixture needs at least one source and positive weights: {data!r}")
+    return mix
 
 
 def manifest(data_dir: str | Path) -> dict:
-    """The manifest written by ``prepare``; a clear error when ``data_dir`` is not prepared."""
+    """The manifest written by ``prepare`` (or one describing a lit-gpt directory); a clear
+    error when ``data_dir`` is neither."""
+    if litgpt.is_litgpt_dir(data_dir):
+        return litgpt.manifest(data_dir)
     path = Path(data_dir) / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(
@@ -78,6 +129,20 @@ class PackedBlocks:
         return f"PackedBlocks({str(self.data_dir)!r}, blocks={len(self)}, seq_len={self.seq_len})"
 
 
+def open_source(data_dir: str | Path) -> PackedBlocks | litgpt.LitGptBlocks:
+    """The random-access block source for a prepared or lit-gpt directory."""
+    if litgpt.is_litgpt_dir(data_dir):
+        return litgpt.LitGptBlocks(data_dir)
+    return PackedBlocks(data_dir)
+
+
+def _component_seed(seed: int, k: int) -> int:
+    """Source k's shuffle seed; source 0 keeps ``seed`` (a single directory is unchanged)."""
+    if k == 0:
+        return seed
+    return int(np.random.SeedSequence([seed, k]).generate_state(1)[0])
+
+
 def _process_slice(
     ds: grain.MapDataset, process_index: int, process_count: int, batch_size: int
 ) -> grain.MapDataset:
@@ -91,7 +156,7 @@ def _process_slice(
 
 
 def make_train_iterator(
-    data_dir: str | Path,
+    data_dir: DataSpec,
     *,
     batch_size_per_process: int,
     seed: int,
@@ -104,13 +169,34 @@ def make_train_iterator(
 ) -> grain.DatasetIterator:
     """Iterator of np.int32 [batch_size_per_process, seq_len + 1] training batches.
 
-    ``num_epochs=None`` repeats forever. Save/restore the position with the iterator's
-    ``get_state()`` / ``set_state()`` (checkpointed alongside the train state).
-    ``worker_count > 0`` moves reading into that many Grain worker processes.
+    ``data_dir`` is one source (a prepared or lit-gpt directory) or a list of
+    ``(source, weight)`` pairs (see ``parse_mixture``). ``num_epochs=None`` repeats forever;
+    a mixture always repeats forever (its sources cycle at different rates). Save/restore the
+    position with the iterator's ``get_state()`` / ``set_state()`` (checkpointed
+    alongside the train state). ``worker_count > 0`` moves reading into
+    that many Grain worker processes.
     """
-    ds = grain.MapDataset.source(PackedBlocks(data_dir)).shuffle(seed=seed)
-    ds = _process_slice(ds, process_index, process_count, batch_size_per_process)
-    ds = ds.batch(batch_size_per_process, drop_remainder=True).repeat(num_epochs)
+    mix = _as_mixture(data_dir)
+    if len(mix) == 1:
+        ds = grain.MapDataset.source(open_source(mix[0][0])).shuffle(seed=seed)
+        ds = _process_slice(ds, process_index, process_count, batch_size_per_process)
+        ds = ds.batch(batch_size_per_process, drop_remainder=True).repeat(num_epochs)
+    else:
+        if num_epochs is not None:
+            raise ValueError("num_epochs is only defined for a single source; a mixture "
+                             "repeats forever (stop after a number of steps instead)")
+        parts = []
+        seq_lens = {}
+        for k, (d, _) in enumerate(mix):
+            src = open_source(d)
+            seq_lens[str(d)] = src.seq_len
+            part = grain.MapDataset.source(src).shuffle(seed=_component_seed(seed, k))
+            parts.append(_process_slice(part, process_index, process_count, 1).repeat())
+        if len(set(seq_lens.values())) > 1:
+            raise ValueError(f"mixture sources have different seq_len: {seq_lens}; prepare "
+                             f"them with the same --seq-len")
+        ds = grain.MapDataset.mix(parts, weights=[w for _, w in mix])
+        ds = ds.batch(batch_size_per_process, drop_remainder=True)
     it_ds = ds.to_iter_dataset(
         grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch)
     )
@@ -132,7 +218,7 @@ def make_eval_batches(
 ) -> list[np.ndarray]:
     """The first ``num_batches`` unshuffled batches of this process's slice (fewer, with a
     warning, when the data is smaller): the same evaluation set every time."""
-    ds = grain.MapDataset.source(PackedBlocks(data_dir))
+    ds = grain.MapDataset.source(open_source(data_dir))
     ds = _process_slice(ds, process_index, process_count, batch_size_per_process)
     ds = ds.batch(batch_size_per_process, drop_remainder=True)
     if len(ds) < num_batches:

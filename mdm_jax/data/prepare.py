@@ -190,64 +190,111 @@ def _encode_file(args: tuple[str, tuple[str, ...], str]) -> dict:
     return dict(tokens=tokens, documents=documents, sources=sources, skipped=skipped)
 
 
-# --- shard writing ---------------------------------------------------------------------------
+# --- shard writing and resumable progress ----------------------------------------------------
+#
+# Shard k holds blocks [k * shard_blocks, (k + 1) * shard_blocks) of the packed stream, so shard
+# boundaries depend only on the inputs, never on when a run was interrupted. Tokens not yet in
+# a finished shard live in memory and in OUTPUT/pending-K.tokens (raw, appended per input file);
+# after each input file OUTPUT/progress.json records the files done, the counts, the finished
+# shards and how many pending tokens are valid. A killed run restarts from that record: it
+# truncates the pending file to the recorded length, deletes shards it had not recorded, and
+# carries on with the next input file. The pending file of a checkpoint is only deleted after
+# a newer progress.json names its successor, so a kill at any instant leaves a consistent pair.
+
+PROGRESS = "progress.json"
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 class _ShardWriter:
-    """Cuts a token stream into blocks and rolls ArrayRecord shards, each written atomically."""
+    """Cuts the token stream into blocks and writes fixed-size ArrayRecord shards atomically."""
 
-    def __init__(self, output_dir: Path, split: str, block_len: int, shard_blocks: int):
+    def __init__(self, output_dir: Path, split: str, block_len: int, shard_blocks: int,
+                 dtype: str):
         self.output_dir, self.split = output_dir, split
         self.block_len, self.shard_blocks = block_len, shard_blocks
+        self.dtype = np.dtype(dtype).newbyteorder("<")
         self.shards: list[dict] = []
-        self._carry = np.zeros(0, np.uint16)
-        self._writer = None
-        self._tmp: Path | None = None
-        self._in_shard = 0
+        self.pending = np.zeros(0, self.dtype)
 
-    def _open(self) -> None:
-        name = f"{self.split}-{len(self.shards):05d}.array_record"
-        self._tmp = self.output_dir / (name + ".tmp")
+    def shard_name(self, k: int) -> str:
+        return f"{self.split}-{k:05d}.array_record"
+
+    def pending_path(self, k: int | None = None) -> Path:
+        k = len(self.shards) if k is None else k
+        return self.output_dir / f"pending-{k:05d}.tokens"
+
+    def _write_shard(self, blocks: np.ndarray) -> None:
+        name = self.shard_name(len(self.shards))
+        tmp = self.output_dir / (name + ".tmp")
         # group_size:1 keeps each block independently readable: Grain reads at random.
-        self._writer = ArrayRecordWriter(str(self._tmp), "group_size:1")
-        if not self._writer.ok():
-            raise OSError(f"cannot open ArrayRecord writer for {self._tmp}")
-        self.shards.append({"file": name, "blocks": 0})
-        self._in_shard = 0
-
-    def _close(self) -> None:
-        if self._writer is None:
-            return
-        self._writer.close()
-        assert self._tmp is not None
-        os.replace(self._tmp, self.output_dir / self.shards[-1]["file"])
-        self.shards[-1]["blocks"] = self._in_shard
-        self._writer = None
+        writer = ArrayRecordWriter(str(tmp), "group_size:1")
+        if not writer.ok():
+            raise OSError(f"cannot open ArrayRecord writer for {tmp}")
+        for row in blocks:
+            writer.write(row.tobytes())
+        writer.close()
+        os.replace(tmp, self.output_dir / name)
+        self.shards.append({"file": name, "blocks": len(blocks)})
 
     def add(self, tokens: np.ndarray) -> None:
-        stream = np.concatenate([self._carry.astype(tokens.dtype), tokens])
-        n_blocks = len(stream) // self.block_len
-        blocks = stream[: n_blocks * self.block_len].reshape(n_blocks, self.block_len)
-        le = blocks.astype(blocks.dtype.newbyteorder("<"), copy=False)
-        for row in le:
-            if self._writer is None:
-                self._open()
-            self._writer.write(row.tobytes())
-            self._in_shard += 1
-            if self._in_shard == self.shard_blocks:
-                self._close()
-        self._carry = stream[n_blocks * self.block_len :]
+        tokens = tokens.astype(self.dtype, copy=False)
+        with open(self.pending_path(), "ab") as f:
+            f.write(tokens.tobytes())
+        self.pending = np.concatenate([self.pending, tokens])
+        full = self.shard_blocks * self.block_len
+        while len(self.pending) >= full:
+            self._write_shard(self.pending[:full].reshape(self.shard_blocks, self.block_len))
+            self.pending = self.pending[full:]
+            tmp = self.pending_path().with_suffix(".tmp")
+            tmp.write_bytes(self.pending.tobytes())
+            os.replace(tmp, self.pending_path())
+
+    def state(self) -> dict:
+        return {"shards": list(self.shards), "pending_tokens": len(self.pending)}
+
+    def restore(self, state: dict) -> None:
+        self.shards = [dict(s) for s in state["shards"]]
+        n = int(state["pending_tokens"])
+        raw = self.pending_path().read_bytes()[: n * self.dtype.itemsize]
+        if len(raw) != n * self.dtype.itemsize:
+            raise OSError(f"{self.pending_path()} holds fewer than the {n} tokens recorded")
+        self.pending = np.frombuffer(raw, self.dtype).copy()
+        self.pending_path().write_bytes(raw)
+
+    def clean(self, keep_pending: bool = True) -> None:
+        """Remove shards past those recorded, temporaries and stale pending files."""
+        done = {s["file"] for s in self.shards}
+        current = self.pending_path().name if keep_pending else None
+        for p in self.output_dir.glob(f"{self.split}-*.array_record*"):
+            if p.name not in done:
+                p.unlink()
+        for p in self.output_dir.glob("pending-*"):
+            if p.name != current:
+                p.unlink()
 
     def finish(self) -> int:
-        """Close the last shard; returns the number of tail tokens dropped."""
-        self._close()
-        return len(self._carry)
+        """Write the last (short) shard; returns the number of tail tokens dropped."""
+        n = len(self.pending) // self.block_len
+        if n:
+            self._write_shard(self.pending[: n * self.block_len].reshape(n, self.block_len))
+        tail = len(self.pending) - n * self.block_len
+        self.pending = self.pending[:0]
+        return tail
 
 
 # --- driver ----------------------------------------------------------------------------------
 
 
-def _read_manifest(path: Path) -> dict | None:
+class Interrupted(RuntimeError):
+    """Raised by ``prepare(stop_after_files=N)``: simulates a crash after N input files."""
+
+
+def _read_json(path: Path) -> dict | None:
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
@@ -263,19 +310,31 @@ def prepare(
     workers: int = 1,
     drop_sources: Sequence[str] = ("RedPajamaGithub",),
     shard_blocks: int = 8192,
+    keep_sources: Sequence[str] | None = None,
+    stop_after_files: int | None = None,
 ) -> dict:
     """Tokenize and pack ``input_dir/{split}/chunk*/*.jsonl.zst`` into ``output_dir``.
 
-    Returns the manifest (also written to ``output_dir/manifest.json``). Idempotent: a manifest
-    made from the same inputs, tokenizer, split and seq_len is returned without redoing work.
+    Documents whose ``meta.redpajama_set_name`` is in ``drop_sources`` (or, when
+    ``keep_sources`` is given, not in it) are counted as ``dropped_source``. Returns the
+    manifest (also written to ``output_dir/manifest.json``). Idempotent: a manifest made from
+    the same inputs and settings is returned without redoing work; an interrupted run resumes
+    after the last input file it finished and ends with the same bytes as an uninterrupted one.
     """
     if seq_len < 1 or shard_blocks < 1 or workers < 1:
         raise ValueError(f"need seq_len, shard_blocks, workers >= 1; got {seq_len}, "
                          f"{shard_blocks}, {workers}")
+    drop = set(drop_sources)
+    if keep_sources is not None:
+        unknown = set(keep_sources) - KNOWN_SOURCES
+        if unknown:
+            raise ValueError(f"keep_sources {sorted(unknown)} are not SlimPajama set names; "
+                             f"known: {sorted(KNOWN_SOURCES)}")
+        drop = KNOWN_SOURCES - set(keep_sources)
     input_dir, output_dir = Path(input_dir), Path(output_dir)
     tok = Tokenizer.load(tokenizer_path)
     files = list_input_files(input_dir, split)
-    dtype = "uint16" if tok.vocab_size < 65536 else "int32"
+    dtype = "uint16" if tok.vocab_size <= 65536 else "int32"
     inputs = {
         "input_dir": str(input_dir.resolve()),
         "input_files": [str(p.relative_to(input_dir)) for p in files],
@@ -283,11 +342,11 @@ def prepare(
         "split": split,
         "seq_len": seq_len,
         "tokenizer_sha256": tok.sha256,
-        "drop_sources": sorted(drop_sources),
+        "drop_sources": sorted(drop),
         "shard_blocks": shard_blocks,
     }
     manifest_path = output_dir / MANIFEST
-    old = _read_manifest(manifest_path)
+    old = _read_json(manifest_path)
     if old is not None and old.get("inputs") == inputs and all(
         (output_dir / s["file"]).is_file() for s in old["shards"]
     ):
@@ -296,19 +355,35 @@ def prepare(
     output_dir.mkdir(parents=True, exist_ok=True)
     # A crash below must not leave a manifest that describes shards we are about to replace.
     manifest_path.unlink(missing_ok=True)
-    for stale in output_dir.glob(f"{split}-*.array_record*"):
-        stale.unlink()
+    writer = _ShardWriter(output_dir, split, seq_len + 1, shard_blocks, dtype)
+    counts = {"files_done": 0, "documents": 0, "tokens": 0, "sources": {},
+              "skipped": {r: 0 for r in SKIP_REASONS}}
+    progress_path = output_dir / PROGRESS
+    progress = _read_json(progress_path)
+    resumed = False
+    if progress is not None and progress.get("inputs") == inputs:
+        try:
+            writer.restore(progress["writer"])
+            counts = progress["counts"]
+            resumed = True
+        except (OSError, KeyError, ValueError):
+            writer = _ShardWriter(output_dir, split, seq_len + 1, shard_blocks, dtype)
+    writer.clean(keep_pending=resumed)
+    if not resumed:
+        progress_path.unlink(missing_ok=True)
 
-    writer = _ShardWriter(output_dir, split, seq_len + 1, shard_blocks)
-    documents = tokens = 0
-    sources: Counter[str] = Counter()
-    skipped: Counter[str] = Counter({r: 0 for r in SKIP_REASONS})
-    jobs = [(str(p), tuple(drop_sources), dtype) for p in files]
+    sources: Counter[str] = Counter(counts["sources"])
+    skipped: Counter[str] = Counter(counts["skipped"])
+    first = counts["files_done"]
+    jobs = [(str(p), tuple(sorted(drop)), dtype) for p in files[first:]]
     start = time.perf_counter()
-    bar = tqdm(total=len(files), unit="file", desc=f"prepare {split}", dynamic_ncols=True)
+    new_docs = new_tokens = 0
+    delay = float(os.environ.get("MDM_JAX_PREPARE_TEST_DELAY", "0"))  # tests kill mid-run
+    bar = tqdm(total=len(files), initial=first, unit="file", desc=f"prepare {split}",
+               dynamic_ncols=True)
     pool = None
     try:
-        if workers > 1:
+        if workers > 1 and jobs:
             ctx = multiprocessing.get_context("spawn")  # safe with JAX/threads in the parent
             pool = ctx.Pool(workers, initializer=_init_worker, initargs=(str(tok.path),))
             results = pool.imap(_encode_file, jobs)  # imap keeps input order: deterministic
@@ -316,14 +391,30 @@ def prepare(
             _init_worker(str(tok.path))
             results = map(_encode_file, jobs)
         for res in results:
+            previous_pending = writer.pending_path()
             writer.add(res["tokens"])
-            documents += res["documents"]
-            tokens += len(res["tokens"])
             sources.update(res["sources"])
             skipped.update(res["skipped"])
+            counts = {
+                "files_done": counts["files_done"] + 1,
+                "documents": counts["documents"] + res["documents"],
+                "tokens": counts["tokens"] + len(res["tokens"]),
+                "sources": dict(sources),
+                "skipped": dict(skipped),
+            }
+            _atomic_write_text(progress_path, json.dumps(
+                {"inputs": inputs, "counts": counts, "writer": writer.state()}) + "\n")
+            if previous_pending != writer.pending_path():
+                previous_pending.unlink(missing_ok=True)
+            new_docs += res["documents"]
+            new_tokens += len(res["tokens"])
             elapsed = max(time.perf_counter() - start, 1e-9)
-            bar.set_postfix(docs_s=f"{documents / elapsed:.0f}", tok_s=f"{tokens / elapsed:.3g}")
+            bar.set_postfix(docs_s=f"{new_docs / elapsed:.0f}", tok_s=f"{new_tokens / elapsed:.3g}")
             bar.update()
+            if delay:
+                time.sleep(delay)
+            if stop_after_files is not None and counts["files_done"] - first >= stop_after_files:
+                raise Interrupted(f"stopped after {stop_after_files} file(s) as asked")
     finally:
         bar.close()
         if pool is not None:
@@ -331,12 +422,12 @@ def prepare(
     tail = writer.finish()
 
     manifest = {
-        "documents": documents,
-        "tokens": tokens,
+        "documents": counts["documents"],
+        "tokens": counts["tokens"],
         "blocks": sum(s["blocks"] for s in writer.shards),
         "tail_tokens_dropped": tail,
         "sources": dict(sorted(sources.items())),
-        "skipped": dict(skipped),
+        "skipped": {r: skipped.get(r, 0) for r in SKIP_REASONS},
         "tokenizer": str(tok.path),
         "tokenizer_sha256": tok.sha256,
         "vocab_size": tok.vocab_size,
@@ -346,11 +437,10 @@ def prepare(
         "split": split,
         "shards": writer.shards,
         "inputs": inputs,
-        "seconds": round(time.perf_counter() - start, 3),
     }
-    tmp = manifest_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-    os.replace(tmp, manifest_path)
+    _atomic_write_text(manifest_path, json.dumps(manifest, indent=1) + "\n")
+    writer.clean(keep_pending=False)
+    progress_path.unlink(missing_ok=True)
     return manifest
 
 
@@ -363,13 +453,24 @@ def cli(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--shard-blocks", type=int, default=8192)
+    p.add_argument("--drop-sources", default="RedPajamaGithub",
+                   help="comma-separated meta.redpajama_set_name values to drop ('' keeps all)")
+    p.add_argument("--keep-sources", default=None,
+                   help="comma-separated set names to keep (overrides --drop-sources)")
     a = p.parse_args(argv)
+
+    def names(s: str | None) -> list[str] | None:
+        return None if s is None else [x.strip() for x in s.split(",") if x.strip()]
+
+    start = time.perf_counter()
     m = prepare(a.input, a.output, a.tokenizer, split=a.split, seq_len=a.seq_len,
-                workers=a.workers, shard_blocks=a.shard_blocks)
+                workers=a.workers, shard_blocks=a.shard_blocks,
+                drop_sources=names(a.drop_sources) or (), keep_sources=names(a.keep_sources))
     summary = {k: m[k] for k in ("documents", "tokens", "blocks", "tail_tokens_dropped",
                                  "skipped", "sources", "dtype")}
     print(json.dumps(summary, indent=1))
-    print(f"wrote {len(m['shards'])} shard(s) and {MANIFEST} to {a.output}")
+    print(f"wrote {len(m['shards'])} shard(s) and {MANIFEST} to {a.output} "
+          f"in {time.perf_counter() - start:.1f}s")
 
 
 if __name__ == "__main__":
