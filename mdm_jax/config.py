@@ -74,6 +74,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.samples.count = 0  # samples printed at the end of training
     c.samples.steps = 64
     c.samples.length = 0  # 0 = seq_len
+    c.samples.temperature = 0.0  # 0 = greedy; > 0 = Gumbel-max sampling
     return c
 
 

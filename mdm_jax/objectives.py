@@ -26,7 +26,7 @@ class ObjectiveArgs:
     variable_length_prob: float = 0.01  # chance that a batch is truncated to U{1..L}
     weighting: str = "elbo"  # "elbo": CE / p summed over masked, / (B*L); "unweighted": mean CE
     t_sampling: str = "uniform"  # "uniform" | "stratified" (t_i = (u + i/B) mod 1)
-    loss_chunk: int = 128  # sequence positions per cross-entropy chunk
+    loss_chunk: int = 256  # sequence positions per cross-entropy chunk
 
 
 def chunked_cross_entropy(hidden, head, targets, weights, chunk: int) -> jax.Array:

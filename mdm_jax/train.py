@@ -334,7 +334,7 @@ def _print_samples(trainer: Trainer, state: TrainState, c: ml_collections.Config
     with trainer.context():
         params = jax.device_get(state.params)  # small models only: sampling runs unsharded
     tokens = generate(trainer.model, params, num=c.samples.count, length=length,
-                      steps=c.samples.steps, seed=c.seed)
+                      steps=c.samples.steps, seed=c.seed, temperature=c.samples.temperature)
     tokens = np.asarray(jax.device_get(tokens))
     texts = []
     if c.data.tokenizer:

@@ -282,3 +282,229 @@ def test_fetch_demo_corpus(tmp_path):
     docs = [t for t, _, r in prepare.iter_documents(train[0]) if r is None]
     assert len(docs) > 100 and all(len(d) < 20_000 for d in docs)
     assert corpus.fetch_demo_corpus(dest) == dest  # idempotent
+
+
+# --- resumable preparation --------------------------------------------------------------------
+
+
+def _many_files_corpus(root: Path, n_files: int = 6, docs: int = 25) -> Path:
+    rng = random.Random(5)
+    for f in range(n_files):
+        lines = [_line(_doc(rng), "RedPajamaC4") for _ in range(docs)]
+        _write_zst(root / "train" / f"chunk{f % 2 + 1}" / f"part_{f}.jsonl.zst", lines)
+    return root
+
+
+def _dir_bytes(d: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir()) if p.is_file()}
+
+
+def test_prepare_resumes_after_injected_failure_byte_identical(tok_path, tmp_path):
+    raw = _many_files_corpus(tmp_path / "raw")
+    kw = dict(seq_len=SEQ_LEN, shard_blocks=7)
+    ref = prepare.prepare(raw, tmp_path / "ref", tok_path, **kw)
+    assert len(ref["shards"]) >= 3  # several shards, so shards close mid-run
+    out = tmp_path / "resumed"
+    with pytest.raises(prepare.Interrupted):
+        prepare.prepare(raw, out, tok_path, stop_after_files=2, **kw)
+    prog = json.loads((out / prepare.PROGRESS).read_text())
+    assert prog["counts"]["files_done"] == 2 and not (out / "manifest.json").exists()
+    with pytest.raises(prepare.Interrupted):  # resumes at file 3, stops after file 4
+        prepare.prepare(raw, out, tok_path, stop_after_files=2, **kw)
+    assert json.loads((out / prepare.PROGRESS).read_text())["counts"]["files_done"] == 4
+    m = prepare.prepare(raw, out, tok_path, **kw)
+    assert m == ref
+    assert _dir_bytes(out) == _dir_bytes(tmp_path / "ref")  # shards + manifest, nothing else
+
+
+def test_prepare_resumes_after_sigkill_byte_identical(tok_path, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    raw = _many_files_corpus(tmp_path / "raw", n_files=8)
+    args = ["--input", str(raw), "--tokenizer", str(tok_path), "--seq-len", str(SEQ_LEN),
+            "--shard-blocks", "5"]
+    prepare.cli(args + ["--output", str(tmp_path / "ref")])
+    out = tmp_path / "killed"
+    env = dict(os.environ, MDM_JAX_PREPARE_TEST_DELAY="0.4")
+    proc = subprocess.Popen([sys.executable, "-m", "mdm_jax.data.prepare", *args, "--output",
+                             str(out)], env=env, stderr=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    done = 0
+    while time.time() < deadline and done < 3:
+        p = prepare._read_json(out / prepare.PROGRESS)
+        done = p["counts"]["files_done"] if p else 0
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert 3 <= done < 8, "the run should have been killed mid-way"
+    assert not (out / "manifest.json").exists()
+    prepare.cli(args + ["--output", str(out)])
+    assert _dir_bytes(out) == _dir_bytes(tmp_path / "ref")
+
+
+def test_keep_and_drop_sources(tok_path, tmp_path):
+    raw = tmp_path / "raw"
+    lines = [_line(f"text number {i}", s) for i, s in enumerate(
+        ["RedPajamaC4", "RedPajamaGithub", "RedPajamaArXiv", "RedPajamaC4", "Bogus"])]
+    _write_zst(raw / "train" / "chunk1" / "a.jsonl.zst", lines)
+    m = prepare.prepare(raw, tmp_path / "o1", tok_path, seq_len=4)
+    assert m["documents"] == 3 and set(m["sources"]) == {"RedPajamaC4", "RedPajamaArXiv"}
+    assert m["skipped"]["dropped_source"] == 1 and m["skipped"]["unknown_source"] == 1
+    m = prepare.prepare(raw, tmp_path / "o2", tok_path, seq_len=4, keep_sources=["RedPajamaC4"])
+    assert m["documents"] == 2 and m["skipped"]["dropped_source"] == 2
+    m = prepare.prepare(raw, tmp_path / "o3", tok_path, seq_len=4, drop_sources=())
+    assert m["documents"] == 4 and m["skipped"]["dropped_source"] == 0
+    with pytest.raises(ValueError, match="Bogus"):
+        prepare.prepare(raw, tmp_path / "o4", tok_path, keep_sources=["Bogus"])
+
+
+# --- lit-gpt packed files -----------------------------------------------------------------------
+
+
+def test_litgpt_roundtrip_and_loader(tmp_path):
+    from mdm_jax.data import litgpt
+
+    block = SEQ_LEN + 1
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 320, size=(2, 3 * block + 5))  # 5 unused tokens per file
+    d = tmp_path / "lit"
+    d.mkdir()
+    for i, t in enumerate(tokens):
+        litgpt.write_bin(d / f"train_slim_{i}.bin", t)
+    (d / litgpt.SIDECAR).write_text(json.dumps({"seq_len": SEQ_LEN, "vocab_size": 320}))
+    assert litgpt.read_header(d / "train_slim_0.bin") == (np.dtype("<u2"), 3 * block + 5)
+    m = loader.manifest(d)  # detected: *.bin and no manifest.json
+    assert (m["format"], m["blocks"], m["seq_len"], m["vocab_size"]) == ("litgpt", 6, SEQ_LEN, 320)
+    src = loader.open_source(f"litgpt:{d}")
+    want = np.concatenate([t[: 3 * block].reshape(3, block) for t in tokens])
+    np.testing.assert_array_equal(np.stack([src[i] for i in range(len(src))]), want)
+    it = loader.make_train_iterator(d, batch_size_per_process=2, seed=0, num_epochs=1)
+    got = np.concatenate(list(it))
+    assert sorted(map(bytes, got.astype(np.int32))) == sorted(map(bytes, want.astype(np.int32)))
+    # Default block length 2048 when chunk sizes are multiples of 2049 (TinyLlama/SMDM).
+    d2 = tmp_path / "lit2"
+    d2.mkdir()
+    litgpt.write_bin(d2 / "a.bin", np.arange(2 * 2049) % 32000, dtype="uint16")
+    assert loader.manifest(d2)["seq_len"] == 2048 and len(loader.open_source(d2)) == 2
+
+
+def test_litgpt_bad_files_name_the_file(tmp_path):
+    from mdm_jax.data import litgpt
+
+    good = litgpt.write_bin(tmp_path / "good.bin", np.arange(2049 * 2) % 100)
+    raw = good.read_bytes()
+    cases = {
+        "magic.bin": (b"NOTLITP" + raw[7:], "bad magic"),
+        "version.bin": (raw[:7] + (2).to_bytes(8, "little") + raw[15:], "version 2"),
+        "dtype.bin": (raw[:15] + bytes([6]) + raw[16:], "dtype code 6"),
+        "truncated.bin": (raw[:-10], "truncated"),
+        "short.bin": (raw[:10], "header"),
+    }
+    for name, (blob, msg) in cases.items():
+        (tmp_path / name).write_bytes(blob)
+        with pytest.raises(ValueError, match=f"{name}.*{msg}"):
+            litgpt.read_header(tmp_path / name)
+    d = tmp_path / "oov"
+    d.mkdir()
+    litgpt.write_bin(d / "x.bin", np.full(2049, 40000))
+    with pytest.raises(ValueError, match=r"x\.bin.*outside \[0, 32000\)"):
+        loader.open_source(d)[0]
+
+
+# --- sharding over processes, epochs, mixtures ----------------------------------------------
+
+
+def test_four_processes_partition_with_full_coverage(prepared):
+    out, m = prepared
+    n = m["blocks"]
+    per = n // 4
+    src = loader.PackedBlocks(out)
+    seen: list[bytes] = []
+    for p in range(4):
+        it = loader.make_train_iterator(out, batch_size_per_process=1, seed=2, process_index=p,
+                                        process_count=4, num_epochs=1)
+        rows = [b[0].tobytes() for b in it]
+        assert len(rows) == per
+        seen += rows
+    # Positions, not contents: map every row back to its block index.
+    index = {src[i].tobytes(): i for i in range(n)}
+    ids = [index[r] for r in seen]
+    assert len(set(ids)) == len(ids) == 4 * per  # no overlap
+    assert len(set(range(n)) - set(ids)) == n % 4  # full coverage up to the remainder
+
+
+def test_each_epoch_is_a_new_deterministic_permutation(prepared):
+    out, m = prepared
+    n = m["blocks"]
+    src = loader.PackedBlocks(out)
+    index = {src[i].tobytes(): i for i in range(n)}
+
+    def order(seed):
+        it = loader.make_train_iterator(out, batch_size_per_process=1, seed=seed, num_epochs=3)
+        ids = [index[b[0].tobytes()] for b in it]
+        return [ids[e * n:(e + 1) * n] for e in range(3)]
+
+    a, b = order(1), order(1)
+    assert a == b
+    assert all(sorted(e) == list(range(n)) for e in a)  # each epoch is a permutation
+    assert a[0] != a[1] and a[1] != a[2] and a[0] != a[2]
+
+
+def test_parse_mixture():
+    assert loader.parse_mixture("a") == [("a", 1.0)]
+    assert loader.parse_mixture("dirA:0.7, dirB:0.3") == [("dirA", 0.7), ("dirB", 0.3)]
+    assert loader.parse_mixture("litgpt:/x/y:2,/z") == [("litgpt:/x/y", 2.0), ("/z", 1.0)]
+    assert loader.parse_mixture("litgpt:/x/y") == [("litgpt:/x/y", 1.0)]
+    for bad in ("a:0", "a:-1", "", " , "):
+        with pytest.raises(ValueError):
+            loader.parse_mixture(bad)
+
+
+def test_mixture_weights_determinism_and_resume(prepared, tmp_path):
+    from mdm_jax.data import litgpt
+
+    out, _ = prepared
+    d = tmp_path / "lit"
+    d.mkdir()
+    # Source B: blocks whose every token is 300+ (A's tokens are < 320 but mostly small),
+    # tagged by a first token of 319 so rows are attributable.
+    blocks = np.full((40, SEQ_LEN + 1), 319, np.uint16)
+    blocks[:, 1] = np.arange(40)
+    litgpt.write_bin(d / "b.bin", blocks.ravel())
+    (d / litgpt.SIDECAR).write_text(json.dumps({"seq_len": SEQ_LEN, "vocab_size": 320}))
+    mix = loader.parse_mixture(f"{out}:3,litgpt:{d}:1")
+    kw = dict(batch_size_per_process=4, seed=0)
+    a = _take(loader.make_train_iterator(mix, **kw), 50)
+    b = _take(loader.make_train_iterator(mix, **kw), 50)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+    rows = np.concatenate(a)
+    from_b = (rows[:, 0] == 319) & (rows[:, 2] == 319)
+    assert abs(from_b.mean() - 0.25) < 0.02  # 1:3 weights
+    # B (40 blocks) wraps around several times in 200 rows: every block seen, reshuffled.
+    assert set(rows[from_b, 1]) == set(range(40))
+    it = loader.make_train_iterator(mix, **kw)
+    _take(it, 17)
+    state = it.get_state()
+    rest = _take(it, 5)
+    again = loader.make_train_iterator(mix, **kw)
+    again.set_state(state)
+    assert all(np.array_equal(x, y) for x, y in zip(rest, _take(again, 5), strict=True))
+    # Two processes split the mixture with no overlap within the first pass of source A.
+    p = [np.concatenate(_take(loader.make_train_iterator(
+        mix, batch_size_per_process=2, seed=0, process_index=i, process_count=2), 10))
+        for i in range(2)]
+    a_rows = [{r.tobytes() for r in x if not (r[0] == 319 and r[2] == 319)} for x in p]
+    assert a_rows[0] and not a_rows[0] & a_rows[1]
+    with pytest.raises(ValueError, match="num_epochs"):
+        loader.make_train_iterator(mix, num_epochs=1, **kw)
+
+
+def test_tokenizer_larger_than_model_vocab_is_rejected(prepared):
+    # Bad configuration: the prepared data's vocabulary exceeds the model's.
+    _, m = prepared
+    with pytest.raises(ValueError, match=r"vocab_size 320.*200"):
+        tokenizer.check_vocab(m["vocab_size"], 200, m["tokenizer"])
