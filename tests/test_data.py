@@ -418,40 +418,49 @@ def test_litgpt_bad_files_name_the_file(tmp_path):
 # --- sharding over processes, epochs, mixtures ----------------------------------------------
 
 
-def test_four_processes_partition_with_full_coverage(prepared):
-    out, m = prepared
-    n = m["blocks"]
-    per = n // 4
-    src = loader.PackedBlocks(out)
-    seen: list[bytes] = []
-    for p in range(4):
-        it = loader.make_train_iterator(out, batch_size_per_process=1, seed=2, process_index=p,
-                                        process_count=4, num_epochs=1)
-        rows = [b[0].tobytes() for b in it]
-        assert len(rows) == per
-        seen += rows
-    # Positions, not contents: map every row back to its block index.
-    index = {src[i].tobytes(): i for i in range(n)}
-    ids = [index[r] for r in seen]
-    assert len(set(ids)) == len(ids) == 4 * per  # no overlap
-    assert len(set(range(n)) - set(ids)) == n % 4  # full coverage up to the remainder
+@pytest.fixture(scope="module")
+def tagged(tmp_path_factory):
+    """A lit-gpt dir of 103 blocks whose first token is the block's index (positions, not
+    contents, identify blocks)."""
+    from mdm_jax.data import litgpt
+
+    d = tmp_path_factory.mktemp("tagged")
+    blocks = np.tile(np.arange(103, dtype=np.uint16)[:, None], (1, 9))
+    litgpt.write_bin(d / "a.bin", blocks[:50].ravel())
+    litgpt.write_bin(d / "b.bin", blocks[50:].ravel())
+    (d / litgpt.SIDECAR).write_text(json.dumps({"seq_len": 8, "vocab_size": 103}))
+    return d
 
 
-def test_each_epoch_is_a_new_deterministic_permutation(prepared):
-    out, m = prepared
-    n = m["blocks"]
-    src = loader.PackedBlocks(out)
-    index = {src[i].tobytes(): i for i in range(n)}
+@pytest.mark.parametrize("count", [2, 4])
+def test_processes_partition_with_no_overlap_and_full_coverage(tagged, count):
+    n = 103
+    per = n // count
+    seen: list[int] = []
+    for p in range(count):
+        it = loader.make_train_iterator(tagged, batch_size_per_process=1, seed=2,
+                                        process_index=p, process_count=count, num_epochs=1)
+        ids = [int(b[0, 0]) for b in it]
+        assert len(ids) == per
+        seen += ids
+    assert len(set(seen)) == len(seen) == count * per  # no overlap
+    assert len(set(range(n)) - set(seen)) == n % count  # full coverage up to the remainder
+
+
+def test_each_epoch_is_a_new_deterministic_permutation(tagged):
+    n = 103
 
     def order(seed):
-        it = loader.make_train_iterator(out, batch_size_per_process=1, seed=seed, num_epochs=3)
-        ids = [index[b[0].tobytes()] for b in it]
+        it = loader.make_train_iterator(tagged, batch_size_per_process=1, seed=seed,
+                                        num_epochs=3)
+        ids = [int(b[0, 0]) for b in it]
         return [ids[e * n:(e + 1) * n] for e in range(3)]
 
     a, b = order(1), order(1)
     assert a == b
     assert all(sorted(e) == list(range(n)) for e in a)  # each epoch is a permutation
     assert a[0] != a[1] and a[1] != a[2] and a[0] != a[2]
+    assert order(2)[0] != a[0]
 
 
 def test_parse_mixture():
