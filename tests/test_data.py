@@ -517,3 +517,20 @@ def test_tokenizer_larger_than_model_vocab_is_rejected(prepared):
     _, m = prepared
     with pytest.raises(ValueError, match=r"vocab_size 320.*200"):
         tokenizer.check_vocab(m["vocab_size"], 200, m["tokenizer"])
+
+
+def test_corrupt_shard_names_the_shard(prepared, tmp_path):
+    import shutil
+
+    out, m = prepared
+    for name in ("truncated", "flipped"):
+        d = tmp_path / name
+        shutil.copytree(out, d)
+        shard = d / m["shards"][1]["file"]
+        raw = shard.read_bytes()
+        blob = raw[: len(raw) // 2] if name == "truncated" else (
+            raw[:300] + bytes(b ^ 0xFF for b in raw[300:900]) + raw[900:])
+        shard.write_bytes(blob)
+        with pytest.raises(ValueError, match=m["shards"][1]["file"]):
+            src = loader.PackedBlocks(d)
+            src.__getitems__(list(range(len(src))))

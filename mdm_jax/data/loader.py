@@ -101,7 +101,15 @@ class PackedBlocks:
             raise FileNotFoundError(f"shard(s) listed in {self.data_dir / MANIFEST} are "
                                     f"missing: {missing[:3]}; re-run mdm_jax.data.prepare")
         self._ends = np.cumsum([s["blocks"] for s in m["shards"]]).tolist()
-        self._source = grain.sources.ArrayRecordDataSource(self._files) if self._files else []
+        try:
+            self._source = grain.sources.ArrayRecordDataSource(self._files) if self._files else []
+        except Exception:  # name the unreadable shard: open them one by one
+            for f in self._files:
+                try:
+                    grain.sources.ArrayRecordDataSource([f])
+                except Exception as e1:
+                    raise self._corrupt(f, e1) from e1
+            raise
         if len(self._source) != m["blocks"]:
             raise ValueError(f"{self.data_dir}: shards hold {len(self._source)} blocks but the "
                              f"manifest says {m['blocks']}; re-run mdm_jax.data.prepare")
@@ -118,11 +126,25 @@ class PackedBlocks:
                              f"the shard does not match its manifest")
         return np.frombuffer(raw, dtype=self.dtype).astype(np.int32)
 
+    def _corrupt(self, shard: str, e: BaseException) -> ValueError:
+        return ValueError(f"{shard}: corrupt or truncated ArrayRecord shard ({type(e).__name__}: "
+                          f"{str(e)[:200] or 'no detail'}); delete {self.data_dir} and re-run "
+                          f"mdm_jax.data.prepare to rewrite it")
+
     def __getitem__(self, index: int) -> np.ndarray:
-        return self._decode(index, self._source[index])
+        try:
+            raw = self._source[index]
+        except IndexError:
+            raise
+        except Exception as e:
+            raise self._corrupt(self._files[bisect.bisect_right(self._ends, index)], e) from e
+        return self._decode(index, raw)
 
     def __getitems__(self, indices):
-        raws = self._source.__getitems__(list(indices))
+        try:
+            raws = self._source.__getitems__(list(indices))
+        except Exception:  # find (and name) the bad record one index at a time
+            return [self[i] for i in indices]
         return [self._decode(i, r) for i, r in zip(indices, raws, strict=True)]
 
     def __repr__(self) -> str:
