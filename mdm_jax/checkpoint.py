@@ -1,54 +1,176 @@
-"""Orbax checkpoints of the train state together with the data iterator and the config.
+"""Orbax checkpoints of the train state together with the data iterator, config and metadata.
 
-A checkpoint holds three items: `state` (params, optimizer state, step, PRNG key; sharded arrays
-restored onto whatever shardings the caller asks for), `data` (each process's Grain iterator
-state, so a resumed run reads exactly the next batch) and `config` (the resolved config as JSON).
+A checkpoint holds four items: `state` (params, optimizer state, step, PRNG key, fault counters;
+sharded arrays restored onto whatever shardings the caller asks for, so a run saved on 8 devices
+resumes on 2 or 1), `data` (each process's Grain iterator state, so a resumed run reads exactly
+the next batch), `config` (the resolved config) and `meta` (preset, mesh, package versions).
+
+Orbax writes each step under a temporary name and renames it when complete, so a process killed
+mid-save leaves no checkpoint that looks complete. A complete but damaged checkpoint (a truncated
+or deleted file) fails to restore; `restore_latest` reports it and falls back to the previous one.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import time
+from importlib import metadata
 
 import grain
 import jax
 import orbax.checkpoint as ocp
 
-ITEMS = ("state", "data", "config")
+log = logging.getLogger("mdm_jax")
+
+ITEMS = ("state", "data", "config", "meta")
+# Fields that must match to resume: they change parameter shapes or what a token means.
+RESUME_FIELDS = ("model.preset", "model.vocab_size", "seq_len", "objective.kind")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint directory that cannot be used; the message says what to do."""
+
+
+def _check_writable(directory: str) -> None:
+    try:
+        os.makedirs(directory, exist_ok=True)
+        probe = os.path.join(directory, f".write_test.{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise CheckpointError(
+            f"cannot write checkpoints to {directory} ({e.strerror or e}); choose a writable "
+            f"--config.workdir, or free space / fix permissions there") from None
+
+
+def package_versions() -> dict:
+    names = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "numpy")
+    out = {}
+    for name in names:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
 
 
 class Checkpointer:
-    def __init__(self, workdir: str, every: int = 0, keep: int = 3):
+    """Saves every `every` steps and/or every `every_minutes`; keeps the last `keep` plus every
+    `keep_period`-th step permanently."""
+
+    def __init__(self, workdir: str, every: int = 0, keep: int = 3, keep_period: int = 0,
+                 every_minutes: float = 0.0):
         self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+        if jax.process_index() == 0:
+            _check_writable(self.directory)
+        self.every = every
+        self.every_minutes = every_minutes
+        self._last_save_time = time.monotonic()
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep,
-            save_interval_steps=max(every, 1),
+            max_to_keep=keep or None,
+            keep_period=keep_period or None,
             create=True,
             enable_async_checkpointing=True,
         )
         self.manager = ocp.CheckpointManager(self.directory, item_names=ITEMS, options=options)
 
+    def all_steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state, data_iterator, config_json: dict, force: bool = False) -> bool:
+    def due(self, step: int) -> bool:
+        """Whether the step/time policy asks for a save at `step`."""
+        by_step = self.every > 0 and step % self.every == 0
+        by_time = (self.every_minutes > 0
+                   and time.monotonic() - self._last_save_time >= 60 * self.every_minutes)
+        return by_step or by_time
+
+    def save(self, step: int, state, data_iterator, config_json: dict, meta: dict | None = None,
+             force: bool = False) -> bool:
+        """Start an asynchronous save if due (or forced); returns whether one was started."""
+        if not (force or self.due(step)) or step in self.manager.all_steps():
+            return False
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data=grain.checkpoint.CheckpointSave(data_iterator),
             config=ocp.args.JsonSave(config_json),
+            meta=ocp.args.JsonSave(dict(meta or {}, step=step, saved_at=time.time(),
+                                        versions=package_versions())),
         )
-        return self.manager.save(step, args=args, force=force)
+        try:
+            saved = self.manager.save(step, args=args, force=True)
+        except (OSError, ValueError) as e:
+            raise CheckpointError(
+                f"saving step {step} to {self.directory} failed ({e}); earlier checkpoints are "
+                f"intact. Free disk space or fix the directory, then rerun to resume.") from e
+        self._last_save_time = time.monotonic()
+        return saved
 
-    def restore(self, step: int, abstract_state, data_iterator):
-        """Restore `state` onto the shardings in `abstract_state` and rewind `data_iterator`."""
+    def restore(self, step: int, abstract_state, data_iterator=None):
+        """Restore `state` onto the shardings in `abstract_state`; rewind `data_iterator`."""
         restore_args = {"state": ocp.args.StandardRestore(abstract_state)}
+        if data_iterator is not None and not self._same_process_layout(step):
+            log.warning("checkpoint %s/%d was written by a different number of processes; "
+                        "the model and optimizer resume but the data order restarts",
+                        self.directory, step)
+            data_iterator = None
         if data_iterator is not None:
             restore_args["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         restored = self.manager.restore(step, args=ocp.args.Composite(**restore_args))
         return restored["state"]
 
+    def _same_process_layout(self, step: int) -> bool:
+        try:
+            saved = self.read_json(step, "meta").get("process_count", 1)
+        except Exception:  # no readable metadata: assume the layout matches
+            return True
+        return saved == jax.process_count()
+
+    def restore_latest(self, abstract_state, data_iterator=None):
+        """(state, step) from the newest checkpoint that restores, or (None, None) if none.
+
+        A damaged checkpoint is reported and skipped, never silently used.
+        """
+        for step in reversed(self.all_steps()):
+            try:
+                return self.restore(step, abstract_state, data_iterator), step
+            except Exception as e:  # any read failure means this checkpoint is unusable
+                log.warning("checkpoint %s/%d is damaged and was skipped (%s: %s); trying "
+                            "the previous one", self.directory, step, type(e).__name__,
+                            str(e).splitlines()[0][:300] if str(e) else "")
+        return None, None
+
+    def read_json(self, step: int, item: str) -> dict:
+        return self.manager.restore(step, args=ocp.args.Composite(
+            **{item: ocp.args.JsonRestore()}))[item]
+
     def restore_config(self, step: int) -> dict:
-        return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))[
-            "config"]
+        return self.read_json(step, "config")
+
+    def check_compatible(self, config_json: dict) -> None:
+        """Stop before training if the newest checkpoint was made with incompatible settings."""
+        steps = self.all_steps()
+        if not steps:
+            return
+        try:
+            saved = self.restore_config(steps[-1])
+        except Exception:  # unreadable config: restore_latest will report the damage
+            return
+        diffs = []
+        for field in RESUME_FIELDS:
+            a, b = _lookup(saved, field), _lookup(config_json, field)
+            if a != b:
+                diffs.append(f"{field}: checkpoint {a!r} vs config {b!r}")
+        if diffs:
+            raise CheckpointError(
+                f"cannot resume from {self.directory} (step {steps[-1]}): "
+                + "; ".join(diffs)
+                + ". Use the checkpoint's settings to resume, or start fresh with a new "
+                  "--config.workdir (or move the old checkpoints away).")
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -56,6 +178,15 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def _lookup(tree: dict, dotted: str):
+    node = tree
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
 
 
 def abstract_with_shardings(abstract_tree, shardings):

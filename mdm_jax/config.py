@@ -66,10 +66,19 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.worker_count = 0  # Grain worker processes (0 = in the main process)
     c.data.eval_batches = 4
 
+    c.nonfinite = "skip"  # NaN/Inf loss or grads: "skip" the update (counted) or "stop"
+
+    c.distributed = ml_collections.ConfigDict()  # multi-host; empty = from the environment
+    c.distributed.coordinator = ""  # host:port of process 0
+    c.distributed.num_processes = 0
+    c.distributed.process_id = -1
+
     c.log_every = 10
     c.eval_every = 200
     c.checkpoint_every = 500
-    c.checkpoint_keep = 3
+    c.checkpoint_keep = 3  # the last K checkpoints...
+    c.checkpoint_keep_period = 0  # ...plus every M-th step kept for good (0 = none)
+    c.checkpoint_minutes = 0.0  # also save when this many minutes passed (0 = off)
     c.samples = ml_collections.ConfigDict()
     c.samples.count = 0  # samples printed at the end of training
     c.samples.steps = 64
@@ -128,6 +137,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, process_count: int 
     _require(c.objective.loss_chunk >= 1,
              f"config.objective.loss_chunk={c.objective.loss_chunk} must be >= 1.")
     _require(c.steps >= 1, f"config.steps={c.steps} must be >= 1.")
+    _require(c.nonfinite in ("skip", "stop"),
+             f"config.nonfinite={c.nonfinite!r}; valid: skip, stop.")
     _require(c.optim.lr > 0, f"config.optim.lr={c.optim.lr} must be > 0.")
 
     max_len = preset.max_seq_len

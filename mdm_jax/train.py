@@ -39,6 +39,8 @@ class TrainState(flax.struct.PyTreeNode):
     params: Any
     opt_state: Any
     rng: jax.Array  # raw uint32[2] key: checkpoints as a plain array
+    skipped: jax.Array  # steps whose loss or gradients were not finite (update skipped)
+    halted: jax.Array  # set by a non-finite step under nonfinite="stop": no further updates
 
 
 def warmup_steps(c: ml_collections.ConfigDict) -> int:
@@ -101,7 +103,8 @@ class Trainer:
                            else self.config.seq_len), jnp.int32)
         params = self.model.init(key, dummy)["params"]
         return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                          opt_state=self.tx.init(params), rng=key)
+                          opt_state=self.tx.init(params), rng=key,
+                          skipped=jnp.zeros((), jnp.int32), halted=jnp.zeros((), jnp.bool_))
 
     def _loss(self, params, tokens, key, train: bool = True, objective_args=None):
         fn = get_objective(self.config.objective.kind)
@@ -132,10 +135,22 @@ class Trainer:
             grads, aux = jax.lax.scan(accumulate, zeros, (jnp.arange(m), micro))
             grads = jax.tree_util.tree_map(lambda g: g / m, grads)
             metrics = jax.tree_util.tree_map(jnp.mean, aux)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = dict(metrics, grad_norm=optax.tree.norm(grads), lr=self.schedule(state.step))
-        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+        # A NaN/Inf loss or gradient never reaches the parameters: the update is dropped and
+        # counted; under nonfinite="stop" the state also freezes until the host stops the run.
+        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+        apply = finite & ~state.halted
+        params, opt_state = jax.tree_util.tree_map(
+            lambda new, old: jnp.where(apply, new, old),
+            (params, opt_state), (state.params, state.opt_state))
+        halted = state.halted | (~finite if self.config.nonfinite == "stop" else False)
+        metrics = dict(metrics, grad_norm=grad_norm, lr=self.schedule(state.step),
+                       nonfinite=(~finite).astype(jnp.int32))
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                                  skipped=state.skipped + (~finite).astype(jnp.int32),
+                                  halted=halted)
         return new_state, metrics
 
     def _eval_step(self, params, batch, key):
@@ -211,30 +226,23 @@ class RunResult:
     history: list[dict]
     eval_history: list[dict]
     samples: list[str]
+    stopped: str | None = None  # why the run ended before config.steps (preempted, nonfinite)
 
 
-def train(c: ml_collections.ConfigDict, stop_at: int | None = None) -> RunResult:
-    """Run (or resume) training as configured; returns the final state and the metric history.
-
-    `stop_at` ends the run early after that step with a checkpoint, as an interruption would;
-    running again with the same workdir continues to `c.steps`.
-    """
-    from tqdm import tqdm
-
-    from mdm_jax.checkpoint import Checkpointer
+def _open_data(c: ml_collections.ConfigDict, trainer: Trainer):
     from mdm_jax.data import loader
-    from mdm_jax.metrics import MetricWriter, format_metrics
 
-    trainer = Trainer(c)
-    pcount, pindex = jax.process_count(), jax.process_index()
     if not c.data.train_dir:
         raise config_lib.ConfigError(
             "config.data.train_dir is empty; point it at a directory written by "
             "`python -m mdm_jax.data.prepare` (see README).")
-    _check_data(c, c.data.train_dir, trainer.args.vocab_size)
+    sources = loader.parse_mixture(c.data.train_dir)  # "dir" or "dirA:0.7,dirB:0.3"
+    for source, _ in sources:
+        _check_data(c, source, trainer.args.vocab_size)
+    pcount, pindex = jax.process_count(), jax.process_index()
     per_host = c.global_batch // pcount
     train_iter = loader.make_train_iterator(
-        c.data.train_dir, batch_size_per_process=per_host, seed=c.seed, process_index=pindex,
+        sources if len(sources) > 1 else sources[0][0], batch_size_per_process=per_host, seed=c.seed, process_index=pindex,
         process_count=pcount, worker_count=c.data.worker_count)
     eval_batches = []
     if c.data.eval_dir and c.data.eval_batches:
@@ -242,88 +250,148 @@ def train(c: ml_collections.ConfigDict, stop_at: int | None = None) -> RunResult
         eval_batches = loader.make_eval_batches(
             c.data.eval_dir, batch_size_per_process=per_host, num_batches=c.data.eval_batches,
             process_index=pindex, process_count=pcount)
+    return train_iter, eval_batches
 
-    ckpt = Checkpointer(c.workdir, every=c.checkpoint_every, keep=c.checkpoint_keep)
-    latest = ckpt.latest_step()
-    if latest is not None:
-        from mdm_jax.checkpoint import abstract_with_shardings
 
-        target = abstract_with_shardings(trainer.abstract_state, trainer.state_sharding)
-        state = ckpt.restore(latest, target, train_iter)
-        log.info("resumed from %s step %d", ckpt.directory, latest)
-    else:
-        state = trainer.create_state(c.seed)
+def _resolved_config(c: ml_collections.ConfigDict, trainer: Trainer) -> dict:
+    """The config as saved in checkpoints, with defaults that depend on the preset resolved."""
+    out = json.loads(c.to_json_best_effort())
+    out["model"]["vocab_size"] = trainer.args.vocab_size
+    return out
+
+
+def _restore_or_init(c, trainer: Trainer, ckpt, train_iter, config_json: dict) -> TrainState:
+    from mdm_jax.checkpoint import abstract_with_shardings
+
+    ckpt.check_compatible(config_json)
+    target = abstract_with_shardings(trainer.abstract_state, trainer.state_sharding)
+    state, step = ckpt.restore_latest(target, train_iter)
+    if state is None:
+        if ckpt.all_steps():
+            raise RuntimeError(f"every checkpoint in {ckpt.directory} is damaged (see the "
+                               f"warnings above); move it away to start fresh")
+        return trainer.create_state(c.seed)
+    if jax.process_index() == 0:
+        print(f"[mdm_jax] resumed from {ckpt.directory}/{step}", flush=True)
+    return state
+
+
+def train(c: ml_collections.ConfigDict, stop_at: int | None = None) -> RunResult:
+    """Run (or resume) training as configured; returns the final state and the metric history.
+
+    `stop_at` ends the run early after that step with a checkpoint, as an interruption would;
+    running again with the same workdir continues to `c.steps`. SIGTERM/SIGINT do the same at
+    the end of the current step.
+    """
+    from tqdm import tqdm
+
+    from mdm_jax.checkpoint import Checkpointer
+    from mdm_jax.metrics import MetricWriter, format_metrics
+    from mdm_jax.preemption import PreemptionGuard
+
+    trainer = Trainer(c)
+    pindex = jax.process_index()
+    train_iter, eval_batches = _open_data(c, trainer)
+    config_json = _resolved_config(c, trainer)
+    ckpt = Checkpointer(c.workdir, every=c.checkpoint_every, keep=c.checkpoint_keep,
+                        keep_period=c.checkpoint_keep_period, every_minutes=c.checkpoint_minutes)
+    state = _restore_or_init(c, trainer, ckpt, train_iter, config_json)
+    meta = {"preset": c.model.preset, "mesh": dict(trainer.mesh.shape),
+            "process_count": jax.process_count(), "devices": trainer.mesh.size,
+            "device_kind": jax.devices()[0].device_kind}
 
     writer = MetricWriter(c.workdir)
-    n_dev = trainer.mesh.size
-    device_kind = jax.devices()[0].device_kind
+    n_dev, device_kind = trainer.mesh.size, jax.devices()[0].device_kind
     flops_per_step = trainer.train_flops_per_step()
     tokens_per_step = c.global_batch * c.seq_len
-    history, eval_history = [], []
+    history, eval_history, stopped = [], [], None
     start = int(jax.device_get(state.step))
     if pindex == 0:
         n_params = flops.total_params(get_preset(c.model.preset), trainer.args.vocab_size,
                                       trainer.args.causal)
         print(f"[mdm_jax] {c.objective.kind.upper()} preset {c.model.preset} "
-              f"({n_params:,} params) "
-              f"mesh {dict(trainer.mesh.shape)} on {n_dev} x {device_kind}; "
-              f"steps {start}->{c.steps}, batch {c.global_batch} x {c.seq_len}"
-              f" ({trainer.micro_steps} micro-steps)", flush=True)
+              f"({n_params:,} params) mesh {dict(trainer.mesh.shape)} on {n_dev} x "
+              f"{device_kind}; steps {start}->{c.steps}, batch {c.global_batch} x {c.seq_len} "
+              f"({trainer.micro_steps} micro-steps)", flush=True)
 
-    config_json = json.loads(c.to_json_best_effort())
-    with trainer.context():
-        t_compile = time.perf_counter()
-        step_fn = trainer.step.lower(state, jax.ShapeDtypeStruct(
-            (c.global_batch, c.seq_len + 1), jnp.int32, sharding=trainer.batch_sharding)).compile()
-        if pindex == 0 and start < c.steps:
-            print(f"[mdm_jax] train step compiled in {time.perf_counter() - t_compile:.1f}s",
+    def run_eval(step: int) -> None:
+        eval_loss = evaluate(trainer, state, eval_batches, c.seed)
+        eval_history.append({"step": step, "eval_loss": eval_loss})
+        writer.write(step, {"loss": eval_loss}, prefix="eval_")
+        if pindex == 0:
+            tqdm.write(f"step {step:>6} | eval_loss {eval_loss:.4f}")
+
+    guard = PreemptionGuard()
+    try:
+        with trainer.context():
+            t0 = time.perf_counter()
+            step_fn = trainer.step.lower(state, jax.ShapeDtypeStruct(
+                (c.global_batch, c.seq_len + 1), jnp.int32, sharding=trainer.batch_sharding)
+            ).compile()
+            if pindex == 0 and start < c.steps:
+                print(f"[mdm_jax] train step compiled in {time.perf_counter() - t0:.1f}s",
+                      flush=True)
+            if eval_batches and start == 0:  # the untrained baseline, so progress is visible
+                run_eval(0)
+            bar = tqdm(range(start, c.steps), initial=start, total=c.steps, desc="train",
+                       disable=pindex != 0, dynamic_ncols=True)
+            t_last, steps_since = time.perf_counter(), 0
+            for step in bar:
+                state, metrics = step_fn(state, trainer.to_global(next(train_iter)))
+                steps_since += 1
+                done = step + 1
+                if guard.should_stop(done, ckpt.manager):
+                    stopped = f"preempted ({guard.signal_name})"
+                elif done == stop_at:
+                    stopped = "stop_at"
+                last = done == c.steps or stopped is not None
+                if done % c.log_every == 0 or last:
+                    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    elapsed = time.perf_counter() - t_last
+                    achieved = flops_per_step * steps_since / elapsed
+                    metrics.update(tokens_per_s=tokens_per_step * steps_since / elapsed,
+                                   flops_per_s=achieved,
+                                   mfu=flops.mfu(achieved, device_kind, n_dev))
+                    history.append({"step": done, **metrics})
+                    writer.write(done, metrics)
+                    bar.set_postfix(loss=f"{metrics['loss']:.3f}")
+                    if pindex == 0:
+                        bar.write(format_metrics(done, {k: metrics[k] for k in (
+                            "loss", "lr", "grad_norm", "tokens_per_s", "flops_per_s", "mfu")}))
+                    skipped = int(jax.device_get(state.skipped))
+                    if skipped and pindex == 0:
+                        bar.write(f"[mdm_jax] warning: {skipped} step(s) so far had a non-finite "
+                                  f"loss or gradient; their updates were skipped")
+                    if bool(jax.device_get(state.halted)):
+                        stopped = "nonfinite"
+                        last = True
+                    t_last, steps_since = time.perf_counter(), 0
+                if eval_batches and (done % c.eval_every == 0 or last):
+                    run_eval(done)
+                    t_last = time.perf_counter()  # evaluation is not training throughput
+                if ckpt.save(done, state, train_iter, config_json, meta, force=last):
+                    t_last = time.perf_counter()
+                if last:
+                    break
+            bar.close()
+    finally:
+        guard.close()
+        ckpt.close()
+        writer.close()
+
+    if stopped and pindex == 0:
+        if stopped == "nonfinite":
+            print(f"[mdm_jax] stopped: a non-finite loss or gradient (config.nonfinite='stop'); "
+                  f"the last good state is saved at step {int(state.step)} in {ckpt.directory}",
                   flush=True)
-        if eval_batches and start == 0:  # the untrained baseline, so progress is visible
-            eval_loss = evaluate(trainer, state, eval_batches, c.seed)
-            eval_history.append({"step": 0, "eval_loss": eval_loss})
-            writer.write(0, {"loss": eval_loss}, prefix="eval_")
-            if pindex == 0:
-                print(f"step      0 | eval_loss {eval_loss:.4f}", flush=True)
-        bar = tqdm(range(start, c.steps), initial=start, total=c.steps, desc="train",
-                   disable=pindex != 0, dynamic_ncols=True)
-        t_last, steps_since = time.perf_counter(), 0
-        for step in bar:
-            state, metrics = step_fn(state, trainer.to_global(next(train_iter)))
-            steps_since += 1
-            done = step + 1
-            if done % c.log_every == 0 or done in (c.steps, stop_at):
-                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                elapsed = time.perf_counter() - t_last
-                achieved = flops_per_step * steps_since / elapsed
-                metrics.update(tokens_per_s=tokens_per_step * steps_since / elapsed,
-                               flops_per_s=achieved, mfu=flops.mfu(achieved, device_kind, n_dev))
-                history.append({"step": done, **metrics})
-                writer.write(done, metrics)
-                bar.set_postfix(loss=f"{metrics['loss']:.3f}")
-                if pindex == 0:
-                    bar.write(format_metrics(done, {k: metrics[k] for k in (
-                        "loss", "lr", "grad_norm", "tokens_per_s", "flops_per_s", "mfu")}))
-                t_last, steps_since = time.perf_counter(), 0
-            if eval_batches and (done % c.eval_every == 0 or done in (c.steps, stop_at)):
-                eval_loss = evaluate(trainer, state, eval_batches, c.seed)
-                eval_history.append({"step": done, "eval_loss": eval_loss})
-                writer.write(done, {"loss": eval_loss}, prefix="eval_")
-                if pindex == 0:
-                    bar.write(f"step {done:>6} | eval_loss {eval_loss:.4f}")
-                t_last = time.perf_counter()  # evaluation time is not training throughput
-            last = done == c.steps or done == stop_at
-            if ckpt.save(done, state, train_iter, config_json, force=last):
-                t_last = time.perf_counter()
-            if last:
-                break
-        bar.close()
-    ckpt.close()
-
+        else:
+            print(f"[mdm_jax] {stopped}: saved step {int(state.step)} to {ckpt.directory}; "
+                  f"rerun the same command to resume", flush=True)
     samples = []
-    if c.samples.count > 0:
+    if c.samples.count > 0 and stopped is None:
         samples = _print_samples(trainer, state, c)
-    writer.close()
-    return RunResult(state=state, history=history, eval_history=eval_history, samples=samples)
+    return RunResult(state=state, history=history, eval_history=eval_history, samples=samples,
+                     stopped=stopped)
 
 
 def _print_samples(trainer: Trainer, state: TrainState, c: ml_collections.ConfigDict):
@@ -355,13 +423,22 @@ def _main(argv) -> None:
     del argv
     from absl import logging as absl_logging
 
+    from mdm_jax import distributed
+    from mdm_jax.checkpoint import CheckpointError
+
     # Orbax and Grain log every file operation at INFO; keep the console for training progress.
     absl_logging.set_verbosity(absl_logging.WARNING)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    config = _CONFIG.value
+    distributed.initialize(config)
     try:
-        train(_CONFIG.value)
+        result = train(config)
     except config_lib.ConfigError as e:
         raise SystemExit(f"config error: {e}") from None
+    except CheckpointError as e:
+        raise SystemExit(f"checkpoint error: {e}") from None
+    if result.stopped == "nonfinite":
+        raise SystemExit(3)
 
 
 def cli() -> None:

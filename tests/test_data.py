@@ -217,7 +217,7 @@ def test_eval_batches_deterministic(prepared):
     np.testing.assert_array_equal(a[0], np.stack([src[i] for i in range(4)]))  # unshuffled
     p1 = loader.make_eval_batches(out, batch_size_per_process=4, num_batches=1, process_index=1,
                                   process_count=2)
-    np.testing.assert_array_equal(p1[0], np.stack([src[i] for i in (1, 3, 5, 7)]))
+    np.testing.assert_array_equal(p1[0], np.stack([src[i] for i in (4, 5, 6, 7)]))
     with pytest.warns(UserWarning, match="only"):
         few = loader.make_eval_batches(out, batch_size_per_process=4, num_batches=10**6)
     assert len(few) == m["blocks"] // 4
@@ -430,6 +430,18 @@ def tagged(tmp_path_factory):
     litgpt.write_bin(d / "b.bin", blocks[50:].ravel())
     (d / litgpt.SIDECAR).write_text(json.dumps({"seq_len": 8, "vocab_size": 103}))
     return d
+
+
+@pytest.mark.parametrize("count", [2, 4])
+def test_global_batches_do_not_depend_on_the_process_count(prepared, count):
+    """Concatenating the processes' batches gives the one-process batch, row for row."""
+    out, _ = prepared
+    one = loader.make_train_iterator(out, batch_size_per_process=8, seed=5)
+    many = [loader.make_train_iterator(out, batch_size_per_process=8 // count, seed=5,
+                                       process_index=p, process_count=count)
+            for p in range(count)]
+    for _ in range(5):
+        np.testing.assert_array_equal(next(one), np.concatenate([next(it) for it in many]))
 
 
 @pytest.mark.parametrize("count", [2, 4])

@@ -1,10 +1,11 @@
 """Grain loading of prepared blocks: global shuffle, this process's slice, batches, mixtures.
 
 Pipeline (all index arithmetic, so the iterator state is one integer and resumes exactly):
-``PackedBlocks -> shuffle(seed; reseeded per epoch) -> equal per-process slice -> batch ->
-repeat``. Every process computes the same permutation and takes a disjoint strided slice, so
-within an epoch the processes together see each block once (up to ``n % process_count`` blocks
-per epoch that no process sees, keeping step counts equal across hosts). Grain passes the epoch
+``PackedBlocks -> shuffle(seed; reseeded per epoch) -> per-process batches -> repeat``. Every
+process computes the same permutation; global batch k is blocks [k*G, (k+1)*G) of it (G the
+global batch) and process i reads rows [i*B, (i+1)*B) of that, so the processes are disjoint and
+a run sees the same global batches on any number of hosts (up to ``n % G`` blocks per epoch that
+nobody sees, keeping step counts equal across hosts). Grain passes the epoch
 number down through repeat/batch/slice as an index offset, so ``shuffle`` draws a new
 permutation (seed + epoch) every epoch.
 
@@ -177,6 +178,21 @@ def _process_slice(
     return ds[: per_process * process_count][process_index::process_count]
 
 
+def _process_batches(
+    ds: grain.MapDataset, process_index: int, process_count: int, batch_size: int
+) -> grain.MapDataset:
+    """This process's batches, laid out so that global batch k is the same blocks in the same
+    order for any process count: rows [k*B*P + i*B, k*B*P + (i+1)*B) go to process i.
+    A run therefore sees identical data on 1 host or on many (and its losses match)."""
+    global_batch = batch_size * process_count
+    if len(ds) < global_batch:
+        raise ValueError(f"{len(ds)} blocks cannot fill one global batch of {global_batch} "
+                         f"({process_count} process(es) x {batch_size}); prepare more data or "
+                         f"use smaller batches")
+    ds = ds[: len(ds) // global_batch * global_batch]
+    return ds.batch(batch_size, drop_remainder=True)[process_index::process_count]
+
+
 def make_train_iterator(
     data_dir: DataSpec,
     *,
@@ -200,9 +216,11 @@ def make_train_iterator(
     """
     mix = _as_mixture(data_dir)
     if len(mix) == 1:
+        if not 0 <= process_index < process_count:
+            raise ValueError(f"process_index {process_index} not in [0, {process_count})")
         ds = grain.MapDataset.source(open_source(mix[0][0])).shuffle(seed=seed)
-        ds = _process_slice(ds, process_index, process_count, batch_size_per_process)
-        ds = ds.batch(batch_size_per_process, drop_remainder=True).repeat(num_epochs)
+        ds = _process_batches(ds, process_index, process_count, batch_size_per_process)
+        ds = ds.repeat(num_epochs)
     else:
         if num_epochs is not None:
             raise ValueError("num_epochs is only defined for a single source; a mixture "
@@ -240,9 +258,10 @@ def make_eval_batches(
 ) -> list[np.ndarray]:
     """The first ``num_batches`` unshuffled batches of this process's slice (fewer, with a
     warning, when the data is smaller): the same evaluation set every time."""
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
     ds = grain.MapDataset.source(open_source(data_dir))
-    ds = _process_slice(ds, process_index, process_count, batch_size_per_process)
-    ds = ds.batch(batch_size_per_process, drop_remainder=True)
+    ds = _process_batches(ds, process_index, process_count, batch_size_per_process)
     if len(ds) < num_batches:
         warnings.warn(f"{data_dir} holds only {len(ds)} eval batches of {batch_size_per_process} "
                       f"per process; asked for {num_batches}", stacklevel=2)
