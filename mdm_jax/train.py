@@ -146,7 +146,8 @@ class Trainer:
             lambda new, old: jnp.where(apply, new, old),
             (params, opt_state), (state.params, state.opt_state))
         halted = state.halted | (~finite if self.config.nonfinite == "stop" else False)
-        metrics = dict(metrics, grad_norm=grad_norm, lr=self.schedule(state.step),
+        # Skipped updates do not advance optax's schedule count: report the rate actually used.
+        metrics = dict(metrics, grad_norm=grad_norm, lr=self.schedule(state.step - state.skipped),
                        nonfinite=(~finite).astype(jnp.int32))
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                                   skipped=state.skipped + (~finite).astype(jnp.int32),
@@ -242,8 +243,9 @@ def _open_data(c: ml_collections.ConfigDict, trainer: Trainer):
     pcount, pindex = jax.process_count(), jax.process_index()
     per_host = c.global_batch // pcount
     train_iter = loader.make_train_iterator(
-        sources if len(sources) > 1 else sources[0][0], batch_size_per_process=per_host, seed=c.seed, process_index=pindex,
-        process_count=pcount, worker_count=c.data.worker_count)
+        sources if len(sources) > 1 else sources[0][0], batch_size_per_process=per_host,
+        seed=c.seed, process_index=pindex, process_count=pcount,
+        worker_count=c.data.worker_count)
     eval_batches = []
     if c.data.eval_dir and c.data.eval_batches:
         _check_data(c, c.data.eval_dir, trainer.args.vocab_size)
