@@ -64,9 +64,19 @@ def resolve_mesh_shape(data: int, fsdp: int, tensor: int, num_devices: int) -> t
 
 
 def make_mesh(shape: tuple[int, int, int], devices=None) -> Mesh:
-    """A (data, fsdp, tensor) mesh over the first prod(shape) devices, with Auto axis types."""
+    """A (data, fsdp, tensor) mesh over the first prod(shape) devices, with Auto axis types.
+
+    One process: `jax.make_mesh` picks a topology-aware device order. Several processes: the
+    devices are laid out process-major, so the leading (batch) axes run across hosts and each
+    host holds a contiguous block of the global batch (what the loader feeds it), while the
+    tensor axis stays inside a host.
+    """
     devices = list(devices if devices is not None else jax.devices())[: math.prod(shape)]
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+    types = (AxisType.Auto,) * 3
+    if len({d.process_index for d in devices}) == 1:
+        return jax.make_mesh(shape, MESH_AXES, axis_types=types, devices=devices)
+    ordered = sorted(devices, key=lambda d: (d.process_index, d.id))
+    return Mesh(np.array(ordered).reshape(shape), MESH_AXES, axis_types=types)
 
 
 def logical_to_sharding(tree, mesh: Mesh):
@@ -106,5 +116,23 @@ def check_divisible(abstract_params, mesh: Mesh) -> None:
 
 
 def host_to_global(batch: np.ndarray, sharding: NamedSharding) -> jax.Array:
-    """This process's slice of the batch -> one global array sharded over the batch axes."""
-    return jax.make_array_from_process_local_data(sharding, batch)
+    """This process's rows of the global batch -> one global array sharded over the batch axes.
+
+    Process i holds rows [i*B, (i+1)*B) (the loader's layout); `check_batch_layout` verifies
+    that the mesh puts exactly those rows on this process's devices.
+    """
+    global_shape = (batch.shape[0] * jax.process_count(), *batch.shape[1:])
+    return jax.make_array_from_process_local_data(sharding, batch, global_shape)
+
+
+def check_batch_layout(sharding: NamedSharding, global_batch: int) -> None:
+    """Each process's devices must need only that process's contiguous block of rows."""
+    per_process = global_batch // jax.process_count()
+    lo, hi = jax.process_index() * per_process, (jax.process_index() + 1) * per_process
+    for device, index in sharding.addressable_devices_indices_map((global_batch,)).items():
+        rows = range(global_batch)[index[0]]
+        if rows and (rows.start < lo or rows.stop > hi):
+            raise ValueError(
+                f"the mesh places batch rows {rows.start}-{rows.stop - 1} on {device} of "
+                f"process {jax.process_index()}, which loads rows {lo}-{hi - 1}; order the "
+                f"mesh so the data/fsdp axes run across processes (e.g. tensor within a host)")

@@ -84,6 +84,7 @@ class Trainer:
         self.state_sharding = sharding.logical_to_sharding(boxed, self.mesh)
         self.abstract_state = nn.unbox(boxed)
         self.batch_sharding = sharding.batch_sharding(self.mesh)
+        sharding.check_batch_layout(self.batch_sharding, c.global_batch)
         self._replicated = sharding.replicated(self.mesh)
 
         self.init = jax.jit(lambda key: nn.unbox(self._init_boxed(key)),
