@@ -12,6 +12,7 @@ or deleted file) fails to restore; `restore_latest` reports it and falls back to
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -45,6 +46,7 @@ def _check_writable(directory: str) -> None:
             f"--config.workdir, or free space / fix permissions there") from None
 
 
+@functools.cache
 def package_versions() -> dict:
     names = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "numpy")
     out = {}
@@ -73,6 +75,7 @@ class Checkpointer:
             keep_period=keep_period or None,
             create=True,
             enable_async_checkpointing=True,
+            enable_background_delete=True,  # pruning old steps must not stall the loop
         )
         self.manager = ocp.CheckpointManager(self.directory, item_names=ITEMS, options=options)
 
@@ -99,7 +102,7 @@ class Checkpointer:
             data=grain.checkpoint.CheckpointSave(data_iterator),
             config=ocp.args.JsonSave(config_json),
             meta=ocp.args.JsonSave(dict(meta or {}, step=step, saved_at=time.time(),
-                                        versions=package_versions())),
+                                        versions=dict(package_versions()))),
         )
         try:
             saved = self.manager.save(step, args=args, force=True)
