@@ -10,9 +10,11 @@ the medians are compared, so a shared machine's drift cancels out):
 
 1. prepare: ``mdm_jax.data.prepare.prepare`` end to end (zstd streaming, JSON, filtering,
    SentencePiece, EOS, packing, ArrayRecord writing, progress file per input file) against raw
-   SentencePiece ``encode`` of the very same document texts, already in memory, on the same
-   number of worker processes. ``ratio = pipeline tokens/s / raw encode tokens/s``; the target
-   is >= 0.8 (pipeline overhead <= 20%).
+   SentencePiece ``encode_batch`` of the very same document texts, already in memory, in
+   256-document chunks on the same number of worker processes. ``ratio = pipeline tokens/s /
+   raw encode tokens/s``; the target is >= 0.8 (pipeline overhead <= 20%). With --workers > 1
+   both sides time their own process pool's start-up (spawn, imports, tokenizer load) and
+   shut-down, as a real run pays them; the start-up alone is measured and printed separately.
 2. loader: ``mdm_jax.data.loader.make_train_iterator`` (shuffled ArrayRecord reads, batching)
    in tokens/s per host, against the rate the trainer consumes tokens: ``--trainer-tokens-per-s``
    (default 5,500: the tiny preset on this CPU, ``benchmarks/train_step.py --preset tiny
@@ -37,7 +39,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import zstandard  # noqa: E402
 
-from mdm_jax.data import loader, prepare, train_tokenizer  # noqa: E402
+# Not the loader (Grain, ~1.4 s to import) here: every spawned worker of both pools
+# imports this script, so its imports are start-up that both sides would pay.
+from mdm_jax.data import prepare, train_tokenizer  # noqa: E402
 from mdm_jax.data.tokenizer import Tokenizer  # noqa: E402
 
 _TOK: Tokenizer | None = None
@@ -77,43 +81,61 @@ def _texts(input_dir: Path, split: str) -> list[list[str]]:
             for p in prepare.list_input_files(input_dir, split)]
 
 
+def _raw_encode(chunks: list[list[str]], tok: Path, workers: int) -> int:
+    """Tokens (+EOS) of ``chunks`` by raw SentencePiece; a pool's start-up counts, as in prepare."""
+    if workers == 1:
+        _init(str(tok))
+        return sum(map(_encode, chunks))
+    pool = multiprocessing.get_context("spawn").Pool(workers, _init, (str(tok),))
+    try:
+        return sum(pool.map(_encode, chunks, chunksize=1))
+    finally:
+        pool.terminate()
+
+
+def _pool_startup_s(tok: Path, workers: int) -> float:
+    """Seconds from creating a spawn pool to every worker having loaded the tokenizer."""
+    if workers == 1:
+        return 0.0
+    t0 = time.perf_counter()
+    pool = multiprocessing.get_context("spawn").Pool(workers, _init, (str(tok),))
+    try:
+        pool.map(_encode, [["warm up"]] * workers, chunksize=1)
+        return time.perf_counter() - t0
+    finally:
+        pool.terminate()
+
+
 def bench_prepare(input_dir: Path, tok: Path, split: str, seq_len: int, workers: int,
                   repeats: int, scratch: Path) -> dict:
     per_file = _texts(input_dir, split)
     chunks = [f[i : i + 256] for f in per_file for i in range(0, len(f), 256)]
-    pool = None
-    if workers > 1:
-        pool = multiprocessing.get_context("spawn").Pool(workers, _init, (str(tok),))
-        pool.map(_encode, [["warm up"]] * workers)
-    else:
-        _init(str(tok))
-    raw_s, pipe_s = [], []
+    raw_s, pipe_s, startup_s = [], [], []
     tokens = 0
-    try:
-        for r in range(repeats):
-            t0 = time.perf_counter()
-            tokens = sum(pool.map(_encode, chunks) if pool else map(_encode, chunks))
-            raw_s.append(time.perf_counter() - t0)
-            out = scratch / f"prepared_{r}"
-            t0 = time.perf_counter()
-            m = prepare.prepare(input_dir, out, tok, split=split, seq_len=seq_len,
-                                workers=workers)
-            pipe_s.append(time.perf_counter() - t0)
-            assert m["tokens"] == tokens, (m["tokens"], tokens)
-            if r < repeats - 1:
-                shutil.rmtree(out)
-    finally:
-        if pool:
-            pool.terminate()
+    for r in range(repeats):
+        startup_s.append(_pool_startup_s(tok, workers))
+        t0 = time.perf_counter()
+        tokens = _raw_encode(chunks, tok, workers)
+        raw_s.append(time.perf_counter() - t0)
+        out = scratch / f"prepared_{r}"
+        t0 = time.perf_counter()
+        m = prepare.prepare(input_dir, out, tok, split=split, seq_len=seq_len, workers=workers)
+        pipe_s.append(time.perf_counter() - t0)
+        assert m["tokens"] == tokens, (m["tokens"], tokens)
+        if r < repeats - 1:
+            shutil.rmtree(out)
     raw, pipe = statistics.median(raw_s), statistics.median(pipe_s)
     return {"documents": m["documents"], "tokens": tokens, "workers": workers,
             "raw_encode_tok_s": tokens / raw, "prepare_tok_s": tokens / pipe,
             "prepare_docs_s": m["documents"] / pipe, "raw_s": raw_s, "prepare_s": pipe_s,
+            "pool_startup_s": startup_s, "both_include_pool_startup": workers > 1,
             "ratio": raw / pipe, "target": ">= 0.8", "prepared": str(out)}
 
 
 def bench_loader(data_dir: str, batch: int, batches: int, worker_count: int, repeats: int,
                  trainer_tok_s: float, h100_tok_s: float) -> dict:
+    from mdm_jax.data import loader
+
     rates = []
     shape = None
     for r in range(repeats):
@@ -177,6 +199,11 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"prepare  workers={a.workers}: {prep['prepare_tok_s']:,.0f} tok/s "
               f"({prep['prepare_docs_s']:,.0f} docs/s) vs raw SentencePiece "
               f"{prep['raw_encode_tok_s']:,.0f} tok/s  ratio {prep['ratio']:.3f} (target >= 0.8)")
+        if a.workers > 1:
+            print(f"         both sides include their pool's start-up "
+                  f"(~{statistics.median(prep['pool_startup_s']):.2f}s) and shut-down; "
+                  f"runs: raw {', '.join(f'{x:.2f}' for x in prep['raw_s'])}s, "
+                  f"prepare {', '.join(f'{x:.2f}' for x in prep['prepare_s'])}s")
         print(f"loader   batch {load['batch_shape']} workers={a.loader_workers}: "
               f"{load['loader_tok_s']:,.0f} tok/s per host; "
               f"x{load['ratio_vs_trainer']:,.1f} the trainer's {a.trainer_tokens_per_s:,.0f} "

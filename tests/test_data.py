@@ -317,6 +317,38 @@ def test_prepare_resumes_after_injected_failure_byte_identical(tok_path, tmp_pat
     assert _dir_bytes(out) == _dir_bytes(tmp_path / "ref")  # shards + manifest, nothing else
 
 
+def test_prepare_small_batches_any_workers_and_resume_byte_identical(tok_path, tmp_path,
+                                                                     monkeypatch):
+    # Several batches per file and shards closing mid-file, so batches of one file are spread
+    # over the workers and a file's end lands anywhere in a batch window.
+    raw = _many_files_corpus(tmp_path / "raw", n_files=5, docs=40)
+    kw = dict(seq_len=SEQ_LEN, shard_blocks=6)
+    ref = prepare.prepare(raw, tmp_path / "ref", tok_path, **kw)
+    monkeypatch.setattr(prepare, "_BATCH_LINES", 7)
+    for workers in (1, 2, 3):
+        out = tmp_path / f"w{workers}"
+        assert prepare.prepare(raw, out, tok_path, workers=workers, **kw) == ref
+        assert _dir_bytes(out) == _dir_bytes(tmp_path / "ref")
+    out = tmp_path / "resumed"
+    with pytest.raises(prepare.Interrupted):
+        prepare.prepare(raw, out, tok_path, workers=2, stop_after_files=2, **kw)
+    assert json.loads((out / prepare.PROGRESS).read_text())["counts"]["files_done"] == 2
+    assert prepare.prepare(raw, out, tok_path, workers=3, **kw) == ref
+    assert _dir_bytes(out) == _dir_bytes(tmp_path / "ref")
+
+
+def test_unreadable_file_checkpoints_the_files_before_it(tok_path, tmp_path, monkeypatch):
+    raw = _many_files_corpus(tmp_path / "raw", n_files=5, docs=40)
+    bad = prepare.list_input_files(raw, "train")[3]
+    bad.write_bytes(bad.read_bytes()[:-40])  # truncated mid-frame
+    monkeypatch.setattr(prepare, "_BATCH_LINES", 7)
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=bad.name):
+        prepare.prepare(raw, out, tok_path, seq_len=SEQ_LEN, shard_blocks=6, workers=2)
+    prog = json.loads((out / prepare.PROGRESS).read_text())
+    assert prog["counts"]["files_done"] == 3 and not (out / "manifest.json").exists()
+
+
 def test_prepare_resumes_after_sigkill_byte_identical(tok_path, tmp_path):
     import signal
     import subprocess

@@ -13,18 +13,18 @@ from __future__ import annotations
 
 import argparse
 import io
+import itertools
 import json
 import multiprocessing
 import os
 import time
-from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections import Counter, deque
+from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 import zstandard
 from array_record.python.array_record_module import ArrayRecordWriter
-from tqdm import tqdm
 
 from mdm_jax.data.tokenizer import Tokenizer
 
@@ -89,6 +89,48 @@ class _ZstdRaw(io.RawIOBase):
         return n
 
 
+def iter_lines(path: str | Path) -> Iterator[bytes]:
+    """Stream the raw lines (split on ``\\n`` only, newline kept) of one ``.jsonl.zst`` file."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        yield from io.BufferedReader(_ZstdRaw(f, path), buffer_size=_ZSTD_CHUNK)
+
+
+def classify_line(
+    line: bytes, drop_sources: Collection[str] = ()
+) -> tuple[str | None, str | None, str | None] | None:
+    """``(text, source, None)`` for a usable document, ``(None, None, reason)`` for a skipped
+    record (reason is one of ``SKIP_REASONS``), ``None`` for a blank line (not a record).
+
+    The line is decoded with ``surrogateescape`` so one bad byte costs one record, not the file.
+    """
+    s = line.decode("utf-8", "surrogateescape")
+    if not s.strip():
+        return None
+    try:
+        rec = json.loads(s)
+    except ValueError:
+        return None, None, "bad_json"
+    if not isinstance(rec, dict):
+        return None, None, "bad_json"
+    text = rec.get("text")
+    if not isinstance(text, str):
+        return None, None, "missing_text"
+    try:
+        text.encode("utf-8")  # raw bad bytes or lone \ud800 escapes
+    except UnicodeEncodeError:
+        return None, None, "bad_utf8"
+    if not text.strip():
+        return None, None, "empty_text"
+    meta = rec.get("meta")
+    source = meta.get("redpajama_set_name") if isinstance(meta, dict) else None
+    if source not in KNOWN_SOURCES:
+        return None, None, "unknown_source"
+    if source in drop_sources:
+        return None, None, "dropped_source"
+    return text, source, None
+
+
 def iter_documents(
     path: str | Path, drop_sources: Sequence[str] = ()
 ) -> Iterator[tuple[str | None, str | None, str | None]]:
@@ -97,41 +139,11 @@ def iter_documents(
 
     Lines are decoded with ``surrogateescape`` so one bad byte costs one record, not the file.
     """
-    path = Path(path)
-    with open(path, "rb") as f:
-        raw = io.BufferedReader(_ZstdRaw(f, path), buffer_size=_ZSTD_CHUNK)
-        lines = io.TextIOWrapper(raw, encoding="utf-8", errors="surrogateescape", newline="\n")
-        for line in lines:
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                yield None, None, "bad_json"
-                continue
-            if not isinstance(rec, dict):
-                yield None, None, "bad_json"
-                continue
-            text = rec.get("text")
-            if not isinstance(text, str):
-                yield None, None, "missing_text"
-                continue
-            try:
-                text.encode("utf-8")  # raw bad bytes or lone \ud800 escapes
-            except UnicodeEncodeError:
-                yield None, None, "bad_utf8"
-                continue
-            if not text.strip():
-                yield None, None, "empty_text"
-                continue
-            meta = rec.get("meta")
-            source = meta.get("redpajama_set_name") if isinstance(meta, dict) else None
-            if source not in KNOWN_SOURCES:
-                yield None, None, "unknown_source"
-            elif source in drop_sources:
-                yield None, None, "dropped_source"
-            else:
-                yield text, source, None
+    drop = frozenset(drop_sources)
+    for line in iter_lines(path):
+        doc = classify_line(line, drop)
+        if doc is not None:
+            yield doc
 
 
 def list_input_files(input_dir: str | Path, split: str) -> list[Path]:
@@ -145,56 +157,76 @@ def list_input_files(input_dir: str | Path, split: str) -> list[Path]:
     return files
 
 
-# --- per-file encoding (runs in worker processes when workers > 1) ---------------------------
+# --- batch encoding (runs in worker processes when workers > 1) ----------------------------
+#
+# The main process streams each input file and cuts its raw lines into batches (at most
+# _BATCH_LINES lines or about _BATCH_BYTES bytes); workers parse, filter and encode a batch and
+# hand back its tokens. Results are consumed in submission order, so the token stream does not
+# depend on the worker count, and at most a few batches per worker are in flight, so memory
+# stays flat however large an input file is.
 
+_BATCH_LINES = 256
+_BATCH_BYTES = 1 << 19
 _TOKENIZER: Tokenizer | None = None
-_ENCODE_BATCH = 256
+_DROP: frozenset[str] = frozenset()
+_DTYPE = "uint16"
 
 
-def _init_worker(tokenizer_path: str) -> None:
-    global _TOKENIZER
-    _TOKENIZER = Tokenizer.load(tokenizer_path)
+def _init_worker(tokenizer: str | Tokenizer, drop_sources: Sequence[str] = (),
+                 dtype: str = "uint16") -> None:
+    global _TOKENIZER, _DROP, _DTYPE
+    _TOKENIZER = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer.load(tokenizer)
+    _DROP, _DTYPE = frozenset(drop_sources), dtype
 
 
-def _encode_file(args: tuple[str, tuple[str, ...], str]) -> dict:
-    """Tokens (+EOS per document) of one file, with its document/source/skip counts."""
-    path, drop_sources, dtype = args
+def _encode_lines(lines: list[bytes]) -> dict:
+    """Tokens (+EOS per document) of a batch of raw lines, with document/source/skip counts."""
     tok = _TOKENIZER
     assert tok is not None, "call _init_worker first"
-    pieces: list[np.ndarray] = []
-    sources: Counter[str] = Counter()
+    texts: list[str] = []
+    srcs: list[str] = []
     skipped: Counter[str] = Counter()
-    batch_text: list[str] = []
-    batch_src: list[str] = []
-    documents = 0
-
-    def flush() -> None:
-        for ids, src in zip(tok.encode_batch(batch_text), batch_src, strict=True):
-            ids.append(tok.eos_id)
-            pieces.append(np.asarray(ids, dtype=dtype))
-            sources[src] += len(ids)
-        batch_text.clear()
-        batch_src.clear()
-
-    for text, source, reason in iter_documents(path, drop_sources):
+    for line in lines:
+        doc = classify_line(line, _DROP)
+        if doc is None:
+            continue
+        text, source, reason = doc
         if reason is not None:
             skipped[reason] += 1
-            continue
-        documents += 1
-        batch_text.append(text)
-        batch_src.append(source)
-        if len(batch_text) >= _ENCODE_BATCH:
-            flush()
-    flush()
-    tokens = np.concatenate(pieces) if pieces else np.zeros(0, dtype)
-    return dict(tokens=tokens, documents=documents, sources=sources, skipped=skipped)
+        else:
+            texts.append(text)
+            srcs.append(source)
+    sources: Counter[str] = Counter()
+    tokens = np.zeros(0, _DTYPE)
+    if texts:
+        eos = tok.eos_id
+        ids = tok.encode_batch(texts)
+        for d, src in zip(ids, srcs, strict=True):
+            d.append(eos)
+            sources[src] += len(d)
+        tokens = np.fromiter(itertools.chain.from_iterable(ids), _DTYPE,
+                             count=sum(sources.values()))
+    return dict(tokens=tokens, documents=len(texts), sources=sources, skipped=skipped)
+
+
+def _line_batches(path: Path) -> Iterator[list[bytes]]:
+    batch: list[bytes] = []
+    size = 0
+    for line in iter_lines(path):
+        batch.append(line)
+        size += len(line)
+        if len(batch) >= _BATCH_LINES or size >= _BATCH_BYTES:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
 
 
 # --- shard writing and resumable progress ----------------------------------------------------
 #
 # Shard k holds blocks [k * shard_blocks, (k + 1) * shard_blocks) of the packed stream, so shard
 # boundaries depend only on the inputs, never on when a run was interrupted. Tokens not yet in
-# a finished shard live in memory and in OUTPUT/pending-K.tokens (raw, appended per input file);
+# a finished shard live in memory and in OUTPUT/pending-K.tokens (raw, appended per batch);
 # after each input file OUTPUT/progress.json records the files done, the counts, the finished
 # shards and how many pending tokens are valid. A killed run restarts from that record: it
 # truncates the pending file to the recorded length, deletes shards it had not recorded, and
@@ -219,7 +251,8 @@ class _ShardWriter:
         self.block_len, self.shard_blocks = block_len, shard_blocks
         self.dtype = np.dtype(dtype).newbyteorder("<")
         self.shards: list[dict] = []
-        self.pending = np.zeros(0, self.dtype)
+        self._chunks: list[np.ndarray] = []  # tokens not yet in a shard, in order
+        self._pending_len = 0
 
     def shard_name(self, k: int) -> str:
         return f"{self.split}-{k:05d}.array_record"
@@ -242,20 +275,36 @@ class _ShardWriter:
         self.shards.append({"file": name, "blocks": len(blocks)})
 
     def add(self, tokens: np.ndarray) -> None:
+        """Append tokens to the stream (and the pending file); write every shard that fills.
+
+        Pending tokens are kept as a list of chunks and joined only when a shard fills, so the
+        cost is linear in the tokens added, not in the shard size times the number of calls.
+        """
         tokens = tokens.astype(self.dtype, copy=False)
         with open(self.pending_path(), "ab") as f:
             f.write(tokens.tobytes())
-        self.pending = np.concatenate([self.pending, tokens])
+        self._chunks.append(tokens)
+        self._pending_len += len(tokens)
         full = self.shard_blocks * self.block_len
-        while len(self.pending) >= full:
-            self._write_shard(self.pending[:full].reshape(self.shard_blocks, self.block_len))
-            self.pending = self.pending[full:]
-            tmp = self.pending_path().with_suffix(".tmp")
-            tmp.write_bytes(self.pending.tobytes())
-            os.replace(tmp, self.pending_path())
+        if self._pending_len < full:
+            return
+        stream = np.concatenate(self._chunks)
+        start = 0
+        while len(stream) - start >= full:
+            self._write_shard(stream[start : start + full].reshape(self.shard_blocks,
+                                                                  self.block_len))
+            start += full
+        rest = stream[start:].copy()
+        self._chunks, self._pending_len = [rest], len(rest)
+        tmp = self.pending_path().with_suffix(".tmp")
+        tmp.write_bytes(rest.tobytes())
+        os.replace(tmp, self.pending_path())
+
+    def pending_tokens(self) -> np.ndarray:
+        return np.concatenate(self._chunks) if self._chunks else np.zeros(0, self.dtype)
 
     def state(self) -> dict:
-        return {"shards": list(self.shards), "pending_tokens": len(self.pending)}
+        return {"shards": list(self.shards), "pending_tokens": self._pending_len}
 
     def restore(self, state: dict) -> None:
         self.shards = [dict(s) for s in state["shards"]]
@@ -263,7 +312,8 @@ class _ShardWriter:
         raw = self.pending_path().read_bytes()[: n * self.dtype.itemsize]
         if len(raw) != n * self.dtype.itemsize:
             raise OSError(f"{self.pending_path()} holds fewer than the {n} tokens recorded")
-        self.pending = np.frombuffer(raw, self.dtype).copy()
+        self._chunks = [np.frombuffer(raw, self.dtype).copy()]
+        self._pending_len = n
         self.pending_path().write_bytes(raw)
 
     def clean(self, keep_pending: bool = True) -> None:
@@ -279,11 +329,12 @@ class _ShardWriter:
 
     def finish(self) -> int:
         """Write the last (short) shard; returns the number of tail tokens dropped."""
-        n = len(self.pending) // self.block_len
+        pending = self.pending_tokens()
+        n = len(pending) // self.block_len
         if n:
-            self._write_shard(self.pending[: n * self.block_len].reshape(n, self.block_len))
-        tail = len(self.pending) - n * self.block_len
-        self.pending = self.pending[:0]
+            self._write_shard(pending[: n * self.block_len].reshape(n, self.block_len))
+        tail = len(pending) - n * self.block_len
+        self._chunks, self._pending_len = [], 0
         return tail
 
 
@@ -375,46 +426,86 @@ def prepare(
     sources: Counter[str] = Counter(counts["sources"])
     skipped: Counter[str] = Counter(counts["skipped"])
     first = counts["files_done"]
-    jobs = [(str(p), tuple(sorted(drop)), dtype) for p in files[first:]]
     start = time.perf_counter()
     new_docs = new_tokens = 0
     delay = float(os.environ.get("MDM_JAX_PREPARE_TEST_DELAY", "0"))  # tests kill mid-run
+    from tqdm import tqdm  # here, not at the top: worker processes import this module
+
     bar = tqdm(total=len(files), initial=first, unit="file", desc=f"prepare {split}",
                dynamic_ncols=True)
+    init_args = (str(tok.path), tuple(sorted(drop)), dtype)
     pool = None
-    try:
-        if workers > 1 and jobs:
-            ctx = multiprocessing.get_context("spawn")  # safe with JAX/threads in the parent
-            pool = ctx.Pool(workers, initializer=_init_worker, initargs=(str(tok.path),))
-            results = pool.imap(_encode_file, jobs)  # imap keeps input order: deterministic
-        else:
-            _init_worker(str(tok.path))
-            results = map(_encode_file, jobs)
-        for res in results:
-            previous_pending = writer.pending_path()
+    # In order: ("batch", result) for each batch submitted, ("end", None) after a file's last.
+    queue: deque[tuple[str, object]] = deque()
+    in_flight = 0
+    max_in_flight = 4 * workers
+
+    def consume() -> None:
+        """Take the oldest queue entry: pack a batch's tokens, or checkpoint a finished file."""
+        nonlocal counts, in_flight, new_docs, new_tokens, checkpoint_shards
+        kind, item = queue.popleft()
+        if kind == "batch":
+            in_flight -= 1
+            res = item.get() if pool is not None else item
             writer.add(res["tokens"])
             sources.update(res["sources"])
             skipped.update(res["skipped"])
-            counts = {
-                "files_done": counts["files_done"] + 1,
-                "documents": counts["documents"] + res["documents"],
-                "tokens": counts["tokens"] + len(res["tokens"]),
-                "sources": dict(sources),
-                "skipped": dict(skipped),
-            }
-            _atomic_write_text(progress_path, json.dumps(
-                {"inputs": inputs, "counts": counts, "writer": writer.state()}) + "\n")
-            if previous_pending != writer.pending_path():
-                previous_pending.unlink(missing_ok=True)
+            counts["documents"] += res["documents"]
+            counts["tokens"] += len(res["tokens"])
             new_docs += res["documents"]
             new_tokens += len(res["tokens"])
-            elapsed = max(time.perf_counter() - start, 1e-9)
-            bar.set_postfix(docs_s=f"{new_docs / elapsed:.0f}", tok_s=f"{new_tokens / elapsed:.3g}")
-            bar.update()
-            if delay:
-                time.sleep(delay)
-            if stop_after_files is not None and counts["files_done"] - first >= stop_after_files:
-                raise Interrupted(f"stopped after {stop_after_files} file(s) as asked")
+            return
+        counts["files_done"] += 1
+        counts["sources"], counts["skipped"] = dict(sources), dict(skipped)
+        _atomic_write_text(progress_path, json.dumps(
+            {"inputs": inputs, "counts": counts, "writer": writer.state()}) + "\n")
+        # The previous checkpoint's pending file (and any that shards closed since) is only
+        # needed until this record is written.
+        for k in range(checkpoint_shards, len(writer.shards)):
+            writer.pending_path(k).unlink(missing_ok=True)
+        checkpoint_shards = len(writer.shards)
+        elapsed = max(time.perf_counter() - start, 1e-9)
+        bar.set_postfix(docs_s=f"{new_docs / elapsed:.0f}", tok_s=f"{new_tokens / elapsed:.3g}")
+        bar.update()
+        if delay:
+            time.sleep(delay)
+        if stop_after_files is not None and counts["files_done"] - first >= stop_after_files:
+            raise Interrupted(f"stopped after {stop_after_files} file(s) as asked")
+
+    counts = dict(counts)
+    checkpoint_shards = len(writer.shards)
+    try:
+        if workers > 1 and first < len(files):
+            ctx = multiprocessing.get_context("spawn")  # safe with JAX/threads in the parent
+            pool = ctx.Pool(workers, initializer=_init_worker, initargs=init_args)
+        else:
+            _init_worker(tok, *init_args[1:])
+        for path in files[first:]:
+            batches = _line_batches(path)
+            while True:
+                try:
+                    lines = next(batches, None)
+                except ValueError:
+                    # An unreadable input file is fatal, but first checkpoint the files before
+                    # it whose batches are still in flight.
+                    ends = [i for i, (kind, _) in enumerate(queue) if kind == "end"]
+                    for _ in range(ends[-1] + 1 if ends else 0):
+                        consume()
+                    raise
+                if lines is None:
+                    break
+                if pool is None:
+                    queue.append(("batch", _encode_lines(lines)))
+                else:
+                    queue.append(("batch", pool.apply_async(_encode_lines, (lines,))))
+                in_flight += 1
+                while in_flight > max_in_flight or (pool is None and queue):
+                    consume()
+            queue.append(("end", None))
+            while queue and (queue[0][0] == "end" or pool is None):
+                consume()
+        while queue:
+            consume()
     finally:
         bar.close()
         if pool is not None:
