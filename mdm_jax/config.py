@@ -84,6 +84,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.samples.steps = 64
     c.samples.length = 0  # 0 = seq_len
     c.samples.temperature = 0.0  # 0 = greedy; > 0 = Gumbel-max sampling
+    c.samples.remasking = "low_confidence"  # low_confidence | random (MDM samplers)
     return c
 
 
@@ -133,6 +134,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, process_count: int 
              f"config.objective.weighting={c.objective.weighting!r}; valid: elbo, unweighted.")
     _require(c.objective.t_sampling in ("uniform", "stratified"),
              f"config.objective.t_sampling={c.objective.t_sampling!r}; valid: uniform, stratified.")
+    _require(c.samples.remasking in ("low_confidence", "random"),
+             f"config.samples.remasking={c.samples.remasking!r}; valid: low_confidence, random.")
     _require(0 < c.objective.eps < 1, f"config.objective.eps={c.objective.eps} must be in (0, 1).")
     _require(c.objective.loss_chunk >= 1,
              f"config.objective.loss_chunk={c.objective.loss_chunk} must be >= 1.")

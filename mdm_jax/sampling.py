@@ -31,26 +31,43 @@ def _choose(logits, key, temperature: float):
     return tokens, conf
 
 
-@functools.partial(jax.jit, static_argnames=("model", "steps", "temperature"))
-def sample_mdm(model: Encoder, params, canvas, key, *, steps: int, temperature: float = 0.0):
-    """canvas: [B, L] int32 with the mask id wherever a token is to be generated."""
-    mask_id = model.args.mask_id
+REMASKING = ("low_confidence", "random")
+
+
+def reveal_step(model: Encoder, params, x, key, t, s, *, temperature: float, remasking: str,
+                last=False):
+    """One reverse step from time t to s < t: predict the masked tokens, reveal some of them."""
+    k_pred, k_coin = jax.random.split(key)
+    is_mask = x == model.args.mask_id
+    logits = model.apply({"params": params}, x, return_logits=True)
+    pred, conf = _choose(logits, k_pred, temperature)
+    if remasking == "random":
+        reveal = jax.random.uniform(k_coin, x.shape) < 1.0 - s / t
+    else:
+        n_reveal = jnp.floor(jnp.sum(is_mask, axis=-1) * (1.0 - s / t)).astype(jnp.int32)
+        conf = jnp.where(is_mask, conf, -jnp.inf)
+        rank = jnp.argsort(jnp.argsort(-conf, axis=-1), axis=-1)  # 0 = most confident
+        reveal = rank < n_reveal[:, None]
+    reveal = is_mask & (reveal | last)  # the last step reveals everything
+    return jnp.where(reveal, pred, x)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "steps", "temperature", "remasking"))
+def sample_mdm(model: Encoder, params, canvas, key, *, steps: int, temperature: float = 0.0,
+               remasking: str = "low_confidence"):
+    """canvas: [B, L] int32 with the mask id wherever a token is to be generated.
+
+    remasking="low_confidence" reveals the most confident predictions first; "random" reveals
+    each masked position with probability 1 - s/t (the exact reverse process of the schedule).
+    """
     times = jnp.linspace(1.0, 1e-5, steps + 1)
 
     def body(i, state):
         x, key = state
         key, sub = jax.random.split(key)
-        t, s = times[i], times[i + 1]
-        is_mask = x == mask_id
-        n_mask = jnp.sum(is_mask, axis=-1)
-        n_reveal = jnp.where(i == steps - 1, n_mask,
-                             jnp.floor(n_mask * (1.0 - s / t)).astype(jnp.int32))
-        logits = model.apply({"params": params}, x, return_logits=True)
-        pred, conf = _choose(logits, sub, temperature)
-        conf = jnp.where(is_mask, conf, -jnp.inf)
-        rank = jnp.argsort(jnp.argsort(-conf, axis=-1), axis=-1)  # 0 = most confident
-        reveal = is_mask & (rank < n_reveal[:, None])
-        return jnp.where(reveal, pred, x), key
+        x = reveal_step(model, params, x, sub, times[i], times[i + 1], temperature=temperature,
+                        remasking=remasking, last=i == steps - 1)
+        return x, key
 
     out, _ = jax.lax.fori_loop(0, steps, body, (canvas, key))
     return out
@@ -73,7 +90,8 @@ def sample_arm(model: Encoder, params, canvas, key, *, start: int, temperature: 
 
 
 def generate(model: Encoder, params, *, num: int, length: int, steps: int, seed: int = 0,
-             temperature: float = 0.0, prompt: list[int] | None = None, bos_id: int | None = 1):
+             temperature: float = 0.0, prompt: list[int] | None = None, bos_id: int | None = 1,
+             remasking: str = "low_confidence"):
     """num sequences of `length` tokens (prompt included) as a [num, length] int array."""
     prompt = list(prompt or ([] if bos_id is None else [bos_id]))
     key = jax.random.PRNGKey(seed)
@@ -84,7 +102,8 @@ def generate(model: Encoder, params, *, num: int, length: int, steps: int, seed:
     canvas = jnp.full((num, length), model.args.mask_id, jnp.int32)
     if prompt:
         canvas = canvas.at[:, : len(prompt)].set(jnp.asarray(prompt, jnp.int32))
-    return sample_mdm(model, params, canvas, key, steps=steps, temperature=temperature)
+    return sample_mdm(model, params, canvas, key, steps=steps, temperature=temperature,
+                      remasking=remasking)
 
 
 def load_for_sampling(workdir: str, step: int | None = None):
@@ -125,6 +144,7 @@ def cli(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=64, help="reverse-process steps (MDM)")
     parser.add_argument("--length", type=int, default=0, help="tokens per sample (seq_len)")
     parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--remasking", choices=REMASKING, default="low_confidence")
     parser.add_argument("--prompt", default="", help="text the samples start with")
     parser.add_argument("--tokenizer", default="", help="SentencePiece model (the run's)")
     parser.add_argument("--seed", type=int, default=0)
@@ -141,7 +161,7 @@ def cli(argv=None) -> None:
                        f"no room to generate\n")
     out = generate(trainer.model, jax.device_get(state.params), num=args.num, length=length,
                    steps=args.steps, seed=args.seed, temperature=args.temperature,
-                   prompt=prompt)
+                   prompt=prompt, remasking=args.remasking)
     for i, row in enumerate(np.asarray(out)):
         text = tok.decode([int(t) for t in row if t < tok.vocab_size])
         print(f"--- sample {i} ---\n{text.strip()}\n")

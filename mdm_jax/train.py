@@ -100,8 +100,7 @@ class Trainer:
 
     # -- pure functions traced under jit ------------------------------------------------------
     def _init_boxed(self, key) -> TrainState:
-        dummy = jnp.zeros((1, self.args.max_seq_len if self.config.seq_len == 0
-                           else self.config.seq_len), jnp.int32)
+        dummy = jnp.zeros((1, self.config.seq_len), jnp.int32)
         params = self.model.init(key, dummy)["params"]
         return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                           opt_state=self.tx.init(params), rng=key,
@@ -405,7 +404,8 @@ def _print_samples(trainer: Trainer, state: TrainState, c: ml_collections.Config
     with trainer.context():
         params = jax.device_get(state.params)  # small models only: sampling runs unsharded
     tokens = generate(trainer.model, params, num=c.samples.count, length=length,
-                      steps=c.samples.steps, seed=c.seed, temperature=c.samples.temperature)
+                      steps=c.samples.steps, seed=c.seed, temperature=c.samples.temperature,
+                      remasking=c.samples.remasking)
     tokens = np.asarray(jax.device_get(tokens))
     texts = []
     if c.data.tokenizer:
@@ -414,9 +414,10 @@ def _print_samples(trainer: Trainer, state: TrainState, c: ml_collections.Config
     else:
         texts = [" ".join(map(str, row)) for row in tokens]
     if jax.process_index() == 0:
-        kind = "low-confidence remasking" if not trainer.args.causal else "ancestral"
+        kind = (f"{c.samples.remasking} remasking" if not trainer.args.causal
+                else "ancestral")
         print(f"\n[mdm_jax] {len(texts)} samples ({kind}, {c.samples.steps} steps, "
-              f"length {length}):")
+              f"temperature {c.samples.temperature}, length {length}):")
         for i, text in enumerate(texts):
             print(f"--- sample {i} ---\n{text.strip()}\n")
     return texts
