@@ -5,10 +5,18 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="${*:-}"
 py="${PYTHON:-python3}"
-want="$(sha256sum setup.cfg pyproject.toml | sha256sum | cut -c1-16) extras=[${extras}]"
+hash="$(sha256sum setup.cfg pyproject.toml | sha256sum | cut -c1-16)"
+want="$hash extras=[${extras}]"
 stamp=.venv/.mdm_jax_installed
-if [ -f "$stamp" ] && grep -qxF "$want" "$stamp"; then
-  exit 0
+if [ -x .venv/bin/python ] && [ -f "$stamp" ]; then
+  # Done already if this setup.cfg was installed with every extra asked for now.
+  have=$({ grep "^$hash " "$stamp" || true; } | sed 's/.*extras=\[\(.*\)\]/\1/' \
+         | tr ' ,' '\n\n' | sort -u)
+  if grep -q "^$hash " "$stamp"; then
+    missing=0
+    for e in $extras; do echo "$have" | grep -qx "$e" || missing=1; done
+    [ "$missing" = 0 ] && exit 0
+  fi
 fi
 [ -x .venv/bin/python ] || "$py" -m venv .venv
 spec="."
