@@ -10,6 +10,7 @@ on device; gradients are averaged, clipped and applied with AdamW under the SMDM
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -24,6 +25,7 @@ import ml_collections
 import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
+from ml_collections import config_flags
 
 from mdm_jax import config as config_lib
 from mdm_jax import flops, sharding
@@ -32,6 +34,8 @@ from mdm_jax.objectives import get_objective, model_inputs_len
 from mdm_jax.presets import get_preset
 
 log = logging.getLogger("mdm_jax")
+_CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config (.py)",
+                                          lock_config=True)
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -161,9 +165,11 @@ class Trainer:
         return loss
 
     # -- host-side helpers --------------------------------------------------------------------
+    @contextlib.contextmanager
     def context(self):
         """Mesh + logical rules, active while jitted functions trace (activation constraints)."""
-        return _Context(self.mesh)
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+            yield self
 
     def create_state(self, seed: int) -> TrainState:
         with self.context():
@@ -177,21 +183,6 @@ class Trainer:
         per_token = flops.train_flops_per_token(get_preset(c.model.preset), c.seq_len,
                                                 self.args.vocab_size, self.args.causal)
         return per_token * c.global_batch * c.seq_len
-
-
-class _Context:
-    def __init__(self, mesh):
-        self._mesh = jax.set_mesh(mesh)
-        self._rules = nn.logical_axis_rules(sharding.LOGICAL_RULES)
-
-    def __enter__(self):
-        self._mesh.__enter__()
-        self._rules.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self._rules.__exit__(*exc)
-        return self._mesh.__exit__(*exc)
 
 
 def _check_data(c: ml_collections.ConfigDict, data_dir: str, vocab_size: int) -> None:
@@ -450,11 +441,6 @@ def cli() -> None:
 
     app.run(_main)
 
-
-from ml_collections import config_flags  # noqa: E402
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config (.py)",
-                                          lock_config=True)
 
 if __name__ == "__main__":
     cli()
