@@ -151,11 +151,11 @@ class Trainer:
             (params, opt_state), (state.params, state.opt_state))
         halted = state.halted | (~finite if self.config.nonfinite == "stop" else False)
         # Skipped updates do not advance optax's schedule count: report the rate actually used.
+        skipped = state.skipped + (~finite).astype(jnp.int32)
         metrics = dict(metrics, grad_norm=grad_norm, lr=self.schedule(state.step - state.skipped),
-                       nonfinite=(~finite).astype(jnp.int32))
+                       nonfinite=(~finite).astype(jnp.int32), skipped=skipped, halted=halted)
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                                  skipped=state.skipped + (~finite).astype(jnp.int32),
-                                  halted=halted)
+                                  skipped=skipped, halted=halted)
         return new_state, metrics
 
     def _eval_step(self, params, batch, key):
@@ -202,13 +202,14 @@ def _check_data(c: ml_collections.ConfigDict, data_dir: str, vocab_size: int) ->
             f"a tokenizer with at most {vocab_size} pieces.")
 
 
-def evaluate(trainer: Trainer, state: TrainState, batches: list[np.ndarray], seed: int) -> float:
-    """Mean validation loss over fixed batches with fixed keys: comparable across steps/runs."""
+def evaluate(trainer: Trainer, state: TrainState, batches: list[jax.Array], seed: int) -> float:
+    """Mean validation loss over fixed (global) batches with fixed keys: comparable across
+    steps and runs."""
     losses = []
     with trainer.context():
         for i, batch in enumerate(batches):
             key = jax.random.fold_in(jax.random.PRNGKey(seed), i)
-            losses.append(trainer.eval_step(state.params, trainer.to_global(batch), key))
+            losses.append(trainer.eval_step(state.params, batch, key))
     return float(np.mean(jax.device_get(losses)))
 
 
@@ -240,9 +241,10 @@ def _open_data(c: ml_collections.ConfigDict, trainer: Trainer):
     eval_batches = []
     if c.data.eval_dir and c.data.eval_batches:
         _check_data(c, c.data.eval_dir, trainer.args.vocab_size)
-        eval_batches = loader.make_eval_batches(
+        host_batches = loader.make_eval_batches(
             c.data.eval_dir, batch_size_per_process=per_host, num_batches=c.data.eval_batches,
             process_index=pindex, process_count=pcount)
+        eval_batches = [trainer.to_global(b) for b in host_batches]  # uploaded once
     return train_iter, eval_batches
 
 
@@ -351,11 +353,12 @@ def train(c: ml_collections.ConfigDict, stop_at: int | None = None) -> RunResult
                     if pindex == 0:
                         bar.write(format_metrics(done, {k: metrics[k] for k in (
                             "loss", "lr", "grad_norm", "tokens_per_s", "flops_per_s", "mfu")}))
-                    skipped = int(jax.device_get(state.skipped))
+                    skipped = int(metrics["skipped"])  # fetched with the metrics: one sync
+                    halted = bool(metrics["halted"])
                     if skipped and pindex == 0:
                         bar.write(f"[mdm_jax] warning: {skipped} step(s) so far had a non-finite "
                                   f"loss or gradient; their updates were skipped")
-                    if bool(jax.device_get(state.halted)):
+                    if halted:
                         stopped = "nonfinite"
                         last = True
                     t_last, steps_since = time.perf_counter(), 0

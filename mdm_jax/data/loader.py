@@ -184,6 +184,8 @@ def _process_batches(
     """This process's batches, laid out so that global batch k is the same blocks in the same
     order for any process count: rows [k*B*P + i*B, k*B*P + (i+1)*B) go to process i.
     A run therefore sees identical data on 1 host or on many (and its losses match)."""
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
     global_batch = batch_size * process_count
     if len(ds) < global_batch:
         raise ValueError(f"{len(ds)} blocks cannot fill one global batch of {global_batch} "
@@ -216,8 +218,6 @@ def make_train_iterator(
     """
     mix = _as_mixture(data_dir)
     if len(mix) == 1:
-        if not 0 <= process_index < process_count:
-            raise ValueError(f"process_index {process_index} not in [0, {process_count})")
         ds = grain.MapDataset.source(open_source(mix[0][0])).shuffle(seed=seed)
         ds = _process_batches(ds, process_index, process_count, batch_size_per_process)
         ds = ds.repeat(num_epochs)
@@ -258,8 +258,6 @@ def make_eval_batches(
 ) -> list[np.ndarray]:
     """The first ``num_batches`` unshuffled batches of this process's slice (fewer, with a
     warning, when the data is smaller): the same evaluation set every time."""
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
     ds = grain.MapDataset.source(open_source(data_dir))
     ds = _process_batches(ds, process_index, process_count, batch_size_per_process)
     if len(ds) < num_batches:
