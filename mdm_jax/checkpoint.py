@@ -97,13 +97,15 @@ class Checkpointer:
         """Start an asynchronous save if due (or forced); returns whether one was started."""
         if not (force or self.due(step)) or step in self.manager.all_steps():
             return False
-        args = ocp.args.Composite(
+        items = dict(
             state=ocp.args.StandardSave(state),
-            data=grain.checkpoint.CheckpointSave(data_iterator),
             config=ocp.args.JsonSave(config_json),
             meta=ocp.args.JsonSave(dict(meta or {}, step=step, saved_at=time.time(),
                                         versions=dict(package_versions()))),
         )
+        if data_iterator is not None:  # None: no data position to keep (e.g. an import)
+            items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+        args = ocp.args.Composite(**items)
         try:
             saved = self.manager.save(step, args=args, force=True)
         except (OSError, ValueError) as e:
@@ -120,6 +122,11 @@ class Checkpointer:
             log.warning("checkpoint %s/%d was written by a different number of processes; "
                         "the model and optimizer resume but the data order restarts",
                         self.directory, step)
+            data_iterator = None
+        if data_iterator is not None and not os.path.isdir(
+                os.path.join(self.directory, str(step), "data")):
+            log.warning("checkpoint %s/%d holds no data iterator state (an imported model); "
+                        "the data order starts from the beginning", self.directory, step)
             data_iterator = None
         if data_iterator is not None:
             restore_args["data"] = grain.checkpoint.CheckpointRestore(data_iterator)

@@ -52,7 +52,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.b2 = 0.95
     c.optim.weight_decay = 0.1
     c.optim.grad_clip = 1.0
-    c.optim.warmup_steps = -1  # -1 = SMDM's max(100, steps / 100)
+    c.optim.warmup_steps = -1  # -1: warmup_fraction * steps if set, else max(100, steps / 100)
+    c.optim.warmup_fraction = 0.0  # e.g. 0.1 for runs too short for SMDM's 100-step minimum
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # -1 = all devices left after fsdp and tensor

@@ -66,14 +66,31 @@ _TINY = {
     "nano": Preset(2, 4, 64, 16, 192, vocab_size=512, max_seq_len=128),
     "tiny": Preset(4, 4, 128, 32, 384, vocab_size=2048, max_seq_len=256),
     "small": Preset(6, 6, 192, 32, 512, vocab_size=2048, max_seq_len=512),
+    # head_dim 128 like the SMDM presets from 472M up, at test size (export parity tests)
+    "nano-hd128": Preset(1, 2, 256, 128, 256, vocab_size=512, max_seq_len=128),
+}
+
+# The micro family for scaling studies that run on a laptop CPU (experiments/isoflop.py:micro):
+# sizes about 2x apart, head_dim 16, a 512-piece vocabulary and 128-token sequences.
+_MICRO = {
+    "4K": (1, 1, 16, 16, 64),
+    "13K": (1, 2, 32, 16, 96),
+    "27K": (2, 2, 32, 16, 96),
+    "56K": (2, 3, 48, 16, 128),
+    "107K": (2, 4, 64, 16, 192),
+    "214K": (4, 4, 64, 16, 192),
+    "443K": (4, 6, 96, 16, 256),
+    "853K": (4, 8, 128, 16, 384),
 }
 
 PRESETS: dict[str, Preset] = {
     **{name: Preset(*spec) for name, spec in _SMDM.items()},
     **_TINY,
+    **{name: Preset(*spec, vocab_size=512, max_seq_len=128) for name, spec in _MICRO.items()},
 }
 ALIASES = {"1.1B": "1028M"}
 SMDM_PRESETS = tuple(_SMDM)
+MICRO_PRESETS = tuple(_MICRO)
 
 
 def get_preset(name: str) -> Preset:

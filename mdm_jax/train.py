@@ -48,8 +48,13 @@ class TrainState(flax.struct.PyTreeNode):
 
 
 def warmup_steps(c: ml_collections.ConfigDict) -> int:
-    """SMDM: max(100, steps / 100) unless the config names a number."""
-    w = c.optim.warmup_steps if c.optim.warmup_steps >= 0 else max(100, c.steps // 100)
+    """SMDM: max(100, steps / 100) unless the config names a number or a fraction of steps."""
+    if c.optim.warmup_steps >= 0:
+        w = c.optim.warmup_steps
+    elif c.optim.get("warmup_fraction", 0.0) > 0:
+        w = max(1, round(c.optim.warmup_fraction * c.steps))
+    else:
+        w = max(100, c.steps // 100)
     return min(w, c.steps)
 
 

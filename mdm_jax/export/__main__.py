@@ -1,0 +1,3 @@
+from mdm_jax.export.cli import cli
+
+cli()

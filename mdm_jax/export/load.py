@@ -1,0 +1,148 @@
+"""Import a PyTorch checkpoint (litgpt, llada-hf or llama-hf) as an mdm_jax checkpoint.
+
+    python -m mdm_jax.export.load --format litgpt --src exports/tiny_lit --out runs/imported
+    python -m mdm_jax.export.load --format litgpt --src smdm/mdm-170M.pth --preset 170M \
+        --out runs/smdm_170M
+    python -m mdm_jax.export.load --format llama-hf --src exports/arm --out runs/arm_back
+
+The result is an ordinary run workdir: `python -m mdm_jax.sampling --workdir runs/imported`
+samples from it, and training with `--config.workdir=runs/imported` (same preset, family,
+vocabulary and sequence length) continues from it. PyTorch layouts carry no optimizer state,
+so the optimizer starts fresh. Files exported by mdm_jax carry their preset and step; for other
+files the preset is found from the tensor shapes (or given with --preset). Only safetensors or
+`torch.load(weights_only=True)` are read: nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from mdm_jax.export.layouts import FORMATS, Dims, params_tree, read_leaves
+from mdm_jax.export.tensor_io import ExportError, TensorReader
+
+
+def _find_preset(fmt: str, keys: set[str], get, hf_config: dict) -> str:
+    """The preset whose shapes match the tensors: layers, width, MLP width and vocabulary."""
+    from mdm_jax.presets import PRESETS
+
+    prefix = {"litgpt": ("transformer.h.", "transformer.wte.weight"),
+              "llada-hf": ("model.transformer.blocks.", "model.transformer.wte.weight"),
+              "llama-hf": ("model.layers.", "model.embed_tokens.weight")}[fmt]
+    layers = {k[len(prefix[0]):].split(".")[0] for k in keys if k.startswith(prefix[0])}
+    n_layer = len(layers)
+    if prefix[1] not in keys:
+        raise ExportError(f"no {prefix[1]} tensor: is this a {fmt} checkpoint?")
+    d_model = get(prefix[1]).shape[1]
+    n_head = hf_config.get("n_heads") or hf_config.get("num_attention_heads")
+    matches = [name for name, p in PRESETS.items()
+               if (p.n_layer, p.d_model) == (n_layer, d_model)
+               and (n_head is None or p.n_head == n_head)]
+    if len(matches) != 1:
+        raise ExportError(
+            f"cannot tell the preset from the shapes ({n_layer} layers, width {d_model}): "
+            f"{'candidates ' + ', '.join(matches) if matches else 'no preset matches'}; pass "
+            f"--preset NAME")
+    return matches[0]
+
+
+def import_checkpoint(fmt: str, src: str, out: str, preset: str | None = None,
+                      step: int | None = None, seq_len: int | None = None) -> int:
+    """Write `src` (in layout `fmt`) as an mdm_jax checkpoint under `out`; returns its step."""
+    import jax
+    import numpy as np
+
+    from mdm_jax import config as config_lib
+    from mdm_jax.checkpoint import Checkpointer
+    from mdm_jax.train import Trainer, _resolved_config
+
+    if fmt not in FORMATS:
+        raise ExportError(f"--format {fmt!r}; valid: {', '.join(FORMATS)}")
+    hf_config, meta = {}, {}
+    folder = src if os.path.isdir(src) else os.path.dirname(src)
+    if os.path.exists(os.path.join(folder, "config.json")):
+        with open(os.path.join(folder, "config.json")) as f:
+            hf_config = json.load(f)
+        meta = hf_config.get("mdm_jax", {})
+    if fmt == "litgpt" and os.path.isdir(src):
+        names = [n for n in ("lit_model.safetensors", "lit_model.pth")
+                 if os.path.exists(os.path.join(src, n))]
+        if not names:
+            raise ExportError(f"{src} holds neither lit_model.safetensors nor lit_model.pth")
+        src = os.path.join(src, names[0])
+    reader = TensorReader(src)
+    keys = reader.keys()
+    preset = preset or meta.get("preset") or _find_preset(fmt, keys, reader.get, hf_config)
+    causal = fmt == "llama-hf"
+    c = config_lib.base_config()
+    c.workdir = out
+    c.model.preset = preset
+    c.objective.kind = "arm" if causal else "mdm"
+    c.model.vocab_size = int(meta.get("vocab_size") or 0)
+    if not c.model.vocab_size:  # from the head: [vocab, d] in every layout
+        head = {"litgpt": "lm_head.weight", "llada-hf": "model.transformer.ff_out.weight",
+                "llama-hf": "lm_head.weight"}[fmt]
+        if head in keys:
+            c.model.vocab_size = int(reader.get(head).shape[0])
+    from mdm_jax.presets import get_preset
+
+    try:
+        p = get_preset(preset)
+    except ValueError as e:
+        raise ExportError(str(e)) from None
+    c.seq_len = int(seq_len or meta.get("seq_len") or p.max_seq_len)
+    c.model.dtype = "float32"
+    c.global_batch, c.micro_batch = 1, 0  # only shapes matter here; training sets its own
+    if meta.get("tokenizer"):
+        c.data.tokenizer = meta["tokenizer"]
+    step = int(step if step is not None else meta.get("step") or 0)
+
+    trainer = Trainer(c, devices=jax.devices()[:1])
+    dims = Dims.from_args(trainer.args)
+    leaves = read_leaves(fmt, reader.get, keys, dims, src)
+    params = params_tree(leaves, dims, scanned=trainer.args.scan_layers)
+    state = trainer.create_state(c.seed)
+    with trainer.context():
+        expected = jax.tree_util.tree_structure(state.params)
+        if jax.tree_util.tree_structure(params) != expected:
+            raise ExportError(f"{src}: the parameter tree does not match preset {preset}")
+        params = jax.tree_util.tree_map(
+            lambda new, old: jax.device_put(np.asarray(new, np.float32), old.sharding),
+            params, state.params)
+        state = state.replace(params=params, step=jax.numpy.asarray(step, state.step.dtype))
+    ckpt = Checkpointer(out)
+    if step in ckpt.all_steps():
+        raise ExportError(f"{out} already has a checkpoint at step {step}; choose another "
+                          f"--out (nothing was overwritten)")
+    ckpt.save(step, state, None, _resolved_config(c, trainer),
+              {"preset": preset, "imported_from": os.path.abspath(src), "format": fmt,
+               "source_meta": meta}, force=True)
+    ckpt.close()
+    return step
+
+
+def cli(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m mdm_jax.export.load", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--format", required=True, choices=FORMATS)
+    parser.add_argument("--src", required=True, help="export folder, .safetensors or .pth")
+    parser.add_argument("--out", required=True, help="workdir for the mdm_jax checkpoint")
+    parser.add_argument("--preset", help="preset name when the files do not record one")
+    parser.add_argument("--step", type=int, help="step to record (default: the export's)")
+    parser.add_argument("--seq-len", type=int, help="sequence length to record")
+    a = parser.parse_args(argv)
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    try:
+        step = import_checkpoint(a.format, a.src, a.out, a.preset, a.step, a.seq_len)
+    except ExportError as e:
+        sys.exit(f"error: {e}")
+    print(f"wrote an mdm_jax checkpoint (step {step}) to {a.out}/checkpoints; sample with "
+          f"`python -m mdm_jax.sampling --workdir {a.out}`")
+
+
+if __name__ == "__main__":
+    cli()

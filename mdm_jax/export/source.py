@@ -1,0 +1,116 @@
+"""Read a trained model's parameters out of an mdm_jax Orbax checkpoint, one leaf at a time.
+
+Only `state.params` is read (never the optimizer state, which is twice as large), and only the
+leaves the current output tensor needs: Orbax's partial restore loads just those arrays, from
+however many shards the training mesh wrote, as host numpy arrays. Peak memory during an export
+is therefore a few leaves, not a copy of the model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import ml_collections
+import numpy as np
+
+from mdm_jax.export.tensor_io import ExportError
+
+
+def resolve(path: str, step: int | None) -> tuple[str, int | None]:
+    """Accept a run's workdir, its checkpoints/ folder or one step's folder."""
+    path = os.path.abspath(path)
+    if os.path.basename(path).isdigit() and os.path.basename(os.path.dirname(path)) == \
+            "checkpoints":
+        return os.path.dirname(os.path.dirname(path)), int(os.path.basename(path))
+    if os.path.basename(path) == "checkpoints":
+        return os.path.dirname(path), step
+    return path, step
+
+
+class CheckpointParams:
+    def __init__(self, path: str, step: int | None = None):
+        import orbax.checkpoint as ocp
+
+        from mdm_jax.checkpoint import Checkpointer
+
+        workdir, step = resolve(path, step)
+        if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+            raise ExportError(f"{path} is not an mdm_jax run: no checkpoints/ folder in "
+                              f"{workdir}; pass the --config.workdir of a training run")
+        ckpt = Checkpointer(workdir)
+        steps = ckpt.all_steps()
+        if not steps:
+            raise ExportError(f"{workdir}/checkpoints holds no finished checkpoint")
+        if step is None:
+            step = steps[-1]
+        elif step not in steps:
+            raise ExportError(f"no checkpoint for step {step} in {workdir}/checkpoints; "
+                              f"available: {', '.join(map(str, steps))}")
+        self.step = step
+        self.config = ml_collections.ConfigDict(ckpt.restore_config(step))
+        try:
+            self.meta = ckpt.read_json(step, "meta")
+        except Exception:  # older checkpoints may lack it; nothing below depends on it
+            self.meta = {}
+        self.state_dir = os.path.join(ckpt.directory, str(step), "state")
+        ckpt.close()
+        self._ckptr = ocp.PyTreeCheckpointer()
+        tree = self._ckptr.metadata(self.state_dir).item_metadata
+        tree = getattr(tree, "tree", tree)
+        self.param_meta = tree["params"]
+        self.scanned = "blocks" in self.param_meta
+        self._cache: dict[tuple, np.ndarray] = {}
+        self.param_bytes = sum(int(np.prod(m.shape)) * 4 for m in _leaves(self.param_meta))
+
+    def _restore(self, path: tuple) -> np.ndarray:
+        import jax
+        import orbax.checkpoint as ocp
+
+        node = self.param_meta
+        for part in path:
+            node = node[part]
+        item = abstract = jax.ShapeDtypeStruct(tuple(node.shape), np.float32)
+        for part in reversed(("params", *path)):
+            item = {part: item}
+        restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
+                                              item)
+        out = self._ckptr.restore(self.state_dir, args=ocp.args.PyTreeRestore(
+            item=item, restore_args=restore_args, partial_restore=True))
+        for part in ("params", *path):
+            out = out[part]
+        assert out.shape == abstract.shape
+        return out
+
+    def leaf(self, leaf: str, layer: int | None) -> np.ndarray:
+        """An mdm_jax leaf ("wq", "attn_norm/scale", "embedding") for one layer (or global)."""
+        parts = tuple(leaf.split("/"))
+        if layer is not None:
+            parts = ("blocks", *parts) if self.scanned else (f"block_{layer}", *parts)
+        if parts not in self._cache:
+            self._cache[parts] = self._restore(parts)
+        array = self._cache[parts]
+        return array[layer] if layer is not None and self.scanned else array
+
+    def keep_only(self, leaves: tuple[str, ...]) -> None:
+        """Drop cached leaves the next tensors do not need (bounds memory to one entry)."""
+        wanted = {tuple(x.split("/")) for x in leaves}
+        for key in list(self._cache):
+            if tuple(p for p in key if p != "blocks" and not p.startswith("block_")) not in \
+                    wanted:
+                del self._cache[key]
+
+    def tokenizer_sha256(self) -> str | None:
+        path = self.config.data.get("tokenizer", "")
+        if path and os.path.exists(path):
+            with open(path, "rb") as f:
+                return hashlib.sha256(f.read()).hexdigest()
+        return None
+
+
+def _leaves(tree):
+    if isinstance(tree, dict):
+        for v in tree.values():
+            yield from _leaves(v)
+    else:
+        yield tree
