@@ -64,7 +64,7 @@ class Minimum:
     budget: float
     n_opt: float
     loss_opt: float
-    bracketed: bool  # False: the parabola's vertex is outside the sizes run (or it opens down)
+    bracketed: bool  # False: the best run is the smallest or largest size (N* is a bound)
     coeffs: tuple  # loss = c2 x^2 + c1 x + c0 with x = log10 N
 
 
@@ -74,11 +74,13 @@ def isoflop_minimum(n: np.ndarray, loss: np.ndarray, budget: float) -> Minimum:
                          f"needs 3 or more sizes")
     x = np.log10(n)
     c2, c1, c0 = np.polyfit(x, loss, 2)
-    if c2 > 0 and x.min() <= -c1 / (2 * c2) <= x.max():
+    best = int(np.argmin(loss))
+    # Bracketed: the best run has a larger and a smaller size beside it, and the parabola
+    # opens upward with its vertex inside the sizes run.
+    if 0 < best < len(x) - 1 and c2 > 0 and x.min() <= -c1 / (2 * c2) <= x.max():
         x_opt = -c1 / (2 * c2)
         return Minimum(budget, 10 ** x_opt, c0 - c1 ** 2 / (4 * c2), True, (c2, c1, c0))
-    i = int(np.argmin(loss))  # not bracketed: report the best run, flagged
-    return Minimum(budget, float(n[i]), float(loss[i]), False, (c2, c1, c0))
+    return Minimum(budget, float(n[best]), float(loss[best]), False, (c2, c1, c0))
 
 
 @dataclasses.dataclass

@@ -190,9 +190,9 @@ def _flags():
     config = config_flags.DEFINE_config_file("config", None, "study config, e.g. "
                                              "experiments/isoflop.py[:micro]")
     flags.DEFINE_enum("backend", "local", ["local", "slurm", "tpu"], "where runs execute")
-    flags.DEFINE_bool("dry_run", False, "print the commands; execute nothing")
+    flags.DEFINE_bool("dry-run", False, "print the commands; execute nothing")
     flags.DEFINE_integer("parallel", 1, "local backend: runs at a time")
-    flags.DEFINE_bool("collect_only", False, "only write results.csv from the workdirs")
+    flags.DEFINE_bool("collect-only", False, "only write results.csv from the workdirs")
     flags.DEFINE_string("results", None, "results CSV (default: SWEEP_DIR/results.csv)")
     flags.mark_flags_as_required(["config"])
     return config
@@ -203,6 +203,7 @@ def _main(argv) -> None:
 
     del argv
     f = flags.FLAGS
+    dry_run, collect_only = f["dry-run"].value, f["collect-only"].value
     study = _CONFIG.value
     results = f.results or os.path.join(study.sweep_dir, "results.csv")
     try:
@@ -211,27 +212,27 @@ def _main(argv) -> None:
         todo = [run for run in runs if states[run.run_id] != "finished"]
         print(f"[sweep] {study.name}: {len(runs)} runs, {len(runs) - len(todo)} finished, "
               f"{len(todo)} to {'launch' if f.backend == 'local' else 'submit'}", flush=True)
-        if not f.collect_only:
+        if not collect_only:
             if f.parallel < 1:
                 raise StudyError(f"--parallel={f.parallel}; give 1 or more")
             for run in todo:
                 cmd = command(study, run, f.backend)
-                if f.dry_run:
+                if dry_run:
                     print(f"# {run.run_id}: {states[run.run_id]}")
                     print(shlex.join(cmd))
-            if not f.dry_run and f.backend == "local":
+            if not dry_run and f.backend == "local":
                 failed = launch_local(study, todo, f.parallel)
                 if failed:
                     print(f"[sweep] {len(failed)} run(s) failed: "
                           f"{', '.join(r.run_id for r in failed)}", flush=True)
-            elif not f.dry_run:
+            elif not dry_run:
                 for run in todo:
                     os.makedirs(run.workdir, exist_ok=True)
                     print(f"[sweep] submit {run.run_id}", flush=True)
                     subprocess.run(command(study, run, f.backend), check=True)
     except StudyError as e:
         sys.exit(f"error: {e}")
-    if f.dry_run:
+    if dry_run:
         return
     written, missing = collect(runs, results)
     print(f"[sweep] wrote {written} result(s) to {results}"

@@ -1,0 +1,294 @@
+"""The IsoFLOP workflow (issue 5): plan numbers, sweep skip/resume on real tiny runs, fits on
+synthetic results with known exponents, launcher dry runs, and bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from mdm_jax import flops
+from mdm_jax.presets import PRESETS, SMDM_PRESETS, get_preset
+from mdm_jax.scaling import fit, plan, sweep
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REFERENCE_N = {  # shared/REFERENCE.md section 1
+    "6M": 6_294_784, "19M": 18_880_896, "34M": 33_563_136, "48M": 47_786_688,
+    "66M": 65_549_440, "75M": 75_387_520, "85M": 85_214_080, "113M": 113_265_408,
+    "142M": 141_581_568, "170M": 169_897_728, "180M": 179_856_768, "206M": 205_550_464,
+    "231M": 231_244_160, "268M": 268_469_248, "302M": 302_027_776, "336M": 335_586_304,
+    "472M": 471_906_560, "551M": 550_557_440, "571M": 571_001_728, "629M": 629_208_320,
+    "666M": 666_168_448, "717M": 717_285_888, "761M": 761_335_168, "831M": 830_541_312,
+    "944M": 943_796_736, "1028M": 1_027_677_952, "1233M": 1_233_213_184,
+    "1476M": 1_476_487_168, "1678M": 1_677_826_048, "2121M": 2_121_393_280,
+}
+
+
+def _study(arg="smdm", **overrides):
+    sys.path.insert(0, os.path.join(ROOT, "experiments"))
+    try:
+        import isoflop
+    finally:
+        sys.path.pop(0)
+    c = isoflop.get_config(arg)
+    for key, value in overrides.items():
+        c[key] = value
+    return c
+
+
+def _cli(module, *args, cwd=ROOT):
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=600)
+
+
+def test_plan_matches_the_reference():
+    assert set(SMDM_PRESETS) == set(REFERENCE_N)
+    for name, n in REFERENCE_N.items():
+        assert get_preset(name).non_embedding_params == n, name
+    runs = plan.expand(_study())
+    assert len(runs) == 2 * sum(len(g.split(":")[1].split(",")) for g in _study().grid)
+    run = next(r for r in runs if (r.family, r.preset, r.budget) == ("mdm", "170M", 1e19))
+    assert run.steps == 18_710 and run.tokens == 18_710 * 256 * 2048
+    assert run.run_id == "mdm-170M-1e+19" and run.workdir.endswith("isoflop_smdm/mdm-170M-1e+19")
+    # Every budget's bracket has sizes on both sides of a Chinchilla-style centre sqrt(C/120).
+    for budget in (6e18, 1e19, 3e19, 6e19, 1e20):
+        sizes = [r.non_embedding_params for r in runs if r.budget == budget]
+        assert min(sizes) < (budget / 120) ** 0.5 < max(sizes)
+
+
+def test_plan_cli_table_and_json():
+    out = _cli("mdm_jax.scaling.plan", "--config=experiments/isoflop.py", "--json")
+    assert out.returncode == 0, out.stderr
+    rows = json.loads(out.stdout)
+    row = next(r for r in rows if r["run_id"] == "arm-170M-1e+19")
+    p = get_preset("170M")
+    assert row["steps"] == flops.steps_for_budget(p, 1e19)
+    assert row["non_embedding_params"] == 169_897_728
+    per_token = flops.train_flops_per_token(p, 2048, causal=True)
+    hours = per_token * row["tokens"] / (flops.peak_flops("h100") * 0.4) / 3600
+    assert row["accelerator_hours"] == pytest.approx(hours)
+    table = _cli("mdm_jax.scaling.plan", "--config=experiments/isoflop.py:micro",
+                 "--accelerator", "tpu v5p", "--mfu", "0.5")
+    assert table.returncode == 0, table.stderr
+    assert "tpu v5p-hours@50%" in table.stdout and " 13K " in table.stdout
+
+
+def test_duo_convention_changes_the_steps():
+    six_n = {r.run_id: r.steps for r in plan.expand(_study())}
+    duo = {r.run_id: r.steps for r in plan.expand(_study(convention="3fwd"))}
+    assert all(duo[k] < six_n[k] for k in six_n)
+    p = get_preset("170M")
+    assert duo["arm-170M-1e+19"] == flops.steps_for_budget(p, 1e19, convention="3fwd",
+                                                           causal=True)
+
+
+def test_bad_study_input_is_named():
+    with pytest.raises(plan.StudyError, match="unknown preset 'bogus'"):
+        plan.expand(_study(grid=("1e19: 170M,bogus",)))
+    with pytest.raises(plan.StudyError, match="less than one step of preset 1028M"):
+        plan.expand(_study(grid=("1e12: 1028M",)))
+    with pytest.raises(plan.StudyError, match="must read 'BUDGET: PRESET"):
+        plan.expand(_study(grid=("lots: 170M",)))
+    with pytest.raises(plan.StudyError, match="families has 'gpt'"):
+        plan.expand(_study(families="mdm,gpt"))
+    out = _cli("mdm_jax.scaling.plan", "--config=experiments/isoflop.py",
+               "--config.grid=('1e19: 170M,nope',)")
+    assert out.returncode != 0 and "unknown preset 'nope'" in out.stderr
+
+
+def _synthetic(path, alpha, beta, multiplier, noise=1e-4, seed=0):
+    """IsoFLOP curves that are exact parabolas in log N around N*(C) = b C^beta with minimum
+    L*(C) = a C^-alpha (MDM: the ARM's curve shifted by `multiplier` in compute)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for family in ("mdm", "arm"):
+        shift = multiplier if family == "mdm" else 1.0
+        for budget in (6e18, 1e19, 3e19, 6e19, 1e20):
+            l_opt = 40.0 * (budget / shift) ** -alpha
+            n_opt = (0.02 if family == "mdm" else 0.05) * budget ** beta[family]
+            for factor in np.geomspace(0.2, 5, 7):
+                loss = l_opt * (1 + 0.03 * np.log10(factor) ** 2) * (1 + noise * rng.normal())
+                rows.append({"family": family, "preset": f"p{factor:.2f}",
+                             "non_embedding_params": int(n_opt * factor), "budget": budget,
+                             "steps": 1, "tokens": 1, "loss": loss})
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=sweep.RESULT_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def test_fit_recovers_known_exponents(tmp_path):
+    path = tmp_path / "results.csv"
+    _synthetic(path, alpha=0.062, beta={"mdm": 0.63, "arm": 0.58}, multiplier=16.0)
+    out = _cli("mdm_jax.scaling.fit", "--results", str(path), "--json", "--plot",
+               str(tmp_path / "fig.png"))
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    mdm, arm = result["families"]["mdm"], result["families"]["arm"]
+    assert mdm["alpha"] == pytest.approx(0.062, rel=0.02)
+    assert arm["alpha"] == pytest.approx(0.062, rel=0.02)
+    assert mdm["beta"] == pytest.approx(0.63, rel=0.02)
+    assert arm["beta"] == pytest.approx(0.58, rel=0.02)
+    assert result["compute_multiplier"]["shared_alpha"] == pytest.approx(16.0, rel=0.02)
+    assert mdm["compute_multiplier"] == pytest.approx(16.0, rel=0.02)
+    assert all(m["bracketed"] for m in mdm["minima"] + arm["minima"])
+    assert mdm["alpha_se"] < 0.01
+    with open(tmp_path / "fig.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_fit_flags_minima_at_the_edge_of_the_grid(tmp_path):
+    rows = [{"family": "mdm", "preset": "x", "non_embedding_params": n, "budget": c,
+             "steps": 1, "tokens": 1, "loss": 5.0 + 1e-7 * n / c ** 0.1}
+            for c in (1e11, 3e11, 1e12) for n in (1e4, 3e4, 1e5)]
+    result = fit.fit(rows)
+    assert not any(m.bracketed for m in result["families"]["mdm"]["_minima"])
+    assert "not bracketed" in fit.report(result)
+
+
+def test_results_with_missing_columns_are_rejected(tmp_path):
+    path = tmp_path / "bad.csv"
+    path.write_text("family,preset,budget,loss\nmdm,170M,1e19,3.1\n")
+    out = _cli("mdm_jax.scaling.fit", "--results", str(path))
+    assert out.returncode != 0
+    assert "lacks column(s) non_embedding_params, steps, tokens" in out.stderr
+    path.write_text(",".join(sweep.RESULT_COLUMNS) + "\nmdm,170M,x,1e19,1,1,3.0\n")
+    with pytest.raises(plan.StudyError, match="line 2.*not a number"):
+        fit.read_results(str(path))
+
+
+def _sweep_study(tiny_data, tmp_path):
+    """Two real nano-sized runs (the micro family's 13K and 27K) on the test corpus."""
+    budget_steps = 6
+    p = get_preset("27K")
+    budget = budget_steps * flops.train_flops_per_token(p, 64) * 8 * 64
+    config = tmp_path / "study.py"
+    config.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {os.path.join(ROOT, 'experiments')!r})\n"
+        "import isoflop\n\n"
+        "def get_config():\n"
+        "    c = isoflop.get_config('micro')\n"
+        "    c.families = 'mdm'\n"
+        f"    c.grid = ('{budget!r}: 13K,27K',)\n"
+        "    c.batch, c.seq_len = 8, 64\n"
+        f"    c.sweep_dir = {str(tmp_path / 'sweep')!r}\n"
+        f"    c.overrides = ('data.train_dir={tiny_data['train']}',\n"
+        f"                   'data.eval_dir={tiny_data['validation']}',\n"
+        f"                   'data.tokenizer={tiny_data['tokenizer']}',\n"
+        "                   'data.eval_batches=2', 'checkpoint_every=2', 'log_every=2')\n"
+        "    return c\n")
+    return str(config)
+
+
+def test_sweep_runs_skips_finished_and_resumes_interrupted(tiny_data, tmp_path):
+    config = _sweep_study(tiny_data, tmp_path)
+    runs = {r.preset: r for r in plan.expand(_load(config))}
+    small, big = runs["13K"], runs["27K"]
+    assert big.steps == 6 and small.steps > big.steps
+    # An interrupted run: the 27K run trained for 2 of its steps and checkpointed.
+    args = sweep.train_args(_load(config), big) + ["--config.steps=2"]
+    first = subprocess.run([sys.executable, "-m", "mdm_jax.train", *args], cwd=ROOT,
+                           capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert sweep.status(big) == "resume from step 2"
+
+    results = tmp_path / "results.csv"
+    out = _cli("mdm_jax.scaling.sweep", f"--config={config}", "--results", str(results))
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "2 runs, 0 finished, 2 to launch" in out.stdout
+    with open(os.path.join(big.workdir, "train.log")) as f:
+        assert f"resumed from {os.path.abspath(big.workdir)}/checkpoints/2" in f.read()
+    rows = list(csv.DictReader(open(results)))
+    assert [r["preset"] for r in rows] == ["13K", "27K"]
+    assert [int(r["steps"]) for r in rows] == [small.steps, big.steps]
+    assert all(float(r["loss"]) > 0 for r in rows)
+    assert float(rows[1]["loss"]) == pytest.approx(sweep.final_loss(big), abs=1e-6)
+
+    metrics = open(os.path.join(small.workdir, "metrics.jsonl")).read()
+    again = _cli("mdm_jax.scaling.sweep", f"--config={config}", "--results", str(results))
+    assert again.returncode == 0 and "2 runs, 2 finished, 0 to launch" in again.stdout
+    assert open(os.path.join(small.workdir, "metrics.jsonl")).read() == metrics  # not rerun
+
+
+def _load(path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("study_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def test_sweep_dry_runs_render_each_backend(tiny_data, tmp_path):
+    config = _sweep_study(tiny_data, tmp_path)
+    local = _cli("mdm_jax.scaling.sweep", f"--config={config}", "--dry-run")
+    assert local.returncode == 0, local.stderr
+    assert "-m mdm_jax.train --config=experiments/micro.py:13K,mdm" in local.stdout
+    assert "--config.steps=" in local.stdout and "--config.global_batch=8" in local.stdout
+    slurm = _cli("mdm_jax.scaling.sweep", f"--config={config}", "--backend", "slurm",
+                 "--dry-run", "--config.slurm.nodes=4", "--config.slurm.partition=h100")
+    assert "sbatch --job-name=mdm-mdm-27K-" in slurm.stdout
+    assert "--nodes=4 --gpus-per-node=8" in slurm.stdout and "--partition=h100" in slurm.stdout
+    assert "launch/slurm.sbatch --config=experiments/micro.py:27K,mdm" in slurm.stdout
+    tpu = _cli("mdm_jax.scaling.sweep", f"--config={config}", "--backend", "tpu", "--dry-run")
+    assert "bash launch/tpu.sh xpk mdm-mdm-13k-" in tpu.stdout
+    assert "TPU_TYPE=v5p-64" in tpu.stdout
+    assert not os.path.exists(tmp_path / "sweep")  # a dry run creates nothing
+
+
+def _env(**extra):
+    """The environment without the test suite's XLA_FLAGS (launchers keep a caller's flags)."""
+    return {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, **extra}
+
+
+def _dry(script, *args, **env):
+    return subprocess.run(["bash", script, *args], cwd=ROOT, capture_output=True, text=True,
+                          env=_env(DRY_RUN="1", **env), timeout=60)
+
+
+def test_launcher_dry_runs_print_the_commands():
+    local = subprocess.run(["bash", "launch/local.sh", "--dry-run", "--gpu",
+                            "--config=experiments/smdm.py:170M"], cwd=ROOT,
+                           capture_output=True, text=True, timeout=60, env=_env())
+    assert local.returncode == 0, local.stderr
+    assert local.stdout.splitlines() == [
+        "bash launch/setup.sh cuda",
+        "env JAX_PLATFORMS=cuda XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 "
+        "XLA_FLAGS=--xla_gpu_enable_latency_hiding_scheduler=true .venv/bin/python -m "
+        "mdm_jax.train --config=experiments/smdm.py:170M"]
+    cpu = subprocess.run(["bash", "launch/local.sh", "--dry-run"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60, env=_env())
+    kept = subprocess.run(["bash", "launch/local.sh", "--dry-run", "--gpu"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60,
+                          env=_env(XLA_FLAGS="--xla_dump_to=/tmp/d"))
+    assert ("XLA_FLAGS=--xla_dump_to=/tmp/d\\ --xla_gpu_enable_latency_hiding_scheduler=true"
+            in kept.stdout)
+    assert cpu.stdout.splitlines()[-1] == ("env JAX_PLATFORMS=cpu .venv/bin/python -m "
+                                           "mdm_jax.train --config=experiments/tiny.py")
+    slurm = _dry("launch/slurm.sbatch", "--config=experiments/smdm.py:1028M")
+    assert slurm.stdout.splitlines()[-1] == (
+        "srun --kill-on-bad-exit=1 --ntasks-per-node=1 .venv/bin/python -m mdm_jax.train "
+        "--config=experiments/smdm.py:1028M")
+    create = _dry("launch/tpu.sh", "create", "slice1", TPU_TYPE="v5p-128", TPU_SPOT="1")
+    assert create.stdout.strip() == (
+        "gcloud compute tpus tpu-vm create slice1 --zone=us-east5-a "
+        "--accelerator-type=v5p-128 --version=v2-alpha-tpuv5 --spot")
+    setup = _dry("launch/tpu.sh", "setup", "slice1").stdout.splitlines()
+    assert setup[1].startswith("gcloud compute tpus tpu-vm scp /tmp/mdm_jax_src.tgz slice1:")
+    assert "--worker=all" in setup[2] and "launch/setup.sh\\ tpu" in setup[2]
+    train = _dry("launch/tpu.sh", "train", "slice1", "--", "--config=experiments/smdm.py:170M")
+    assert train.stdout.startswith("gcloud compute tpus tpu-vm ssh slice1 --worker=all ")
+    assert "mdm_jax.train\\ --config=experiments/smdm.py:170M" in train.stdout
+    xpk = _dry("launch/tpu.sh", "xpk", "w1", "--", "--config=experiments/smdm.py:170M",
+               TPU_CLUSTER="c1", TPU_IMAGE="img:1")
+    assert xpk.stdout.startswith("xpk workload create --cluster=c1 --workload=w1 "
+                                 "--tpu-type=v5p-64 --num-slices=1 --docker-image=img:1")
+    bad = _dry("launch/tpu.sh", "xpk", "w1", "--", "x", TPU_IMAGE="i")
+    assert bad.returncode != 0 and "set TPU_CLUSTER" in bad.stderr
+    assert "13K" in PRESETS
