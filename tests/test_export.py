@@ -15,8 +15,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import jax  # noqa: E402
-
 from conftest import nano_config  # noqa: E402
+
 from mdm_jax.checkpoint import Checkpointer  # noqa: E402
 from mdm_jax.export.cli import export  # noqa: E402
 from mdm_jax.export.load import import_checkpoint  # noqa: E402

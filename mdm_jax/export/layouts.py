@@ -216,7 +216,8 @@ def read_leaves(fmt: str, get: Callable[[str], np.ndarray], keys: set[str], dims
         if tuple(array.shape) != want:
             raise ExportError(f"{source}: tensor {name} has shape {tuple(array.shape)}, "
                               f"expected {want}")
-        for leaf, value in zip(entry.leaves, entry.from_torch(dims, array.astype(np.float32))):
+        values = entry.from_torch(dims, array.astype(np.float32))
+        for leaf, value in zip(entry.leaves, values, strict=True):
             out[(leaf, layer)] = value
     return out
 

@@ -112,7 +112,7 @@ def table(runs: list[Run], accelerator: str, assumed_mfu: float) -> str:
                      f"{r.steps:,}", f"{r.tokens:,}", f"{r.tokens_per_param:.1f}",
                      "n/a" if hours is None else f"{hours:,.3g}"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
-    lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows]
+    lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
     total = [r.accelerator_hours(accelerator, assumed_mfu) for r in runs]
     if runs and total[0] is not None:
         lines.append(f"{len(runs)} runs, {sum(total):,.4g} {accelerator}-hours in all at an "

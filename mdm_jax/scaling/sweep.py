@@ -153,7 +153,7 @@ def launch_local(study, todo: list[Run], parallel: int) -> list[Run]:
             for child in active:
                 if child.poll() is None:
                     child.send_signal(signal.SIGTERM)
-            for child, (run, log, _) in active.items():
+            for child, (_, log, _) in active.items():
                 child.wait()
                 log.close()
             print(f"[sweep] interrupted; {len(active)} run(s) saved a checkpoint; rerun the "
