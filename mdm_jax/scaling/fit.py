@@ -212,7 +212,7 @@ def plot(rows: list[dict], result: dict, path: str) -> None:
             axes[0].plot(n, [r["loss"] for r in pts], marker, color=colors[m.budget])
             xs = np.linspace(np.log10(n.min()), np.log10(n.max()), 50)
             axes[0].plot(10 ** xs, np.polyval(m.coeffs, xs), line, color=colors[m.budget],
-                         label=f"{family.upper()} C={m.budget:.0e}")
+                         label=f"{family.upper()} C={m.budget:.2g}")
             axes[0].plot(m.n_opt, m.loss_opt, "*", ms=14, color=colors[m.budget], mec="k")
         loss_law, n_law = d["_laws"]
         cs = np.array([m.budget for m in d["_minima"]])
