@@ -32,7 +32,7 @@ SMDM_GRID = (
 )
 
 # Micro budgets sized for a 2-core CPU: 30 runs (3 budgets x 5 sizes x 2 families) in about
-# 40 minutes at batch 16 x 128, under the 3 x F_fwd convention: at this scale the head and the
+# 30 minutes at batch 16 x 128 with --parallel 2, under the 3 x F_fwd convention: at this scale the head and the
 # attention are 25-180% on top of 6N, so 6N would hand the smallest models 1.2-2.8x more real
 # compute than the largest. Pilots at 1e11-3e11 found the loss still falling towards 13K, hence
 # the 1-layer 4K and 13K presets at the bottom of the grid.
