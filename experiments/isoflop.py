@@ -32,10 +32,10 @@ SMDM_GRID = (
 )
 
 # Micro budgets sized for a 2-core CPU: 30 runs (3 budgets x 5 sizes x 2 families) in about
-# 30 minutes at batch 16 x 128 with --parallel 2, under the 3 x F_fwd convention: at this scale the head and the
-# attention are 25-180% on top of 6N, so 6N would hand the smallest models 1.2-2.8x more real
-# compute than the largest. Pilots at 1e11-3e11 found the loss still falling towards 13K, hence
-# the 1-layer 4K and 13K presets at the bottom of the grid.
+# 30 minutes at batch 16 x 128 with --parallel 2, under the 3 x F_fwd convention: at this
+# scale the head and the attention are 25-180% on top of 6N, so 6N would hand the smallest
+# models 1.2-2.8x more real compute than the largest. Pilots at 1e11-3e11 found the loss still
+# falling towards 13K, hence the 1-layer 4K and 13K presets at the bottom of the grid.
 MICRO_GRID = (
     "2e11: 4K,13K,27K,56K,107K",
     "5e11: 4K,13K,27K,56K,107K",

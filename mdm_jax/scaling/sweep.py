@@ -239,15 +239,14 @@ def _main(argv) -> None:
           + (f"; {len(missing)} run(s) not finished yet" if missing else ""), flush=True)
 
 
-_CONFIG = _flags() if __name__ == "__main__" else None
+_CONFIG = None  # defined by cli(): plan and sweep both own a --config flag
 
 
 def cli() -> None:
     global _CONFIG
     from absl import app
 
-    if _CONFIG is None:
-        _CONFIG = _flags()
+    _CONFIG = _flags()
     app.run(_main)
 
 
