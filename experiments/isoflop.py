@@ -13,7 +13,8 @@ Fields:
   convention    "6n" (SMDM's C = 6 N D) or "3fwd" (the Duo study's 3 x F_fwd per token)
   base          the run config each run starts from, given "PRESET,FAMILY" as its argument
   overrides     extra "key=value" config overrides for every run (data paths, mesh, ...)
-  sweep_dir     each run's workdir is sweep_dir/RUN_ID; results.csv lands here by default
+  sweep_dir     each run's workdir is sweep_dir/RUN_ID; results.csv lands here by default;
+                local paths are made absolute; the tpu backend needs gs://BUCKET/PATH
   accelerator / assumed_mfu   what `plan` prices the runs on
   slurm.* / tpu.*             what the slurm and tpu sweep backends submit with
 """
@@ -59,6 +60,9 @@ def get_config(arg: str = "smdm"):
     c.tpu.type = "v5p-64"
     c.tpu.num_slices = 1
     c.tpu.image = "us-docker.pkg.dev/PROJECT/mdm-jax/trainer:latest"  # built from this repo
+    c.tpu.storage = ""  # xpk storage names to mount (`xpk storage attach`), comma-separated
+    c.tpu.max_restarts = 10  # xpk restarts a preempted workload (exit 42) this many times
+    c.tpu.grace_seconds = 300  # SIGTERM to SIGKILL: room to finish a step and save
     c.tpu.extra = ""  # more xpk options, e.g. "--priority=high"
     if arg == "smdm":
         c.name = "smdm_isoflop"

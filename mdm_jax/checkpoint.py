@@ -22,6 +22,8 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
+from mdm_jax import storage
+
 log = logging.getLogger("mdm_jax")
 
 ITEMS = ("state", "data", "config", "meta")
@@ -35,11 +37,11 @@ class CheckpointError(RuntimeError):
 
 def _check_writable(directory: str) -> None:
     try:
-        os.makedirs(directory, exist_ok=True)
-        probe = os.path.join(directory, f".write_test.{os.getpid()}")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
+        path = storage.as_path(directory)
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write_test.{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
     except OSError as e:
         raise CheckpointError(
             f"cannot write checkpoints to {directory} ({e.strerror or e}); choose a writable "
@@ -64,7 +66,7 @@ class Checkpointer:
 
     def __init__(self, workdir: str, every: int = 0, keep: int = 3, keep_period: int = 0,
                  every_minutes: float = 0.0):
-        self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+        self.directory = storage.join(workdir, "checkpoints")  # local or gs://
         if jax.process_index() == 0:
             _check_writable(self.directory)
         self.every = every
@@ -123,8 +125,8 @@ class Checkpointer:
                         "the model and optimizer resume but the data order restarts",
                         self.directory, step)
             data_iterator = None
-        if data_iterator is not None and not os.path.isdir(
-                os.path.join(self.directory, str(step), "data")):
+        if data_iterator is not None and not (
+                storage.as_path(self.directory) / str(step) / "data").is_dir():
             log.warning("checkpoint %s/%d holds no data iterator state (an imported model); "
                         "the data order starts from the beginning", self.directory, step)
             data_iterator = None

@@ -68,6 +68,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.eval_batches = 4
 
     c.nonfinite = "skip"  # NaN/Inf loss or grads: "skip" the update (counted) or "stop"
+    # Exit code after a preemption save (SIGTERM): 0 here; the pod launchers pass 42 so that xpk
+    # restarts the workload and launch/slurm.sbatch requeues the job.
+    c.preemption_exit_code = 0
 
     c.distributed = ml_collections.ConfigDict()  # multi-host; empty = from the environment
     c.distributed.coordinator = ""  # host:port of process 0
@@ -143,6 +146,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, process_count: int 
     _require(c.steps >= 1, f"config.steps={c.steps} must be >= 1.")
     _require(c.nonfinite in ("skip", "stop"),
              f"config.nonfinite={c.nonfinite!r}; valid: skip, stop.")
+    _require(0 <= c.preemption_exit_code <= 255,
+             f"config.preemption_exit_code={c.preemption_exit_code} must be in 0..255.")
     _require(c.optim.lr > 0, f"config.optim.lr={c.optim.lr} must be > 0.")
 
     max_len = preset.max_seq_len

@@ -4,37 +4,90 @@ from __future__ import annotations
 
 import json
 import math
-import os
+import time
 
 import jax
 
+from mdm_jax import storage
+
 
 class MetricWriter:
-    def __init__(self, workdir: str, enabled: bool | None = None):
+    """On a local disk metrics.jsonl is appended line by line; object storage (gs://) has no
+    append, so there the file is rewritten whole at each `flush()` (the trainer flushes when it
+    saves a checkpoint) and at most every `remote_flush_s` seconds."""
+
+    def __init__(self, workdir: str, enabled: bool | None = None, remote_flush_s: float = 60.0,
+                 resume_step: int | None = None):
+        """`resume_step`: rows logged after it (by a run killed before its next checkpoint)
+        are dropped, so the file keeps one row per step when that run is resumed."""
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         self._jsonl = None
         self._tb = None
+        self._remote_path = None
+        self._remote_lines: list[str] = []
+        self._remote_flush_s = remote_flush_s
+        self._last_flush = time.monotonic()
         if self.enabled:
-            os.makedirs(workdir, exist_ok=True)
-            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
+            root = storage.as_path(workdir)
+            root.mkdir(parents=True, exist_ok=True)
+            path = root / "metrics.jsonl"
+            lines = path.read_text().splitlines(keepends=True) if path.exists() else []
+            kept = [line for line in lines if _logged_at_or_before(line, resume_step)]
+            if storage.is_remote(workdir):
+                self._remote_path = path
+                self._remote_lines = kept
+            else:
+                if kept != lines:  # rewrite whole, then append
+                    tmp = root / "metrics.jsonl.tmp"
+                    tmp.write_text("".join(kept))
+                    tmp.replace(path)
+                self._jsonl = open(path, "a", buffering=1)
             from tensorboardX import SummaryWriter  # local: heavy import, process 0 only
 
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            self._tb = SummaryWriter(str(root / "tensorboard"))
 
     def write(self, step: int, metrics: dict, prefix: str = "") -> None:
         if not self.enabled:
             return
         clean = {f"{prefix}{k}": _py(v) for k, v in metrics.items()}
-        self._jsonl.write(json.dumps({"step": step, **clean}) + "\n")
+        line = json.dumps({"step": step, **clean}) + "\n"
+        if self._jsonl is not None:
+            self._jsonl.write(line)
+        else:
+            self._remote_lines.append(line)
+            if time.monotonic() - self._last_flush >= self._remote_flush_s:
+                self.flush()
         for key, value in clean.items():
             if isinstance(value, (int, float)) and math.isfinite(value):
                 self._tb.add_scalar(key, value, step)
 
+    def flush(self) -> None:
+        if not self.enabled:
+            return
+        if self._remote_path is not None:
+            self._remote_path.write_text("".join(self._remote_lines))
+            self._last_flush = time.monotonic()
+        if self._tb:
+            self._tb.flush()
+
     def close(self) -> None:
+        if self._remote_path is not None:
+            self.flush()
         if self._jsonl:
             self._jsonl.close()
         if self._tb:
             self._tb.close()
+
+
+def _logged_at_or_before(line: str, step: int | None) -> bool:
+    """Keep a complete JSON row whose step is at most `step` (all complete rows if None)."""
+    if not line.endswith("\n"):
+        return False  # cut short by a kill
+    try:
+        row_step = json.loads(line).get("step")
+    except (ValueError, AttributeError):
+        return False
+    return step is None or (isinstance(row_step, int) and row_step <= step)
 
 
 def _py(value):

@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import sys
 import time
 from typing import Any
 
@@ -285,12 +286,14 @@ def train(c: ml_collections.ConfigDict, stop_at: int | None = None) -> RunResult
     """
     from tqdm import tqdm
 
+    from mdm_jax import storage
     from mdm_jax.checkpoint import Checkpointer
     from mdm_jax.metrics import MetricWriter, format_metrics
     from mdm_jax.preemption import PreemptionGuard
 
     trainer = Trainer(c)
     pindex = jax.process_index()
+    storage.check_shared_workdir(c.workdir)
     train_iter, eval_batches = _open_data(c, trainer)
     config_json = _resolved_config(c, trainer)
     ckpt = Checkpointer(c.workdir, every=c.checkpoint_every, keep=c.checkpoint_keep,
@@ -300,12 +303,12 @@ def train(c: ml_collections.ConfigDict, stop_at: int | None = None) -> RunResult
             "process_count": jax.process_count(), "devices": trainer.mesh.size,
             "device_kind": jax.devices()[0].device_kind}
 
-    writer = MetricWriter(c.workdir)
+    start = int(jax.device_get(state.step))
+    writer = MetricWriter(c.workdir, resume_step=start)
     n_dev, device_kind = trainer.mesh.size, jax.devices()[0].device_kind
     flops_per_step = trainer.train_flops_per_step()
     tokens_per_step = c.global_batch * c.seq_len
     history, eval_history, stopped = [], [], None
-    start = int(jax.device_get(state.step))
     if pindex == 0:
         n_params = flops.total_params(get_preset(c.model.preset), trainer.args.vocab_size,
                                       trainer.args.causal)
@@ -371,6 +374,7 @@ def train(c: ml_collections.ConfigDict, stop_at: int | None = None) -> RunResult
                     run_eval(done)
                     t_last = time.perf_counter()  # evaluation is not training throughput
                 if ckpt.save(done, state, train_iter, config_json, meta, force=last):
+                    writer.flush()  # metrics reach storage together with the checkpoint
                     t_last = time.perf_counter()
                 if last:
                     break
@@ -428,20 +432,33 @@ def _main(argv) -> None:
 
     from mdm_jax import distributed
     from mdm_jax.checkpoint import CheckpointError
+    from mdm_jax.storage import StorageError
 
     # Orbax and Grain log every file operation at INFO; keep the console for training progress.
     absl_logging.set_verbosity(absl_logging.WARNING)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     config = _CONFIG.value
-    distributed.initialize(config)
     try:
+        distributed.initialize(config)
         result = train(config)
+    except distributed.DistributedError as e:
+        _fail(f"multi-host start-up: {e}")
     except config_lib.ConfigError as e:
-        raise SystemExit(f"config error: {e}") from None
+        _fail(f"config: {e}")
     except CheckpointError as e:
-        raise SystemExit(f"checkpoint error: {e}") from None
+        _fail(f"checkpoint: {e}")
+    except StorageError as e:
+        _fail(f"storage: {e}")
     if result.stopped == "nonfinite":
         raise SystemExit(3)
+    if result.stopped and result.stopped.startswith("preempted"):
+        raise SystemExit(config.preemption_exit_code)
+
+
+def _fail(message: str) -> None:
+    """A user-fixable problem: one line on stderr, exit code 2."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
 
 
 def cli() -> None:

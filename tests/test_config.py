@@ -40,7 +40,7 @@ def test_cli_reports_config_error_before_compiling(tmp_path):
          "--config.model.preset=bogus", f"--config.workdir={tmp_path}"],
         capture_output=True, text=True, timeout=120)
     assert out.returncode != 0
-    assert "config error: config.model.preset: unknown preset 'bogus'" in out.stderr
+    assert "error: config: config.model.preset: unknown preset 'bogus'" in out.stderr
     assert not (tmp_path / "checkpoints").exists()
 
 

@@ -28,6 +28,7 @@ import grain
 import numpy as np
 from absl import flags
 
+from mdm_jax import storage
 from mdm_jax.data import litgpt
 from mdm_jax.data.prepare import MANIFEST
 
@@ -75,7 +76,7 @@ def manifest(data_dir: str | Path) -> dict:
     error when ``data_dir`` is neither."""
     if litgpt.is_litgpt_dir(data_dir):
         return litgpt.manifest(data_dir)
-    path = Path(data_dir) / MANIFEST
+    path = storage.as_path(data_dir) / MANIFEST  # local or gs://
     if not path.is_file():
         raise FileNotFoundError(
             f"{data_dir} is not a prepared data directory (no {MANIFEST}); create it with "
@@ -92,12 +93,13 @@ class PackedBlocks:
     """Random-access source of token blocks: item i is np.int32 of shape [seq_len + 1]."""
 
     def __init__(self, data_dir: str | Path):
-        self.data_dir = Path(data_dir)
+        self.data_dir = storage.as_path(data_dir)
         m = manifest(self.data_dir)
         self.seq_len = int(m["seq_len"])
         self.dtype = np.dtype(m["dtype"]).newbyteorder("<")
+        # ArrayRecord reads gs:// itself (its own GCS client), so shards stay plain strings.
         self._files = [str(self.data_dir / s["file"]) for s in m["shards"]]
-        missing = [f for f in self._files if not Path(f).is_file()]
+        missing = [f for f in self._files if not storage.as_path(f).is_file()]
         if missing:
             raise FileNotFoundError(f"shard(s) listed in {self.data_dir / MANIFEST} are "
                                     f"missing: {missing[:3]}; re-run mdm_jax.data.prepare")

@@ -17,6 +17,7 @@ import itertools
 import json
 import multiprocessing
 import os
+import shutil
 import time
 from collections import Counter, deque
 from collections.abc import Collection, Iterator, Sequence
@@ -26,6 +27,7 @@ import numpy as np
 import zstandard
 from array_record.python.array_record_module import ArrayRecordWriter
 
+from mdm_jax import storage
 from mdm_jax.data.tokenizer import Tokenizer
 
 KNOWN_SOURCES = frozenset(
@@ -535,10 +537,23 @@ def prepare(
     return manifest
 
 
+def upload(local_dir: str | Path, remote_dir: str, shard_files: Sequence[str]) -> None:
+    """Copy finished shards to object storage, then the manifest: a reader that finds the
+    manifest finds every shard it lists."""
+    dest = storage.as_path(remote_dir)
+    for name in [*shard_files, MANIFEST]:
+        with open(Path(local_dir) / name, "rb") as src, (dest / name).open("wb") as dst:
+            shutil.copyfileobj(src, dst, length=16 << 20)
+
+
 def cli(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--input", required=True, help="SlimPajama-style root holding {split}/chunk*/")
-    p.add_argument("--output", required=True, help="directory for shards and manifest.json")
+    p.add_argument("--output", required=True,
+                   help="directory for shards and manifest.json (local, or gs://BUCKET/PATH: "
+                        "written in --staging first, then uploaded, manifest last)")
+    p.add_argument("--staging", default=None,
+                   help="local directory for a gs:// --output (default: prepare_staging/SPLIT)")
     p.add_argument("--tokenizer", required=True, help="SentencePiece .model file")
     p.add_argument("--split", default="train")
     p.add_argument("--workers", type=int, default=1)
@@ -554,9 +569,13 @@ def cli(argv: Sequence[str] | None = None) -> None:
         return None if s is None else [x.strip() for x in s.split(",") if x.strip()]
 
     start = time.perf_counter()
-    m = prepare(a.input, a.output, a.tokenizer, split=a.split, seq_len=a.seq_len,
+    remote = storage.is_remote(a.output)
+    local_out = (a.staging or os.path.join("prepare_staging", a.split)) if remote else a.output
+    m = prepare(a.input, local_out, a.tokenizer, split=a.split, seq_len=a.seq_len,
                 workers=a.workers, shard_blocks=a.shard_blocks,
                 drop_sources=names(a.drop_sources) or (), keep_sources=names(a.keep_sources))
+    if remote:
+        upload(local_out, a.output, [s["file"] for s in m["shards"]])
     summary = {k: m[k] for k in ("documents", "tokens", "blocks", "tail_tokens_dropped",
                                  "skipped", "sources", "dtype")}
     print(json.dumps(summary, indent=1))

@@ -49,7 +49,7 @@ def _metadata(src, args, fmt: str, dtype: str) -> dict:
         "tokenizer": c.data.get("tokenizer", "") or None,
         "tokenizer_sha256": src.tokenizer_sha256(),
         "dtype": dtype,
-        "source_checkpoint": os.path.abspath(src.state_dir),
+        "source_checkpoint": src.state_dir,
     }
 
 

@@ -14,18 +14,18 @@ import os
 import ml_collections
 import numpy as np
 
+from mdm_jax import storage
 from mdm_jax.export.tensor_io import ExportError
 
 
 def resolve(path: str, step: int | None) -> tuple[str, int | None]:
-    """Accept a run's workdir, its checkpoints/ folder or one step's folder."""
-    path = os.path.abspath(path)
-    if os.path.basename(path).isdigit() and os.path.basename(os.path.dirname(path)) == \
-            "checkpoints":
-        return os.path.dirname(os.path.dirname(path)), int(os.path.basename(path))
-    if os.path.basename(path) == "checkpoints":
-        return os.path.dirname(path), step
-    return path, step
+    """Accept a run's workdir, its checkpoints/ folder or one step's folder (local or gs://)."""
+    p = storage.as_path(path)
+    if p.name.isdigit() and p.parent.name == "checkpoints":
+        return str(p.parent.parent), int(p.name)
+    if p.name == "checkpoints":
+        return str(p.parent), step
+    return str(p), step
 
 
 class CheckpointParams:
@@ -35,7 +35,7 @@ class CheckpointParams:
         from mdm_jax.checkpoint import Checkpointer
 
         workdir, step = resolve(path, step)
-        if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+        if not (storage.as_path(workdir) / "checkpoints").is_dir():
             raise ExportError(f"{path} is not an mdm_jax run: no checkpoints/ folder in "
                               f"{workdir}; pass the --config.workdir of a training run")
         ckpt = Checkpointer(workdir)
@@ -53,7 +53,7 @@ class CheckpointParams:
             self.meta = ckpt.read_json(step, "meta")
         except Exception:  # older checkpoints may lack it; nothing below depends on it
             self.meta = {}
-        self.state_dir = os.path.join(ckpt.directory, str(step), "state")
+        self.state_dir = storage.join(ckpt.directory, str(step), "state")
         ckpt.close()
         self._ckptr = ocp.PyTreeCheckpointer()
         tree = self._ckptr.metadata(self.state_dir).item_metadata

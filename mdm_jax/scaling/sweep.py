@@ -20,6 +20,7 @@ Collection reads the workdirs, so it needs them on a filesystem this machine see
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import shlex
@@ -30,6 +31,7 @@ import time
 
 import ml_collections
 
+from mdm_jax import storage
 from mdm_jax.scaling.plan import Run, StudyError, expand
 
 RESULT_COLUMNS = ("family", "preset", "non_embedding_params", "budget", "steps", "tokens", "loss")
@@ -54,27 +56,79 @@ def train_args(study: ml_collections.ConfigDict, run: Run) -> list[str]:
 
 def final_loss(run: Run) -> float | None:
     """The validation loss logged at the run's last step, or None if it has not got there."""
-    path = os.path.join(run.workdir, "metrics.jsonl")
-    if not os.path.exists(path):
+    path = storage.as_path(run.workdir) / "metrics.jsonl"
+    if not path.exists():
         return None
     loss = None
-    with open(path) as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:  # a line cut short by a kill: ignore it
-                continue
-            if record.get("step") == run.steps and "eval_loss" in record:
-                loss = float(record["eval_loss"])
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by a kill: ignore it
+            continue
+        if record.get("step") == run.steps and "eval_loss" in record:
+            loss = float(record["eval_loss"])
     return loss
 
 
 def status(run: Run) -> str:
     if final_loss(run) is not None:
         return "finished"
-    ckpt = os.path.join(run.workdir, "checkpoints")
-    steps = [int(d) for d in os.listdir(ckpt) if d.isdigit()] if os.path.isdir(ckpt) else []
+    ckpt = storage.as_path(run.workdir) / "checkpoints"
+    steps = [int(d.name) for d in ckpt.iterdir() if d.name.isdigit()] if ckpt.is_dir() else []
     return f"resume from step {max(steps)}" if steps else "new"
+
+
+def job_name(run: Run) -> str:
+    """The Slurm job / xpk workload name of a run (xpk: lower case, no '+' or '.')."""
+    return "mdm-" + run.run_id.lower().replace("+", "").replace(".", "p")
+
+
+def check_workdirs(study: ml_collections.ConfigDict, backend: str) -> None:
+    """Runs on other machines must write where this one collects from."""
+    root = str(study.sweep_dir)
+    if backend == "tpu" and not (storage.is_remote(root) or os.path.isabs(root)):
+        raise StudyError(
+            f"sweep_dir={root!r} is a path inside each xpk container, lost with the pod; set "
+            f"--config.sweep_dir=gs://BUCKET/PATH (or the mount point of a storage in "
+            f"--config.tpu.storage)")
+
+
+def _output(cmd: list[str], what: str) -> str:
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, check=True,
+                              timeout=120).stdout
+    except FileNotFoundError:
+        raise StudyError(f"{cmd[0]} not found: run the {what} backend where {cmd[0]} works"
+                         ) from None
+    except subprocess.CalledProcessError as e:
+        raise StudyError(f"{shlex.join(cmd)} failed (exit {e.returncode}): "
+                         f"{(e.stderr or e.stdout).strip()[:300]}") from None
+
+
+def slurm_jobs() -> dict[str, str]:
+    """This user's queued or running Slurm jobs: name -> 'STATE (job ID)'."""
+    user = os.environ.get("USER") or os.environ.get("LOGNAME") or ""
+    cmd = ["squeue", "-h", "-o", "%j|%i|%T"] + (["-u", user] if user else [])
+    jobs = {}
+    for line in _output(cmd, "slurm").splitlines():
+        name, _, rest = line.strip().partition("|")
+        job_id, _, state = rest.partition("|")
+        if name:
+            jobs[name] = f"{state} (job {job_id})"
+    return jobs
+
+
+def xpk_workloads(study: ml_collections.ConfigDict) -> dict[str, bool]:
+    """Workloads xpk still lists: name -> finished? (xpk keeps finished JobSets for 12 h; its
+    Status column is the Kueue condition, 'Finished' once the JobSet ended)."""
+    out = _output(["xpk", "workload", "list", f"--cluster={study.tpu.cluster}",
+                   "--filter-by-job=mdm-"], "tpu")
+    workloads = {}
+    for line in out.splitlines():
+        cells = line.split()
+        if cells and cells[0].startswith("mdm-"):
+            workloads[cells[0]] = "Finished" in cells
+    return workloads
 
 
 def command(study: ml_collections.ConfigDict, run: Run, backend: str) -> list[str]:
@@ -83,7 +137,7 @@ def command(study: ml_collections.ConfigDict, run: Run, backend: str) -> list[st
         return [sys.executable, "-m", "mdm_jax.train", *args]
     if backend == "slurm":
         s = study.slurm
-        cmd = ["sbatch", f"--job-name=mdm-{run.run_id}", f"--nodes={s.nodes}",
+        cmd = ["sbatch", f"--job-name={job_name(run)}", f"--nodes={s.nodes}",
                f"--gpus-per-node={s.gpus_per_node}", f"--time={s.time}",
                f"--output={run.workdir}/slurm-%j.out"]
         if s.partition:
@@ -92,12 +146,14 @@ def command(study: ml_collections.ConfigDict, run: Run, backend: str) -> list[st
         return [*cmd, "launch/slurm.sbatch", *args]
     if backend == "tpu":
         t = study.tpu
-        workload = "mdm-" + run.run_id.lower().replace("+", "").replace(".", "p")
         env = [f"TPU_CLUSTER={t.cluster}", f"TPU_TYPE={t.type}",
-               f"TPU_NUM_SLICES={t.num_slices}", f"TPU_IMAGE={t.image}"]
+               f"TPU_NUM_SLICES={t.num_slices}", f"TPU_IMAGE={t.image}",
+               f"TPU_MAX_RESTARTS={t.max_restarts}", f"TPU_GRACE_SECONDS={t.grace_seconds}"]
+        if t.storage:
+            env.append(f"TPU_STORAGE={t.storage}")
         if t.extra:
             env.append(f"XPK_EXTRA={t.extra}")
-        return ["env", *env, "bash", "launch/tpu.sh", "xpk", workload, "--", *args]
+        return ["env", *env, "bash", "launch/tpu.sh", "xpk", job_name(run), "--", *args]
     raise StudyError(f"--backend {backend!r}; valid: local, slurm, tpu")
 
 
@@ -113,14 +169,54 @@ def collect(runs: list[Run], path: str) -> tuple[int, list[Run]]:
                      "non_embedding_params": run.non_embedding_params,
                      "budget": f"{run.budget:.6g}", "steps": run.steps, "tokens": run.tokens,
                      "loss": f"{loss:.6f}"})
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=RESULT_COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)  # a reader never sees half a file
+    out = storage.as_path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=RESULT_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    tmp = out.parent / (out.name + ".tmp")
+    tmp.write_text(text.getvalue())
+    tmp.replace(out)  # a reader never sees half a file (one object write on gs://)
     return len(rows), missing
+
+
+def submit(study: ml_collections.ConfigDict, todo: list[Run], backend: str) -> int:
+    """Submit each run not already queued or running; returns how many were submitted.
+
+    Slurm: a run whose job (by name) is in squeue is left alone, so two jobs never train into
+    one workdir. xpk: a workload still running is left alone; one that finished (xpk keeps it
+    for 12 h) is deleted first, since xpk refuses to create a name that exists.
+    """
+    submitted = 0
+    if backend == "slurm":
+        queued = slurm_jobs()
+        for run in todo:
+            if job_name(run) in queued:
+                print(f"[sweep] skip {run.run_id}: {job_name(run)} is {queued[job_name(run)]} "
+                      f"in Slurm", flush=True)
+                continue
+            storage.as_path(run.workdir).mkdir(parents=True, exist_ok=True)
+            print(f"[sweep] submit {run.run_id}", flush=True)
+            _output(command(study, run, backend), "slurm")
+            submitted += 1
+    elif backend == "tpu":
+        workloads = xpk_workloads(study)
+        for run in todo:
+            name = job_name(run)
+            if name in workloads and not workloads[name]:
+                print(f"[sweep] skip {run.run_id}: workload {name} is still active in xpk",
+                      flush=True)
+                continue
+            if name in workloads:
+                print(f"[sweep] {name} finished without a final loss; deleting it to resubmit",
+                      flush=True)
+                _output(["xpk", "workload", "delete", f"--cluster={study.tpu.cluster}",
+                         f"--workload={name}"], "tpu")
+            print(f"[sweep] submit {run.run_id}", flush=True)
+            _output(command(study, run, backend), "tpu")
+            submitted += 1
+    return submitted
 
 
 def _interrupt(signum, frame):
@@ -140,8 +236,7 @@ def launch_local(study, todo: list[Run], parallel: int) -> list[Run]:
     while pending or active:
         while pending and len(active) < parallel:
             run = pending.pop(0)
-            os.makedirs(run.workdir, exist_ok=True)
-            log = open(os.path.join(run.workdir, "train.log"), "a")
+            log = open(_local_log(study, run), "a")
             print(f"[sweep] start {run.run_id} ({status(run)}, {run.steps} steps); log: "
                   f"{log.name}", flush=True)
             proc = subprocess.Popen(command(study, run, "local"), stdout=log,
@@ -168,8 +263,18 @@ def launch_local(study, todo: list[Run], parallel: int) -> list[Run]:
         else:
             failed.append(run)
             print(f"[sweep] FAILED {run.run_id} (exit {proc.returncode}); see "
-                  f"{run.workdir}/train.log; rerun the sweep to resume it", flush=True)
+                  f"{_local_log(study, run)}; rerun the sweep to resume it", flush=True)
     return failed
+
+
+def _local_log(study, run: Run) -> str:
+    """train.log beside the run, or under ./sweep_logs when the workdir is object storage."""
+    if storage.is_remote(run.workdir):
+        path = os.path.join("sweep_logs", study.name, f"{run.run_id}.log")
+    else:
+        path = os.path.join(run.workdir, "train.log")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    return path
 
 
 def _wait_any(active: dict) -> subprocess.Popen:
@@ -205,8 +310,11 @@ def _main(argv) -> None:
     f = flags.FLAGS
     dry_run, collect_only = f["dry-run"].value, f["collect-only"].value
     study = _CONFIG.value
-    results = f.results or os.path.join(study.sweep_dir, "results.csv")
     try:
+        check_workdirs(study, f.backend)
+        if not storage.is_remote(study.sweep_dir) and f.backend != "tpu":
+            study.sweep_dir = storage.resolve(study.sweep_dir)  # the same path on every node
+        results = f.results or storage.join(study.sweep_dir, "results.csv")
         runs = expand(study)
         states = {run.run_id: status(run) for run in runs}
         todo = [run for run in runs if states[run.run_id] != "finished"]
@@ -226,12 +334,10 @@ def _main(argv) -> None:
                     print(f"[sweep] {len(failed)} run(s) failed: "
                           f"{', '.join(r.run_id for r in failed)}", flush=True)
             elif not dry_run:
-                for run in todo:
-                    os.makedirs(run.workdir, exist_ok=True)
-                    print(f"[sweep] submit {run.run_id}", flush=True)
-                    subprocess.run(command(study, run, f.backend), check=True)
+                submit(study, todo, f.backend)
     except StudyError as e:
-        sys.exit(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
     if dry_run:
         return
     written, missing = collect(runs, results)

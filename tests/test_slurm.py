@@ -1,0 +1,171 @@
+"""A real Slurm 22.05 on localhost (slurmctld + slurmd + munge from Debian's slurm-wlm) runs
+launch/slurm.sbatch with 2 tasks on CPU devices: both processes join jax.distributed, train and
+checkpoint; `scancel --signal=TERM` makes them save the same step and exit 42; the script
+requeues the job, which resumes and finishes with losses bitwise identical to an uninterrupted
+job. The sweep's Slurm backend leaves a run alone while its job is still queued or running.
+Skipped, with the reason, where the Slurm daemons are not installed (`.ci/run` installs them).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TESTS = os.path.join(ROOT, "tests")
+STEPS = 40
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not all(shutil.which(b) for b in ("slurmctld", "slurmd", "munged")),
+                       reason="Slurm is not installed here (apt-get install slurm-wlm munge)"),
+]
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    """SLURM_CONF of a one-node cluster claiming 4 CPUs (2 jobs of 2 tasks fit side by side)."""
+    state = tmp_path_factory.mktemp("slurm")
+    env = dict(os.environ, SLURM_LOCAL_CPUS="4")
+    started = subprocess.run(["bash", os.path.join(TESTS, "slurm_localhost.sh"), "start",
+                              str(state)], capture_output=True, text=True, env=env, timeout=120)
+    assert started.returncode == 0, started.stderr
+    conf = started.stdout.strip().splitlines()[-1]
+    yield conf
+    subprocess.run(["bash", os.path.join(TESTS, "slurm_localhost.sh"), "stop", str(state)],
+                   capture_output=True, timeout=120)
+
+
+def _env(conf: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MDM_JAX_"))}
+    env.update(SLURM_CONF=conf, MDM_JAX_PLATFORM="cpu", MDM_JAX_PYTHON=sys.executable,
+               XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    return env
+
+
+def _config(tmp_path, tiny_data, workdir) -> str:
+    path = tmp_path / f"cfg_{os.path.basename(workdir)}.py"
+    path.write_text(
+        f"import sys\nsys.path.insert(0, {TESTS!r})\nfrom conftest import nano_config\n\n"
+        "def get_config():\n"
+        "    return nano_config(**{"
+        f"'data.train_dir': {tiny_data['train']!r}, 'data.eval_dir': '', "
+        f"'workdir': {str(workdir)!r}, 'steps': {STEPS}, 'log_every': 1, "
+        "'checkpoint_every': 10, 'mesh.data': 2, 'mesh.fsdp': 2, 'mesh.tensor': 2})\n")
+    return str(path)
+
+
+def _sbatch(conf, config, workdir) -> str:
+    out = subprocess.run(
+        ["sbatch", "--parsable", "--gpus-per-node=0", "--ntasks-per-node=2",
+         "--cpus-per-task=1", f"--output={workdir}/slurm-%j.out", "launch/slurm.sbatch",
+         f"--config={config}"],
+        cwd=ROOT, env=_env(conf), capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip().split(";")[0]
+
+
+def _job(conf, job_id) -> dict:
+    out = subprocess.run(["scontrol", "show", "job", job_id], env=_env(conf),
+                         capture_output=True, text=True, timeout=30).stdout
+    return dict(re.findall(r"(\w+)=(\S+)", out))
+
+
+def _wait(conf, job_id, done, deadline_s=400) -> dict:
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        job = _job(conf, job_id)
+        if done(job):
+            return job
+        time.sleep(0.5)  # polling Slurm's view of the job
+    raise AssertionError(f"job {job_id} did not get there in {deadline_s}s: {job}")
+
+
+def _losses(workdir) -> dict[int, float]:
+    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    steps = [r["step"] for r in rows if "loss" in r]
+    assert len(steps) == len(set(steps)), "a step was logged twice"
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def _logged_steps(workdir) -> int:
+    path = os.path.join(workdir, "metrics.jsonl")
+    return sum(1 for _ in open(path)) if os.path.exists(path) else 0
+
+
+def test_sbatch_joins_trains_saves_on_sigterm_and_resumes_after_requeue(slurm, tiny_data,
+                                                                        tmp_path):
+    ref_dir, run_dir = tmp_path / "reference", tmp_path / "preempted"
+    for d in (ref_dir, run_dir):
+        d.mkdir()
+    ref = _sbatch(slurm, _config(tmp_path, tiny_data, ref_dir), ref_dir)
+    job = _sbatch(slurm, _config(tmp_path, tiny_data, run_dir), run_dir)
+    # Preempt the job once it is training (a few steps logged), as Slurm would.
+    end = time.monotonic() + 300
+    while _logged_steps(run_dir) < 3:
+        assert time.monotonic() < end, _job(slurm, job)
+        assert _job(slurm, job).get("JobState") in ("PENDING", "RUNNING"), _job(slurm, job)
+        time.sleep(0.2)  # polling the trainer's progress
+    subprocess.run(["scancel", "--signal=TERM", job], env=_env(slurm), check=True, timeout=30)
+    final = _wait(slurm, job, lambda j: j.get("JobState") in ("COMPLETED", "FAILED",
+                                                                "CANCELLED", "TIMEOUT"))
+    log = open(os.path.join(run_dir, f"slurm-{job}.out"), errors="replace").read()
+    assert final["JobState"] == "COMPLETED" and final["Restarts"] == "1", log[-3000:]
+    ref_final = _wait(slurm, ref, lambda j: j.get("JobState") in ("COMPLETED", "FAILED"))
+    assert ref_final["JobState"] == "COMPLETED"
+
+    # Both processes joined one jax.distributed job, at each of the two starts.
+    assert log.count("process_count: 2") == 4 and log.count("collective: ok") == 4
+    saved = re.search(r"preempted \(SIGTERM\): saved step (\d+)", log)
+    assert saved, log[-3000:]
+    assert f"requeueing job {job}" in log and f"resumed from {run_dir}/checkpoints/" \
+        f"{saved.group(1)}" in log
+    assert 3 <= int(saved.group(1)) < STEPS
+    # The requeued run continued exactly: every step's loss equals the uninterrupted job's.
+    losses, reference = _losses(run_dir), _losses(ref_dir)
+    assert sorted(losses) == list(range(1, STEPS + 1)) == sorted(reference)
+    assert losses == reference
+
+
+def test_sweep_does_not_resubmit_a_run_whose_job_is_queued_or_running(slurm, tiny_data,
+                                                                      tmp_path):
+    study = tmp_path / "study.py"
+    study.write_text(
+        f"import sys\nsys.path.insert(0, {os.path.join(ROOT, 'experiments')!r})\n"
+        "import isoflop\n\n"
+        "def get_config():\n"
+        "    c = isoflop.get_config('micro')\n"
+        "    c.families = 'mdm'\n"
+        "    c.grid = ('2e9: 13K',)\n"
+        "    c.batch, c.seq_len = 8, 64\n"
+        f"    c.sweep_dir = {str(tmp_path / 'sweep')!r}\n"
+        f"    c.overrides = ('data.train_dir={tiny_data['train']}', 'data.eval_dir=',\n"
+        "                   'model.dtype=float32')\n"
+        "    c.slurm.gpus_per_node = 0\n"
+        "    c.slurm.time = '10:00'\n"
+        "    c.slurm.extra = '--ntasks-per-node=1 --cpus-per-task=1 --hold'\n"
+        "    return c\n")
+    sweep = [sys.executable, "-m", "mdm_jax.scaling.sweep", f"--config={study}",
+             "--backend", "slurm"]
+    first = subprocess.run(sweep, cwd=ROOT, env=_env(slurm), capture_output=True, text=True,
+                           timeout=120)
+    assert first.returncode == 0, first.stderr
+    assert "[sweep] submit mdm-13K-" in first.stdout
+    # The job is held (--hold): PENDING. A second sweep must leave it alone.
+    second = subprocess.run(sweep, cwd=ROOT, env=_env(slurm), capture_output=True, text=True,
+                            timeout=120)
+    assert second.returncode == 0, second.stderr
+    assert re.search(r"skip mdm-13K-\S+: mdm-mdm-13k-\S+ is PENDING \(job \d+\) in Slurm",
+                     second.stdout), second.stdout
+    assert "[sweep] submit" not in second.stdout
+    queued = subprocess.run(["squeue", "-h", "-o", "%j"], env=_env(slurm), capture_output=True,
+                            text=True, timeout=30).stdout.split()
+    assert len([name for name in queued if name.startswith("mdm-mdm-13k-")]) == 1
+    subprocess.run(["scancel", "--name", queued[0]], env=_env(slurm), timeout=30)
