@@ -156,3 +156,61 @@ def test_xpk_launcher_flags_exist_and_preemption_restarts():
     assert 42 in XPK_RESTART_CODES and base_config().preemption_exit_code == 0
     bad = _dry("launch/tpu.sh", "xpk", "w1", "--", "x", TPU_IMAGE="i")
     assert bad.returncode != 0 and "set TPU_CLUSTER" in bad.stderr
+
+
+def test_xpk_sweep_skips_active_workloads_and_replaces_finished_ones(tmp_path):
+    """A stand-in `xpk` on PATH (no GKE here) prints xpk 1.16's workload table and records
+    calls: a run whose workload is still admitted is left alone, one whose workload finished
+    without a final loss is deleted and created again (xpk refuses an existing name), and a run
+    with no workload is created."""
+    import sys
+
+    from mdm_jax.scaling.plan import expand
+    from mdm_jax.scaling.sweep import job_name
+
+    study = tmp_path / "study.py"
+    study.write_text(
+        f"import sys\nsys.path.insert(0, {os.path.join(ROOT, 'experiments')!r})\n"
+        "import isoflop\n\n"
+        "def get_config():\n"
+        "    c = isoflop.get_config('micro')\n"
+        "    c.families = 'mdm'\n"
+        "    c.grid = ('2e11: 13K,27K,56K',)\n"
+        f"    c.sweep_dir = {str(tmp_path / 'mounted' / 'sweep')!r}\n"
+        "    c.tpu.cluster = 'gke1'\n"
+        "    return c\n")
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("study", study)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    names = [job_name(r) for r in expand(module.get_config())]
+    calls = tmp_path / "calls"
+    table = ("Workload List Output:\n"
+             "Jobset Name   Created Time   Priority   TPU/GPU VMs Needed   TPU/GPU VMs "
+             "Running/Ran   TPU/GPU VMs Done   Status   Status Message   Status Time\n"
+             f"{names[0]}   2026-11-23T10:00:00Z   medium   16   16   <none>   Admitted   "
+             "Admitted by ClusterQueue   2026-11-23T10:01:00Z\n"
+             f"{names[1]}   2026-11-23T09:00:00Z   medium   16   16   16   Finished   "
+             "Job failed   2026-11-23T09:30:00Z\n")
+    fake = tmp_path / "bin" / "xpk"
+    fake.parent.mkdir()
+    fake.write_text("#!/usr/bin/env bash\n"
+                    f"echo \"$*\" >> {calls}\n"
+                    f"[ \"$2\" = list ] && cat {tmp_path / 'table'}\n"
+                    "exit 0\n")
+    fake.chmod(0o755)
+    (tmp_path / "table").write_text(table)
+    out = subprocess.run([sys.executable, "-m", "mdm_jax.scaling.sweep", f"--config={study}",
+                          "--backend", "tpu"], cwd=ROOT, capture_output=True, text=True,
+                         env=_env(PATH=f"{fake.parent}:{os.environ['PATH']}"), timeout=120)
+    assert out.returncode == 0, out.stderr
+    recorded = calls.read_text().splitlines()
+    assert recorded[0] == "workload list --cluster=gke1 --filter-by-job=mdm-"
+    assert f"skip mdm-13K-2e+11: workload {names[0]} is still active in xpk" in out.stdout
+    assert recorded[1] == f"workload delete --cluster=gke1 --workload={names[1]}"
+    created = [line.split("--workload=")[1].split()[0] for line in recorded
+               if line.startswith("workload create")]
+    assert created == names[1:]
+    assert all("--config.workdir=" + str(tmp_path / "mounted" / "sweep") in line
+               for line in recorded if line.startswith("workload create"))

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import portpicker
@@ -52,3 +55,40 @@ def test_two_process_checkpoint_restores_in_one_process(two_process_run, tiny_da
     resumed = train(nano_config(**{"data.train_dir": tiny_data["train"], "data.eval_dir": "",
                                    "workdir": workdir, "steps": STEPS + 2, "log_every": 1}))
     assert [h["step"] for h in resumed.history] == [STEPS + 1, STEPS + 2]
+
+
+def test_sigterm_to_one_host_saves_the_same_step_on_every_host(tiny_data, tmp_path):
+    """A preemption notice reaches one host only: JAX's sync point makes both processes stop
+    after the same step, save it together and exit with config.preemption_exit_code."""
+    config = tmp_path / "cfg.py"
+    config.write_text(
+        f"import sys\nsys.path.insert(0, {os.path.dirname(WORKER)!r})\n"
+        "from conftest import nano_config\n\n"
+        "def get_config():\n"
+        "    return nano_config(**{"
+        f"'data.train_dir': {tiny_data['train']!r}, 'data.eval_dir': '', "
+        f"'workdir': {str(tmp_path / 'run')!r}, 'steps': 500, 'log_every': 1, "
+        "'checkpoint_every': 1000, 'preemption_exit_code': 42, "
+        "'mesh.data': 2, 'mesh.fsdp': 2, 'mesh.tensor': 2})\n")
+    port = portpicker.pick_unused_port()
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
+               MDM_JAX_COORDINATOR=f"127.0.0.1:{port}", MDM_JAX_NUM_PROCESSES="2")
+    procs = [subprocess.Popen([sys.executable, "-m", "mdm_jax.train", f"--config={config}"],
+                              env=dict(env, MDM_JAX_PROCESS_ID=str(i)), text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+             for i in range(2)]
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    end = time.monotonic() + 300
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        assert all(p.poll() is None for p in procs) and time.monotonic() < end
+        time.sleep(0.2)  # polling the run's progress
+    procs[1].send_signal(signal.SIGTERM)  # the host that is not the coordinator
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [42, 42], outs[0][-2000:] + outs[1][-2000:]
+    saved = re.search(r"preempted \(SIGTERM\): saved step (\d+)", outs[0])
+    assert saved, outs[0][-2000:]
+    step = int(saved.group(1))
+    assert 3 <= step < 500
+    assert sorted(int(d) for d in os.listdir(tmp_path / "run" / "checkpoints")
+                  if d.isdigit()) == [step]
