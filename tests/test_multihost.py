@@ -92,3 +92,26 @@ def test_sigterm_to_one_host_saves_the_same_step_on_every_host(tiny_data, tmp_pa
     assert 3 <= step < 500
     assert sorted(int(d) for d in os.listdir(tmp_path / "run" / "checkpoints")
                   if d.isdigit()) == [step]
+
+
+def test_relative_workdir_with_several_processes_is_refused(tiny_data, tmp_path):
+    """Each host would resolve a relative workdir on its own disk: every process stops with
+    one line naming the fix before anything is written."""
+    port = portpicker.pick_unused_port()
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
+               MDM_JAX_COORDINATOR=f"127.0.0.1:{port}", MDM_JAX_NUM_PROCESSES="2")
+    tiny = os.path.join(os.path.dirname(os.path.dirname(WORKER)), "experiments", "tiny.py")
+    args = [sys.executable, "-m", "mdm_jax.train", f"--config={tiny}",
+            "--config.workdir=runs/relative", f"--config.data.train_dir={tiny_data['train']}",
+            "--config.data.eval_dir=", "--config.seq_len=64", "--config.model.preset=nano"]
+    procs = [subprocess.Popen(args, cwd=tmp_path, env=dict(env, MDM_JAX_PROCESS_ID=str(i)),
+                              text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for i in range(2)]
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 2, err[-2000:]
+        assert err.strip().splitlines()[-1].startswith(
+            "error: storage: config.workdir='runs/relative' is relative, but this run has 2 "
+            "processes"), err[-2000:]
+    assert not (tmp_path / "runs").exists()

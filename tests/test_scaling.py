@@ -11,6 +11,7 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import write_study
 
 from mdm_jax import flops
 from mdm_jax.presets import PRESETS, get_preset
@@ -155,23 +156,13 @@ def _sweep_study(tiny_data, tmp_path):
     budget_steps = 6
     p = get_preset("27K")
     budget = budget_steps * flops.train_flops_per_token(p, 64) * 8 * 64
-    config = tmp_path / "study.py"
-    config.write_text(
-        "import sys\n"
-        f"sys.path.insert(0, {os.path.join(ROOT, 'experiments')!r})\n"
-        "import isoflop\n\n"
-        "def get_config():\n"
-        "    c = isoflop.get_config('micro')\n"
-        "    c.families = 'mdm'\n"
-        f"    c.grid = ('{budget!r}: 13K,27K',)\n"
-        "    c.batch, c.seq_len = 8, 64\n"
-        f"    c.sweep_dir = {str(tmp_path / 'sweep')!r}\n"
-        f"    c.overrides = ('data.train_dir={tiny_data['train']}',\n"
-        f"                   'data.eval_dir={tiny_data['validation']}',\n"
-        f"                   'data.tokenizer={tiny_data['tokenizer']}',\n"
-        "                   'data.eval_batches=2', 'checkpoint_every=2', 'log_every=2')\n"
-        "    return c\n")
-    return str(config)
+    return write_study(tmp_path / "study.py", {
+        "grid": (f"{budget!r}: 13K,27K",), "batch": 8, "seq_len": 64,
+        "sweep_dir": str(tmp_path / "sweep"),
+        "overrides": (f"data.train_dir={tiny_data['train']}",
+                      f"data.eval_dir={tiny_data['validation']}",
+                      f"data.tokenizer={tiny_data['tokenizer']}",
+                      "data.eval_batches=2", "checkpoint_every=2", "log_every=2")})
 
 
 def test_sweep_runs_skips_finished_and_resumes_interrupted(tiny_data, tmp_path):
@@ -229,11 +220,12 @@ def test_sweep_dry_runs_render_each_backend(tiny_data, tmp_path):
                      "--dry-run", "--config.sweep_dir=runs/sweep")
     assert local_dir.returncode == 2 and local_dir.stderr.strip().startswith(
         "error: sweep_dir='runs/sweep' is a path inside each xpk container")
+    # An absolute path: the mount point of an xpk storage (gs:// sweeps: tests/test_gcs.py).
     tpu = _cli("mdm_jax.scaling.sweep", f"--config={config}", "--backend", "tpu", "--dry-run",
-               "--config.sweep_dir=gs://bucket/sweep", "--config.tpu.storage=ckpt")
+               "--config.sweep_dir=/mnt/ckpt/sweep", "--config.tpu.storage=ckpt")
     assert tpu.returncode == 0, tpu.stderr
     assert "bash launch/tpu.sh xpk mdm-mdm-13k-" in tpu.stdout
     assert "TPU_TYPE=v5p-64" in tpu.stdout and "TPU_STORAGE=ckpt" in tpu.stdout
-    assert "--config.workdir=gs://bucket/sweep/mdm-13K-" in tpu.stdout
+    assert "--config.workdir=/mnt/ckpt/sweep/mdm-13K-" in tpu.stdout
     assert not os.path.exists(tmp_path / "sweep")  # a dry run creates nothing
     assert "13K" in PRESETS

@@ -17,6 +17,7 @@ import sys
 import time
 
 import pytest
+from conftest import write_study
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.join(ROOT, "tests")
@@ -136,22 +137,12 @@ def test_sbatch_joins_trains_saves_on_sigterm_and_resumes_after_requeue(slurm, t
 
 def test_sweep_does_not_resubmit_a_run_whose_job_is_queued_or_running(slurm, tiny_data,
                                                                       tmp_path):
-    study = tmp_path / "study.py"
-    study.write_text(
-        f"import sys\nsys.path.insert(0, {os.path.join(ROOT, 'experiments')!r})\n"
-        "import isoflop\n\n"
-        "def get_config():\n"
-        "    c = isoflop.get_config('micro')\n"
-        "    c.families = 'mdm'\n"
-        "    c.grid = ('2e9: 13K',)\n"
-        "    c.batch, c.seq_len = 8, 64\n"
-        f"    c.sweep_dir = {str(tmp_path / 'sweep')!r}\n"
-        f"    c.overrides = ('data.train_dir={tiny_data['train']}', 'data.eval_dir=',\n"
-        "                   'model.dtype=float32')\n"
-        "    c.slurm.gpus_per_node = 0\n"
-        "    c.slurm.time = '10:00'\n"
-        "    c.slurm.extra = '--ntasks-per-node=1 --cpus-per-task=1 --hold'\n"
-        "    return c\n")
+    study = write_study(tmp_path / "study.py", {
+        "grid": ("2e9: 13K",), "batch": 8, "seq_len": 64, "sweep_dir": str(tmp_path / "sweep"),
+        "overrides": (f"data.train_dir={tiny_data['train']}", "data.eval_dir=",
+                      "model.dtype=float32"),
+        "slurm.gpus_per_node": 0, "slurm.time": "10:00",
+        "slurm.extra": "--ntasks-per-node=1 --cpus-per-task=1 --hold"})
     sweep = [sys.executable, "-m", "mdm_jax.scaling.sweep", f"--config={study}",
              "--backend", "slurm"]
     first = subprocess.run(sweep, cwd=ROOT, env=_env(slurm), capture_output=True, text=True,
