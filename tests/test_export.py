@@ -76,9 +76,11 @@ def test_mdm_exports_match_jax_logits(tmp_path, preset):
     rows = trainer.args.embedding_rows
     assert st["transformer.wte.weight"].shape[0] == rows == trainer.args.vocab_size + 1
     assert st["lm_head.weight"].shape[0] == trainer.args.vocab_size
-    meta = json.loads((tmp_path / "llada" / "config.json").read_text())
-    assert meta["mask_token_id"] == trainer.args.vocab_size
-    assert meta["mdm_jax"]["preset"] == preset and meta["mdm_jax"]["step"] == 7
+    config = json.loads((tmp_path / "llada" / "config.json").read_text())
+    assert config["mask_token_id"] == trainer.args.vocab_size
+    for folder in ("lit", "llada"):
+        meta = json.loads((tmp_path / folder / "mdm_jax.json").read_text())
+        assert meta["preset"] == preset and meta["step"] == 7
 
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -131,8 +133,9 @@ def test_trained_checkpoint_exports_and_trains_again(tiny_data, tmp_path):
     with torch.no_grad():
         got = model(torch.from_numpy(tokens).long()).numpy()
     np.testing.assert_allclose(got, ref, atol=TOL, rtol=0)
-    meta = json.loads((tmp_path / "lit" / "config.json").read_text())["mdm_jax"]
+    meta = json.loads((tmp_path / "lit" / "mdm_jax.json").read_text())
     assert len(meta["tokenizer_sha256"]) == 64 and meta["mask_token_id"] == 512
+    assert meta["tokenizer"] == "tokenizer.model"  # shipped: the run's tokenizer is found
     # The imported checkpoint is a run that training continues from.
     assert import_checkpoint("litgpt", str(tmp_path / "lit"), str(tmp_path / "back")) == 10
     again = train(config(tmp_path / "back", 13))
@@ -186,3 +189,113 @@ def test_bad_inputs_get_clear_errors(tmp_path):
     with pytest.raises(ExportError, match="not a plain state dict"):
         import_checkpoint("litgpt", str(tmp_path / "evil.pth"), str(tmp_path / "back2"),
                           preset="nano")
+
+
+# SMDM's lit_gpt.config.Config dataclass (ML-GSAI/SMDM lit_gpt/config.py, 583aa47): its fields,
+# and the computation-changing ones with the values of its Diff_LLaMA presets. TransEncoder
+# allocates lm_head [padded_vocab_size, n_embd] and wte [padded_vocab_size + 1, n_embd].
+SMDM_FIELDS = {"org", "name", "block_size", "vocab_size", "padding_multiple",
+               "padded_vocab_size", "n_layer", "n_head", "n_embd", "rotary_percentage",
+               "parallel_residual", "bias", "n_query_groups", "shared_attention_norm",
+               "_norm_class", "norm_eps", "_mlp_class", "intermediate_size", "condense_ratio"}
+SMDM_DIFF_LLAMA = {"rotary_percentage": 1.0, "parallel_residual": False, "bias": False,
+                   "_mlp_class": "LLaMAMLP", "norm_eps": 1e-5, "condense_ratio": 1,
+                   "shared_attention_norm": False}
+# LLaDA-8B-Base's config.json keys (the GSAI-ML Hugging Face repo, transformers 4.46.3), which
+# its configuration class reads; our folder writes every one (sizes changed, tokens ours).
+LLADA_KEYS = {"activation_type", "alibi", "alibi_bias_max", "architectures",
+              "attention_dropout", "attention_layer_norm", "attention_layer_norm_with_affine",
+              "auto_map", "bias_for_layer_norm", "block_group_size", "block_type", "d_model",
+              "embedding_dropout", "embedding_size", "eos_token_id", "flash_attention",
+              "include_bias", "include_qkv_bias", "init_cutoff_factor", "init_device",
+              "init_fn", "init_std", "input_emb_norm", "layer_norm_type",
+              "layer_norm_with_affine", "mask_token_id", "max_sequence_length",
+              "mlp_hidden_size", "mlp_ratio", "model_type", "multi_query_attention", "n_heads",
+              "n_kv_heads", "n_layers", "pad_token_id", "precision", "residual_dropout",
+              "rms_norm_eps", "rope", "rope_full_precision", "rope_theta", "scale_logits",
+              "use_cache", "vocab_size", "weight_tying"}
+
+
+def test_litgpt_config_is_smdm_config_and_shapes_are_what_smdm_allocates(tmp_path):
+    from safetensors.numpy import load_file
+
+    from mdm_jax.export.cli import smdm_name
+
+    trainer, _ = _random_checkpoint(tmp_path / "run", "nano", "mdm")
+    export(str(tmp_path / "run"), "litgpt", str(tmp_path / "lit"))
+    config = json.loads((tmp_path / "lit" / "config.json").read_text())
+    assert set(config) <= SMDM_FIELDS, set(config) - SMDM_FIELDS
+    assert {k: config[k] for k in SMDM_DIFF_LLAMA} == SMDM_DIFF_LLAMA
+    args = trainer.args
+    assert (config["n_layer"], config["n_head"], config["n_embd"], config["n_query_groups"],
+            config["intermediate_size"]) == (args.n_layer, args.n_head, args.d_model,
+                                             args.n_head, args.mlp_dim)
+    assert config["padded_vocab_size"] == config["vocab_size"] == args.vocab_size == 512
+    assert config["_norm_class"] == "RMSNorm" and config["block_size"] == 64
+    tensors = load_file(str(tmp_path / "lit" / "lit_model.safetensors"))
+    assert tensors["lm_head.weight"].shape == (config["padded_vocab_size"], config["n_embd"])
+    assert tensors["transformer.wte.weight"].shape == (config["padded_vocab_size"] + 1,
+                                                       config["n_embd"])
+    # For SMDM's presets, Config.from_name(name) is the same model.
+    assert smdm_name("170M") == "Diff_LLaMA_170M" and smdm_name("1.1B") == "Diff_LLaMA_1028M"
+    assert config["name"] == "mdm_jax_nano"
+
+
+def test_llada_folder_loads_with_automodel_and_matches_jax(tmp_path, monkeypatch):
+    transformers = pytest.importorskip("transformers")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    trainer, params = _random_checkpoint(tmp_path / "run", "nano-hd128", "mdm")
+    export(str(tmp_path / "run"), "llada-hf", str(tmp_path / "llada"), max_shard_bytes=500_000)
+    config = json.loads((tmp_path / "llada" / "config.json").read_text())
+    assert set(config) >= LLADA_KEYS, LLADA_KEYS - set(config)
+    rows, vocab = trainer.args.embedding_rows, trainer.args.vocab_size
+    assert config["vocab_size"] == config["embedding_size"] == rows == vocab + 1
+    assert config["mask_token_id"] == vocab and config["model_type"] == "llada"
+    assert (config["activation_type"], config["block_type"], config["layer_norm_type"],
+            config["rope"], config["weight_tying"]) == ("silu", "llama", "rms", True, False)
+    model = transformers.AutoModel.from_pretrained(str(tmp_path / "llada"),
+                                                   trust_remote_code=True,
+                                                   dtype=torch.float32).eval()
+    head = model.model.transformer.ff_out.weight
+    assert head.shape == (rows, trainer.args.d_model) and not head[vocab:].any()
+    tokens = _tokens(trainer)  # mask ids included
+    with torch.no_grad():
+        logits = model(torch.from_numpy(tokens).long()).logits.numpy()
+    assert logits.shape == (*tokens.shape, rows) and not logits[..., vocab:].any()
+    np.testing.assert_allclose(logits[..., :vocab], _jax_logits(trainer, params, tokens),
+                               atol=TOL, rtol=0)
+    masked = transformers.AutoModelForMaskedLM.from_pretrained(str(tmp_path / "llada"),
+                                                               trust_remote_code=True)
+    assert type(masked).__name__ == "LLaDAModelLM"
+
+
+@pytest.mark.parametrize("fmt, kind", [("litgpt", "mdm"), ("llada-hf", "mdm"),
+                                       ("llama-hf", "arm")])
+def test_every_export_ships_a_tokenizer_that_encodes_like_mdm_jax(tiny_data, tmp_path,
+                                                                  monkeypatch, fmt, kind):
+    from mdm_jax.data.tokenizer import Tokenizer, file_sha256
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    trainer, _ = _random_checkpoint(tmp_path / "run", "nano", kind)
+    export(str(tmp_path / "run"), fmt, str(tmp_path / "out"), tokenizer=tiny_data["tokenizer"])
+    out = tmp_path / "out"
+    ours = Tokenizer.load(tiny_data["tokenizer"])
+    assert file_sha256(out / "tokenizer.model") == ours.sha256
+    meta = json.loads((out / "mdm_jax.json").read_text())
+    assert meta["tokenizer_sha256"] == ours.sha256 and meta["tokenizer"] == "tokenizer.model"
+    if fmt == "litgpt":
+        return
+    transformers = pytest.importorskip("transformers")
+    # transformers reads the folder's config first: llada-hf's is remote code
+    tok = transformers.AutoTokenizer.from_pretrained(str(out),
+                                                     trust_remote_code=fmt == "llada-hf")
+    texts = ["The king said to the queen.", " leading space", "  two", "tabs\tand  gaps\n\n",
+             "Ünïcödé 日本語 😀", "", "end "]
+    for text in texts:
+        assert tok(text)["input_ids"] == ours.encode(text), text
+        assert tok.decode(ours.encode(text)) == ours.decode(ours.encode(text)), text
+    config = json.loads((out / "config.json").read_text())
+    assert config["eos_token_id"] == tok.eos_token_id == ours.eos_id
+    assert config["pad_token_id"] == tok.pad_token_id and config["bos_token_id"] == ours.bos_id
+    if kind == "mdm":
+        assert tok.mask_token_id == config["mask_token_id"] == trainer.args.mask_id

@@ -208,3 +208,15 @@ def test_xpk_sweep_skips_active_workloads_and_replaces_finished_ones(tmp_path):
     assert created == names[1:]
     assert all("--config.workdir=" + str(tmp_path / "mounted" / "sweep") in line
                for line in recorded if line.startswith("workload create"))
+
+
+def test_cuda12_extra_is_offered_beside_cuda13():
+    import configparser
+
+    cfg = configparser.ConfigParser()
+    cfg.read(os.path.join(ROOT, "setup.cfg"))
+    extras = cfg["options.extras_require"]
+    assert "jax[cuda13]==0.10.2" in extras["cuda"].split()
+    assert "jax[cuda12]==0.10.2" in extras["cuda12"].split()
+    for name in ("cuda", "cuda12", "tpu"):  # pods keep workdirs on gs://
+        assert any(line.startswith("gcsfs==") for line in extras[name].split())

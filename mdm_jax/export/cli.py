@@ -6,11 +6,14 @@ Hugging Face folder.
         --out exports/170M_llada --dtype bfloat16
     python -m mdm_jax.export --checkpoint runs/smdm_arm_170M --format llama-hf --out exports/arm
 
-MDMs export to `litgpt` (lit_model.safetensors + lit_model.pth + config.json) and `llada-hf`;
-ARMs to `llama-hf` (loads with transformers.LlamaForCausalLM.from_pretrained, no custom code).
-Hugging Face folders are sharded with an index above --max-shard-size. Every format records
-the preset, step, mask id, vocabulary and tokenizer checksum in its config (`mdm_jax` key) and
-in the safetensors metadata. Tensors are read from the checkpoint and written one at a time.
+MDMs export to `litgpt` (lit_model.safetensors + lit_model.pth + config.json, a config that
+SMDM's `lit_gpt` Config accepts as is) and `llada-hf` (LLaDA's layout and config, with its
+modeling code: AutoModel.from_pretrained(out, trust_remote_code=True)); ARMs to `llama-hf`
+(transformers.LlamaForCausalLM, no custom code). Hugging Face folders are sharded with an index
+above --max-shard-size. Every export ships the tokenizer (tokenizer.model; HF formats also
+tokenizer.json for AutoTokenizer) and `mdm_jax.json` with the preset, step, mask id, vocabulary
+and tokenizer checksum, also kept in the safetensors metadata. Tensors are read from the
+checkpoint and written one at a time.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from mdm_jax.export.layouts import FORMATS, Dims, tensor_names
 from mdm_jax.export.tensor_io import DTYPES, ExportError, write_safetensors, write_sharded
 
 MDM_FORMATS = ("litgpt", "llada-hf")
+METADATA_FILE = "mdm_jax.json"  # preset, step, mask id, vocabulary, tokenizer checksum, ...
 
 
 def parse_size(text: str) -> int:
@@ -35,7 +39,9 @@ def parse_size(text: str) -> int:
     return int(t)
 
 
-def _metadata(src, args, fmt: str, dtype: str) -> dict:
+def _metadata(src, args, fmt: str, dtype: str, tokenizer_path: str | None) -> dict:
+    from mdm_jax.data.tokenizer import file_sha256
+
     c = src.config
     return {
         "format": fmt,
@@ -46,32 +52,75 @@ def _metadata(src, args, fmt: str, dtype: str) -> dict:
         "embedding_rows": args.embedding_rows,
         "mask_token_id": None if args.causal else args.mask_id,
         "seq_len": c.seq_len,
-        "tokenizer": c.data.get("tokenizer", "") or None,
-        "tokenizer_sha256": src.tokenizer_sha256(),
+        "tokenizer": "tokenizer.model" if tokenizer_path else None,  # shipped beside
+        "tokenizer_sha256": file_sha256(tokenizer_path) if tokenizer_path else None,
         "dtype": dtype,
         "source_checkpoint": src.state_dir,
     }
 
 
-def _model_config(fmt: str, args, meta: dict, dtype: str) -> dict:
-    if fmt == "litgpt":  # lit-gpt Config field names
-        return {"name": f"Diff_LLaMA_{meta['preset']}", "n_layer": args.n_layer,
-                "n_head": args.n_head, "n_query_groups": args.n_head, "n_embd": args.d_model,
-                "head_size": args.head_dim, "intermediate_size": args.mlp_dim,
-                "vocab_size": args.vocab_size, "padded_vocab_size": args.embedding_rows,
-                "block_size": meta["seq_len"], "rotary_percentage": 1.0, "bias": False,
-                "norm_eps": args.norm_eps, "rope_base": args.rope_base,
-                "_norm_class": "RMSNorm", "_mlp_class": "LLaMAMLP", "mdm_jax": meta}
+# SMDM's lit_gpt.config.Config dataclass fields (ML-GSAI/SMDM lit_gpt/config.py): its
+# `Config(**json)` accepts nothing else (`head_size` is a property; RoPE's base is fixed at 10000).
+SMDM_CONFIG_FIELDS = ("org", "name", "block_size", "vocab_size", "padding_multiple",
+                      "padded_vocab_size", "n_layer", "n_head", "n_embd", "rotary_percentage",
+                      "parallel_residual", "bias", "n_query_groups", "shared_attention_norm",
+                      "_norm_class", "norm_eps", "_mlp_class", "intermediate_size",
+                      "condense_ratio")
+SMDM_ROPE_BASE = 10000.0
+
+
+def smdm_name(preset: str) -> str:
+    """SMDM's name for a Diff_LLaMA preset (`Config.from_name`), or an mdm_jax-only name."""
+    from mdm_jax.presets import ALIASES, SMDM_PRESETS
+
+    key = ALIASES.get(preset, preset)
+    return f"Diff_LLaMA_{key}" if key in SMDM_PRESETS else f"mdm_jax_{preset}"
+
+
+def _model_config(fmt: str, args, meta: dict, dtype: str, special: dict) -> dict:
+    if fmt == "litgpt":
+        # Every field that changes the computation is explicit (SMDM's defaults differ:
+        # parallel_residual=True, bias=True, LayerNorm, GptNeoxMLP, rotary_percentage=0.25).
+        # "RMSNorm" is SMDM's plain-torch norm; its presets name "FusedRMSNorm", the same
+        # function as a CUDA kernel with the same weights.
+        if args.rope_base != SMDM_ROPE_BASE:
+            raise ExportError(f"SMDM's lit_gpt fixes RoPE's base at 10000; this model uses "
+                              f"{args.rope_base}: export it as llada-hf instead")
+        return {"name": smdm_name(meta["preset"]), "block_size": meta["seq_len"],
+                "vocab_size": args.vocab_size, "padding_multiple": 64,
+                "padded_vocab_size": args.vocab_size, "n_layer": args.n_layer,
+                "n_head": args.n_head, "n_embd": args.d_model, "rotary_percentage": 1.0,
+                "parallel_residual": False, "bias": False, "n_query_groups": args.n_head,
+                "shared_attention_norm": False, "_norm_class": "RMSNorm",
+                "norm_eps": args.norm_eps, "_mlp_class": "LLaMAMLP",
+                "intermediate_size": args.mlp_dim, "condense_ratio": 1}
     if fmt == "llada-hf":
-        return {"architectures": ["LLaDAModelLM"], "model_type": "llada",
-                "d_model": args.d_model, "n_heads": args.n_head, "n_kv_heads": args.n_head,
-                "n_layers": args.n_layer, "mlp_hidden_size": args.mlp_dim,
-                "vocab_size": args.vocab_size, "embedding_size": args.embedding_rows,
-                "mask_token_id": args.mask_id, "max_sequence_length": meta["seq_len"],
-                "rope": True, "rope_theta": args.rope_base, "rms_norm_eps": args.norm_eps,
-                "layer_norm_type": "rms", "activation_type": "silu", "block_type": "llama",
-                "include_bias": False, "weight_tying": False, "alibi": False,
-                "attention_layer_norm": False, "torch_dtype": dtype, "mdm_jax": meta}
+        # LLaDA's config.json with this model's sizes: LLaDA's code builds wte and the output
+        # layer with `embedding_size or vocab_size` rows, and its mask id lies inside them.
+        rows = args.embedding_rows
+        return {
+            "architectures": ["LLaDAModelLM"], "model_type": "llada",
+            "auto_map": {"AutoConfig": "configuration_llada.LLaDAConfig",
+                         "AutoModel": "modeling_llada.LLaDAModelLM",
+                         "AutoModelForCausalLM": "modeling_llada.LLaDAModelLM",
+                         "AutoModelForMaskedLM": "modeling_llada.LLaDAModelLM"},
+            "d_model": args.d_model, "n_heads": args.n_head, "n_kv_heads": args.n_head,
+            "n_layers": args.n_layer, "mlp_hidden_size": args.mlp_dim,
+            "mlp_ratio": args.mlp_dim // args.d_model or 1,
+            "vocab_size": rows, "embedding_size": rows, "mask_token_id": args.mask_id,
+            "max_sequence_length": meta["seq_len"], "rope": True,
+            "rope_theta": args.rope_base, "rope_full_precision": True,
+            "rms_norm_eps": args.norm_eps, "layer_norm_type": "rms",
+            "layer_norm_with_affine": True, "bias_for_layer_norm": False,
+            "attention_layer_norm": False, "attention_layer_norm_with_affine": True,
+            "activation_type": "silu", "block_type": "llama", "block_group_size": 1,
+            "include_bias": False, "include_qkv_bias": False, "weight_tying": False,
+            "alibi": False, "alibi_bias_max": 8.0, "multi_query_attention": None,
+            "flash_attention": False, "input_emb_norm": False, "scale_logits": False,
+            "attention_dropout": 0.0, "residual_dropout": 0.0, "embedding_dropout": 0.0,
+            "init_device": "cpu", "init_fn": "mitchell", "init_std": 0.02,
+            "init_cutoff_factor": None, "precision": "amp_bf16", "use_cache": False,
+            "torch_dtype": dtype, **special}
     return {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
             "hidden_size": args.d_model, "intermediate_size": args.mlp_dim,
             "num_attention_heads": args.n_head, "num_key_value_heads": args.n_head,
@@ -80,11 +129,24 @@ def _model_config(fmt: str, args, meta: dict, dtype: str) -> dict:
             "rms_norm_eps": args.norm_eps, "rope_theta": args.rope_base,
             "rope_parameters": {"rope_type": "default", "rope_theta": args.rope_base},
             "hidden_act": "silu", "tie_word_embeddings": False, "attention_bias": False,
-            "mlp_bias": False, "torch_dtype": dtype, "dtype": dtype, "mdm_jax": meta}
+            "mlp_bias": False, "torch_dtype": dtype, "dtype": dtype, **special}
+
+
+def _tokenizer(src, tokenizer: str | None) -> str | None:
+    """The SentencePiece model to ship: --tokenizer, else the one the run trained with."""
+    path = tokenizer or src.config.data.get("tokenizer", "")
+    if path and os.path.isfile(path):
+        return path
+    if tokenizer:
+        raise ExportError(f"--tokenizer {tokenizer}: no such file")
+    print(f"warning: the run's tokenizer ({path or 'none recorded'}) is not here; the export "
+          f"ships no tokenizer (pass --tokenizer PATH)", file=sys.stderr)
+    return None
 
 
 def export(checkpoint: str, fmt: str, out: str, step: int | None = None,
-           dtype: str = "float32", max_shard_bytes: int = 5 * 10**9) -> list[str]:
+           dtype: str = "float32", max_shard_bytes: int = 5 * 10**9,
+           tokenizer: str | None = None) -> list[str]:
     """Write `fmt` to `out`; returns the files written. Streams tensor by tensor."""
     from mdm_jax import config as config_lib
     from mdm_jax.export.source import CheckpointParams
@@ -102,8 +164,18 @@ def export(checkpoint: str, fmt: str, out: str, step: int | None = None,
         raise ExportError(f"{checkpoint} is an MDM (bidirectional, with a mask-token row); "
                           f"--format llama-hf is for ARMs. Use --format litgpt or llada-hf.")
     dims = Dims.from_args(args)
+    tokenizer_path = _tokenizer(src, tokenizer)
     os.makedirs(out, exist_ok=True)
-    meta = _metadata(src, args, fmt, dtype)
+    meta = _metadata(src, args, fmt, dtype, tokenizer_path)
+    # Without a tokenizer the ids are unknown: None, never LLaDA's defaults (50256, out of range)
+    special = {"eos_token_id": None, "pad_token_id": None}
+    if tokenizer_path and fmt != "litgpt":
+        from mdm_jax.export.tokenizer_files import special_ids
+
+        ids = special_ids(tokenizer_path)
+        special = {k: ids[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+                   if ids[k] is not None}
+    model_config = _model_config(fmt, args, meta, dtype, special)  # checks before writing
 
     def maker(entry, layer):
         def make():
@@ -122,9 +194,24 @@ def export(checkpoint: str, fmt: str, out: str, step: int | None = None,
         files = ["lit_model.safetensors", "lit_model.pth"]
     else:
         files = write_sharded(out, tensors, dtype, st_meta, max_shard_bytes)
+    if fmt == "llada-hf":  # the model's code travels with it (auto_map)
+        from importlib import resources
+
+        for name in ("configuration_llada.py", "modeling_llada.py"):
+            source = resources.files("mdm_jax.export.llada_remote") / name
+            with open(os.path.join(out, name), "w") as f:
+                f.write(source.read_text())
+            files.append(name)
+    if tokenizer_path:
+        from mdm_jax.export.tokenizer_files import write_tokenizer
+
+        files += write_tokenizer(out, tokenizer_path, None if args.causal else args.mask_id,
+                                 hf=fmt != "litgpt")
     with open(os.path.join(out, "config.json"), "w") as f:
-        json.dump(_model_config(fmt, args, meta, dtype), f, indent=2)
-    return [*files, "config.json"]
+        json.dump(model_config, f, indent=2)
+    with open(os.path.join(out, METADATA_FILE), "w") as f:  # mdm_jax's own record
+        json.dump(meta, f, indent=2)
+    return [*files, "config.json", METADATA_FILE]
 
 
 def _write_pth(safetensors_path: str, pth_path: str) -> None:
@@ -147,6 +234,8 @@ def cli(argv=None) -> None:
     parser.add_argument("--format", required=True, choices=FORMATS)
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--dtype", default="float32", choices=tuple(DTYPES))
+    parser.add_argument("--tokenizer", help="SentencePiece model to ship (default: the one "
+                        "the run trained with, config.data.tokenizer)")
     parser.add_argument("--max-shard-size", default="5GB",
                         help="Hugging Face formats: shard above this size (e.g. 5GB, 500MB)")
     a = parser.parse_args(argv)
@@ -155,7 +244,7 @@ def cli(argv=None) -> None:
     absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every file at INFO
     try:
         files = export(a.checkpoint, a.format, a.out, a.step, a.dtype,
-                       parse_size(a.max_shard_size))
+                       parse_size(a.max_shard_size), a.tokenizer)
     except ExportError as e:
         sys.exit(f"error: {e}")
     print(f"wrote {a.format} export to {a.out}: {', '.join(files)}")

@@ -7,7 +7,8 @@ PyTorch shape. Conversions are pure numpy and exact (transposes and reshapes onl
 
 - litgpt: SMDM's `TransEncoder` state dict. Q, K and V are fused into one [3 d, d] matrix whose
   rows run head by head as [q_h; k_h; v_h] (head_dim rows each).
-- llada-hf: a LLaDA-style Hugging Face folder (`model.transformer.blocks.{i}.q_proj`, ...).
+- llada-hf: LLaDA's Hugging Face layout (`model.transformer.blocks.{i}.q_proj`, ...); its output
+  layer `ff_out` has one row per embedding row, the mask token's row zero.
 - llama-hf: Hugging Face `LlamaForCausalLM` (rotate-half RoPE like ours: no permutation).
 """
 
@@ -129,6 +130,29 @@ def _head(name):
     return Entry(name, ("head",), _t, _t_back, lambda d: (d.vocab_size, d.d_model))
 
 
+def _padded_head_to(dims, w):  # [d, vocab] -> [embedding_rows, d], the mask token's row zero
+    out = np.zeros((dims.embedding_rows, w.shape[0]), w.dtype)
+    out[: w.shape[1]] = w.T
+    return out
+
+
+def _padded_head_from(dims, w):
+    if np.any(w[dims.vocab_size:] != 0):
+        from mdm_jax.export.tensor_io import ExportError
+
+        raise ExportError(f"the output layer's rows {dims.vocab_size}.. (the mask token's) are "
+                          f"not zero: an mdm_jax model never predicts the mask token, so this "
+                          f"head cannot be imported without changing the model")
+    return (_c(w[: dims.vocab_size].T),)
+
+
+def _padded_head(name):
+    """LLaDA's output layer has `embedding_size` rows, one per embedding row: the mask token's
+    row is zero, so its logit is always 0 (the softmax sees one extra logit of 0)."""
+    return Entry(name, ("head",), _padded_head_to, _padded_head_from,
+                 lambda d: (d.embedding_rows, d.d_model))
+
+
 _LIT = "transformer.h.{i}."
 _LLADA = "model.transformer.blocks.{i}."
 _LLAMA = "model.layers.{i}."
@@ -159,7 +183,7 @@ LAYOUTS: dict[str, list[Entry]] = {
         _up(_LLADA + "up_proj.weight", "w2"),
         _down(_LLADA + "ff_out.weight"),
         _norm("model.transformer.ln_f.weight", "final_norm/scale"),
-        _head("model.transformer.ff_out.weight"),
+        _padded_head("model.transformer.ff_out.weight"),
     ],
     "llama-hf": [
         _embedding("model.embed_tokens.weight"),

@@ -20,6 +20,7 @@ import json
 import os
 import sys
 
+from mdm_jax.export.cli import METADATA_FILE
 from mdm_jax.export.layouts import FORMATS, Dims, params_tree, read_leaves
 from mdm_jax.export.tensor_io import ExportError, TensorReader
 
@@ -65,7 +66,10 @@ def import_checkpoint(fmt: str, src: str, out: str, preset: str | None = None,
     if os.path.exists(os.path.join(folder, "config.json")):
         with open(os.path.join(folder, "config.json")) as f:
             hf_config = json.load(f)
-        meta = hf_config.get("mdm_jax", {})
+        meta = hf_config.get("mdm_jax", {})  # exports before mdm_jax.json existed
+    if os.path.exists(os.path.join(folder, METADATA_FILE)):
+        with open(os.path.join(folder, METADATA_FILE)) as f:
+            meta = json.load(f)
     if fmt == "litgpt" and os.path.isdir(src):
         names = [n for n in ("lit_model.safetensors", "lit_model.pth")
                  if os.path.exists(os.path.join(src, n))]
@@ -81,11 +85,11 @@ def import_checkpoint(fmt: str, src: str, out: str, preset: str | None = None,
     c.model.preset = preset
     c.objective.kind = "arm" if causal else "mdm"
     c.model.vocab_size = int(meta.get("vocab_size") or 0)
-    if not c.model.vocab_size:  # from the head: [vocab, d] in every layout
+    if not c.model.vocab_size:  # from the head: [vocab, d]; LLaDA's has the mask row too
         head = {"litgpt": "lm_head.weight", "llada-hf": "model.transformer.ff_out.weight",
                 "llama-hf": "lm_head.weight"}[fmt]
         if head in keys:
-            c.model.vocab_size = int(reader.get(head).shape[0])
+            c.model.vocab_size = int(reader.get(head).shape[0]) - (fmt == "llada-hf")
     from mdm_jax.presets import get_preset
 
     try:
@@ -95,7 +99,10 @@ def import_checkpoint(fmt: str, src: str, out: str, preset: str | None = None,
     c.seq_len = int(seq_len or meta.get("seq_len") or p.max_seq_len)
     c.model.dtype = "float32"
     c.global_batch, c.micro_batch = 1, 0  # only shapes matter here; training sets its own
-    if meta.get("tokenizer"):
+    shipped = os.path.join(folder, "tokenizer.model")
+    if os.path.exists(shipped):  # every export ships its tokenizer
+        c.data.tokenizer = os.path.abspath(shipped)
+    elif meta.get("tokenizer") and os.path.isabs(meta["tokenizer"]):
         c.data.tokenizer = meta["tokenizer"]
     step = int(step if step is not None else meta.get("step") or 0)
 

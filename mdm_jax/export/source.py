@@ -8,9 +8,6 @@ is therefore a few leaves, not a copy of the model.
 
 from __future__ import annotations
 
-import hashlib
-import os
-
 import ml_collections
 import numpy as np
 
@@ -99,14 +96,6 @@ class CheckpointParams:
             if tuple(p for p in key if p != "blocks" and not p.startswith("block_")) not in \
                     wanted:
                 del self._cache[key]
-
-    def tokenizer_sha256(self) -> str | None:
-        path = self.config.data.get("tokenizer", "")
-        if path and os.path.exists(path):
-            with open(path, "rb") as f:
-                return hashlib.sha256(f.read()).hexdigest()
-        return None
-
 
 def _leaves(tree):
     if isinstance(tree, dict):

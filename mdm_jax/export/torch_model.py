@@ -157,16 +157,20 @@ class TransEncoder(nn.Module):
 
 
 def config_from_json(cfg: dict) -> EncoderConfig:
-    """EncoderConfig from an export's config.json (lit-gpt or LLaDA field names)."""
+    """EncoderConfig from an export's config.json (SMDM lit-gpt or LLaDA field names).
+
+    lit-gpt: `lm_head` has padded_vocab_size rows, `wte` one more (the mask token); RoPE's base
+    is SMDM's fixed 10000. LLaDA: both have embedding_size rows, the last (mask) row of the
+    output layer zero, so the model's vocabulary is one less."""
     if cfg.get("model_type") == "llada":
+        rows = cfg.get("embedding_size") or cfg["vocab_size"]
         return EncoderConfig(
             n_layer=cfg["n_layers"], n_head=cfg["n_heads"],
             head_dim=cfg["d_model"] // cfg["n_heads"], d_model=cfg["d_model"],
-            mlp_dim=cfg["mlp_hidden_size"], vocab_size=cfg["vocab_size"],
-            embedding_rows=cfg["embedding_size"], rope_base=cfg["rope_theta"],
-            norm_eps=cfg["rms_norm_eps"])
+            mlp_dim=cfg["mlp_hidden_size"], vocab_size=rows - 1, embedding_rows=rows,
+            rope_base=cfg["rope_theta"], norm_eps=cfg["rms_norm_eps"])
     return EncoderConfig(
-        n_layer=cfg["n_layer"], n_head=cfg["n_head"], head_dim=cfg["head_size"],
-        d_model=cfg["n_embd"], mlp_dim=cfg["intermediate_size"], vocab_size=cfg["vocab_size"],
-        embedding_rows=cfg["padded_vocab_size"], rope_base=cfg["rope_base"],
-        norm_eps=cfg["norm_eps"])
+        n_layer=cfg["n_layer"], n_head=cfg["n_head"], head_dim=cfg["n_embd"] // cfg["n_head"],
+        d_model=cfg["n_embd"], mlp_dim=cfg["intermediate_size"],
+        vocab_size=cfg["padded_vocab_size"], embedding_rows=cfg["padded_vocab_size"] + 1,
+        rope_base=10000.0, norm_eps=cfg["norm_eps"])
