@@ -23,15 +23,17 @@ import jax
 import orbax.checkpoint as ocp
 
 from mdm_jax import storage
+from mdm_jax.errors import UserError
 
 log = logging.getLogger("mdm_jax")
 
 ITEMS = ("state", "data", "config", "meta")
+DAMAGED_DIR = "checkpoints_damaged"  # beside checkpoints/: damaged steps moved out of the way
 # Fields that must match to resume: they change parameter shapes or what a token means.
 RESUME_FIELDS = ("model.preset", "model.vocab_size", "seq_len", "objective.kind")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint directory that cannot be used; the message says what to do."""
 
 
@@ -147,14 +149,37 @@ class Checkpointer:
 
         A damaged checkpoint is reported and skipped, never silently used.
         """
+        damaged = []
+        found = None, None
         for step in reversed(self.all_steps()):
             try:
-                return self.restore(step, abstract_state, data_iterator), step
+                found = self.restore(step, abstract_state, data_iterator), step
+                break
             except Exception as e:  # any read failure means this checkpoint is unusable
                 log.warning("checkpoint %s/%d is damaged and was skipped (%s: %s); trying "
                             "the previous one", self.directory, step, type(e).__name__,
                             str(e).splitlines()[0][:300] if str(e) else "")
-        return None, None
+                damaged.append(step)
+        if damaged and found[0] is not None:
+            self.set_aside(damaged)
+        return found
+
+    def set_aside(self, steps: list[int]) -> None:
+        """Move damaged steps out of the way (never delete them: they may still hold
+        something a person wants), so that training writes those steps again."""
+        aside = storage.as_path(self.directory).parent / DAMAGED_DIR
+        if jax.process_index() == 0:
+            aside.mkdir(parents=True, exist_ok=True)
+            for step in steps:
+                target = aside / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+                (storage.as_path(self.directory) / str(step)).rename(target)
+                log.warning("moved damaged checkpoint %s/%d to %s", self.directory, step,
+                            target)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("mdm_jax.checkpoint.set_aside")
+        self.manager.reload()
 
     def read_json(self, step: int, item: str) -> dict:
         return self.manager.restore(step, args=ocp.args.Composite(
@@ -183,6 +208,23 @@ class Checkpointer:
                 + "; ".join(diffs)
                 + ". Use the checkpoint's settings to resume, or start fresh with a new "
                   "--config.workdir (or move the old checkpoints away).")
+        # The data position is a count of global batches: another batch size would re-read
+        # (or skip) blocks without a word.
+        a, b = saved.get("global_batch"), config_json.get("global_batch")
+        if a is not None and a != b:
+            raise CheckpointError(
+                f"cannot resume from {self.directory} (step {steps[-1]}) with "
+                f"config.global_batch={b}: it was trained with global_batch={a} and its data "
+                f"position counts batches of {a}; resume with --config.global_batch={a} (change "
+                f"config.micro_batch to fit memory), or start a new --config.workdir")
+        a = _lookup(saved, "data.tokenizer_sha256")
+        b = _lookup(config_json, "data.tokenizer_sha256")
+        if a and b and a != b:
+            raise CheckpointError(
+                f"cannot resume from {self.directory} (step {steps[-1]}): it was trained on "
+                f"data tokenized with {_lookup(saved, 'data.tokenizer')} (sha256 {a[:12]}...) "
+                f"but this run's data uses sha256 {b[:12]}...; resume on data prepared with "
+                f"the checkpoint's tokenizer, or start a new --config.workdir")
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

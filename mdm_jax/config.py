@@ -11,12 +11,13 @@ import math
 
 import ml_collections
 
+from mdm_jax.errors import UserError
 from mdm_jax.model import ATTENTION_IMPLS, REMAT_POLICIES, ModelArgs
 from mdm_jax.objectives import OBJECTIVES, ObjectiveArgs
 from mdm_jax.presets import get_preset
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration value that cannot work; the message names the field and the fix."""
 
 
@@ -115,6 +116,30 @@ def micro_batch(c: ml_collections.ConfigDict) -> int:
     return c.micro_batch or c.global_batch
 
 
+# Numeric fields and their valid ranges, checked before anything compiles (a 0 here would
+# otherwise divide by zero or loop forever only after the step compiled).
+_INF = float("inf")
+RANGES = (
+    ("log_every", 1, _INF), ("eval_every", 1, _INF), ("checkpoint_every", 0, _INF),
+    ("checkpoint_keep", 0, _INF), ("checkpoint_keep_period", 0, _INF),
+    ("checkpoint_minutes", 0, _INF), ("micro_batch", 0, _INF), ("seq_len", 1, _INF),
+    ("data.eval_batches", 0, _INF), ("data.worker_count", 0, 1024),
+    ("samples.count", 0, _INF), ("samples.steps", 1, _INF), ("samples.length", 0, _INF),
+    ("samples.temperature", 0, _INF), ("objective.variable_length_prob", 0, 1),
+    ("optim.min_lr", 0, _INF), ("optim.b1", 0, 1), ("optim.b2", 0, 1),
+    ("optim.weight_decay", 0, _INF), ("optim.grad_clip", 0, _INF),
+    ("optim.warmup_steps", -1, _INF), ("optim.warmup_fraction", 0, 1),
+    ("distributed.num_processes", 0, _INF), ("distributed.process_id", -1, _INF),
+)
+
+
+def _lookup(c: ml_collections.ConfigDict, dotted: str):
+    node = c
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
@@ -144,6 +169,11 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, process_count: int 
     _require(c.objective.loss_chunk >= 1,
              f"config.objective.loss_chunk={c.objective.loss_chunk} must be >= 1.")
     _require(c.steps >= 1, f"config.steps={c.steps} must be >= 1.")
+    for field, low, high in RANGES:
+        value = _lookup(c, field)
+        _require(isinstance(value, (int, float)) and not isinstance(value, bool)
+                 and low <= value <= high,
+                 f"config.{field}={value!r} must be a number in [{low}, {high}].")
     _require(c.nonfinite in ("skip", "stop"),
              f"config.nonfinite={c.nonfinite!r}; valid: skip, stop.")
     _require(0 <= c.preemption_exit_code <= 255,

@@ -34,11 +34,13 @@ from collections.abc import Callable, Mapping
 
 import jax
 
+from mdm_jax.errors import UserError
+
 TPU_COORDINATOR_PORT = 8482  # jax's port for TPU slices
 PCI_VENDOR_GOOGLE = "0x1ae0"  # TPU chips on the PCI bus
 
 
-class DistributedError(RuntimeError):
+class DistributedError(UserError, RuntimeError):
     """The multi-host environment is inconsistent or the processes could not join."""
 
 

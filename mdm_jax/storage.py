@@ -15,8 +15,10 @@ import secrets
 
 from etils import epath
 
+from mdm_jax.errors import UserError
 
-class StorageError(ValueError):
+
+class StorageError(UserError, ValueError):
     """A workdir that cannot work for this run; the message names the fix."""
 
 

@@ -14,7 +14,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import sys
 import time
 from typing import Any
 
@@ -29,7 +28,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from ml_collections import config_flags
 
 from mdm_jax import config as config_lib
-from mdm_jax import flops, sharding
+from mdm_jax import errors, flops, sharding, storage
 from mdm_jax.model import Encoder
 from mdm_jax.objectives import get_objective, model_inputs_len
 from mdm_jax.presets import get_preset
@@ -228,6 +227,35 @@ class RunResult:
     stopped: str | None = None  # why the run ended before config.steps (preempted, nonfinite)
 
 
+def _check_tokenizers(c: ml_collections.ConfigDict) -> str | None:
+    """The train and eval data and config.data.tokenizer must share one tokenizer (by
+    sha256): another tokenizer's ids train without any error, only worse. Returns it."""
+    from mdm_jax.data import loader
+    from mdm_jax.data.tokenizer import file_sha256
+
+    seen = []  # (sha256, where)
+    if c.data.tokenizer:
+        if not storage.as_path(c.data.tokenizer).is_file():
+            raise config_lib.ConfigError(
+                f"config.data.tokenizer={c.data.tokenizer} does not exist; give the "
+                f"SentencePiece model the data was prepared with")
+        seen.append((file_sha256(c.data.tokenizer), f"config.data.tokenizer={c.data.tokenizer}"))
+    dirs = [d for d, _ in loader.parse_mixture(c.data.train_dir)]
+    if c.data.eval_dir and c.data.eval_batches:
+        dirs.append(c.data.eval_dir)
+    for d in dirs:
+        m = loader.manifest(d)
+        if m.get("tokenizer_sha256"):
+            seen.append((m["tokenizer_sha256"], f"{d} (prepared with {m.get('tokenizer')})"))
+    for sha, where in seen[1:]:
+        if sha != seen[0][0]:
+            raise config_lib.ConfigError(
+                f"different tokenizers: {seen[0][1]} has sha256 {seen[0][0][:12]}... but "
+                f"{where} has {sha[:12]}...; prepare every directory with the same tokenizer "
+                f"and point config.data.tokenizer at it")
+    return seen[0][0] if seen else None
+
+
 def _open_data(c: ml_collections.ConfigDict, trainer: Trainer):
     from mdm_jax.data import loader
 
@@ -262,18 +290,26 @@ def _resolved_config(c: ml_collections.ConfigDict, trainer: Trainer) -> dict:
 
 
 def _restore_or_init(c, trainer: Trainer, ckpt, train_iter, config_json: dict) -> TrainState:
-    from mdm_jax.checkpoint import abstract_with_shardings
+    from mdm_jax.checkpoint import CheckpointError, abstract_with_shardings
 
     ckpt.check_compatible(config_json)
     target = abstract_with_shardings(trainer.abstract_state, trainer.state_sharding)
     state, step = ckpt.restore_latest(target, train_iter)
     if state is None:
         if ckpt.all_steps():
-            raise RuntimeError(f"every checkpoint in {ckpt.directory} is damaged (see the "
-                               f"warnings above); move it away to start fresh")
+            raise CheckpointError(f"every checkpoint in {ckpt.directory} is damaged (see the "
+                                  f"warnings above); move it away to start fresh")
         return trainer.create_state(c.seed)
     if jax.process_index() == 0:
         print(f"[mdm_jax] resumed from {ckpt.directory}/{step}", flush=True)
+    if bool(jax.device_get(state.halted)):
+        # nonfinite="stop" froze the state at its last good values; a rerun continues from
+        # there (with whatever the user changed, e.g. a lower lr or nonfinite="skip").
+        if jax.process_index() == 0:
+            print(f"[mdm_jax] step {step} was saved halted by a non-finite loss or gradient; "
+                  f"continuing from its last good state", flush=True)
+        state = state.replace(halted=jax.device_put(jnp.zeros((), jnp.bool_),
+                                                    state.halted.sharding))
     return state
 
 
@@ -284,18 +320,32 @@ def train(c: ml_collections.ConfigDict, stop_at: int | None = None) -> RunResult
     running again with the same workdir continues to `c.steps`. SIGTERM/SIGINT do the same at
     the end of the current step.
     """
-    from tqdm import tqdm
-
-    from mdm_jax import storage
-    from mdm_jax.checkpoint import Checkpointer
-    from mdm_jax.metrics import MetricWriter, format_metrics
-    from mdm_jax.preemption import PreemptionGuard
+    from mdm_jax.run_lock import WorkdirLock
 
     trainer = Trainer(c)
     pindex = jax.process_index()
     storage.check_shared_workdir(c.workdir)
+    lock = WorkdirLock(c.workdir)
+    if pindex == 0:
+        lock.acquire()  # released in the finally below, or by the kernel if we die
+    try:
+        return _train_locked(c, trainer, stop_at)
+    finally:
+        lock.release()
+
+
+def _train_locked(c: ml_collections.ConfigDict, trainer: Trainer,
+                  stop_at: int | None) -> RunResult:
+    from tqdm import tqdm
+
+    from mdm_jax.checkpoint import Checkpointer
+    from mdm_jax.metrics import MetricWriter, format_metrics
+    from mdm_jax.preemption import PreemptionGuard
+
+    pindex = jax.process_index()
     train_iter, eval_batches = _open_data(c, trainer)
     config_json = _resolved_config(c, trainer)
+    config_json["data"]["tokenizer_sha256"] = _check_tokenizers(c)
     ckpt = Checkpointer(c.workdir, every=c.checkpoint_every, keep=c.checkpoint_keep,
                         keep_period=c.checkpoint_keep_period, every_minutes=c.checkpoint_minutes)
     state = _restore_or_init(c, trainer, ckpt, train_iter, config_json)
@@ -432,6 +482,7 @@ def _main(argv) -> None:
 
     from mdm_jax import distributed
     from mdm_jax.checkpoint import CheckpointError
+    from mdm_jax.errors import UserError
     from mdm_jax.storage import StorageError
 
     # Orbax and Grain log every file operation at INFO; keep the console for training progress.
@@ -441,30 +492,23 @@ def _main(argv) -> None:
     try:
         distributed.initialize(config)
         result = train(config)
-    except distributed.DistributedError as e:
-        _fail(f"multi-host start-up: {e}")
-    except config_lib.ConfigError as e:
-        _fail(f"config: {e}")
-    except CheckpointError as e:
-        _fail(f"checkpoint: {e}")
-    except StorageError as e:
-        _fail(f"storage: {e}")
+    except UserError as e:
+        if errors.debug():
+            raise
+        label = {distributed.DistributedError: "multi-host start-up",
+                 config_lib.ConfigError: "config", CheckpointError: "checkpoint",
+                 StorageError: "storage"}.get(type(e))
+        errors.fail(f"{label}: {e}" if label else str(e))
     if result.stopped == "nonfinite":
         raise SystemExit(3)
     if result.stopped and result.stopped.startswith("preempted"):
         raise SystemExit(config.preemption_exit_code)
 
 
-def _fail(message: str) -> None:
-    """A user-fixable problem: one line on stderr, exit code 2."""
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    raise SystemExit(2)
-
-
 def cli() -> None:
     from absl import app
 
-    app.run(_main)
+    app.run(_main, flags_parser=errors.absl_flags_parser)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import pytest
 from conftest import nano_config
 
 from mdm_jax.checkpoint import Checkpointer, CheckpointError, abstract_with_shardings
+from mdm_jax.errors import UserError
 from mdm_jax.train import Trainer, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -165,7 +166,7 @@ def test_damaged_latest_checkpoint_is_reported_and_skipped(two_checkpoints, dama
 def test_unwritable_workdir_is_a_clear_error(tiny_data, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")
-    with pytest.raises(CheckpointError, match="cannot write checkpoints to .*a_file"):
+    with pytest.raises(UserError, match="cannot write to the workdir .*a_file"):
         train(_config(tiny_data, blocker / "run"))
 
 

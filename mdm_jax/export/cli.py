@@ -21,7 +21,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
+import tempfile
 
 from mdm_jax.export.layouts import FORMATS, Dims, tensor_names
 from mdm_jax.export.tensor_io import DTYPES, ExportError, write_safetensors, write_sharded
@@ -33,10 +35,20 @@ METADATA_FILE = "mdm_jax.json"  # preset, step, mask id, vocabulary, tokenizer c
 def parse_size(text: str) -> int:
     units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "B": 1}
     t = text.strip().upper()
-    for unit, factor in units.items():
-        if t.endswith(unit):
-            return int(float(t[: -len(unit)]) * factor)
-    return int(t)
+    try:
+        for unit, factor in units.items():
+            if t.endswith(unit):
+                size = int(float(t[: -len(unit)]) * factor)
+                break
+        else:
+            size = int(t)
+    except ValueError:
+        size = 0
+    if size <= 0:
+        from mdm_jax.errors import fail
+
+        fail(f"--max-shard-size {text!r}: give a positive size such as 5GB or 500MB")
+    return size
 
 
 def _metadata(src, args, fmt: str, dtype: str, tokenizer_path: str | None) -> dict:
@@ -146,8 +158,45 @@ def _tokenizer(src, tokenizer: str | None) -> str | None:
 
 def export(checkpoint: str, fmt: str, out: str, step: int | None = None,
            dtype: str = "float32", max_shard_bytes: int = 5 * 10**9,
-           tokenizer: str | None = None) -> list[str]:
-    """Write `fmt` to `out`; returns the files written. Streams tensor by tensor."""
+           tokenizer: str | None = None, overwrite: bool = False) -> list[str]:
+    """Write `fmt` to `out`; returns the files written. Streams tensor by tensor.
+
+    Everything is written into a temporary sibling folder that replaces `out` only when it is
+    complete: an interrupted export leaves `out` as it was, and a re-export never mixes its
+    files with an older one's. An `out` that holds files is refused unless `overwrite`."""
+    out = os.path.abspath(out)
+    if os.path.isfile(out):
+        raise ExportError(f"--out {out} is a file; give a folder")
+    if os.path.isdir(out) and os.listdir(out) and not overwrite:
+        held = ", ".join(sorted(os.listdir(out))[:3])
+        raise ExportError(f"--out {out} already holds files ({held}, ...); pass --overwrite to "
+                          f"replace them, or choose another folder")
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.partial-", dir=parent)
+    try:
+        files = _export_into(checkpoint, fmt, staging, step, dtype, max_shard_bytes, tokenizer)
+        _replace_folder(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return files
+
+
+def _replace_folder(new: str, out: str) -> None:
+    """Put the finished folder `new` at `out`, the old one (if any) removed after the swap."""
+    old = None
+    if os.path.exists(out):
+        old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=os.path.dirname(out))
+        os.rmdir(old)
+        os.rename(out, old)
+    os.rename(new, out)
+    if old:
+        shutil.rmtree(old)
+
+
+def _export_into(checkpoint: str, fmt: str, out: str, step: int | None, dtype: str,
+                 max_shard_bytes: int, tokenizer: str | None) -> list[str]:
     from mdm_jax import config as config_lib
     from mdm_jax.export.source import CheckpointParams
 
@@ -165,7 +214,6 @@ def export(checkpoint: str, fmt: str, out: str, step: int | None = None,
                           f"--format llama-hf is for ARMs. Use --format litgpt or llada-hf.")
     dims = Dims.from_args(args)
     tokenizer_path = _tokenizer(src, tokenizer)
-    os.makedirs(out, exist_ok=True)
     meta = _metadata(src, args, fmt, dtype, tokenizer_path)
     # Without a tokenizer the ids are unknown: None, never LLaDA's defaults (50256, out of range)
     special = {"eos_token_id": None, "pad_token_id": None}
@@ -234,6 +282,8 @@ def cli(argv=None) -> None:
     parser.add_argument("--format", required=True, choices=FORMATS)
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--dtype", default="float32", choices=tuple(DTYPES))
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an --out folder that already holds files")
     parser.add_argument("--tokenizer", help="SentencePiece model to ship (default: the one "
                         "the run trained with, config.data.tokenizer)")
     parser.add_argument("--max-shard-size", default="5GB",
@@ -241,12 +291,11 @@ def cli(argv=None) -> None:
     a = parser.parse_args(argv)
     from absl import logging as absl_logging
 
+    from mdm_jax.errors import run_main
+
     absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every file at INFO
-    try:
-        files = export(a.checkpoint, a.format, a.out, a.step, a.dtype,
-                       parse_size(a.max_shard_size), a.tokenizer)
-    except ExportError as e:
-        sys.exit(f"error: {e}")
+    files = run_main(export, a.checkpoint, a.format, a.out, a.step, a.dtype,
+                     parse_size(a.max_shard_size), a.tokenizer, a.overwrite)
     print(f"wrote {a.format} export to {a.out}: {', '.join(files)}")
 
 

@@ -44,7 +44,7 @@ class CheckpointParams:
         elif step not in steps:
             raise ExportError(f"no checkpoint for step {step} in {workdir}/checkpoints; "
                               f"available: {', '.join(map(str, steps))}")
-        self.step = step
+        self.step, self.steps = step, steps
         self.config = ml_collections.ConfigDict(ckpt.restore_config(step))
         try:
             self.meta = ckpt.read_json(step, "meta")
@@ -72,8 +72,17 @@ class CheckpointParams:
             item = {part: item}
         restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
                                               item)
-        out = self._ckptr.restore(self.state_dir, args=ocp.args.PyTreeRestore(
-            item=item, restore_args=restore_args, partial_restore=True))
+        try:
+            out = self._ckptr.restore(self.state_dir, args=ocp.args.PyTreeRestore(
+                item=item, restore_args=restore_args, partial_restore=True))
+        except Exception as e:  # a file of this step cannot be read: say which, and the rest
+            others = [s for s in self.steps if s != self.step]
+            raise ExportError(
+                f"checkpoint {self.step} in {self.state_dir} is damaged: reading "
+                f"params/{'/'.join(path)} failed ({type(e).__name__}: "
+                f"{str(e).splitlines()[0][:200] if str(e) else ''}); "
+                + (f"the other checkpoints are {', '.join(map(str, others))}: pass --step "
+                   f"{others[-1]}" if others else "there is no other checkpoint")) from e
         for part in ("params", *path):
             out = out[part]
         assert out.shape == abstract.shape

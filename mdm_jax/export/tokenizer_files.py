@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 
 MASK_TOKEN = "<|mdm_mask|>"
@@ -44,9 +45,14 @@ def write_tokenizer(out: str, tokenizer_path: str, mask_id: int | None, hf: bool
     if not hf:
         return ["tokenizer.model"]
     import sentencepiece as spm
-    import transformers
-    from tokenizers import decoders, normalizers
 
+    try:
+        import transformers
+        from tokenizers import decoders, normalizers
+    except ImportError:
+        print("warning: transformers is not installed (the torch extra): the export ships "
+              "tokenizer.model but no tokenizer.json for AutoTokenizer", file=sys.stderr)
+        return ["tokenizer.model"]
     sp = spm.SentencePieceProcessor(model_file=tokenizer_path)
 
     def piece(i: int) -> str | None:

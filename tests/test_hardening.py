@@ -1,0 +1,167 @@
+"""Issue 12, the trainer and export side: each case lost data, went silently wrong, or crashed
+late before; each now does the right thing or stops with one line naming the fix."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from conftest import nano_config
+
+from mdm_jax.checkpoint import Checkpointer, CheckpointError
+from mdm_jax.config import ConfigError, validate
+from mdm_jax.train import train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _config(tiny_data, workdir, **overrides):
+    base = {"data.train_dir": tiny_data["train"], "data.eval_dir": "",
+            "data.tokenizer": tiny_data["tokenizer"], "workdir": str(workdir)}
+    return nano_config(**{**base, **overrides})
+
+
+def _truncate_largest(state_dir: str) -> None:
+    files = [os.path.join(r, f) for r, _, fs in os.walk(state_dir) for f in fs]
+    largest = max(files, key=os.path.getsize)
+    with open(largest, "r+b") as f:
+        f.truncate(os.path.getsize(largest) // 2)
+
+
+def test_damaged_newest_checkpoint_is_set_aside_and_written_again(tiny_data, tmp_path):
+    from mdm_jax.export.cli import export
+    from mdm_jax.export.tensor_io import ExportError
+
+    c = _config(tiny_data, tmp_path / "run", steps=8, checkpoint_every=2, log_every=2)
+    train(c)
+    _truncate_largest(str(tmp_path / "run" / "checkpoints" / "8" / "state"))
+    # Export names the damaged step and the good ones (and leaves no half-written folder).
+    with pytest.raises(ExportError, match=r"checkpoint 8 .* is damaged.*pass --step 6"):
+        export(str(tmp_path / "run"), "litgpt", str(tmp_path / "exp"))
+    assert not os.path.exists(tmp_path / "exp")
+    resumed = train(c)  # skips 8, resumes at 6, trains 7..8 and must save 8 again
+    assert [h["step"] for h in resumed.history] == [8]
+    aside = os.listdir(tmp_path / "run" / "checkpoints_damaged")
+    assert len(aside) == 1 and aside[0].startswith("8-")  # kept, not deleted
+    export(str(tmp_path / "run"), "litgpt", str(tmp_path / "exp"))  # step 8 reads again
+    assert json.loads((tmp_path / "exp" / "mdm_jax.json").read_text())["step"] == 8
+
+
+def test_reexport_refuses_a_full_folder_and_overwrite_leaves_no_stale_shards(tiny_data,
+                                                                           tmp_path):
+    from mdm_jax.export.cli import export
+    from mdm_jax.export.load import import_checkpoint
+    from mdm_jax.export.tensor_io import ExportError
+
+    c = _config(tiny_data, tmp_path / "run", steps=4, checkpoint_every=2, checkpoint_keep=5)
+    train(c)
+    out = tmp_path / "llada"
+    export(str(tmp_path / "run"), "llada-hf", str(out), step=2, max_shard_bytes=200_000)
+    assert (out / "model.safetensors.index.json").exists()
+    with pytest.raises(ExportError, match="already holds files.*--overwrite"):
+        export(str(tmp_path / "run"), "llada-hf", str(out), step=4)
+    export(str(tmp_path / "run"), "llada-hf", str(out), step=4, overwrite=True)
+    assert not (out / "model.safetensors.index.json").exists()  # step 2's shards are gone
+    assert [p.name for p in out.glob("model*.safetensors")] == ["model.safetensors"]
+    assert import_checkpoint("llada-hf", str(out), str(tmp_path / "back")) == 4
+    assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name or ".old-" in p.name]
+
+
+@pytest.fixture(scope="module")
+def other_tokenizer_data(tiny_data, tmp_path_factory):
+    """The same raw corpus prepared with a second (384-piece) tokenizer."""
+    from pathlib import Path
+
+    from mdm_jax.data import prepare, train_tokenizer
+
+    root = tmp_path_factory.mktemp("other_tok")
+    raw = Path(tiny_data["train"]).parent / "raw"
+    tok = train_tokenizer.train_tokenizer([str(raw / "train")], str(root / "tok"), 384)
+    out = {"tokenizer": str(tok)}
+    for split in ("train", "validation"):
+        prepare.prepare(raw, root / split, tok, split=split, seq_len=64)
+        out[split] = str(root / split)
+    return out
+
+
+def test_a_tokenizer_mismatch_is_an_error_naming_both(tiny_data, other_tokenizer_data, tmp_path):
+    with pytest.raises(ConfigError, match=r"different tokenizers: config\.data\.tokenizer=.*"
+                                          r"other_tok.*prepared with"):
+        train(_config(tiny_data, tmp_path / "a", steps=2,
+                      **{"data.tokenizer": other_tokenizer_data["tokenizer"]}))
+    with pytest.raises(ConfigError, match="different tokenizers"):
+        train(_config(tiny_data, tmp_path / "b", steps=2, eval_every=1,
+                      **{"data.eval_dir": other_tokenizer_data["validation"]}))
+    # Resuming a checkpoint on data tokenized otherwise.
+    train(_config(tiny_data, tmp_path / "c", steps=2))
+    with pytest.raises(CheckpointError, match=r"trained on data tokenized with .*tok\.model"):
+        train(_config(other_tokenizer_data, tmp_path / "c", steps=4))
+
+
+def test_resuming_with_another_global_batch_is_refused(tiny_data, tmp_path):
+    train(_config(tiny_data, tmp_path, steps=2))
+    with pytest.raises(CheckpointError, match=r"global_batch=8: it was trained with "
+                                              r"global_batch=16.*--config\.global_batch=16"):
+        train(_config(tiny_data, tmp_path, steps=4, global_batch=8))
+
+
+def test_a_halted_run_continues_from_its_last_good_state(tiny_data, tmp_path):
+    bad = {"optim.lr": 1e30, "optim.warmup_steps": 0, "optim.grad_clip": 1e30}
+    halted = train(_config(tiny_data, tmp_path, steps=30, log_every=1, nonfinite="stop", **bad))
+    assert halted.stopped == "nonfinite"
+    stop = int(halted.state.step)
+    good = _config(tiny_data, tmp_path, steps=stop + 3, log_every=1, nonfinite="skip")
+    resumed = train(good)
+    assert resumed.stopped is None and int(resumed.state.step) == stop + 3
+    assert not bool(resumed.state.halted)
+    assert all(np.isfinite(h["loss"]) for h in resumed.history)
+
+
+def _trainer(tiny_data, workdir, steps):
+    return subprocess.Popen(
+        [sys.executable, "-m", "mdm_jax.train", "--config=experiments/tiny.py",
+         f"--config.workdir={workdir}", f"--config.data.train_dir={tiny_data['train']}",
+         "--config.data.eval_dir=", f"--config.data.tokenizer={tiny_data['tokenizer']}",
+         "--config.model.preset=nano", "--config.seq_len=64", "--config.global_batch=8",
+         f"--config.steps={steps}", "--config.log_every=1", "--config.checkpoint_every=5",
+         "--config.samples.count=0", "--config.model.dtype=float32"],
+        cwd=REPO, env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_a_second_trainer_on_a_workdir_is_refused_and_a_killed_one_leaves_no_lock(tiny_data,
+                                                                                tmp_path):
+    first = _trainer(tiny_data, tmp_path, 2000)
+    metrics = tmp_path / "metrics.jsonl"
+    end = time.monotonic() + 300
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 7):
+        assert first.poll() is None and time.monotonic() < end
+        time.sleep(0.2)  # polling the first trainer's progress
+    second = _trainer(tiny_data, tmp_path, 2000)
+    _, err = second.communicate(timeout=300)
+    assert second.returncode == 2, err[-2000:]
+    assert err.strip().splitlines()[-1].startswith(
+        f"error: another trainer is using {tmp_path} ({{\"pid\": {first.pid}")
+    first.send_signal(signal.SIGKILL)  # no clean-up at all: the kernel drops the lock
+    first.communicate()
+    saved = max(Checkpointer(str(tmp_path)).all_steps())
+    third = _trainer(tiny_data, tmp_path, saved + 2)
+    _, err = third.communicate(timeout=300)
+    assert third.returncode == 0, err[-2000:]
+    # Rows the killed run logged after its last checkpoint were dropped: one row per step.
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert steps == list(range(1, saved + 3))
+
+
+@pytest.mark.parametrize("field, value", [("log_every", 0), ("eval_every", 0),
+                                          ("checkpoint_every", -1), ("samples.steps", 0),
+                                          ("data.eval_batches", -1), ("optim.b2", 1.5)])
+def test_numeric_fields_are_checked_before_compiling(field, value):
+    with pytest.raises(ConfigError, match=rf"config\.{field}={value} must be a number in"):
+        validate(nano_config(**{field: value}), 8)
