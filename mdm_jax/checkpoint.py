@@ -211,7 +211,8 @@ class Checkpointer:
         # The data position is a count of global batches: another batch size would re-read
         # (or skip) blocks without a word.
         a, b = saved.get("global_batch"), config_json.get("global_batch")
-        if a is not None and a != b:
+        has_position = (storage.as_path(self.directory) / str(steps[-1]) / "data").exists()
+        if a is not None and a != b and has_position:  # (an import has no data position)
             raise CheckpointError(
                 f"cannot resume from {self.directory} (step {steps[-1]}) with "
                 f"config.global_batch={b}: it was trained with global_batch={a} and its data "

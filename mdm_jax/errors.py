@@ -9,8 +9,10 @@ the traceback for user errors too.
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
+import traceback
 from collections.abc import Callable
 
 DEBUG_ENV = "MDM_JAX_DEBUG"
@@ -40,16 +42,102 @@ def run_main(main: Callable, *args, **kwargs):
         fail(str(e).strip().replace("\n", " "))
 
 
-def absl_flags_parser(argv: list[str]) -> list[str]:
-    """absl's flag parsing with bad flags reported as one line, exit 2 (absl prints two lines
-    and exits 1); absl's "did you mean" suggestions stay in the line."""
+def config_flags_parser(argv: list[str]) -> list[str]:
+    """absl's flag parsing, for the CLIs with a `--config` file flag: bad flags get one
+    `error:` line and exit 2 (absl prints two lines and exits 1; its "Did you mean" stays).
+
+    ml_collections reports a config file's own mistakes as tracebacks (or, for a missing file,
+    not until the config is first used); here each is one `error:` line and exit 2 like any
+    bad flag: a file that does not exist or does not load, a get_config() that raises (its
+    message kept), and a `--config.FIELD=...` naming no field (its "Did you mean" kept).
+    MDM_JAX_DEBUG=1 shows the traceback instead.
+    """
     from absl import flags
 
     try:
-        return flags.FLAGS(argv)
-    except flags.Error as e:
+        rest = flags.FLAGS(argv)
+    except Exception as e:  # anything but a config-file mistake is re-raised below
         if debug():
             raise
-        fail(str(e).strip().replace("\n", " "))
-    except UserError as e:  # a config file's get_config() may raise one
-        fail(str(e).strip().replace("\n", " "))
+        if isinstance(e, (flags.Error, UserError)):
+            fail(_short(str(e)))
+        if not _from_config_flags(e):
+            raise
+        fail(_config_error(argv, e))
+    import ml_collections
+
+    config = flags.FLAGS["config"].value if "config" in flags.FLAGS else None
+    if config is not None and not isinstance(config, ml_collections.ConfigDict):
+        try:
+            config.keys()  # ml_collections' stand-in for a config that did not load raises here
+        except OSError as e:
+            fail(_config_error(argv, e))
+        fail(f"--config={_config_arg(argv)}: get_config() returned a {type(config).__name__}, "
+             f"not an ml_collections.ConfigDict")
+    return rest
+
+
+def _short(message: str) -> str:
+    """One line: a get_config() traceback that ml_collections pasted into a flag error is cut
+    to its last line (the exception and its message)."""
+    if "Traceback (most recent call last)" in message:
+        head = message.split("Traceback (most recent call last)")[0]
+        head = head.replace("Error whilst parsing config file:", "").strip().rstrip(":")
+        last = [line for line in message.splitlines() if line.strip()][-1].strip()
+        message = f"{head}: {last}"
+    return " ".join(message.split())
+
+
+def _from_config_flags(e: BaseException) -> bool:
+    """Raised while ml_collections loaded the config file or applied a --config.FIELD."""
+    frames = traceback.extract_tb(e.__traceback__)
+    return any("ml_collections" in frame.filename for frame in frames)
+
+
+def _config_arg(argv: list[str]) -> str:
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            return arg.partition("=")[2]
+        if arg == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+    return "?"
+
+
+def _config_error(argv: list[str], e: BaseException) -> str:
+    path = _config_arg(argv)
+    if isinstance(e, OSError):
+        file = path.split(":", 1)[0]
+        if not os.path.exists(file):
+            return (f"--config={path}: no such file {file!r}; give a config file, e.g. "
+                    f"--config=experiments/tiny.py or --config=experiments/isoflop.py:micro")
+        cause = e.__cause__ or e
+        return _short(f"--config={path}: cannot load {file!r}: {cause}")
+    if isinstance(e, (KeyError, AttributeError)):  # a --config.FIELD override with no FIELD
+        inner = e
+        while isinstance(inner, BaseException) and inner.args:
+            inner = inner.args[0]
+        field, _, hint = str(inner).partition("\n")
+        name = field.strip("'\"")
+        culprit = next((a.split("=")[0] for a in argv if a.startswith("--config.")
+                        and name in a.split("=")[0].split(".")), "--config.*")
+        return _short(f"{culprit}: the config {path} has no field {field}. {hint}".strip())
+    return _short(f"--config={path}: {type(e).__name__}: {e}")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one ``error:`` line and exit code 2, like a UserError
+    under ``run_main`` (argparse's own prints the usage too)."""
+
+    def error(self, message: str):
+        fail(f"{message} (see --help)")
+
+
+def positive_int(text: str) -> int:
+    """An argparse ``type`` for counts and sizes: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 
 from mdm_jax.presets import Preset, get_preset
 
@@ -139,8 +140,10 @@ def plan(name: str, budget: float, batch: int = SMDM_BATCH, seq_len: int = SMDM_
     )
 
 
-def cli(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
+def _main(argv=None) -> None:
+    from mdm_jax.errors import ArgumentParser, UserError
+
+    parser = ArgumentParser(prog="python -m mdm_jax.flops", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", required=True, help="e.g. 170M, 1028M, tiny")
     parser.add_argument("--budget", type=float, required=True, help="training FLOPs, e.g. 1e19")
@@ -150,16 +153,28 @@ def cli(argv=None) -> None:
     parser.add_argument("--arm", action="store_true", help="causal model (no mask-token row)")
     parser.add_argument("--json", action="store_true", help="print JSON")
     args = parser.parse_args(argv)
+    if not (math.isfinite(args.budget) and args.budget > 0):
+        raise UserError(f"--budget {args.budget}: give a positive number of training FLOPs, "
+                        f"e.g. --budget 1e19")
+    for flag, value in (("--batch", args.batch), ("--seq-len", args.seq_len)):
+        if value < 1:
+            raise UserError(f"{flag} {value}: give a positive integer")
     try:
         result = plan(args.preset, args.budget, args.batch, args.seq_len, args.convention,
                       causal=args.arm)
-    except ValueError as e:
-        parser.exit(2, f"error: {e}\n")
+    except ValueError as e:  # an unknown preset, or a budget below one step: named in e
+        raise UserError(str(e)) from None
     if args.json:
         print(json.dumps(dataclasses.asdict(result), indent=2))
     else:
         for key, value in dataclasses.asdict(result).items():
             print(f"{key:>26}: {value:,}" if isinstance(value, int) else f"{key:>26}: {value}")
+
+
+def cli(argv=None) -> None:
+    from mdm_jax.errors import run_main
+
+    run_main(_main, argv)
 
 
 if __name__ == "__main__":

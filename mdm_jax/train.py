@@ -257,12 +257,24 @@ def _check_tokenizers(c: ml_collections.ConfigDict) -> str | None:
 
 
 def _open_data(c: ml_collections.ConfigDict, trainer: Trainer):
-    from mdm_jax.data import loader
 
     if not c.data.train_dir:
         raise config_lib.ConfigError(
             "config.data.train_dir is empty; point it at a directory written by "
             "`python -m mdm_jax.data.prepare` (see README).")
+    try:
+        return _open_sources(c, trainer)
+    except (FileNotFoundError, ValueError) as e:  # the loader's messages name file and fix
+        if isinstance(e, config_lib.ConfigError):
+            raise
+        which = "config.data.eval_dir" if c.data.eval_dir and c.data.eval_dir in str(e) \
+            else "config.data.train_dir"
+        raise config_lib.ConfigError(f"{which}: {e}") from e
+
+
+def _open_sources(c: ml_collections.ConfigDict, trainer: Trainer):
+    from mdm_jax.data import loader
+
     sources = loader.parse_mixture(c.data.train_dir)  # "dir" or "dirA:0.7,dirB:0.3"
     for source, _ in sources:
         _check_data(c, source, trainer.args.vocab_size)
@@ -508,7 +520,7 @@ def _main(argv) -> None:
 def cli() -> None:
     from absl import app
 
-    app.run(_main, flags_parser=errors.absl_flags_parser)
+    app.run(_main, flags_parser=errors.config_flags_parser)
 
 
 if __name__ == "__main__":

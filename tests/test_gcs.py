@@ -113,15 +113,17 @@ def _study(path: Path, sweep_dir: str, data: str, tokenizer: str) -> str:
     budget = STEPS * flops.train_flops_per_token(get_preset("13K"), SEQ_LEN) * 8 * SEQ_LEN
     return write_study(path, {
         "grid": (f"{budget!r}: 13K",), "batch": 8, "seq_len": SEQ_LEN, "sweep_dir": sweep_dir,
+        "base": os.path.join(ROOT, "experiments", "micro.py"),
         "overrides": (f"data.train_dir={data}/train", f"data.eval_dir={data}/validation",
                       f"data.tokenizer={tokenizer}", "checkpoint_every=2", "log_every=1",
                       "checkpoint_keep=5", "data.eval_batches=2")})
 
 
 def _sweep(study: str, env: dict, **kwargs):
+    # run from the study's folder: a gs:// sweep keeps its local logs under ./sweep_logs
     return subprocess.Popen([sys.executable, "-m", "mdm_jax.scaling.sweep", f"--config={study}"],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, **kwargs)
+                            cwd=os.path.dirname(study), env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kwargs)
 
 
 def _losses(text: str) -> dict[int, float]:

@@ -3,7 +3,12 @@
 Follows TinyLlama/SMDM: drop RedPajamaGithub, encode each document as tokens + EOS (no BOS),
 concatenate everything, cut (seq_len + 1)-token blocks (the +1 is the ARM shift). Each block is
 one ArrayRecord record of raw little-endian uint16 (int32 for vocabularies >= 65536).
-Bad records are counted by reason in the manifest, never fatal; an unreadable file is fatal.
+Bad records are counted by reason in the manifest, never fatal. A record with no
+``meta.redpajama_set_name`` (your own data: ``{"text": ...}`` only) counts under the source
+``user`` unless ``--require-source``. A file that is not a complete zstd stream (truncated,
+corrupt, zero bytes) stops the run, after checkpointing the files before it, unless
+``--skip-bad-files``: then it is skipped and listed in the manifest's ``skipped_files``. A run
+that keeps no document at all is an error.
 
     python -m mdm_jax.data.prepare --input SlimPajama --output prepared/train \
         --tokenizer tokenizer.model --split train --workers 8
@@ -12,12 +17,14 @@ Bad records are counted by reason in the manifest, never fatal; an unreadable fi
 from __future__ import annotations
 
 import argparse
+import copy
 import io
 import itertools
 import json
 import multiprocessing
 import os
 import shutil
+import sys
 import time
 from collections import Counter, deque
 from collections.abc import Collection, Iterator, Sequence
@@ -29,6 +36,7 @@ from array_record.python.array_record_module import ArrayRecordWriter
 
 from mdm_jax import storage
 from mdm_jax.data.tokenizer import Tokenizer
+from mdm_jax.errors import ArgumentParser, UserError, positive_int, run_main
 
 KNOWN_SOURCES = frozenset(
     {
@@ -41,6 +49,8 @@ KNOWN_SOURCES = frozenset(
         "RedPajamaStackExchange",
     }
 )
+USER_SOURCE = "user"  # the source of records with no meta.redpajama_set_name
+SOURCE_NAMES = KNOWN_SOURCES | {USER_SOURCE}  # what --drop-sources / --keep-sources accept
 SKIP_REASONS = (
     "bad_json",
     "bad_utf8",
@@ -48,9 +58,32 @@ SKIP_REASONS = (
     "empty_text",
     "dropped_source",
     "unknown_source",
+    "missing_source",  # no meta.redpajama_set_name under require_source
 )
 MANIFEST = "manifest.json"
 _ZSTD_CHUNK = 1 << 20
+BAD_FILE_HINT = "re-download the file"
+
+
+class PrepareError(UserError, ValueError):
+    """Input data or options that preparation cannot use; the message names them and the fix."""
+
+
+class InputNotFoundError(PrepareError, FileNotFoundError):
+    """No input file matched."""
+
+
+class BadFileError(PrepareError):
+    """An input file that is not a complete zstd stream (truncated, corrupt, empty, unreadable).
+
+    ``hint`` is the fix the message offers; each entry point sets its own."""
+
+    def __init__(self, path: str | Path, reason: str, hint: str = BAD_FILE_HINT):
+        self.path, self.reason, self.hint = Path(path), reason, hint
+        super().__init__(f"{path}: {reason}; {hint}")
+
+    def with_hint(self, hint: str) -> BadFileError:
+        return BadFileError(self.path, self.reason, hint)
 
 
 class _ZstdRaw(io.RawIOBase):
@@ -62,23 +95,32 @@ class _ZstdRaw(io.RawIOBase):
         self._obj = self._dctx.decompressobj()
         self._pending, self._pos = b"", 0  # decoded bytes not yet handed out
         self._in_frame = False  # True once bytes of an unfinished frame have been fed
+        self._size = 0  # compressed bytes read
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buf) -> int:
         while self._pos == len(self._pending):
-            chunk = self._f.read(_ZSTD_CHUNK)
+            try:
+                chunk = self._f.read(_ZSTD_CHUNK)
+            except OSError as e:
+                raise BadFileError(self._path, f"cannot read it ({e.strerror or e})") from e
             if not chunk:
                 if self._in_frame:
-                    raise ValueError(f"{self._path}: truncated zstd stream (file ends mid-frame)")
+                    raise BadFileError(self._path, "truncated zstd stream (file ends mid-frame)")
+                if self._size == 0:
+                    # Not even a zstd header: an interrupted download or copy, i.e. a file
+                    # truncated at byte 0 (an empty document set compresses to >= 9 bytes).
+                    raise BadFileError(self._path, "empty file (0 bytes), not a zstd stream")
                 return 0
+            self._size += len(chunk)
             out = []
             while chunk:
                 try:
                     out.append(self._obj.decompress(chunk))
                 except zstandard.ZstdError as e:
-                    raise ValueError(f"{self._path}: corrupt zstd stream: {e}") from e
+                    raise BadFileError(self._path, f"corrupt zstd stream ({e})") from e
                 self._in_frame = not self._obj.eof
                 # A file may hold several frames: restart the decoder on the leftover bytes.
                 chunk = self._obj.unused_data if self._obj.eof else b""
@@ -94,15 +136,22 @@ class _ZstdRaw(io.RawIOBase):
 def iter_lines(path: str | Path) -> Iterator[bytes]:
     """Stream the raw lines (split on ``\\n`` only, newline kept) of one ``.jsonl.zst`` file."""
     path = Path(path)
-    with open(path, "rb") as f:
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise BadFileError(path, f"cannot open it ({e.strerror or e})") from e
+    with f:
         yield from io.BufferedReader(_ZstdRaw(f, path), buffer_size=_ZSTD_CHUNK)
 
 
 def classify_line(
-    line: bytes, drop_sources: Collection[str] = ()
+    line: bytes, drop_sources: Collection[str] = (), require_source: bool = False
 ) -> tuple[str | None, str | None, str | None] | None:
     """``(text, source, None)`` for a usable document, ``(None, None, reason)`` for a skipped
     record (reason is one of ``SKIP_REASONS``), ``None`` for a blank line (not a record).
+
+    A record with no ``meta.redpajama_set_name`` is the user's own data: its source is
+    ``USER_SOURCE``, or it is skipped as ``missing_source`` when ``require_source``.
 
     The line is decoded with ``surrogateescape`` so one bad byte costs one record, not the file.
     """
@@ -126,7 +175,11 @@ def classify_line(
         return None, None, "empty_text"
     meta = rec.get("meta")
     source = meta.get("redpajama_set_name") if isinstance(meta, dict) else None
-    if source not in KNOWN_SOURCES:
+    if source is None:
+        if require_source:
+            return None, None, "missing_source"
+        source = USER_SOURCE
+    elif source not in KNOWN_SOURCES:
         return None, None, "unknown_source"
     if source in drop_sources:
         return None, None, "dropped_source"
@@ -134,7 +187,7 @@ def classify_line(
 
 
 def iter_documents(
-    path: str | Path, drop_sources: Sequence[str] = ()
+    path: str | Path, drop_sources: Sequence[str] = (), require_source: bool = False
 ) -> Iterator[tuple[str | None, str | None, str | None]]:
     """Stream one ``.jsonl.zst`` file, yielding ``(text, source, None)`` for usable documents
     and ``(None, None, reason)`` for skipped records (reason is one of ``SKIP_REASONS``).
@@ -143,7 +196,7 @@ def iter_documents(
     """
     drop = frozenset(drop_sources)
     for line in iter_lines(path):
-        doc = classify_line(line, drop)
+        doc = classify_line(line, drop, require_source)
         if doc is not None:
             yield doc
 
@@ -152,9 +205,16 @@ def list_input_files(input_dir: str | Path, split: str) -> list[Path]:
     root = Path(input_dir) / split
     files = sorted(root.glob("chunk*/*.jsonl.zst"))
     if not files:
-        raise FileNotFoundError(
-            f"no input files: {root}/chunk*/*.jsonl.zst matched nothing (expected SlimPajama's "
-            f"layout {{train,validation,test}}/chunkK/*.jsonl.zst under {input_dir})"
+        if not Path(input_dir).is_dir():
+            why = f"{input_dir} is not a directory"
+        elif not root.is_dir():
+            why = f"there is no {split}/ under {input_dir}; check --split"
+        elif any(root.glob("*.jsonl.zst")):
+            why = f"files directly in {root} are not read: move them into {root}/chunk1/"
+        else:
+            why = "SlimPajama's layout is {train,validation,test}/chunkK/*.jsonl.zst"
+        raise InputNotFoundError(
+            f"no input files: {root}/chunk*/*.jsonl.zst matched nothing ({why}); check --input"
         )
     return files
 
@@ -171,14 +231,15 @@ _BATCH_LINES = 256
 _BATCH_BYTES = 1 << 19
 _TOKENIZER: Tokenizer | None = None
 _DROP: frozenset[str] = frozenset()
+_REQUIRE_SOURCE = False
 _DTYPE = "uint16"
 
 
 def _init_worker(tokenizer: str | Tokenizer, drop_sources: Sequence[str] = (),
-                 dtype: str = "uint16") -> None:
-    global _TOKENIZER, _DROP, _DTYPE
+                 dtype: str = "uint16", require_source: bool = False) -> None:
+    global _TOKENIZER, _DROP, _DTYPE, _REQUIRE_SOURCE
     _TOKENIZER = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer.load(tokenizer)
-    _DROP, _DTYPE = frozenset(drop_sources), dtype
+    _DROP, _DTYPE, _REQUIRE_SOURCE = frozenset(drop_sources), dtype, require_source
 
 
 def _encode_lines(lines: list[bytes]) -> dict:
@@ -189,7 +250,7 @@ def _encode_lines(lines: list[bytes]) -> dict:
     srcs: list[str] = []
     skipped: Counter[str] = Counter()
     for line in lines:
-        doc = classify_line(line, _DROP)
+        doc = classify_line(line, _DROP, _REQUIRE_SOURCE)
         if doc is None:
             continue
         text, source, reason = doc
@@ -311,7 +372,8 @@ class _ShardWriter:
     def restore(self, state: dict) -> None:
         self.shards = [dict(s) for s in state["shards"]]
         n = int(state["pending_tokens"])
-        raw = self.pending_path().read_bytes()[: n * self.dtype.itemsize]
+        path = self.pending_path()
+        raw = path.read_bytes()[: n * self.dtype.itemsize] if n or path.exists() else b""
         if len(raw) != n * self.dtype.itemsize:
             raise OSError(f"{self.pending_path()} holds fewer than the {n} tokens recorded")
         self._chunks = [np.frombuffer(raw, self.dtype).copy()]
@@ -354,6 +416,56 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
+SKIP_BAD_FILES_HINT = ("re-download the file, or pass --skip-bad-files to skip it (it is then "
+                       "listed under skipped_files in manifest.json)")
+
+
+def check_output_dir(path: str | Path, flag: str = "--output") -> None:
+    """A clear error when ``path`` (or a parent) is an existing file: it cannot be a directory."""
+    path = Path(path)
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                what = "is an existing file" if p == path else f"is inside {p}, a file"
+                raise PrepareError(f"{flag} {path} {what}, not a directory; pass a directory "
+                                   f"path (it is created if missing)")
+            return
+
+
+def _check_positive(**values: int) -> None:
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise PrepareError(f"{name} (--{name.replace('_', '-')}) must be a positive "
+                               f"integer, got {value!r}")
+
+
+def _no_document_message(root: Path, n_files: int, skipped: dict[str, int],
+                         bad_files: list[dict], drop: Collection[str]) -> str:
+    """Why a run kept nothing, and what to change."""
+    why = []
+    if any(skipped.values()):
+        why.append("skipped records: " + ", ".join(f"{r}={n}" for r, n in skipped.items() if n))
+    if bad_files:
+        why.append(f"skipped {len(bad_files)} bad file(s), first {bad_files[0]['file']}: "
+                   f"{bad_files[0]['reason']}")
+    if not why:
+        why.append("the files hold no records")
+    fixes = []
+    if skipped.get("unknown_source"):
+        fixes.append(f"meta.redpajama_set_name must be one of {sorted(KNOWN_SOURCES)} or absent "
+                     f"(your own data, source {USER_SOURCE!r})")
+    if skipped.get("missing_source"):
+        fixes.append("drop --require-source to keep records with no meta.redpajama_set_name")
+    if skipped.get("dropped_source"):
+        fixes.append(f"check --drop-sources/--keep-sources (they drop {sorted(drop)})")
+    if skipped.get("bad_json") or skipped.get("missing_text") or skipped.get("empty_text"):
+        fixes.append('each line must be a JSON object with a non-empty "text" string')
+    if bad_files:
+        fixes.append("re-download the bad files")
+    return (f"{root}: kept no document from {n_files} input file(s) ({'; '.join(why)}); "
+            + ("; ".join(fixes) or "check --input and --split"))
+
+
 def prepare(
     input_dir: str | Path,
     output_dir: str | Path,
@@ -365,26 +477,33 @@ def prepare(
     shard_blocks: int = 8192,
     keep_sources: Sequence[str] | None = None,
     stop_after_files: int | None = None,
+    require_source: bool = False,
+    skip_bad_files: bool = False,
 ) -> dict:
     """Tokenize and pack ``input_dir/{split}/chunk*/*.jsonl.zst`` into ``output_dir``.
 
     Documents whose ``meta.redpajama_set_name`` is in ``drop_sources`` (or, when
-    ``keep_sources`` is given, not in it) are counted as ``dropped_source``. Returns the
-    manifest (also written to ``output_dir/manifest.json``). Idempotent: a manifest made from
-    the same inputs and settings is returned without redoing work; an interrupted run resumes
-    after the last input file it finished and ends with the same bytes as an uninterrupted one.
+    ``keep_sources`` is given, not in it) are counted as ``dropped_source``; records with no
+    set name are the source ``"user"`` (skipped as ``missing_source`` when
+    ``require_source``). A file that is not a complete zstd stream raises ``BadFileError``
+    (the files before it are checkpointed) unless ``skip_bad_files``: then none of its
+    records are used and it is listed under ``skipped_files``. Keeping no document at all
+    raises ``PrepareError``. Returns the manifest (also written to
+    ``output_dir/manifest.json``). Idempotent: a manifest made from the same inputs and
+    settings is returned without redoing work; an interrupted run resumes after the last input
+    file it finished and ends with the same bytes as an uninterrupted one.
     """
-    if seq_len < 1 or shard_blocks < 1 or workers < 1:
-        raise ValueError(f"need seq_len, shard_blocks, workers >= 1; got {seq_len}, "
-                         f"{shard_blocks}, {workers}")
+    _check_positive(seq_len=seq_len, shard_blocks=shard_blocks, workers=workers)
     drop = set(drop_sources)
-    if keep_sources is not None:
-        unknown = set(keep_sources) - KNOWN_SOURCES
+    for name, given in (("drop_sources", drop_sources), ("keep_sources", keep_sources or ())):
+        unknown = set(given) - SOURCE_NAMES
         if unknown:
-            raise ValueError(f"keep_sources {sorted(unknown)} are not SlimPajama set names; "
-                             f"known: {sorted(KNOWN_SOURCES)}")
-        drop = KNOWN_SOURCES - set(keep_sources)
+            raise PrepareError(f"{name} (--{name.replace('_', '-')}) {sorted(unknown)} are not "
+                               f"source names; known: {sorted(SOURCE_NAMES)}")
+    if keep_sources is not None:
+        drop = SOURCE_NAMES - set(keep_sources)
     input_dir, output_dir = Path(input_dir), Path(output_dir)
+    check_output_dir(output_dir)
     tok = Tokenizer.load(tokenizer_path)
     files = list_input_files(input_dir, split)
     dtype = "uint16" if tok.vocab_size <= 65536 else "int32"
@@ -398,19 +517,30 @@ def prepare(
         "drop_sources": sorted(drop),
         "shard_blocks": shard_blocks,
     }
+    if require_source:  # only when set, so outputs made before the option still match
+        inputs["require_source"] = True
     manifest_path = output_dir / MANIFEST
     old = _read_json(manifest_path)
     if old is not None and old.get("inputs") == inputs and all(
         (output_dir / s["file"]).is_file() for s in old["shards"]
     ):
+        bad = old.get("skipped_files") or []
+        if bad and not skip_bad_files:
+            raise BadFileError(input_dir / bad[0]["file"],
+                               f"{bad[0]['reason']} (skipped by the run that wrote "
+                               f"{manifest_path})", SKIP_BAD_FILES_HINT)
         return old
 
-    output_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise PrepareError(f"--output {output_dir}: cannot create the directory "
+                           f"({e.strerror or e}); pass a writable directory path") from e
     # A crash below must not leave a manifest that describes shards we are about to replace.
     manifest_path.unlink(missing_ok=True)
     writer = _ShardWriter(output_dir, split, seq_len + 1, shard_blocks, dtype)
     counts = {"files_done": 0, "documents": 0, "tokens": 0, "sources": {},
-              "skipped": {r: 0 for r in SKIP_REASONS}}
+              "skipped": {r: 0 for r in SKIP_REASONS}, "bad_files": []}
     progress_path = output_dir / PROGRESS
     progress = _read_json(progress_path)
     resumed = False
@@ -435,7 +565,7 @@ def prepare(
 
     bar = tqdm(total=len(files), initial=first, unit="file", desc=f"prepare {split}",
                dynamic_ncols=True)
-    init_args = (str(tok.path), tuple(sorted(drop)), dtype)
+    init_args = (str(tok.path), tuple(sorted(drop)), dtype, require_source)
     pool = None
     # In order: ("batch", result) for each batch submitted, ("end", None) after a file's last.
     queue: deque[tuple[str, object]] = deque()
@@ -444,7 +574,7 @@ def prepare(
 
     def consume() -> None:
         """Take the oldest queue entry: pack a batch's tokens, or checkpoint a finished file."""
-        nonlocal counts, in_flight, new_docs, new_tokens, checkpoint_shards
+        nonlocal counts, in_flight, new_docs, new_tokens, checkpoint_shards, checkpoint
         kind, item = queue.popleft()
         if kind == "batch":
             in_flight -= 1
@@ -459,8 +589,8 @@ def prepare(
             return
         counts["files_done"] += 1
         counts["sources"], counts["skipped"] = dict(sources), dict(skipped)
-        _atomic_write_text(progress_path, json.dumps(
-            {"inputs": inputs, "counts": counts, "writer": writer.state()}) + "\n")
+        checkpoint = copy.deepcopy({"counts": counts, "writer": writer.state()})
+        _atomic_write_text(progress_path, json.dumps({"inputs": inputs, **checkpoint}) + "\n")
         # The previous checkpoint's pending file (and any that shards closed since) is only
         # needed until this record is written.
         for k in range(checkpoint_shards, len(writer.shards)):
@@ -474,8 +604,24 @@ def prepare(
         if stop_after_files is not None and counts["files_done"] - first >= stop_after_files:
             raise Interrupted(f"stopped after {stop_after_files} file(s) as asked")
 
+    def roll_back() -> None:
+        """Forget everything since the last checkpoint (the batches of a skipped bad file)."""
+        nonlocal counts, in_flight
+        in_flight -= sum(kind == "batch" for kind, _ in queue)
+        queue.clear()
+        writer.restore(checkpoint["writer"])
+        writer.clean(keep_pending=True)
+        counts = copy.deepcopy(checkpoint["counts"])
+        sources.clear()
+        sources.update(counts["sources"])
+        skipped.clear()
+        skipped.update(counts["skipped"])
+
     counts = dict(counts)
+    counts.setdefault("bad_files", [])  # a progress.json written before skip_bad_files
     checkpoint_shards = len(writer.shards)
+    counts["sources"], counts["skipped"] = dict(sources), dict(skipped)
+    checkpoint = copy.deepcopy({"counts": counts, "writer": writer.state()})
     try:
         if workers > 1 and first < len(files):
             ctx = multiprocessing.get_context("spawn")  # safe with JAX/threads in the parent
@@ -487,13 +633,20 @@ def prepare(
             while True:
                 try:
                     lines = next(batches, None)
-                except ValueError:
-                    # An unreadable input file is fatal, but first checkpoint the files before
-                    # it whose batches are still in flight.
+                except BadFileError as e:
+                    # First checkpoint the files before it whose batches are still in flight.
                     ends = [i for i, (kind, _) in enumerate(queue) if kind == "end"]
                     for _ in range(ends[-1] + 1 if ends else 0):
                         consume()
-                    raise
+                    if not skip_bad_files:
+                        raise e.with_hint(SKIP_BAD_FILES_HINT) from e
+                    # Skip it whole: none of its batches (some may be packed already) count.
+                    roll_back()
+                    counts["bad_files"].append(
+                        {"file": str(path.relative_to(input_dir)), "reason": e.reason})
+                    bar.write(f"warning: skipping bad file {e.path}: {e.reason}",
+                              file=sys.stderr)
+                    lines = None
                 if lines is None:
                     break
                 if pool is None:
@@ -508,6 +661,12 @@ def prepare(
                 consume()
         while queue:
             consume()
+        if counts["documents"] == 0:
+            raise PrepareError(_no_document_message(input_dir / split, len(files), dict(skipped),
+                                                    counts["bad_files"], drop))
+    except UserError:
+        bar.leave = False  # the error line replaces the bar
+        raise
     finally:
         bar.close()
         if pool is not None:
@@ -521,6 +680,7 @@ def prepare(
         "tail_tokens_dropped": tail,
         "sources": dict(sorted(sources.items())),
         "skipped": {r: skipped.get(r, 0) for r in SKIP_REASONS},
+        "skipped_files": counts["bad_files"],
         "tokenizer": str(tok.path),
         "tokenizer_sha256": tok.sha256,
         "vocab_size": tok.vocab_size,
@@ -547,7 +707,11 @@ def upload(local_dir: str | Path, remote_dir: str, shard_files: Sequence[str]) -
 
 
 def cli(argv: Sequence[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    run_main(_main, argv)
+
+
+def _main(argv: Sequence[str] | None = None) -> None:
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--input", required=True, help="SlimPajama-style root holding {split}/chunk*/")
     p.add_argument("--output", required=True,
                    help="directory for shards and manifest.json (local, or gs://BUCKET/PATH: "
@@ -556,13 +720,20 @@ def cli(argv: Sequence[str] | None = None) -> None:
                    help="local directory for a gs:// --output (default: prepare_staging/SPLIT)")
     p.add_argument("--tokenizer", required=True, help="SentencePiece .model file")
     p.add_argument("--split", default="train")
-    p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--seq-len", type=int, default=2048)
-    p.add_argument("--shard-blocks", type=int, default=8192)
+    p.add_argument("--workers", type=positive_int, default=1)
+    p.add_argument("--seq-len", type=positive_int, default=2048)
+    p.add_argument("--shard-blocks", type=positive_int, default=8192)
     p.add_argument("--drop-sources", default="RedPajamaGithub",
-                   help="comma-separated meta.redpajama_set_name values to drop ('' keeps all)")
+                   help="comma-separated meta.redpajama_set_name values to drop ('' keeps all; "
+                        f"'{USER_SOURCE}' is records with no set name)")
     p.add_argument("--keep-sources", default=None,
                    help="comma-separated set names to keep (overrides --drop-sources)")
+    p.add_argument("--require-source", action="store_true",
+                   help="skip records with no meta.redpajama_set_name (counted as "
+                        f"missing_source) instead of keeping them as source '{USER_SOURCE}'")
+    p.add_argument("--skip-bad-files", action="store_true",
+                   help="skip an input file that is truncated or corrupt (listed under "
+                        "skipped_files in manifest.json) instead of stopping")
     a = p.parse_args(argv)
 
     def names(s: str | None) -> list[str] | None:
@@ -571,14 +742,19 @@ def cli(argv: Sequence[str] | None = None) -> None:
     start = time.perf_counter()
     remote = storage.is_remote(a.output)
     local_out = (a.staging or os.path.join("prepare_staging", a.split)) if remote else a.output
+    check_output_dir(local_out, "--staging" if remote else "--output")
     m = prepare(a.input, local_out, a.tokenizer, split=a.split, seq_len=a.seq_len,
                 workers=a.workers, shard_blocks=a.shard_blocks,
-                drop_sources=names(a.drop_sources) or (), keep_sources=names(a.keep_sources))
+                drop_sources=names(a.drop_sources) or (), keep_sources=names(a.keep_sources),
+                require_source=a.require_source, skip_bad_files=a.skip_bad_files)
     if remote:
         upload(local_out, a.output, [s["file"] for s in m["shards"]])
-    summary = {k: m[k] for k in ("documents", "tokens", "blocks", "tail_tokens_dropped",
-                                 "skipped", "sources", "dtype")}
+    summary = {k: m.get(k) for k in ("documents", "tokens", "blocks", "tail_tokens_dropped",
+                                     "skipped", "skipped_files", "sources", "dtype")}
     print(json.dumps(summary, indent=1))
+    if m.get("skipped_files"):
+        print(f"warning: skipped {len(m['skipped_files'])} bad input file(s), listed under "
+              f"skipped_files in {MANIFEST}", file=sys.stderr)
     print(f"wrote {len(m['shards'])} shard(s) and {MANIFEST} to {a.output} "
           f"in {time.perf_counter() - start:.1f}s")
 

@@ -13,6 +13,17 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+from mdm_jax.errors import UserError
+
+
+class TokenizerError(UserError, ValueError):
+    """A tokenizer file, vocabulary or training input that cannot be used; the message names
+    the file or value and the fix."""
+
+
+class TokenizerNotFoundError(TokenizerError, FileNotFoundError):
+    """The tokenizer model file does not exist."""
+
 
 def file_sha256(path: str | Path) -> str:
     h = hashlib.sha256()
@@ -33,18 +44,23 @@ class Tokenizer:
     @classmethod
     def load(cls, path: str | Path) -> Tokenizer:
         path = Path(path)
+        hint = ("train one with `python -m mdm_jax.data.train_tokenizer` or pass the Llama-2 "
+                "tokenizer.model")
+        if path.is_dir():
+            raise TokenizerError(f"tokenizer {path} is a directory, not a SentencePiece .model "
+                                 f"file; {hint}")
         if not path.is_file():
-            raise FileNotFoundError(
-                f"tokenizer model not found: {path} (train one with "
-                f"`python -m mdm_jax.data.train_tokenizer` or pass the Llama-2 tokenizer.model)"
-            )
+            raise TokenizerNotFoundError(f"tokenizer model not found: {path} ({hint})")
         sp = spm.SentencePieceProcessor()
         try:
             sp.Load(str(path))
         except (OSError, RuntimeError) as e:
-            raise ValueError(f"{path} is not a valid SentencePiece model: {e}") from e
+            detail = " ".join(str(e).split())
+            raise TokenizerError(f"{path} is not a valid SentencePiece model ({detail}); "
+                                 f"{hint}") from e
         if sp.eos_id() < 0:
-            raise ValueError(f"{path}: SentencePiece model has no EOS piece; documents need one")
+            raise TokenizerError(f"{path}: SentencePiece model has no EOS piece; documents "
+                                 f"need one: {hint}")
         return cls(sp, path, file_sha256(path))
 
     @property
@@ -75,7 +91,7 @@ class Tokenizer:
 def check_vocab(tokenizer_vocab_size: int, model_vocab_size: int, path: str | Path) -> None:
     """The model's embedding must cover every token id the tokenizer can emit."""
     if tokenizer_vocab_size > model_vocab_size:
-        raise ValueError(
+        raise TokenizerError(
             f"tokenizer {path} has vocab_size {tokenizer_vocab_size} but the model's "
             f"vocab_size is {model_vocab_size}; raise the model vocab_size to at least "
             f"{tokenizer_vocab_size} or use a tokenizer with a smaller vocabulary"

@@ -15,12 +15,21 @@ import glob
 import io
 import json
 import os
+import re
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import sentencepiece as spm
 
-from mdm_jax.data.prepare import iter_documents
+from mdm_jax.data.prepare import (
+    BadFileError,
+    InputNotFoundError,
+    check_output_dir,
+    iter_documents,
+)
+from mdm_jax.data.tokenizer import TokenizerError
+from mdm_jax.errors import ArgumentParser, positive_int, run_main
 
 # SentencePiece skips longer "sentences"; we feed it lines, which are far shorter.
 MAX_SENTENCE_BYTES = 16384
@@ -32,31 +41,50 @@ def _resolve_inputs(input_glob_or_paths: str | Path | Sequence[str | Path]) -> l
         input_glob_or_paths
     )
     paths: list[Path] = []
+    missing: list[str] = []
     for item in items:
         matches = sorted(glob.glob(str(item))) if glob.has_magic(str(item)) else [str(item)]
+        found = len(paths)
         for m in matches:
             p = Path(m)
             if p.is_dir():
                 paths.extend(sorted(p.rglob("*.jsonl.zst")) + sorted(p.rglob("*.txt")))
             elif p.is_file():
                 paths.append(p)
+        if len(paths) == found:
+            missing.append(str(item))
     if not paths:
-        raise FileNotFoundError(f"no tokenizer training files found for {input_glob_or_paths!r}")
+        raise InputNotFoundError(
+            f"no tokenizer training files found for --input {' '.join(map(str, items))} "
+            f"({', '.join(missing)}: no such file, or no *.jsonl.zst / *.txt under it); give "
+            f"globs, files or directories holding *.jsonl.zst or *.txt")
     return paths
 
 
-def _iter_lines(paths: Sequence[Path], max_chars: int) -> Iterator[str]:
-    """Non-empty lines of every document, in file order, stopping after ``max_chars``."""
+def _iter_lines(paths: Sequence[Path], max_chars: int,
+                stats: Counter | None = None) -> Iterator[str]:
+    """Non-empty lines of every document, in file order, stopping after ``max_chars``.
+    ``stats`` counts the lines yielded ("lines") and the records skipped, by reason."""
+    stats = Counter() if stats is None else stats
     total = 0
+
+    def usable(path: Path) -> Iterator[str]:
+        for text, _, reason in iter_documents(path):
+            if reason is None:
+                yield text
+            else:
+                stats[reason] += 1
+
     for path in paths:
         if path.name.endswith(".jsonl.zst"):
-            texts: Iterator[str] = (t for t, _, r in iter_documents(path) if r is None)
+            texts: Iterator[str] = usable(path)
         else:
             texts = iter([path.read_text(encoding="utf-8", errors="replace")])
         for text in texts:
             for line in text.splitlines():
                 if not line.strip():
                     continue
+                stats["lines"] += 1
                 yield line
                 total += len(line)
                 if total >= max_chars:
@@ -71,9 +99,17 @@ def train_tokenizer(
 ) -> Path:
     """Train ``{model_prefix}.model``; returns its path. Skips training when the model exists
     and its sidecar ``{model_prefix}.json`` records the same arguments."""
+    for name, value in (("vocab_size", vocab_size), ("max_chars", max_chars)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise TokenizerError(f"{name} (--{name.replace('_', '-')}) must be a positive "
+                                 f"integer, got {value!r}")
     prefix = Path(str(model_prefix).removesuffix(".model"))
     model_path = prefix.with_name(prefix.name + ".model")
     sidecar = prefix.with_name(prefix.name + ".json")
+    check_output_dir(model_path.parent, f"--output {model_path}: its directory")
+    if model_path.is_dir():
+        raise TokenizerError(f"--output {model_path} is an existing directory; pass a model "
+                             f"path such as {model_path / 'tokenizer.model'}")
     paths = _resolve_inputs(input_glob_or_paths)
     args = {
         "format_version": _FORMAT_VERSION,
@@ -91,8 +127,48 @@ def train_tokenizer(
 
     sidecar.unlink(missing_ok=True)  # never let an old sidecar vouch for a new model
     model = io.BytesIO()
+    stats: Counter[str] = Counter()
+    try:
+        _train(_iter_lines(paths, max_chars, stats), model, vocab_size)
+    except BadFileError as e:
+        raise e.with_hint("re-download the file, or leave it out of --input") from e
+    except RuntimeError as e:  # SentencePiece's own checks: "INTERNAL: file(line) [cond] msg"
+        detail = " ".join(str(e).split("]", 1)[-1].split())
+        if not stats["lines"]:
+            reasons = ", ".join(f"{r}={n}" for r, n in sorted(stats.items()) if r != "lines")
+            names = ", ".join(map(str, paths[:3])) + (" ..." if len(paths) > 3 else "")
+            raise TokenizerError(
+                f"no text to train on in {len(paths)} input file(s) ({names}; "
+                + (f"every record was skipped: {reasons}" if reasons else "they hold no text")
+                + "); check --input") from e
+        small = re.search(r"smaller than required_chars\. \d+ vs (\d+)", detail)
+        if small:
+            raise TokenizerError(
+                f"vocab_size (--vocab-size) {vocab_size} is too small: this text needs at "
+                f"least {small[1]} pieces (its characters, 256 byte pieces and 3 special "
+                f"pieces); use --vocab-size {small[1]} or more") from e
+        large = re.search(r"Vocabulary size too high.*<= (\d+)", detail)
+        if large:
+            raise TokenizerError(
+                f"vocab_size (--vocab-size) {vocab_size} is too large for this text: at most "
+                f"{large[1]} pieces can be learned from it; use --vocab-size {large[1]} or "
+                f"less, or give more text (--input, --max-chars)") from e
+        raise
+    try:
+        model_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = model_path.with_name(model_path.name + ".tmp")
+        tmp.write_bytes(model.getvalue())
+        os.replace(tmp, model_path)
+        sidecar.write_text(json.dumps(args, indent=1) + "\n")  # written last: marks completion
+    except OSError as e:
+        raise TokenizerError(f"--output {model_path}: cannot write it ({e.strerror or e}); "
+                             f"pass a path in a writable directory") from e
+    return model_path
+
+
+def _train(lines: Iterator[str], model: io.BytesIO, vocab_size: int) -> None:
     spm.SentencePieceTrainer.train(
-        sentence_iterator=_iter_lines(paths, max_chars),
+        sentence_iterator=lines,
         model_writer=model,
         model_type="bpe",
         vocab_size=vocab_size,
@@ -112,21 +188,19 @@ def train_tokenizer(
         num_threads=os.cpu_count() or 1,
         minloglevel=2,
     )
-    model_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = model_path.with_name(model_path.name + ".tmp")
-    tmp.write_bytes(model.getvalue())
-    os.replace(tmp, model_path)
-    sidecar.write_text(json.dumps(args, indent=1) + "\n")  # written last: marks completion
-    return model_path
 
 
 def cli(argv: Sequence[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    run_main(_main, argv)
+
+
+def _main(argv: Sequence[str] | None = None) -> None:
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--input", required=True, nargs="+",
                    help="globs, files or directories (*.jsonl.zst or *.txt)")
     p.add_argument("--output", required=True, help="model prefix or path ending in .model")
-    p.add_argument("--vocab-size", type=int, required=True)
-    p.add_argument("--max-chars", type=int, default=200_000_000)
+    p.add_argument("--vocab-size", type=positive_int, required=True)
+    p.add_argument("--max-chars", type=positive_int, default=200_000_000)
     a = p.parse_args(argv)
     path = train_tokenizer(a.input, a.output, a.vocab_size, max_chars=a.max_chars)
     sp = spm.SentencePieceProcessor(model_file=str(path))

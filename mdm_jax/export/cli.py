@@ -274,7 +274,9 @@ def _write_pth(safetensors_path: str, pth_path: str) -> None:
 
 
 def cli(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m mdm_jax.export", description=__doc__,
+    from mdm_jax.errors import ArgumentParser
+
+    parser = ArgumentParser(prog="python -m mdm_jax.export", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True,
                         help="a training run's workdir (or its checkpoints/STEP folder)")

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
 from mdm_jax.export.cli import METADATA_FILE
 from mdm_jax.export.layouts import FORMATS, Dims, params_tree, read_leaves
@@ -49,6 +48,18 @@ def _find_preset(fmt: str, keys: set[str], get, hf_config: dict) -> str:
     return matches[0]
 
 
+def _read_json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            value = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ExportError(f"cannot read {path}: {e}; fix or remove the file") from None
+    if not isinstance(value, dict):
+        raise ExportError(f"{path} holds a JSON {type(value).__name__}, not an object; fix or "
+                          f"remove the file")
+    return value
+
+
 def import_checkpoint(fmt: str, src: str, out: str, preset: str | None = None,
                       step: int | None = None, seq_len: int | None = None) -> int:
     """Write `src` (in layout `fmt`) as an mdm_jax checkpoint under `out`; returns its step."""
@@ -61,15 +72,16 @@ def import_checkpoint(fmt: str, src: str, out: str, preset: str | None = None,
 
     if fmt not in FORMATS:
         raise ExportError(f"--format {fmt!r}; valid: {', '.join(FORMATS)}")
+    if not os.path.exists(src):
+        raise ExportError(f"--src {src} does not exist; give an export folder, a .safetensors "
+                          f"file or a .pth state dict")
     hf_config, meta = {}, {}
     folder = src if os.path.isdir(src) else os.path.dirname(src)
     if os.path.exists(os.path.join(folder, "config.json")):
-        with open(os.path.join(folder, "config.json")) as f:
-            hf_config = json.load(f)
+        hf_config = _read_json(os.path.join(folder, "config.json"))
         meta = hf_config.get("mdm_jax", {})  # exports before mdm_jax.json existed
     if os.path.exists(os.path.join(folder, METADATA_FILE)):
-        with open(os.path.join(folder, METADATA_FILE)) as f:
-            meta = json.load(f)
+        meta = _read_json(os.path.join(folder, METADATA_FILE))
     if fmt == "litgpt" and os.path.isdir(src):
         names = [n for n in ("lit_model.safetensors", "lit_model.pth")
                  if os.path.exists(os.path.join(src, n))]
@@ -130,8 +142,10 @@ def import_checkpoint(fmt: str, src: str, out: str, preset: str | None = None,
     return step
 
 
-def cli(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m mdm_jax.export.load", description=__doc__,
+def _main(argv=None) -> None:
+    from mdm_jax.errors import ArgumentParser
+
+    parser = ArgumentParser(prog="python -m mdm_jax.export.load", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--format", required=True, choices=FORMATS)
     parser.add_argument("--src", required=True, help="export folder, .safetensors or .pth")
@@ -140,15 +154,22 @@ def cli(argv=None) -> None:
     parser.add_argument("--step", type=int, help="step to record (default: the export's)")
     parser.add_argument("--seq-len", type=int, help="sequence length to record")
     a = parser.parse_args(argv)
+    if a.step is not None and a.step < 0:
+        raise ExportError(f"--step {a.step}: give 0 or more")
+    if a.seq_len is not None and a.seq_len < 1:
+        raise ExportError(f"--seq-len {a.seq_len}: give a positive number of tokens")
     from absl import logging as absl_logging
 
     absl_logging.set_verbosity(absl_logging.WARNING)
-    try:
-        step = import_checkpoint(a.format, a.src, a.out, a.preset, a.step, a.seq_len)
-    except ExportError as e:
-        sys.exit(f"error: {e}")
+    step = import_checkpoint(a.format, a.src, a.out, a.preset, a.step, a.seq_len)
     print(f"wrote an mdm_jax checkpoint (step {step}) to {a.out}/checkpoints; sample with "
           f"`python -m mdm_jax.sampling --workdir {a.out}`")
+
+
+def cli(argv=None) -> None:
+    from mdm_jax.errors import run_main
+
+    run_main(_main, argv)
 
 
 if __name__ == "__main__":

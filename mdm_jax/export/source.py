@@ -53,9 +53,12 @@ class CheckpointParams:
         self.state_dir = storage.join(ckpt.directory, str(step), "state")
         ckpt.close()
         self._ckptr = ocp.PyTreeCheckpointer()
-        tree = self._ckptr.metadata(self.state_dir).item_metadata
-        tree = getattr(tree, "tree", tree)
-        self.param_meta = tree["params"]
+        try:
+            tree = self._ckptr.metadata(self.state_dir).item_metadata
+            tree = getattr(tree, "tree", tree)
+            self.param_meta = tree["params"]
+        except Exception as e:
+            raise self._damaged("its metadata", e) from e
         self.scanned = "blocks" in self.param_meta
         self._cache: dict[tuple, np.ndarray] = {}
         self.param_bytes = sum(int(np.prod(m.shape)) * 4 for m in _leaves(self.param_meta))
@@ -76,17 +79,20 @@ class CheckpointParams:
             out = self._ckptr.restore(self.state_dir, args=ocp.args.PyTreeRestore(
                 item=item, restore_args=restore_args, partial_restore=True))
         except Exception as e:  # a file of this step cannot be read: say which, and the rest
-            others = [s for s in self.steps if s != self.step]
-            raise ExportError(
-                f"checkpoint {self.step} in {self.state_dir} is damaged: reading "
-                f"params/{'/'.join(path)} failed ({type(e).__name__}: "
-                f"{str(e).splitlines()[0][:200] if str(e) else ''}); "
-                + (f"the other checkpoints are {', '.join(map(str, others))}: pass --step "
-                   f"{others[-1]}" if others else "there is no other checkpoint")) from e
+            raise self._damaged(f"params/{'/'.join(path)}", e) from e
         for part in ("params", *path):
             out = out[part]
         assert out.shape == abstract.shape
         return out
+
+    def _damaged(self, what: str, e: BaseException) -> ExportError:
+        others = [s for s in self.steps if s != self.step]
+        detail = str(e).splitlines()[0][:200] if str(e) else "no detail"
+        return ExportError(
+            f"checkpoint {self.step} in {self.state_dir} is damaged: reading {what} failed "
+            f"({type(e).__name__}: {detail}); "
+            + (f"the other checkpoints are {', '.join(map(str, others))}: pass --step "
+               f"{others[-1]}" if others else "there is no other checkpoint"))
 
     def leaf(self, leaf: str, layer: int | None) -> np.ndarray:
         """An mdm_jax leaf ("wq", "attn_norm/scale", "embedding") for one layer (or global)."""

@@ -17,12 +17,14 @@ from collections.abc import Callable
 import ml_dtypes
 import numpy as np
 
+from mdm_jax.errors import UserError
+
 DTYPES = {"float32": (np.dtype(np.float32), "F32"),
           "bfloat16": (np.dtype(ml_dtypes.bfloat16), "BF16")}
 INDEX_NAME = "model.safetensors.index.json"
 
 
-class ExportError(ValueError):
+class ExportError(UserError, ValueError):
     """An export or import that cannot work; the message names the key or file and the fix."""
 
 
@@ -92,12 +94,24 @@ class TensorReader:
         self.path = path
         self._files: dict[str, str] = {}  # name -> safetensors file
         self._state_dict = None
+        if not os.path.exists(path):
+            raise ExportError(f"{path} does not exist; give an export folder, a .safetensors "
+                              f"file or a .pth state dict")
         if os.path.isdir(path):
             index = os.path.join(path, INDEX_NAME)
             if os.path.exists(index):
-                with open(index) as f:
-                    weight_map = json.load(f)["weight_map"]
-                self._files = {k: os.path.join(path, v) for k, v in weight_map.items()}
+                try:
+                    with open(index) as f:
+                        weight_map = json.load(f)["weight_map"]
+                    files = {k: os.path.join(path, v) for k, v in weight_map.items()}
+                except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+                    raise ExportError(f"{index} is not a safetensors index (a JSON object "
+                                      f"with a weight_map): {type(e).__name__}: {e}") from None
+                missing = sorted({f for f in files.values() if not os.path.exists(f)})
+                if missing:
+                    raise ExportError(f"{index} names file(s) that are not there: "
+                                      f"{', '.join(map(os.path.basename, missing))}")
+                self._files = files
             else:
                 files = sorted(n for n in os.listdir(path) if n.endswith(".safetensors"))
                 if not files:
@@ -113,23 +127,32 @@ class TensorReader:
                               f"dict")
 
     def _add_file(self, path: str) -> None:
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
-        with safe_open(path, framework="np") as f:
-            for key in f.keys():
-                self._files[key] = path
+        try:
+            with safe_open(path, framework="np") as f:
+                for key in f.keys():
+                    self._files[key] = path
+        except (SafetensorError, OSError) as e:
+            raise ExportError(f"{path} is not a readable safetensors file: {e}") from None
 
     def _load_torch(self, path: str) -> None:
         import pickle
+        import zipfile
 
         import torch
 
+        # Memory-map the zip format torch.save writes by default; the legacy format
+        # (_use_new_zipfile_serialization=False, older PyTorch) cannot be mapped and is read
+        # whole. Both go through the weights-only unpickler.
+        mmap = zipfile.is_zipfile(path)
         try:
-            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except (pickle.UnpicklingError, RuntimeError) as e:
+            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
             raise ExportError(
                 f"{path} is not a plain state dict of tensors, so it was not loaded (mdm_jax "
-                f"never unpickles arbitrary objects): {str(e).splitlines()[0][:200]}") from None
+                f"never unpickles arbitrary objects): "
+                f"{(str(e) or type(e).__name__).splitlines()[0][:200]}") from None
         if isinstance(sd, dict) and "model" in sd and isinstance(sd["model"], dict):
             sd = sd["model"]  # lit-gpt training checkpoints nest the weights under "model"
         if not isinstance(sd, dict):
@@ -142,6 +165,8 @@ class TensorReader:
     def get(self, name: str) -> np.ndarray:
         if self._state_dict is not None:
             t = self._state_dict[name]
+            if not hasattr(t, "numpy"):
+                raise ExportError(f"{self.path}: {name} is a {type(t).__name__}, not a tensor")
             return t.float().numpy() if str(t.dtype) == "torch.bfloat16" else t.numpy()
         from safetensors import safe_open
 

@@ -16,10 +16,11 @@ import csv
 import dataclasses
 import json
 import math
-import sys
+import os
 
 import numpy as np
 
+from mdm_jax.errors import ArgumentParser, run_main
 from mdm_jax.scaling.plan import StudyError
 from mdm_jax.scaling.sweep import RESULT_COLUMNS
 
@@ -32,30 +33,39 @@ def read_results(path: str) -> list[dict]:
         f = open(path, newline="")
     except OSError as e:
         raise StudyError(f"cannot read results file {path}: {e.strerror or e}") from None
-    with f:
-        reader = csv.DictReader(f)
-        missing = [c for c in RESULT_COLUMNS if c not in (reader.fieldnames or ())]
-        if missing:
-            raise StudyError(
-                f"{path} lacks column(s) {', '.join(missing)}; a results file needs "
-                f"{','.join(RESULT_COLUMNS)} (as `python -m mdm_jax.scaling.sweep` writes)")
-        rows = []
-        for line, row in enumerate(reader, start=2):
-            try:
-                parsed = {k: float(row[k]) for k in NUMERIC}
-            except (TypeError, ValueError):
-                raise StudyError(f"{path} line {line}: a value in {', '.join(NUMERIC)} is not "
-                                 f"a number: {row}") from None
-            if row["family"] not in ("mdm", "arm"):
-                raise StudyError(f"{path} line {line}: family {row['family']!r} is not mdm "
-                                 f"or arm")
-            if parsed["non_embedding_params"] <= 0 or parsed["budget"] <= 0:
-                raise StudyError(f"{path} line {line}: parameters and budget must be positive")
-            if not math.isfinite(parsed["loss"]):
-                continue  # a diverged run has no place on the curve; it is not an error
-            rows.append({"family": row["family"], "preset": row["preset"], **parsed})
+    try:
+        with f:
+            reader = csv.DictReader(f)
+            missing = [c for c in RESULT_COLUMNS if c not in (reader.fieldnames or ())]
+            if missing:
+                raise StudyError(
+                    f"{path} lacks column(s) {', '.join(missing)}; a results file needs "
+                    f"{','.join(RESULT_COLUMNS)} (as `python -m mdm_jax.scaling.sweep` writes)")
+            rows, skipped = [], 0
+            for line, row in enumerate(reader, start=2):
+                try:
+                    parsed = {k: float(row[k]) for k in NUMERIC}
+                except (TypeError, ValueError):
+                    raise StudyError(f"{path} line {line}: a value in {', '.join(NUMERIC)} is not "
+                                     f"a number: {row}") from None
+                if row["family"] not in ("mdm", "arm"):
+                    raise StudyError(f"{path} line {line}: family {row['family']!r} is not mdm "
+                                     f"or arm")
+                if not all(math.isfinite(parsed[k]) and parsed[k] > 0
+                           for k in ("non_embedding_params", "budget")):
+                    raise StudyError(f"{path} line {line}: non_embedding_params and budget must be "
+                                     f"positive numbers")
+                if not math.isfinite(parsed["loss"]):
+                    skipped += 1  # a diverged run has no place on the curve; it is not an error
+                    continue
+                rows.append({"family": row["family"], "preset": row["preset"], **parsed})
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise StudyError(f"{path} is not a results CSV: {e}") from None
     if not rows:
-        raise StudyError(f"{path} holds no finished runs")
+        why = (f" ({skipped} row(s) with a NaN or infinite loss: diverged runs)" if skipped
+               else "")
+        raise StudyError(f"{path} holds no finished runs{why}; run or collect the sweep first "
+                         f"(python -m mdm_jax.scaling.sweep --config=... --collect-only)")
     return rows
 
 
@@ -235,27 +245,49 @@ def plot(rows: list[dict], result: dict, path: str) -> None:
         ax.legend(fontsize=7)
         ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        fig.savefig(path, dpi=120)
+    except OSError as e:
+        raise StudyError(f"cannot write --plot {path}: {e.strerror or e}") from None
+    finally:
+        plt.close(fig)
 
 
-def cli(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
+def _main(argv=None) -> None:
+    parser = ArgumentParser(prog="python -m mdm_jax.scaling.fit", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results", required=True, help="CSV written by mdm_jax.scaling.sweep")
     parser.add_argument("--plot", help="write the IsoFLOP and log-log fit figure to this PNG")
     parser.add_argument("--json", action="store_true", help="print the fits as JSON")
     args = parser.parse_args(argv)
-    try:
-        rows = read_results(args.results)
-        result = fit(rows)
-    except StudyError as e:
-        sys.exit(f"error: {e}")
+    if args.plot:
+        _check_plot_path(args.plot)
+    rows = read_results(args.results)
+    result = fit(rows)
     print(json.dumps(public(result), indent=2) if args.json else report(result))
     if args.plot:
         plot(rows, result, args.plot)
         if not args.json:
             print(f"wrote {args.plot}")
+
+
+def _check_plot_path(path: str) -> None:
+    """Before fitting: a --plot that cannot be written would otherwise fail at the very end."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise StudyError(f"--plot {path}: folder {folder} does not exist; create it or give "
+                         f"another path")
+    ext = os.path.splitext(path)[1].lstrip(".").lower()
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if ext not in formats:
+        raise StudyError(f"--plot {path}: matplotlib writes {', '.join(sorted(formats))}, not "
+                         f"{ext or 'a file without an extension'}; e.g. --plot isoflop.png")
+
+
+def cli(argv=None) -> None:
+    run_main(_main, argv)
 
 
 if __name__ == "__main__":

@@ -14,12 +14,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import traceback
 
 import ml_collections
 
 from mdm_jax import flops
-from mdm_jax.errors import UserError, debug, fail, run_main
+from mdm_jax.errors import UserError, config_flags_parser, run_main
 from mdm_jax.presets import get_preset
 
 FAMILIES = ("mdm", "arm")
@@ -144,91 +143,11 @@ def check_study(study: ml_collections.ConfigDict) -> None:
 
 
 def check_mfu(mfu, source: str) -> float:
+    """The assumed MFU the plan prices hours with, from --mfu or study.assumed_mfu."""
     if isinstance(mfu, bool) or not isinstance(mfu, (int, float)) or not 0 < mfu <= 1:
         raise StudyError(f"{source}={mfu!r}: the assumed model FLOPs utilisation is a fraction "
                          f"in (0, 1], e.g. 0.4")
     return float(mfu)
-
-
-def config_flags_parser(argv: list[str]) -> list[str]:
-    """`mdm_jax.errors.absl_flags_parser` for a CLI with a `--config` file flag.
-
-    ml_collections reports a config file's own mistakes as tracebacks (or, for a missing file,
-    not until the config is first used); here each is one `error:` line and exit 2 like any
-    bad flag: a file that does not exist or does not load, a get_config() that raises (its
-    message kept), and a `--config.FIELD=...` naming no field (its "Did you mean" kept).
-    MDM_JAX_DEBUG=1 shows the traceback instead.
-    """
-    from absl import flags
-
-    try:
-        rest = flags.FLAGS(argv)
-    except Exception as e:  # noqa: BLE001 -- anything but a config-file mistake is re-raised
-        if debug():
-            raise
-        if isinstance(e, flags.Error):
-            fail(_short(str(e)))
-        if isinstance(e, UserError):
-            fail(_short(str(e)))
-        if not _from_config_flags(e):
-            raise
-        fail(_config_error(argv, e))
-    config = flags.FLAGS["config"].value
-    if config is not None and not isinstance(config, ml_collections.ConfigDict):
-        try:
-            config.keys()  # ml_collections' stand-in for a config that did not load raises here
-        except OSError as e:
-            fail(_config_error(argv, e))
-        fail(f"--config={_config_arg(argv)}: get_config() returned a {type(config).__name__}, "
-             f"not an ml_collections.ConfigDict")
-    return rest
-
-
-def _short(message: str) -> str:
-    """One line: a get_config() traceback that ml_collections pasted into a flag error is cut
-    to its last line (the exception and its message)."""
-    if "Traceback (most recent call last)" in message:
-        head = message.split("Traceback (most recent call last)")[0]
-        head = head.replace("Error whilst parsing config file:", "").strip().rstrip(":")
-        last = [line for line in message.splitlines() if line.strip()][-1].strip()
-        message = f"{head}: {last}"
-    return " ".join(message.split())
-
-
-def _from_config_flags(e: BaseException) -> bool:
-    """Raised while ml_collections loaded the config file or applied a --config.FIELD."""
-    frames = traceback.extract_tb(e.__traceback__)
-    return any("ml_collections" in frame.filename for frame in frames)
-
-
-def _config_arg(argv: list[str]) -> str:
-    for i, arg in enumerate(argv):
-        if arg.startswith("--config="):
-            return arg.partition("=")[2]
-        if arg == "--config" and i + 1 < len(argv):
-            return argv[i + 1]
-    return "?"
-
-
-def _config_error(argv: list[str], e: BaseException) -> str:
-    path = _config_arg(argv)
-    if isinstance(e, OSError):
-        file = path.split(":", 1)[0]
-        if not os.path.exists(file):
-            return (f"--config={path}: no such file {file!r}; give a study config, e.g. "
-                    f"--config=experiments/isoflop.py or --config=experiments/isoflop.py:micro")
-        cause = e.__cause__ or e
-        return _short(f"--config={path}: cannot load {file!r}: {cause}")
-    if isinstance(e, (KeyError, AttributeError)):  # a --config.FIELD override with no FIELD
-        inner = e
-        while isinstance(inner, BaseException) and inner.args:
-            inner = inner.args[0]
-        field, _, hint = str(inner).partition("\n")
-        name = field.strip("'\"")
-        culprit = next((a.split("=")[0] for a in argv if a.startswith("--config.")
-                        and name in a.split("=")[0].split(".")), "--config.*")
-        return _short(f"{culprit}: the config {path} has no field {field}. {hint}".strip())
-    return _short(f"--config={path}: {type(e).__name__}: {e}")
 
 
 def _flags():

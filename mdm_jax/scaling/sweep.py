@@ -11,6 +11,11 @@ and a run with checkpoints but no final loss resumes from its latest checkpoint 
 does that on its own when pointed at the same workdir). Every run evaluates the same batches
 of the same validation split with the same masks, so losses compare across runs.
 
+A run whose final validation loss is NaN or infinite diverged: it counts as done (it would
+diverge again), stays out of results.csv and is listed with the reason in diverged.csv beside
+it and on the console; delete its workdir to train it afresh. A malformed metrics.jsonl row is
+skipped with a warning naming its file and line (a last line cut short by a kill, silently).
+
 Backends: `local` runs `python -m mdm_jax.train` here, one after another or `--parallel N` at a
 time; `slurm` submits `launch/slurm.sbatch` per run with sbatch; `tpu` submits an xpk workload
 per run through `launch/tpu.sh xpk`. Dry runs print exactly the commands they would execute.
@@ -22,6 +27,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 import shlex
 import signal
@@ -32,9 +38,14 @@ import time
 import ml_collections
 
 from mdm_jax import storage
-from mdm_jax.scaling.plan import Run, StudyError, expand
+from mdm_jax.errors import config_flags_parser, run_main
+from mdm_jax.scaling.plan import Run, StudyError, check_study, expand
 
 RESULT_COLUMNS = ("family", "preset", "non_embedding_params", "budget", "steps", "tokens", "loss")
+# Runs whose final validation loss is NaN or infinite, listed beside results.csv.
+DIVERGED_FILE = "diverged.csv"
+DIVERGED_COLUMNS = ("run_id", "family", "preset", "non_embedding_params", "budget", "steps",
+                    "tokens", "loss", "reason", "workdir")
 
 
 def train_args(study: ml_collections.ConfigDict, run: Run) -> list[str]:
@@ -54,24 +65,99 @@ def train_args(study: ml_collections.ConfigDict, run: Run) -> list[str]:
     return args
 
 
-def final_loss(run: Run) -> float | None:
-    """The validation loss logged at the run's last step, or None if it has not got there."""
+_WARNED: set[str] = set()
+
+
+def _warn(where: str, what: str) -> None:
+    """One warning per file:line per process: status() and collect() read the same files."""
+    if where not in _WARNED:
+        _WARNED.add(where)
+        print(f"[sweep] warning: {where}: {what}", file=sys.stderr, flush=True)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _malformed(row) -> str | None:
+    """Why a parsed metrics.jsonl row cannot be a trainer's row, or None if it can."""
+    if not isinstance(row, dict):
+        kind = {type(None): "null", str: "a string", list: "a list", bool: "a boolean",
+                int: "a number", float: "a number"}.get(type(row), type(row).__name__)
+        return f"{kind}, not a JSON object"
+    step = row.get("step")
+    if not isinstance(step, int) or isinstance(step, bool):
+        return f"its step {step!r} is not an integer"
+    if "eval_loss" in row and not _is_number(row["eval_loss"]):
+        return f"its eval_loss {row['eval_loss']!r} is not a number"
+    return None
+
+
+def _metrics_rows(run: Run) -> list[dict]:
+    """The well-formed rows of the run's metrics.jsonl ([] if there is none).
+
+    A malformed row (not a JSON object, a step that is not an integer, a non-numeric
+    eval_loss) is skipped with a warning naming its file and line: data written by one crashed
+    run must not stop the collection of a whole sweep. A last line that is not valid JSON was
+    cut short by a kill (the trainer drops it when the run resumes) and is skipped silently.
+    """
     path = storage.as_path(run.workdir) / "metrics.jsonl"
-    if not path.exists():
-        return None
-    loss = None
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:  # a line cut short by a kill: ignore it
+    try:
+        if not path.exists():
+            return []
+        text = path.read_bytes().decode("utf-8", errors="replace")
+    except OSError as e:
+        raise StudyError(f"cannot read {path}: {e}; check the sweep_dir's permissions or "
+                         f"mount") from None
+    lines = text.splitlines()
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
             continue
-        if record.get("step") == run.steps and "eval_loss" in record:
-            loss = float(record["eval_loss"])
-    return loss
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if number < len(lines):
+                _warn(f"{path}:{number}", f"skipped a row that is not valid JSON: "
+                                          f"{line[:80]!r}")
+            continue  # the last line: cut short by a kill
+        problem = _malformed(row)
+        if problem:
+            _warn(f"{path}:{number}", f"skipped a malformed metrics row ({problem}): "
+                                      f"{line[:80]!r}")
+            continue
+        rows.append(row)
+    return rows
+
+
+def _outcome(run: Run) -> tuple[float | None, str | None]:
+    """(validation loss logged at the run's last step or None, why the run counts as diverged
+    or None). Diverged: that loss is NaN or infinite. (A run halted by nonfinite='stop' has no
+    final loss: it resumes like any unfinished run, from its last good state.)"""
+    loss = None
+    for row in _metrics_rows(run):
+        if row["step"] == run.steps and "eval_loss" in row:
+            loss = float(row["eval_loss"])
+    if loss is None or math.isfinite(loss):
+        return loss, None
+    return loss, f"final eval_loss {loss} at step {run.steps}"
+
+
+def final_loss(run: Run) -> float | None:
+    """The validation loss logged at the run's last step, or None if it has not got there.
+    NaN or infinite if the run diverged."""
+    return _outcome(run)[0]
 
 
 def status(run: Run) -> str:
-    if final_loss(run) is not None:
+    """'finished', 'diverged', 'resume from step N' or 'new'. The sweep launches only the last
+    two: a diverged run would diverge again (same seed, same data order), so it is listed in
+    diverged.csv instead of being relaunched at every sweep; delete its workdir to train it
+    afresh (e.g. after lowering optim.lr in study.overrides)."""
+    loss, diverged = _outcome(run)
+    if diverged is not None:
+        return "diverged"
+    if loss is not None:
         return "finished"
     ckpt = storage.as_path(run.workdir) / "checkpoints"
     steps = [int(d.name) for d in ckpt.iterdir() if d.name.isdigit()] if ckpt.is_dir() else []
@@ -157,28 +243,52 @@ def command(study: ml_collections.ConfigDict, run: Run, backend: str) -> list[st
     raise StudyError(f"--backend {backend!r}; valid: local, slurm, tpu")
 
 
-def collect(runs: list[Run], path: str) -> tuple[int, list[Run]]:
-    """Write results.csv for every finished run; return (rows written, runs still missing)."""
-    rows, missing = [], []
+def collect(runs: list[Run], path: str) -> tuple[int, list[Run], list[tuple[Run, str]]]:
+    """Write results.csv for every finished run, and diverged.csv beside it for every run that
+    diverged (a stale diverged.csv is removed when none did). Returns (rows written, runs
+    still missing, [(diverged run, why)]).
+
+    results.csv holds only finished runs with a finite loss, so every reader (scaling.fit, a
+    notebook, a spreadsheet) can put each row on a curve without first filtering a status
+    column; the diverged runs are a separate listing with the reason and the workdir.
+    """
+    rows, missing, diverged, diverged_rows = [], [], [], []
     for run in runs:
-        loss = final_loss(run)
-        if loss is None:
+        loss, why = _outcome(run)
+        row = {"family": run.family, "preset": run.preset,
+               "non_embedding_params": run.non_embedding_params,
+               "budget": f"{run.budget:.6g}", "steps": run.steps, "tokens": run.tokens}
+        if why is not None:
+            diverged.append((run, why))
+            diverged_rows.append(row | {"run_id": run.run_id, "loss": str(loss),
+                                        "reason": why, "workdir": run.workdir})
+        elif loss is None:
             missing.append(run)
-            continue
-        rows.append({"family": run.family, "preset": run.preset,
-                     "non_embedding_params": run.non_embedding_params,
-                     "budget": f"{run.budget:.6g}", "steps": run.steps, "tokens": run.tokens,
-                     "loss": f"{loss:.6f}"})
+        else:
+            rows.append(row | {"loss": f"{loss:.6f}"})
     out = storage.as_path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    listing = storage.as_path(diverged_path(path))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _write_csv(out, RESULT_COLUMNS, rows)
+        if diverged_rows:
+            _write_csv(listing, DIVERGED_COLUMNS, diverged_rows)
+        elif listing.exists():
+            listing.unlink()  # every run listed there has since been deleted or rerun
+    except OSError as e:
+        raise StudyError(f"cannot write the results beside {out}: {e}; give a writable "
+                         f"--results path") from None
+    return len(rows), missing, diverged
+
+
+def _write_csv(path, columns: tuple[str, ...], rows: list[dict]) -> None:
     text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=RESULT_COLUMNS, lineterminator="\n")
+    writer = csv.DictWriter(text, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    tmp = out.parent / (out.name + ".tmp")
+    tmp = path.parent / (path.name + ".tmp")
     tmp.write_text(text.getvalue())
-    tmp.replace(out)  # a reader never sees half a file (one object write on gs://)
-    return len(rows), missing
+    tmp.replace(path)  # a reader never sees half a file (one object write on gs://)
 
 
 def submit(study: ml_collections.ConfigDict, todo: list[Run], backend: str) -> int:
@@ -310,39 +420,54 @@ def _main(argv) -> None:
     f = flags.FLAGS
     dry_run, collect_only = f["dry-run"].value, f["collect-only"].value
     study = _CONFIG.value
-    try:
-        check_workdirs(study, f.backend)
-        if not storage.is_remote(study.sweep_dir) and f.backend != "tpu":
-            study.sweep_dir = storage.resolve(study.sweep_dir)  # the same path on every node
-        results = f.results or storage.join(study.sweep_dir, "results.csv")
-        runs = expand(study)
-        states = {run.run_id: status(run) for run in runs}
-        todo = [run for run in runs if states[run.run_id] != "finished"]
-        print(f"[sweep] {study.name}: {len(runs)} runs, {len(runs) - len(todo)} finished, "
-              f"{len(todo)} to {'launch' if f.backend == 'local' else 'submit'}", flush=True)
-        if not collect_only:
-            if f.parallel < 1:
-                raise StudyError(f"--parallel={f.parallel}; give 1 or more")
-            for run in todo:
-                cmd = command(study, run, f.backend)
-                if dry_run:
-                    print(f"# {run.run_id}: {states[run.run_id]}")
-                    print(shlex.join(cmd))
-            if not dry_run and f.backend == "local":
-                failed = launch_local(study, todo, f.parallel)
-                if failed:
-                    print(f"[sweep] {len(failed)} run(s) failed: "
-                          f"{', '.join(r.run_id for r in failed)}", flush=True)
-            elif not dry_run:
-                submit(study, todo, f.backend)
-    except StudyError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+    if not collect_only and f.parallel < 1:
+        raise StudyError(f"--parallel={f.parallel}; give 1 or more")
+    check_study(study)
+    check_workdirs(study, f.backend)
+    if not storage.is_remote(study.sweep_dir) and f.backend != "tpu":
+        study.sweep_dir = storage.resolve(study.sweep_dir)  # the same path on every node
+    base_file = str(study.base).split(":")[0]
+    if f.backend == "local" and os.path.isfile(base_file):  # trainers may run from anywhere
+        study.base = os.path.abspath(base_file) + str(study.base)[len(base_file):]
+    results = f.results or storage.join(study.sweep_dir, "results.csv")
+    runs = expand(study)
+    states = {run.run_id: status(run) for run in runs}
+    # A diverged run is done, not resumed: it would diverge again (see `status`).
+    todo = [run for run in runs if states[run.run_id] not in ("finished", "diverged")]
+    n_diverged = sum(state == "diverged" for state in states.values())
+    print(f"[sweep] {study.name}: {len(runs)} runs, "
+          f"{len(runs) - len(todo) - n_diverged} finished, "
+          + (f"{n_diverged} diverged (not relaunched), " if n_diverged else "")
+          + f"{len(todo)} to {'launch' if f.backend == 'local' else 'submit'}", flush=True)
+    if not collect_only:
+        for run in todo:
+            cmd = command(study, run, f.backend)
+            if dry_run:
+                print(f"# {run.run_id}: {states[run.run_id]}")
+                print(shlex.join(cmd))
+        if not dry_run and f.backend == "local":
+            failed = launch_local(study, todo, f.parallel)
+            if failed:
+                print(f"[sweep] {len(failed)} run(s) failed: "
+                      f"{', '.join(r.run_id for r in failed)}", flush=True)
+        elif not dry_run:
+            submit(study, todo, f.backend)
     if dry_run:
         return
-    written, missing = collect(runs, results)
+    written, missing, diverged = collect(runs, results)
     print(f"[sweep] wrote {written} result(s) to {results}"
           + (f"; {len(missing)} run(s) not finished yet" if missing else ""), flush=True)
+    if diverged:
+        print(f"[sweep] {len(diverged)} run(s) diverged, left out of the results and not "
+              f"relaunched; listed in {diverged_path(results)} (delete a run's workdir to "
+              f"train it afresh):", flush=True)
+        for run, why in diverged:
+            print(f"[sweep]   {run.run_id}: {why}", flush=True)
+
+
+def diverged_path(results: str) -> str:
+    """Where collect() lists the diverged runs: diverged.csv beside the results file."""
+    return str(storage.as_path(results).parent / DIVERGED_FILE)
 
 
 _CONFIG = None  # defined by cli(): plan and sweep both own a --config flag
@@ -353,7 +478,7 @@ def cli() -> None:
     from absl import app
 
     _CONFIG = _flags()
-    app.run(_main)
+    app.run(lambda argv: run_main(_main, argv), flags_parser=config_flags_parser)
 
 
 if __name__ == "__main__":
