@@ -188,15 +188,18 @@ class Checkpointer:
     def restore_config(self, step: int) -> dict:
         return self.read_json(step, "config")
 
-    def check_compatible(self, config_json: dict) -> None:
-        """Stop before training if the newest checkpoint was made with incompatible settings."""
+    def check_compatible(self, config_json: dict) -> bool:
+        """Stop before training if the newest checkpoint was made with incompatible settings.
+
+        Returns whether the saved data position applies (False: other training data, allowed
+        by data.restart_data_order, so the data order restarts)."""
         steps = self.all_steps()
         if not steps:
-            return
+            return True
         try:
             saved = self.restore_config(steps[-1])
         except Exception:  # unreadable config: restore_latest will report the damage
-            return
+            return True
         diffs = []
         for field in RESUME_FIELDS:
             a, b = _lookup(saved, field), _lookup(config_json, field)
@@ -226,6 +229,21 @@ class Checkpointer:
                 f"data tokenized with {_lookup(saved, 'data.tokenizer')} (sha256 {a[:12]}...) "
                 f"but this run's data uses sha256 {b[:12]}...; resume on data prepared with "
                 f"the checkpoint's tokenizer, or start a new --config.workdir")
+        # The saved data position indexes the saved run's data: on other data it means nothing.
+        a, b = _lookup(saved, "data.train_dir"), _lookup(config_json, "data.train_dir")
+        if a is not None and has_position and _data_sources(a) != _data_sources(b):
+            if not _lookup(config_json, "data.restart_data_order"):
+                raise CheckpointError(
+                    f"cannot resume from {self.directory} (step {steps[-1]}): it was trained on "
+                    f"config.data.train_dir={a!r}, this run reads {b!r}, and the saved data "
+                    f"position belongs to the first; resume with the same data, or pass "
+                    f"--config.data.restart_data_order=True to continue on the new data from "
+                    f"its beginning")
+            log.warning("checkpoint %s/%d was trained on data.train_dir=%r; continuing on %r "
+                        "with the data order restarted (data.restart_data_order=True)",
+                        self.directory, steps[-1], a, b)
+            return False
+        return True
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -233,6 +251,17 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def _data_sources(spec: str) -> list[tuple[str, float]]:
+    """A train_dir or mixture as (resolved path, weight) pairs, so that spelling differences
+    (relative vs absolute, a trailing slash) are not taken for other data."""
+    from mdm_jax.data.loader import parse_mixture
+
+    try:
+        return [(storage.resolve(str(d).rstrip("/")), w) for d, w in parse_mixture(spec)]
+    except ValueError:
+        return [(spec, 1.0)]
 
 
 def _lookup(tree: dict, dotted: str):

@@ -67,6 +67,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.tokenizer = ""  # SentencePiece model, for samples and the vocabulary check
     c.data.worker_count = 0  # Grain worker processes (0 = in the main process)
     c.data.eval_batches = 4
+    # Resuming on other training data (another train_dir or mixture) is refused; True allows it
+    # on purpose and restarts the data order (the saved position means nothing there).
+    c.data.restart_data_order = False
 
     c.nonfinite = "skip"  # NaN/Inf loss or grads: "skip" the update (counted) or "stop"
     # Exit code after a preemption save (SIGTERM): 0 here; the pod launchers pass 42 so that xpk

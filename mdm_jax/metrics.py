@@ -44,7 +44,10 @@ class MetricWriter:
                 self._jsonl = open(path, "a", buffering=1)
             from tensorboardX import SummaryWriter  # local: heavy import, process 0 only
 
-            self._tb = SummaryWriter(str(root / "tensorboard"))
+            # Events logged after `resume_step` by a killed run are hidden from TensorBoard
+            # (a SessionLog.START at purge_step), as the JSONL rows are dropped above.
+            self._tb = SummaryWriter(str(root / "tensorboard"),
+                                     purge_step=None if resume_step is None else resume_step + 1)
 
     def write(self, step: int, metrics: dict, prefix: str = "") -> None:
         if not self.enabled:

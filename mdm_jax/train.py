@@ -304,9 +304,9 @@ def _resolved_config(c: ml_collections.ConfigDict, trainer: Trainer) -> dict:
 def _restore_or_init(c, trainer: Trainer, ckpt, train_iter, config_json: dict) -> TrainState:
     from mdm_jax.checkpoint import CheckpointError, abstract_with_shardings
 
-    ckpt.check_compatible(config_json)
+    same_data = ckpt.check_compatible(config_json)
     target = abstract_with_shardings(trainer.abstract_state, trainer.state_sharding)
-    state, step = ckpt.restore_latest(target, train_iter)
+    state, step = ckpt.restore_latest(target, train_iter if same_data else None)
     if state is None:
         if ckpt.all_steps():
             raise CheckpointError(f"every checkpoint in {ckpt.directory} is damaged (see the "

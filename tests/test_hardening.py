@@ -173,3 +173,40 @@ def test_a_second_trainer_on_a_workdir_is_refused_and_a_killed_one_leaves_no_loc
 def test_numeric_fields_are_checked_before_compiling(field, value):
     with pytest.raises(ConfigError, match=rf"config\.{field}={value} must be a number in"):
         validate(nano_config(**{field: value}), 8)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--config=nope.py"], "--config=nope.py: no such file 'nope.py'"),
+    (["--config=experiments/tiny.py", "--config.optim.lrr=1"], 'Did you mean "lr"'),
+    (["--config=experiments/tiny.py:bogus"], "config.objective.kind='bogus'; valid: mdm, arm"),
+    (["--config=experiments/tiny.py", "--config.log_every=0"], "config.log_every=0 must be"),
+    (["--config=experiments/tiny.py", "--config.data.train_dir=/nonexistent"],
+     "config.data.train_dir: /nonexistent is not a prepared data directory"),
+    (["--config=experiments/tiny.py", "--config.data.train_dir=a:0,b:1"],
+     "weight of 'a' must be a positive number"),
+])
+def test_train_cli_errors_are_one_line(args, needle, tmp_path):
+    out = subprocess.run([sys.executable, "-m", "mdm_jax.train", *args,
+                          f"--config.workdir={tmp_path}/w"],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert out.returncode == 2 and len(lines) == 1, out.stderr[-2000:]
+    assert lines[0].startswith("error: ") and needle in lines[0], lines[0]
+
+
+def test_export_cli_errors_are_one_line(tmp_path):
+    (tmp_path / "a_file").write_text("x")
+    for args, needle in (
+            (["--checkpoint", str(tmp_path / "none"), "--format", "litgpt", "--out",
+              str(tmp_path / "o")], "is not an mdm_jax run"),
+            (["--checkpoint", str(tmp_path), "--format", "litgpt", "--out", str(tmp_path / "o"),
+              "--max-shard-size", "lots"], "--max-shard-size 'lots'"),
+            (["--checkpoint", str(tmp_path), "--format", "litgpt", "--out",
+              str(tmp_path / "a_file")], "is a file; give a folder"),
+            (["--checkpoint", str(tmp_path), "--format", "gguf", "--out", str(tmp_path / "o")],
+             "--format")):
+        out = subprocess.run([sys.executable, "-m", "mdm_jax.export", *args], cwd=REPO,
+                             capture_output=True, text=True, timeout=120)
+        lines = [line for line in out.stderr.splitlines() if line.strip()]
+        assert out.returncode == 2 and len(lines) == 1, out.stderr[-2000:]
+        assert lines[0].startswith("error: ") and needle in lines[0], lines[0]

@@ -257,7 +257,13 @@ def _export_into(checkpoint: str, fmt: str, out: str, step: int | None, dtype: s
                                  hf=fmt != "litgpt")
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump(model_config, f, indent=2)
-    with open(os.path.join(out, METADATA_FILE), "w") as f:  # mdm_jax's own record
+    # Every file's sha256, so an import can tell a folder whose files come from different
+    # exports (or were changed since) from a whole one.
+    from mdm_jax.data.tokenizer import file_sha256
+
+    meta["files"] = {name: file_sha256(os.path.join(out, name))
+                     for name in sorted({*files, "config.json"})}
+    with open(os.path.join(out, METADATA_FILE), "w") as f:  # mdm_jax's own record, last
         json.dump(meta, f, indent=2)
     return [*files, "config.json", METADATA_FILE]
 

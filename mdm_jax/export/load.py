@@ -60,6 +60,30 @@ def _read_json(path: str) -> dict:
     return value
 
 
+def check_export_files(folder: str, meta: dict) -> None:
+    """Every file an mdm_jax export recorded is there, unchanged, and of the same step: a
+    folder mixing two exports (or one cut short) is refused instead of mislabelled."""
+    from safetensors import safe_open
+
+    from mdm_jax.data.tokenizer import file_sha256
+
+    for name, sha in meta.get("files", {}).items():
+        path = os.path.join(folder, name)
+        if not os.path.exists(path):
+            raise ExportError(f"{folder} lacks {name}, which its {METADATA_FILE} lists: the "
+                              f"export is incomplete; export again")
+        if file_sha256(path) != sha:
+            raise ExportError(f"{path} differs from the file its export wrote ({METADATA_FILE} "
+                              f"records another sha256): the folder mixes files of different "
+                              f"exports or was changed; export again into an empty folder")
+        if name.endswith(".safetensors"):
+            with safe_open(path, framework="numpy") as f:
+                recorded = (f.metadata() or {}).get("step")
+            if recorded is not None and json.loads(recorded) != meta.get("step"):
+                raise ExportError(f"{path} holds step {recorded} but {METADATA_FILE} says step "
+                                  f"{meta.get('step')}; export again into an empty folder")
+
+
 def import_checkpoint(fmt: str, src: str, out: str, preset: str | None = None,
                       step: int | None = None, seq_len: int | None = None) -> int:
     """Write `src` (in layout `fmt`) as an mdm_jax checkpoint under `out`; returns its step."""
@@ -82,6 +106,7 @@ def import_checkpoint(fmt: str, src: str, out: str, preset: str | None = None,
         meta = hf_config.get("mdm_jax", {})  # exports before mdm_jax.json existed
     if os.path.exists(os.path.join(folder, METADATA_FILE)):
         meta = _read_json(os.path.join(folder, METADATA_FILE))
+        check_export_files(folder, meta)
     if fmt == "litgpt" and os.path.isdir(src):
         names = [n for n in ("lit_model.safetensors", "lit_model.pth")
                  if os.path.exists(os.path.join(src, n))]

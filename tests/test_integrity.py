@@ -1,0 +1,146 @@
+"""Issue 13: corruption and mix-ups are detected before they do harm (the parts done so far:
+TensorBoard events after SIGKILL, resuming on other data)."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import nano_config
+
+from mdm_jax.checkpoint import Checkpointer, CheckpointError
+from mdm_jax.train import train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _config(tiny_data, workdir, **overrides):
+    base = {"data.train_dir": tiny_data["train"], "data.eval_dir": "",
+            "data.tokenizer": tiny_data["tokenizer"], "workdir": str(workdir)}
+    return nano_config(**{**base, **overrides})
+
+
+def read_scalars(logdir: str, tag: str) -> list[int]:
+    """The steps TensorBoard shows for `tag`: event files read in order (TFRecord framing:
+    length, crc, payload, crc), applying its purge rule (a SessionLog.START at step s hides
+    earlier events at steps >= s)."""
+    from tensorboardX.proto import event_pb2
+
+    steps: list[int] = []
+    for path in sorted(glob.glob(os.path.join(logdir, "events.out.tfevents.*"))):
+        data = open(path, "rb").read()
+        pos = 0
+        while pos + 12 <= len(data):
+            (length,) = struct.unpack("<Q", data[pos:pos + 8])
+            payload = data[pos + 12:pos + 12 + length]
+            if len(payload) < length:
+                break  # a record cut short by a kill: TensorBoard stops there too
+            pos += 12 + length + 4
+            event = event_pb2.Event.FromString(payload)
+            if event.HasField("session_log") and event.session_log.status == 1:  # START
+                steps = [s for s in steps if s < event.step]
+            for value in event.summary.value:
+                if value.tag == tag:
+                    steps.append(event.step)
+    return steps
+
+
+def _trainer(tiny_data, workdir, steps):
+    return subprocess.Popen(
+        [sys.executable, "-m", "mdm_jax.train", "--config=experiments/tiny.py",
+         f"--config.workdir={workdir}", f"--config.data.train_dir={tiny_data['train']}",
+         "--config.data.eval_dir=", f"--config.data.tokenizer={tiny_data['tokenizer']}",
+         "--config.model.preset=nano", "--config.seq_len=64", "--config.global_batch=8",
+         f"--config.steps={steps}", "--config.log_every=1", "--config.checkpoint_every=4",
+         "--config.samples.count=0", "--config.model.dtype=float32"],
+        cwd=REPO, env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_tensorboard_events_survive_sigkill_and_match_the_resumed_run(tiny_data, tmp_path):
+    first = _trainer(tiny_data, tmp_path, 2000)
+    end = time.monotonic() + 300
+    while len(Checkpointer(str(tmp_path)).all_steps()) < 3:
+        assert first.poll() is None and time.monotonic() < end
+        time.sleep(0.2)  # polling the run's progress
+    first.send_signal(signal.SIGKILL)
+    first.communicate()
+    saved = max(Checkpointer(str(tmp_path)).all_steps())
+    # Everything up to the last checkpoint reached the event files (flushed at each save).
+    logged = read_scalars(str(tmp_path / "tensorboard"), "loss")
+    assert set(range(1, saved + 1)) <= set(logged)
+    second = _trainer(tiny_data, tmp_path, saved + 3)
+    _, err = second.communicate(timeout=300)
+    assert second.returncode == 0, err[-2000:]
+    assert read_scalars(str(tmp_path / "tensorboard"), "loss") == list(range(1, saved + 4))
+    rows = [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")]
+    assert rows == list(range(1, saved + 4))
+
+
+def test_resuming_on_other_data_is_refused_unless_asked(tiny_data, tmp_path):
+    import shutil
+
+    other = tmp_path / "other_train"
+    shutil.copytree(tiny_data["train"], other)
+    train(_config(tiny_data, tmp_path / "run", steps=2))
+    with pytest.raises(CheckpointError, match=r"trained on config\.data\.train_dir=.*this run "
+                                              r"reads .*other_train.*restart_data_order=True"):
+        train(_config(tiny_data, tmp_path / "run", steps=4,
+                      **{"data.train_dir": str(other)}))
+    mixture = f"{tiny_data['train']}:0.5,{other}:0.5"
+    with pytest.raises(CheckpointError, match="restart_data_order"):
+        train(_config(tiny_data, tmp_path / "run", steps=4, **{"data.train_dir": mixture}))
+    # The same directory spelled differently is the same data.
+    same = train(_config(tiny_data, tmp_path / "run", steps=3,
+                         **{"data.train_dir": tiny_data["train"] + "/"}))
+    assert int(same.state.step) == 3
+    moved = train(_config(tiny_data, tmp_path / "run", steps=5,
+                          **{"data.train_dir": str(other), "data.restart_data_order": True}))
+    assert int(moved.state.step) == 5
+
+
+def test_an_interrupted_export_leaves_the_old_folder_and_a_mixed_folder_is_refused(
+        tiny_data, tmp_path, monkeypatch):
+    import shutil
+
+    from mdm_jax.export import source
+    from mdm_jax.export.cli import export
+    from mdm_jax.export.load import import_checkpoint
+    from mdm_jax.export.tensor_io import ExportError
+
+    train(_config(tiny_data, tmp_path / "run", steps=4, checkpoint_every=2))
+    out = tmp_path / "lit"
+    export(str(tmp_path / "run"), "litgpt", str(out), step=2)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    # Interrupted half-way (a read fails after a few tensors): `out` is still step 2's export.
+    calls = {"n": 0}
+    original = source.CheckpointParams.leaf
+
+    def failing_leaf(self, leaf, layer):
+        calls["n"] += 1
+        if calls["n"] > 3:
+            raise KeyboardInterrupt
+        return original(self, leaf, layer)
+
+    monkeypatch.setattr(source.CheckpointParams, "leaf", failing_leaf)
+    with pytest.raises(KeyboardInterrupt):
+        export(str(tmp_path / "run"), "litgpt", str(out), step=4, overwrite=True)
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
+    # A folder mixing two exports' files is refused on import, not mislabelled.
+    export(str(tmp_path / "run"), "litgpt", str(tmp_path / "lit4"), step=4)
+    shutil.copy(out / "lit_model.safetensors", tmp_path / "lit4" / "lit_model.safetensors")
+    with pytest.raises(ExportError, match="differs from the file its export wrote"):
+        import_checkpoint("litgpt", str(tmp_path / "lit4"), str(tmp_path / "back"))
+    os.remove(tmp_path / "lit4" / "lit_model.pth")
+    with pytest.raises(ExportError, match="lacks lit_model.pth"):
+        import_checkpoint("litgpt", str(tmp_path / "lit4"), str(tmp_path / "back"))
+    assert import_checkpoint("litgpt", str(out), str(tmp_path / "back")) == 2
