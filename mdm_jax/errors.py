@@ -103,6 +103,32 @@ def _config_arg(argv: list[str]) -> str:
     return "?"
 
 
+def _config_file_shape(path: str) -> str | None:
+    """What is wrong with a config file that loads but is not usable: no get_config(), or one
+    that returns something other than a ConfigDict. None when neither."""
+    import importlib.util
+
+    import ml_collections
+
+    file, _, arg = path.partition(":")
+    try:
+        spec = importlib.util.spec_from_file_location("mdm_jax_config_check", file)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    except Exception:
+        return None
+    if not callable(getattr(module, "get_config", None)):
+        return f"--config={path}: {file} defines no get_config() function"
+    try:
+        config = module.get_config(arg) if arg else module.get_config()
+    except Exception:
+        return None
+    if not isinstance(config, ml_collections.ConfigDict):
+        return (f"--config={path}: get_config() returned a {type(config).__name__}, not an "
+                f"ml_collections.ConfigDict")
+    return None
+
+
 def _config_error(argv: list[str], e: BaseException) -> str:
     path = _config_arg(argv)
     if isinstance(e, OSError):
@@ -113,6 +139,9 @@ def _config_error(argv: list[str], e: BaseException) -> str:
         cause = e.__cause__ or e
         return _short(f"--config={path}: cannot load {file!r}: {cause}")
     if isinstance(e, (KeyError, AttributeError)):  # a --config.FIELD override with no FIELD
+        shape = _config_file_shape(path)  # ...unless the file itself is the problem
+        if shape:
+            return shape
         inner = e
         while isinstance(inner, BaseException) and inner.args:
             inner = inner.args[0]
@@ -121,7 +150,10 @@ def _config_error(argv: list[str], e: BaseException) -> str:
         culprit = next((a.split("=")[0] for a in argv if a.startswith("--config.")
                         and name in a.split("=")[0].split(".")), "--config.*")
         return _short(f"{culprit}: the config {path} has no field {field}. {hint}".strip())
-    return _short(f"--config={path}: {type(e).__name__}: {e}")
+    message = _short(f"--config={path}: {type(e).__name__}: {e}")
+    if isinstance(e, TypeError) and "positional argument" in message and ":" in path:
+        message += " (the part after ':' is passed to get_config(); drop it or accept it)"
+    return message
 
 
 class ArgumentParser(argparse.ArgumentParser):

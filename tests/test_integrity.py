@@ -144,3 +144,24 @@ def test_an_interrupted_export_leaves_the_old_folder_and_a_mixed_folder_is_refus
     with pytest.raises(ExportError, match="lacks lit_model.pth"):
         import_checkpoint("litgpt", str(tmp_path / "lit4"), str(tmp_path / "back"))
     assert import_checkpoint("litgpt", str(out), str(tmp_path / "back")) == 2
+
+
+@pytest.mark.parametrize("body, arg, needle", [
+    ("def get_config(:\n", "", "SyntaxError"),
+    ("def get_config():\n    raise ValueError('bad field x')\n", "", "bad field x"),
+    ("def get_config():\n    return {'steps': 3}\n", "", "returned a dict"),
+    ("x = 1\n", "", "defines no get_config() function"),
+    ("def get_config():\n    from mdm_jax.config import base_config\n"
+     "    return base_config()\n", ":extra", "get_config() takes 0 positional arguments"),
+])
+def test_config_file_mistakes_are_one_line(tmp_path, body, arg, needle):
+    path = tmp_path / "cfg.py"
+    path.write_text(body)
+    out = subprocess.run([sys.executable, "-m", "mdm_jax.train", f"--config={path}{arg}",
+                          f"--config.workdir={tmp_path}/w"], cwd=REPO, capture_output=True,
+                         text=True, timeout=120)
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert out.returncode == 2 and len(lines) == 1, out.stderr[-2000:]
+    assert lines[0].startswith("error: ") and str(path) in lines[0] and needle in lines[0], \
+        lines[0]
+    assert not (tmp_path / "w").exists()
