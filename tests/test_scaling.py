@@ -208,7 +208,9 @@ def test_sweep_dry_runs_render_each_backend(tiny_data, tmp_path):
     config = _sweep_study(tiny_data, tmp_path)
     local = _cli("mdm_jax.scaling.sweep", f"--config={config}", "--dry-run")
     assert local.returncode == 0, local.stderr
-    assert "-m mdm_jax.train --config=experiments/micro.py:13K,mdm" in local.stdout
+    # the local backend runs trainers with the base config's absolute path (from any cwd)
+    base = os.path.join(ROOT, "experiments", "micro.py")
+    assert f"-m mdm_jax.train --config={base}:13K,mdm" in local.stdout
     assert "--config.steps=" in local.stdout and "--config.global_batch=8" in local.stdout
     slurm = _cli("mdm_jax.scaling.sweep", f"--config={config}", "--backend", "slurm",
                  "--dry-run", "--config.slurm.nodes=4", "--config.slurm.partition=h100")
