@@ -70,6 +70,7 @@ def base_config() -> ml_collections.ConfigDict:
     # Resuming on other training data (another train_dir or mixture) is refused; True allows it
     # on purpose and restarts the data order (the saved position means nothing there).
     c.data.restart_data_order = False
+    c.data.verify_shards = True  # each shard's sha256 against its manifest (cached per file)
 
     c.nonfinite = "skip"  # NaN/Inf loss or grads: "skip" the update (counted) or "stop"
     # Exit code after a preemption save (SIGTERM): 0 here; the pod launchers pass 42 so that xpk

@@ -274,10 +274,20 @@ def _open_data(c: ml_collections.ConfigDict, trainer: Trainer):
 
 def _open_sources(c: ml_collections.ConfigDict, trainer: Trainer):
     from mdm_jax.data import loader
+    from mdm_jax.data.litgpt import is_litgpt_dir as litgpt_dir
 
     sources = loader.parse_mixture(c.data.train_dir)  # "dir" or "dirA:0.7,dirB:0.3"
     for source, _ in sources:
         _check_data(c, source, trainer.args.vocab_size)
+    if c.data.verify_shards:
+        from mdm_jax.data.shard_check import verify_shards
+
+        checked = [d for d, _ in sources]
+        if c.data.eval_dir and c.data.eval_batches:
+            checked.append(c.data.eval_dir)
+        for d in checked:
+            if not litgpt_dir(d):
+                verify_shards(d, loader.manifest(d))
     pcount, pindex = jax.process_count(), jax.process_index()
     per_host = c.global_batch // pcount
     train_iter = loader.make_train_iterator(

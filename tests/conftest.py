@@ -10,6 +10,10 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                                + " --xla_force_host_platform_device_count=8").strip()
 
+# Shard checksums verified by the tests are remembered here, not in the user's ~/.cache.
+os.environ.setdefault("MDM_JAX_CACHE_DIR", os.path.join(
+    os.environ.get("TMPDIR", "/tmp"), f"mdm_jax_test_cache_{os.getpid()}"))
+
 import pytest  # noqa: E402
 import zstandard  # noqa: E402
 

@@ -165,3 +165,28 @@ def test_config_file_mistakes_are_one_line(tmp_path, body, arg, needle):
     assert lines[0].startswith("error: ") and str(path) in lines[0] and needle in lines[0], \
         lines[0]
     assert not (tmp_path / "w").exists()
+
+
+def test_a_swapped_shard_is_detected_and_verification_is_cached(tiny_data, tmp_path):
+    import shutil
+    from pathlib import Path
+
+    from mdm_jax.data import loader, prepare
+    from mdm_jax.data.shard_check import ShardMismatch, verify_shards
+
+    raw = Path(tiny_data["train"]).parent / "raw"
+    out = tmp_path / "train"
+    prepare.prepare(raw, out, tiny_data["tokenizer"], split="train", seq_len=64,
+                    shard_blocks=40)
+    shards = loader.manifest(out)["shards"]
+    assert len(shards) >= 2 and shards[0]["blocks"] == shards[1]["blocks"]
+    assert verify_shards(str(out), loader.manifest(out)) == len(shards)
+    assert verify_shards(str(out), loader.manifest(out)) == 0  # remembered: not read again
+    shutil.copy(out / shards[1]["file"], out / shards[0]["file"])  # same size, other blocks
+    config = _config(tiny_data, tmp_path / "run", steps=2, **{"data.train_dir": str(out)})
+    with pytest.raises(ShardMismatch, match=rf"{shards[0]['file']} is not the shard its "
+                                            r"manifest describes"):
+        train(config)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    config.data.verify_shards = False  # the escape hatch for corpora too large to hash
+    assert int(train(config).state.step) == 2

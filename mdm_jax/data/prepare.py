@@ -35,7 +35,7 @@ import zstandard
 from array_record.python.array_record_module import ArrayRecordWriter
 
 from mdm_jax import storage
-from mdm_jax.data.tokenizer import Tokenizer
+from mdm_jax.data.tokenizer import Tokenizer, file_sha256
 from mdm_jax.errors import ArgumentParser, UserError, positive_int, run_main
 
 KNOWN_SOURCES = frozenset(
@@ -334,8 +334,11 @@ class _ShardWriter:
         for row in blocks:
             writer.write(row.tobytes())
         writer.close()
+        # The finished file's checksum (read back from the page cache just written), so a run
+        # can tell a swapped or damaged shard from the one prepared here.
+        sha256 = file_sha256(tmp)
         os.replace(tmp, self.output_dir / name)
-        self.shards.append({"file": name, "blocks": len(blocks)})
+        self.shards.append({"file": name, "blocks": len(blocks), "sha256": sha256})
 
     def add(self, tokens: np.ndarray) -> None:
         """Append tokens to the stream (and the pending file); write every shard that fills.
