@@ -94,3 +94,22 @@ def write_study(path, fields: dict) -> str:
     lines += [f"    c.{key} = {value!r}" for key, value in fields.items()]
     path.write_text("\n".join([*lines, "    return c", ""]))
     return str(path)
+
+
+def trainer_process(tiny_data, workdir, steps: int, checkpoint_every: int):
+    """`python -m mdm_jax.train` on the nano preset and the test corpus, as a child process
+    (stdout/stderr piped), logging every step."""
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return subprocess.Popen(
+        [sys.executable, "-m", "mdm_jax.train", "--config=experiments/tiny.py",
+         f"--config.workdir={workdir}", f"--config.data.train_dir={tiny_data['train']}",
+         "--config.data.eval_dir=", f"--config.data.tokenizer={tiny_data['tokenizer']}",
+         "--config.model.preset=nano", "--config.seq_len=64", "--config.global_batch=8",
+         f"--config.steps={steps}", "--config.log_every=1",
+         f"--config.checkpoint_every={checkpoint_every}", "--config.samples.count=0",
+         "--config.model.dtype=float32"],
+        cwd=repo, env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

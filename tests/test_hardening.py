@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import nano_config
+from conftest import nano_config, trainer_process
 
 from mdm_jax.checkpoint import Checkpointer, CheckpointError
 from mdm_jax.config import ConfigError, validate
@@ -131,27 +131,15 @@ def test_a_halted_run_continues_from_its_last_good_state(tiny_data, tmp_path):
     assert all(np.isfinite(h["loss"]) for h in resumed.history)
 
 
-def _trainer(tiny_data, workdir, steps):
-    return subprocess.Popen(
-        [sys.executable, "-m", "mdm_jax.train", "--config=experiments/tiny.py",
-         f"--config.workdir={workdir}", f"--config.data.train_dir={tiny_data['train']}",
-         "--config.data.eval_dir=", f"--config.data.tokenizer={tiny_data['tokenizer']}",
-         "--config.model.preset=nano", "--config.seq_len=64", "--config.global_batch=8",
-         f"--config.steps={steps}", "--config.log_every=1", "--config.checkpoint_every=5",
-         "--config.samples.count=0", "--config.model.dtype=float32"],
-        cwd=REPO, env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"},
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
 def test_a_second_trainer_on_a_workdir_is_refused_and_a_killed_one_leaves_no_lock(tiny_data,
                                                                                 tmp_path):
-    first = _trainer(tiny_data, tmp_path, 2000)
+    first = trainer_process(tiny_data, tmp_path, 2000, 5)
     metrics = tmp_path / "metrics.jsonl"
     end = time.monotonic() + 300
     while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 7):
         assert first.poll() is None and time.monotonic() < end
         time.sleep(0.2)  # polling the first trainer's progress
-    second = _trainer(tiny_data, tmp_path, 2000)
+    second = trainer_process(tiny_data, tmp_path, 2000, 5)
     _, err = second.communicate(timeout=300)
     assert second.returncode == 2, err[-2000:]
     assert err.strip().splitlines()[-1].startswith(
@@ -159,7 +147,7 @@ def test_a_second_trainer_on_a_workdir_is_refused_and_a_killed_one_leaves_no_loc
     first.send_signal(signal.SIGKILL)  # no clean-up at all: the kernel drops the lock
     first.communicate()
     saved = max(Checkpointer(str(tmp_path)).all_steps())
-    third = _trainer(tiny_data, tmp_path, saved + 2)
+    third = trainer_process(tiny_data, tmp_path, saved + 2, 5)
     _, err = third.communicate(timeout=300)
     assert third.returncode == 0, err[-2000:]
     # Rows the killed run logged after its last checkpoint were dropped: one row per step.

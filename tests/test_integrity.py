@@ -13,7 +13,7 @@ import sys
 import time
 
 import pytest
-from conftest import nano_config
+from conftest import nano_config, trainer_process
 
 from mdm_jax.checkpoint import Checkpointer, CheckpointError
 from mdm_jax.train import train
@@ -52,20 +52,8 @@ def read_scalars(logdir: str, tag: str) -> list[int]:
     return steps
 
 
-def _trainer(tiny_data, workdir, steps):
-    return subprocess.Popen(
-        [sys.executable, "-m", "mdm_jax.train", "--config=experiments/tiny.py",
-         f"--config.workdir={workdir}", f"--config.data.train_dir={tiny_data['train']}",
-         "--config.data.eval_dir=", f"--config.data.tokenizer={tiny_data['tokenizer']}",
-         "--config.model.preset=nano", "--config.seq_len=64", "--config.global_batch=8",
-         f"--config.steps={steps}", "--config.log_every=1", "--config.checkpoint_every=4",
-         "--config.samples.count=0", "--config.model.dtype=float32"],
-        cwd=REPO, env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"},
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
 def test_tensorboard_events_survive_sigkill_and_match_the_resumed_run(tiny_data, tmp_path):
-    first = _trainer(tiny_data, tmp_path, 2000)
+    first = trainer_process(tiny_data, tmp_path, 2000, 4)
     end = time.monotonic() + 300
     while len(Checkpointer(str(tmp_path)).all_steps()) < 3:
         assert first.poll() is None and time.monotonic() < end
@@ -76,7 +64,7 @@ def test_tensorboard_events_survive_sigkill_and_match_the_resumed_run(tiny_data,
     # Everything up to the last checkpoint reached the event files (flushed at each save).
     logged = read_scalars(str(tmp_path / "tensorboard"), "loss")
     assert set(range(1, saved + 1)) <= set(logged)
-    second = _trainer(tiny_data, tmp_path, saved + 3)
+    second = trainer_process(tiny_data, tmp_path, saved + 3, 4)
     _, err = second.communicate(timeout=300)
     assert second.returncode == 0, err[-2000:]
     assert read_scalars(str(tmp_path / "tensorboard"), "loss") == list(range(1, saved + 4))
