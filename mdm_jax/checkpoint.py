@@ -22,7 +22,7 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
-from mdm_jax import storage
+from mdm_jax import checksum, storage
 from mdm_jax.errors import UserError
 
 log = logging.getLogger("mdm_jax")
@@ -101,11 +101,14 @@ class Checkpointer:
         """Start an asynchronous save if due (or forced); returns whether one was started."""
         if not (force or self.due(step)) or step in self.manager.all_steps():
             return False
+        # Each array's fingerprint, checked on every restore: bytes that changed on disk
+        # are caught instead of trained on (or exported).
+        sums = checksum.fingerprints(state)
         items = dict(
             state=ocp.args.StandardSave(state),
             config=ocp.args.JsonSave(config_json),
             meta=ocp.args.JsonSave(dict(meta or {}, step=step, saved_at=time.time(),
-                                        versions=dict(package_versions()))),
+                                        versions=dict(package_versions()), checksums=sums)),
         )
         if data_iterator is not None:  # None: no data position to keep (e.g. an import)
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
@@ -135,7 +138,24 @@ class Checkpointer:
         if data_iterator is not None:
             restore_args["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         restored = self.manager.restore(step, args=ocp.args.Composite(**restore_args))
+        self.verify(step, restored["state"])
         return restored["state"]
+
+    def verify(self, step: int, state) -> None:
+        """Raise if any restored array's fingerprint differs from the one saved with it."""
+        try:
+            saved = self.read_json(step, "meta").get("checksums")
+        except Exception:
+            saved = None
+        if not saved:
+            return  # saved before fingerprints were recorded
+        got = checksum.fingerprints(state)
+        bad = sorted(k for k, v in saved.items() if k in got and got[k] != v)
+        if bad:
+            raise CheckpointError(
+                f"checkpoint {self.directory}/{step} holds {len(bad)} array(s) whose contents "
+                f"changed since they were saved (e.g. {', '.join(bad[:3])}): the files are "
+                f"corrupt")
 
     def _same_process_layout(self, step: int) -> bool:
         try:

@@ -376,6 +376,8 @@ def _train_locked(c: ml_collections.ConfigDict, trainer: Trainer,
             "device_kind": jax.devices()[0].device_kind}
 
     start = int(jax.device_get(state.step))
+    # A resumed run must show one finite step before it saves over anything (see below).
+    unproven, skipped_at_start = start > 0, int(jax.device_get(state.skipped))
     writer = MetricWriter(c.workdir, resume_step=start)
     n_dev, device_kind = trainer.mesh.size, jax.devices()[0].device_kind
     flops_per_step = trainer.train_flops_per_step()
@@ -445,6 +447,9 @@ def _train_locked(c: ml_collections.ConfigDict, trainer: Trainer,
                 if eval_batches and (done % c.eval_every == 0 or last):
                     run_eval(done)
                     t_last = time.perf_counter()  # evaluation is not training throughput
+                if unproven and (last or ckpt.due(done)):
+                    _check_resumed_steps(state, start, done, skipped_at_start, ckpt)
+                    unproven = False
                 if ckpt.save(done, state, train_iter, config_json, meta, force=last):
                     writer.flush()  # metrics reach storage together with the checkpoint
                     t_last = time.perf_counter()
@@ -469,6 +474,20 @@ def _train_locked(c: ml_collections.ConfigDict, trainer: Trainer,
         samples = _print_samples(trainer, state, c)
     return RunResult(state=state, history=history, eval_history=eval_history, samples=samples,
                      stopped=stopped)
+
+
+def _check_resumed_steps(state, start: int, done: int, skipped_at_start: int, ckpt) -> None:
+    """Every step since resuming non-finite means the restored state is bad (corrupt files
+    that read without error): stop before a save pushes good checkpoints out."""
+    from mdm_jax.checkpoint import CheckpointError
+
+    skipped = int(jax.device_get(state.skipped)) - skipped_at_start
+    if skipped == done - start:
+        raise CheckpointError(
+            f"every step since resuming from {ckpt.directory}/{start} ({skipped} of them) had "
+            f"a non-finite loss or gradient, so nothing was saved: that checkpoint is probably "
+            f"corrupt. Move {ckpt.directory}/{start} aside and rerun to resume from the one "
+            f"before it")
 
 
 def _print_samples(trainer: Trainer, state: TrainState, c: ml_collections.ConfigDict):

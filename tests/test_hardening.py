@@ -120,15 +120,43 @@ def test_resuming_with_another_global_batch_is_refused(tiny_data, tmp_path):
 
 
 def test_a_halted_run_continues_from_its_last_good_state(tiny_data, tmp_path):
+    """A checkpoint saved halted (nonfinite="stop" froze it after a non-finite step) resumes
+    from its good parameters instead of stopping again. The halted save is made directly: a
+    real divergence (an absurd lr) also ruins the last finite parameters, and such a resume is
+    rightly refused (next test)."""
+    import jax
+    import jax.numpy as jnp
+
+    from mdm_jax.checkpoint import abstract_with_shardings
+    from mdm_jax.train import Trainer, _resolved_config
+
+    c = _config(tiny_data, tmp_path, steps=2, log_every=1, nonfinite="stop")
+    first = train(c)
+    trainer = Trainer(c)
+    ckpt = Checkpointer(str(tmp_path))
+    target = abstract_with_shardings(trainer.abstract_state, trainer.state_sharding)
+    state = ckpt.restore(2, target)
+    halted = state.replace(halted=jax.device_put(jnp.ones((), jnp.bool_), state.halted.sharding),
+                           step=state.step + 1)
+    ckpt.save(3, halted, None, _resolved_config(c, trainer), {"preset": "nano"}, force=True)
+    ckpt.close()
+    resumed = train(_config(tiny_data, tmp_path, steps=6, log_every=1, nonfinite="skip"))
+    assert resumed.stopped is None and int(resumed.state.step) == 6
+    assert not bool(resumed.state.halted) and int(resumed.state.skipped) == 0
+    assert all(np.isfinite(h["loss"]) for h in resumed.history) and first.history
+
+
+def test_a_resumed_run_whose_steps_are_all_nonfinite_saves_nothing(tiny_data, tmp_path):
+    """Garbage-but-finite parameters (here: after an absurd learning rate) make every resumed
+    step non-finite: the run stops before its first save, so earlier checkpoints survive."""
     bad = {"optim.lr": 1e30, "optim.warmup_steps": 0, "optim.grad_clip": 1e30}
     halted = train(_config(tiny_data, tmp_path, steps=30, log_every=1, nonfinite="stop", **bad))
-    assert halted.stopped == "nonfinite"
     stop = int(halted.state.step)
-    good = _config(tiny_data, tmp_path, steps=stop + 3, log_every=1, nonfinite="skip")
-    resumed = train(good)
-    assert resumed.stopped is None and int(resumed.state.step) == stop + 3
-    assert not bool(resumed.state.halted)
-    assert all(np.isfinite(h["loss"]) for h in resumed.history)
+    before = Checkpointer(str(tmp_path)).all_steps()
+    with pytest.raises(CheckpointError, match=rf"every step since resuming from .*/{stop} "
+                                              r"\(\d+ of them\) had a non-finite"):
+        train(_config(tiny_data, tmp_path, steps=stop + 4, log_every=1, checkpoint_every=2))
+    assert Checkpointer(str(tmp_path)).all_steps() == before
 
 
 def test_a_second_trainer_on_a_workdir_is_refused_and_a_killed_one_leaves_no_lock(tiny_data,

@@ -178,3 +178,46 @@ def test_a_swapped_shard_is_detected_and_verification_is_cached(tiny_data, tmp_p
     assert not (tmp_path / "run" / "checkpoints").exists()
     config.data.verify_shards = False  # the escape hatch for corpora too large to hash
     assert int(train(config).state.step) == 2
+
+
+def test_changed_checkpoint_bytes_are_caught_on_restore_export_and_resume(tiny_data, tmp_path,
+                                                                         caplog):
+    import jax
+    import numpy as np
+
+    from mdm_jax.checkpoint import abstract_with_shardings
+    from mdm_jax.export.cli import export
+    from mdm_jax.export.tensor_io import ExportError
+    from mdm_jax.train import Trainer
+
+    c = _config(tiny_data, tmp_path / "run", steps=6, checkpoint_every=2, checkpoint_keep=5)
+    train(c)
+    ckpt = Checkpointer(str(tmp_path / "run"))
+    trainer = Trainer(c)
+    target = abstract_with_shardings(trainer.abstract_state, trainer.state_sharding)
+    state = ckpt.restore(6, target)  # intact: fingerprints match
+    # The same check on a state whose embedding changed in one element, as flipped bytes do.
+    emb = np.asarray(jax.device_get(state.params["embedding"])).copy()
+    emb.view(np.uint32)[3, 5] ^= 1 << 20
+    changed = state.replace(params=dict(state.params, embedding=jax.device_put(
+        emb, state.params["embedding"].sharding)))
+    with pytest.raises(CheckpointError, match=r"1 array\(s\) whose contents changed.*"
+                                              r"params/embedding"):
+        ckpt.verify(6, changed)
+    ckpt.close()
+    # Bytes flipped in the newest checkpoint's data files: export refuses it, and training
+    # falls back to step 4 (the damaged step is set aside and trained again).
+    for path in glob.glob(str(tmp_path / "run" / "checkpoints" / "6" / "state" / "**" / "d" /
+                              "*"), recursive=True):
+        data = bytearray(open(path, "rb").read())
+        middle = len(data) // 2
+        data[middle:middle + 4096] = bytes(b ^ 0xFF for b in data[middle:middle + 4096])
+        open(path, "wb").write(bytes(data))
+    with pytest.raises(ExportError, match="checkpoint 6 .* is damaged"):
+        export(str(tmp_path / "run"), "litgpt", str(tmp_path / "exp"))
+    with caplog.at_level("WARNING", logger="mdm_jax"):
+        resumed = train(_config(tiny_data, tmp_path / "run", steps=8, checkpoint_every=2,
+                                checkpoint_keep=5))
+    assert "checkpoints/6 is damaged" in caplog.text
+    assert [h["step"] for h in resumed.history][0] == 5  # continued from step 4
+    assert all(np.isfinite(h["loss"]) for h in resumed.history)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import ml_collections
 import numpy as np
 
-from mdm_jax import storage
+from mdm_jax import checksum, storage
 from mdm_jax.export.tensor_io import ExportError
 
 
@@ -83,6 +83,10 @@ class CheckpointParams:
         for part in ("params", *path):
             out = out[part]
         assert out.shape == abstract.shape
+        saved = self.meta.get("checksums", {}).get("/".join(("params", *path)))
+        if saved is not None and checksum.fingerprint_numpy(out) != saved:
+            raise self._damaged(f"params/{'/'.join(path)}", ValueError(
+                "its contents differ from the fingerprint saved with it"))
         return out
 
     def _damaged(self, what: str, e: BaseException) -> ExportError:
