@@ -125,7 +125,9 @@ class Checkpointer:
     def restore(self, step: int, abstract_state, data_iterator=None):
         """Restore `state` onto the shardings in `abstract_state`; rewind `data_iterator`."""
         restore_args = {"state": ocp.args.StandardRestore(abstract_state)}
-        if data_iterator is not None and not self._same_process_layout(step):
+        meta = self._meta(step)
+        saved_processes = meta.get("process_count", 1) if meta else jax.process_count()
+        if data_iterator is not None and saved_processes != jax.process_count():
             log.warning("checkpoint %s/%d was written by a different number of processes; "
                         "the model and optimizer resume but the data order restarts",
                         self.directory, step)
@@ -138,15 +140,18 @@ class Checkpointer:
         if data_iterator is not None:
             restore_args["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         restored = self.manager.restore(step, args=ocp.args.Composite(**restore_args))
-        self.verify(step, restored["state"])
+        self.verify(step, restored["state"], meta)
         return restored["state"]
 
-    def verify(self, step: int, state) -> None:
-        """Raise if any restored array's fingerprint differs from the one saved with it."""
+    def _meta(self, step: int) -> dict:
         try:
-            saved = self.read_json(step, "meta").get("checksums")
-        except Exception:
-            saved = None
+            return self.read_json(step, "meta")
+        except Exception:  # no readable metadata: no layout or fingerprints to check
+            return {}
+
+    def verify(self, step: int, state, meta: dict | None = None) -> None:
+        """Raise if any restored array's fingerprint differs from the one saved with it."""
+        saved = (self._meta(step) if meta is None else meta).get("checksums")
         if not saved:
             return  # saved before fingerprints were recorded
         got = checksum.fingerprints(state)
@@ -156,13 +161,6 @@ class Checkpointer:
                 f"checkpoint {self.directory}/{step} holds {len(bad)} array(s) whose contents "
                 f"changed since they were saved (e.g. {', '.join(bad[:3])}): the files are "
                 f"corrupt")
-
-    def _same_process_layout(self, step: int) -> bool:
-        try:
-            saved = self.read_json(step, "meta").get("process_count", 1)
-        except Exception:  # no readable metadata: assume the layout matches
-            return True
-        return saved == jax.process_count()
 
     def restore_latest(self, abstract_state, data_iterator=None):
         """(state, step) from the newest checkpoint that restores, or (None, None) if none.

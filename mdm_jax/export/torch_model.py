@@ -20,6 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# One definition of the norm and RoPE for PyTorch: the code shipped in llada-hf exports.
+from mdm_jax.export.llada_remote.modeling_llada import RMSNorm
+from mdm_jax.export.llada_remote.modeling_llada import apply_rope as rope
+
 
 @dataclasses.dataclass(frozen=True)
 class EncoderConfig:
@@ -33,29 +37,6 @@ class EncoderConfig:
     causal: bool = False
     rope_base: float = 10000.0
     norm_eps: float = 1e-5
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x):
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (xf * self.weight.float()).to(x.dtype)
-
-
-def rope(x, base: float):
-    """Rotate-half RoPE on [B, H, L, D], computed in float32."""
-    d, length = x.shape[-1], x.shape[-2]
-    inv_freq = 1.0 / (base ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
-    angles = torch.arange(length, dtype=torch.float32)[:, None] * inv_freq[None, :]
-    angles = torch.cat([angles, angles], dim=-1)
-    xf = x.float()
-    rotated = torch.cat([-xf[..., d // 2:], xf[..., : d // 2]], dim=-1)
-    return (xf * angles.cos() + rotated * angles.sin()).to(x.dtype)
 
 
 class CausalSelfAttention(nn.Module):  # lit-gpt's name, also used for the bidirectional MDM
