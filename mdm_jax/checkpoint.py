@@ -12,9 +12,12 @@ or deleted file) fails to restore; `restore_latest` reports it and falls back to
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import os
+import shutil
+import sys
 import time
 from importlib import metadata
 
@@ -23,7 +26,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from mdm_jax import checksum, storage
-from mdm_jax.errors import UserError
+from mdm_jax.errors import UserError, debug
 
 log = logging.getLogger("mdm_jax")
 
@@ -48,6 +51,56 @@ def _check_writable(directory: str) -> None:
         raise CheckpointError(
             f"cannot write checkpoints to {directory} ({e.strerror or e}); choose a writable "
             f"--config.workdir, or free space / fix permissions there") from None
+
+
+def _reason(error: BaseException) -> str:
+    """A short cause for a failed write: Orbax/TensorStore wrap ENOSPC in long messages."""
+    text = str(error)
+    if (getattr(error, "errno", None) == errno.ENOSPC or "No space left" in text
+            or "os_error_code='28'" in text):
+        return "no space left on device"
+    return text if len(text) <= 300 else text[:300] + "..."
+
+
+def _space_note(directory: str, state_bytes: int) -> str:
+    """'; N MiB free there now, a checkpoint needs about M MiB' where the filesystem can say."""
+    if storage.is_remote(directory):
+        return ""
+    try:
+        free = shutil.disk_usage(directory).free
+    except OSError:
+        return ""
+    return (f"; {free / 2**20:.1f} MiB free there now, a checkpoint needs about "
+            f"{state_bytes / 2**20:.1f} MiB")
+
+
+class _OrbaxErrorsToDebug(logging.Filter):
+    """Orbax logs a failed background save from each of its threads (tracebacks included)
+    before the error reaches the trainer, which then reports it once as an `error:` line; its
+    error records are kept at DEBUG level unless MDM_JAX_DEBUG is set."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if (record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname
+                and not debug()):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger("absl").isEnabledFor(logging.DEBUG)
+        return True
+
+
+@functools.cache
+def _quiet_orbax_errors() -> None:
+    logging.getLogger("absl").addFilter(_OrbaxErrorsToDebug())
+    # After a failed save, TensorStore's pending writes complete onto Orbax's closed event loop
+    # and each reports "Event loop is closed" as an unraisable error: noise, not news.
+    previous = sys.unraisablehook
+
+    def hook(unraisable) -> None:
+        if (isinstance(unraisable.exc_value, RuntimeError) and unraisable.object is None
+                and str(unraisable.exc_value) == "Event loop is closed" and not debug()):
+            return
+        previous(unraisable)
+
+    sys.unraisablehook = hook
 
 
 @functools.cache
@@ -82,6 +135,10 @@ class Checkpointer:
             enable_background_delete=True,  # pruning old steps must not stall the loop
         )
         self.manager = ocp.CheckpointManager(self.directory, item_names=ITEMS, options=options)
+        self._writing: int | None = None  # the step of the save running in the background
+        self._failure_reported = False
+        self._state_bytes = 0  # of the last state saved, to say how much space a save needs
+        _quiet_orbax_errors()
 
     def all_steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
@@ -104,6 +161,7 @@ class Checkpointer:
         # Each array's fingerprint, checked on every restore: bytes that changed on disk
         # are caught instead of trained on (or exported).
         sums = checksum.fingerprints(state)
+        self._state_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(state))
         items = dict(
             state=ocp.args.StandardSave(state),
             config=ocp.args.JsonSave(config_json),
@@ -113,14 +171,50 @@ class Checkpointer:
         if data_iterator is not None:  # None: no data position to keep (e.g. an import)
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
         args = ocp.args.Composite(**items)
+        self.raise_if_failed(wait=True)  # Orbax would wait for it anyway, before starting
         try:
             saved = self.manager.save(step, args=args, force=True)
-        except (OSError, ValueError) as e:
-            raise CheckpointError(
-                f"saving step {step} to {self.directory} failed ({e}); earlier checkpoints are "
-                f"intact. Free disk space or fix the directory, then rerun to resume.") from e
+        except Exception as e:  # noqa: BLE001  (TensorStore raises ValueError for OS errors)
+            raise self._failed(step, e) from e
+        if saved:
+            self._writing = step
         self._last_save_time = time.monotonic()
         return saved
+
+    def raise_if_failed(self, wait: bool = False) -> None:
+        """Raise a CheckpointError naming the step if the background save failed (waiting for
+        it to finish first if `wait`); called after every train step so that a run stops at
+        its first failed save rather than training on with nothing saved."""
+        if self._writing is None:
+            return
+        step = self._writing
+        try:
+            if wait:
+                self.manager.wait_until_finished()
+            else:
+                self.manager.check_for_errors()
+        except Exception as e:  # noqa: BLE001
+            raise self._failed(step, e) from e
+        if wait:
+            self._writing = None
+
+    def _failed(self, step: int, error: BaseException) -> CheckpointError:
+        """Remove the partial save of `step` and describe the failure in one line."""
+        self._writing, self._failure_reported = None, True
+        others = [s for s in self.all_steps() if s != step]
+        if jax.process_index() == 0:
+            root = storage.as_path(self.directory)
+            for partial in root.glob(f"{step}.orbax-checkpoint-tmp*"):
+                if partial.is_dir():
+                    partial.rmtree()
+                else:
+                    partial.unlink()
+        note = _space_note(self.directory, self._state_bytes)
+        kept = (f"the partial save was removed; checkpoints {others} are intact" if others
+                else "the partial save was removed; no earlier checkpoint exists")
+        return CheckpointError(
+            f"saving step {step} to {self.directory} failed ({_reason(error)}{note}); {kept}. "
+            f"Free space or fix the directory, then rerun the same command to resume.")
 
     def restore(self, step: int, abstract_state, data_iterator=None):
         """Restore `state` onto the shardings in `abstract_state`; rewind `data_iterator`."""
@@ -264,11 +358,20 @@ class Checkpointer:
         return True
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        self.raise_if_failed(wait=True)
+        if not self._failure_reported:  # Orbax would raise the reported failure again
+            self.manager.wait_until_finished()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        """Wait for the last save and release Orbax's threads; a failure already reported
+        (its step's partial save removed) is not raised a second time."""
+        try:
+            self.wait()
+        finally:
+            try:
+                self.manager.close()
+            except Exception:  # noqa: BLE001  (the failed save it re-raises was reported)
+                log.debug("orbax close after a failed save", exc_info=True)
 
 
 def _data_sources(spec: str) -> list[tuple[str, float]]:

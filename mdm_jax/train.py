@@ -415,6 +415,7 @@ def _train_locked(c: ml_collections.ConfigDict, trainer: Trainer,
             t_last, steps_since = time.perf_counter(), 0
             for step in bar:
                 state, metrics = step_fn(state, trainer.to_global(next(train_iter)))
+                ckpt.raise_if_failed()  # stop at the first failed background save
                 steps_since += 1
                 done = step + 1
                 if guard.should_stop(done, ckpt.manager):

@@ -96,20 +96,28 @@ def write_study(path, fields: dict) -> str:
     return str(path)
 
 
-def trainer_process(tiny_data, workdir, steps: int, checkpoint_every: int):
-    """`python -m mdm_jax.train` on the nano preset and the test corpus, as a child process
-    (stdout/stderr piped), logging every step."""
-    import subprocess
+def trainer_command(tiny_data, workdir, steps: int, checkpoint_every: int) -> list[str]:
+    """The `python -m mdm_jax.train` command line for the nano preset on the test corpus,
+    logging every step."""
     import sys
 
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return [sys.executable, "-m", "mdm_jax.train", "--config=experiments/tiny.py",
+            f"--config.workdir={workdir}", f"--config.data.train_dir={tiny_data['train']}",
+            "--config.data.eval_dir=", f"--config.data.tokenizer={tiny_data['tokenizer']}",
+            "--config.model.preset=nano", "--config.seq_len=64", "--config.global_batch=8",
+            f"--config.steps={steps}", "--config.log_every=1",
+            f"--config.checkpoint_every={checkpoint_every}", "--config.samples.count=0",
+            "--config.model.dtype=float32"]
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def trainer_process(tiny_data, workdir, steps: int, checkpoint_every: int):
+    """`trainer_command` as a child process (stdout/stderr piped)."""
+    import subprocess
+
     return subprocess.Popen(
-        [sys.executable, "-m", "mdm_jax.train", "--config=experiments/tiny.py",
-         f"--config.workdir={workdir}", f"--config.data.train_dir={tiny_data['train']}",
-         "--config.data.eval_dir=", f"--config.data.tokenizer={tiny_data['tokenizer']}",
-         "--config.model.preset=nano", "--config.seq_len=64", "--config.global_batch=8",
-         f"--config.steps={steps}", "--config.log_every=1",
-         f"--config.checkpoint_every={checkpoint_every}", "--config.samples.count=0",
-         "--config.model.dtype=float32"],
-        cwd=repo, env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"},
+        trainer_command(tiny_data, workdir, steps, checkpoint_every),
+        cwd=REPO, env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"},
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import signal
 import struct
 import subprocess
@@ -13,7 +14,7 @@ import sys
 import time
 
 import pytest
-from conftest import nano_config, trainer_process
+from conftest import REPO, nano_config, trainer_command, trainer_process
 
 from mdm_jax.checkpoint import Checkpointer, CheckpointError
 from mdm_jax.train import train
@@ -221,3 +222,86 @@ def test_changed_checkpoint_bytes_are_caught_on_restore_export_and_resume(tiny_d
     assert "checkpoints/6 is damaged" in caplog.text
     assert [h["step"] for h in resumed.history][0] == 5  # continued from step 4
     assert all(np.isfinite(h["loss"]) for h in resumed.history)
+
+
+def test_fingerprints_agree_on_host_on_device_and_across_shardings():
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    from mdm_jax import checksum
+
+    rng = np.random.default_rng(0)
+    host = {"w": rng.standard_normal((2 * (1 << 20) // 64 + 3, 64)).astype(np.float32),  # >2 chunks
+            "h": rng.standard_normal((40, 33)).astype(np.float16),
+            "flag": rng.integers(0, 2, (17,)).astype(bool), "step": np.int32(7)}
+    tree = jax.tree_util.tree_map(jnp.asarray, host)
+    by_host = checksum.fingerprints(tree, on_device=False)
+    assert by_host == checksum.fingerprints(tree, on_device=True)
+    assert by_host["w"] == checksum.fingerprint_numpy(host["w"])
+    mesh = Mesh(np.array(jax.devices()[:4]), ("x",))
+    sharded = jax.device_put(tree["w"][:-3], NamedSharding(mesh, PartitionSpec("x")))
+    assert (checksum.fingerprints({"w": sharded})["w"]
+            == checksum.fingerprints({"w": sharded}, on_device=True)["w"]
+            == checksum.fingerprint_numpy(host["w"][:-3]))
+    # One flipped bit, or two elements swapped, changes the number.
+    flipped = host["w"].copy()
+    flipped.view(np.uint32)[1000, 3] ^= 1
+    swapped = host["w"].copy()
+    swapped[[5, 6]] = swapped[[6, 5]]
+    assert checksum.fingerprint_numpy(flipped) != by_host["w"]
+    assert checksum.fingerprint_numpy(swapped) != by_host["w"]
+
+
+def _in_private_tmpfs(size_bytes: int, mount: str, command: list[str]):
+    """Run `command` with a tmpfs of `size_bytes` mounted at `mount`, in a private mount
+    namespace (`unshare -rm`: no root needed, nothing visible outside); returns the completed
+    process, whose stdout ends with a listing of the tmpfs after the command. Skips the test
+    where user namespaces or mounting are not allowed."""
+    import shlex
+    import shutil
+    import subprocess
+
+    if shutil.which("unshare") is None:
+        pytest.skip("needs util-linux `unshare` to mount a small tmpfs")
+    probe = subprocess.run(["unshare", "-rm", "mount", "-t", "tmpfs", "tmpfs", mount],
+                           capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({probe.stderr.strip()})")
+    script = (f"mount -t tmpfs -o size={size_bytes} tmpfs {shlex.quote(mount)} && "
+              f"{shlex.join(command)}; rc=$?; echo '--- listing'; "
+              f"find {shlex.quote(mount)}; exit $rc")
+    return subprocess.run(["unshare", "-rm", "sh", "-c", script], cwd=REPO, capture_output=True,
+                          text=True, env={k: v for k, v in os.environ.items()
+                                          if k != "XLA_FLAGS"})
+
+
+def test_a_full_disk_stops_at_the_failed_save_with_one_line_and_no_partial_save(
+        tiny_data, tmp_path):
+    import jax
+
+    from mdm_jax.train import Trainer
+
+    mount = tmp_path / "small_disk"
+    mount.mkdir()
+    # Room for one checkpoint (plus the logs), not two: step 2 saves, step 4 cannot.
+    state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(Trainer(
+        _config(tiny_data, tmp_path / "unused", seq_len=64)).abstract_state))
+    done = _in_private_tmpfs(int(state_bytes * 1.6), str(mount), trainer_command(
+        tiny_data, mount / "run", steps=12, checkpoint_every=2) + ["--config.checkpoint_keep=5"])
+    assert done.returncode == 2, done.stderr[-3000:]
+    lines = [line for line in done.stderr.replace("\r", "\n").splitlines()
+             if line.strip() and not line.startswith("train:")]
+    assert len(lines) == 1, lines[:20]  # no tracebacks, no Orbax thread logs
+    assert re.fullmatch(
+        rf"error: checkpoint: saving step 4 to {re.escape(str(mount))}/run/checkpoints failed "
+        r"\(no space left on device; [\d.]+ MiB free there now, a checkpoint needs about "
+        r"[\d.]+ MiB\); the partial save was removed; checkpoints \[2\] are intact\. .*",
+        lines[0]), lines[0]
+    listing = done.stdout.split("--- listing", 1)[1]
+    assert "orbax-checkpoint-tmp" not in listing
+    assert f"{mount}/run/checkpoints/2\n" in listing
+    # It stopped at the failed save: no step after the next log line was trained.
+    logged = [int(m) for m in re.findall(r"^step\s+(\d+) \| loss", done.stdout, re.M)]
+    assert max(logged) <= 6, logged
