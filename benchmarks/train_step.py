@@ -66,6 +66,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sweep", nargs="?", const=",".join(SWEEP), default=None,
                    help=f"comma list of variants to run in one process (default all): "
                         f"{', '.join(SWEEP)}")
+    p.add_argument("--no-torch", action="store_true",
+                   help="skip the PyTorch reference step (benchmarks/torch_reference.py)")
     p.add_argument("--json", action="store_true", help="print one JSON object only")
     return p.parse_args(argv)
 
@@ -85,7 +87,8 @@ def _settings(args: argparse.Namespace) -> dict:
     return dict(preset=args.preset, seq_len=args.seq_len, batch=args.batch,
                 micro_batch=args.micro_batch, mesh=args.mesh, dtype=args.dtype,
                 remat=args.remat, attention=args.attention, objective=args.objective,
-                loss_chunk=args.loss_chunk, scan_layers=not args.no_scan)
+                loss_chunk=args.loss_chunk, scan_layers=not args.no_scan,
+                torch=not args.no_torch)
 
 
 def make_config(s: dict):
@@ -200,6 +203,17 @@ def bench_one(s: dict, steps: int, warmup: int, seed: int, log) -> dict:
 
     rng = np.random.default_rng(seed)
     host_batches = [rng.integers(0, vocab, size=batch_shape, dtype=np.int32) for _ in range(2)]
+    reference = None
+    if s.get("torch") and s["dtype"] == "float32":
+        from torch_reference import TorchReference
+
+        reference = TorchReference(trainer.args, c.seq_len, objective=c.objective.kind,
+                                   lr=c.optim.lr, betas=(c.optim.b1, c.optim.b2),
+                                   weight_decay=c.optim.weight_decay,
+                                   grad_clip=c.optim.grad_clip, eps=c.objective.eps, seed=seed)
+        for i in range(warmup):
+            reference.step(host_batches[i % 2])
+    torch_times, torch_loss = [], None
     step_times, step_cpu, step_sys, step_faults = [], [], [], []
     metrics = None
     with trainer.context():
@@ -218,6 +232,10 @@ def bench_one(s: dict, steps: int, warmup: int, seed: int, log) -> dict:
                 step_sys.append(r1.ru_stime - r0.ru_stime)
                 step_faults.append(r1.ru_minflt - r0.ru_minflt)
                 baseline.run_once()  # interleaved: same machine state as the step just timed
+                if reference is not None:  # alternately with the JAX step, same batches
+                    t0 = time.perf_counter()
+                    torch_loss = reference.step(host_batches[i % 2])
+                    torch_times.append(time.perf_counter() - t0)
             log(f"  step {i + 1}/{warmup + steps}: {dt:.3f}s wall, {cpu:.2f}s cpu "
                 f"({r1.ru_stime - r0.ru_stime:.2f}s sys, {r1.ru_minflt - r0.ru_minflt:,} "
                 f"page faults)" + (" (warmup)" if i < warmup else ""))
@@ -253,6 +271,13 @@ def bench_one(s: dict, steps: int, warmup: int, seed: int, log) -> dict:
         ratio_paired=statistics.median(pair), ratio_cpu=statistics.median(pair_cpu),
         step_cpu_s=step_cpu, step_sys_s=step_sys, step_page_faults=step_faults,
         final_loss=loss,
+        torch_step_times_s=torch_times, torch_final_loss=torch_loss,
+        torch_tokens_per_s=(tokens_per_step / statistics.median(torch_times)
+                            if torch_times else None),
+        jax_over_torch=(statistics.median(torch_times) / step_s if torch_times else None),
+        # Each JAX step against the torch step timed right after it.
+        jax_over_torch_paired=(statistics.median(tt / st for st, tt in zip(
+            step_times, torch_times, strict=True)) if torch_times else None),
     )
 
 
@@ -294,10 +319,17 @@ def report(r: dict) -> None:
     print(f"                    {r['ratio_min']:.3f} (fastest step)   "
           f"{r['ratio_6n']:.3f} (6N count)")
     print("                    target >= 0.65 for 19M @ 512 on CPU")
+    if r.get("jax_over_torch") is not None:
+        times = ", ".join(f"{t:.3f}" for t in r["torch_step_times_s"])
+        print(f"torch reference     step median {statistics.median(r['torch_step_times_s']):.3f}s "
+              f"[{times}], {r['torch_tokens_per_s']:,.0f} tokens/s, loss "
+              f"{r['torch_final_loss']:.3f} (mdm_jax {r['final_loss']:.3f})")
+        print(f"mdm_jax / torch     {r['jax_over_torch']:.3f} tokens/s (medians)   "
+              f"{r['jax_over_torch_paired']:.3f} (median of alternate pairs)   target >= 1.0")
 
 
 def report_table(rows: list[dict]) -> None:
-    head = (f"{'variant':<16}{'step s':>8}{'cpu s':>7}{'tok/s':>7}{'GFLOP/s':>9}{'mm GF/s':>9}"
+    head = (f"{'variant':<16}{'jax/pt':>7}{'step s':>8}{'cpu s':>7}{'tok/s':>7}{'GFLOP/s':>9}{'mm GF/s':>9}"
             f"{'ratio':>7}{'paired':>7}{'cpu':>7}{'ratio6N':>8}{'temp MiB':>10}{'sys s':>7}")
     print(head)
     print("-" * len(head))
@@ -306,7 +338,8 @@ def report_table(rows: list[dict]) -> None:
             print(f"{r['variant']:<16}  error: {r['error']}")
             continue
         temp = "n/a" if r["temp_bytes"] is None else f"{r['temp_bytes'] / 2**20:,.0f}"
-        print(f"{r['variant']:<16}{r['step_s_median']:>8.2f}"
+        vs_torch = "n/a" if r.get("jax_over_torch") is None else f"{r['jax_over_torch']:.3f}"
+        print(f"{r['variant']:<16}{vs_torch:>7}{r['step_s_median']:>8.2f}"
               f"{statistics.median(r['step_cpu_s']):>7.1f}{r['tokens_per_s']:>7,.0f}"
               f"{r['flops_per_s'] / 1e9:>9.1f}{r['matmul_best_flops_per_s'] / 1e9:>9.1f}"
               f"{r['ratio']:>7.3f}{r['ratio_paired']:>7.3f}{r['ratio_cpu']:>7.3f}"
