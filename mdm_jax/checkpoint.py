@@ -120,17 +120,19 @@ class Checkpointer:
     `keep_period`-th step permanently."""
 
     def __init__(self, workdir: str, every: int = 0, keep: int = 3, keep_period: int = 0,
-                 every_minutes: float = 0.0):
+                 every_minutes: float = 0.0, read_only: bool = False):
         self.directory = storage.join(workdir, "checkpoints")  # local or gs://
-        if jax.process_index() == 0:
+        if jax.process_index() == 0 and not read_only:  # inference may read a read-only copy
             _check_writable(self.directory)
         self.every = every
         self.every_minutes = every_minutes
         self._last_save_time = time.monotonic()
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep or None,
+            # read_only: no directory made, nothing pruned (Orbax's own read_only option logs
+            # a warning per manager)
+            max_to_keep=None if read_only else (keep or None),
             keep_period=keep_period or None,
-            create=True,
+            create=not read_only,
             enable_async_checkpointing=True,
             enable_background_delete=True,  # pruning old steps must not stall the loop
         )

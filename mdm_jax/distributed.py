@@ -335,13 +335,21 @@ def _main(argv: list[str]) -> int:
     if argv[:1] != ["--check"] or len(argv) > 2 or argv[1:] not in ([], ["--json"]):
         print("usage: python -m mdm_jax.distributed --check [--json]", file=sys.stderr)
         return 2
+    report_out = sys.stdout
+    if "--json" in argv:
+        # Native libraries (Gloo's "Rank 0 is connected ...") write to fd 1 from their own
+        # threads, which would splice text into the JSON line: stdout keeps only the report,
+        # everything else written to fd 1 goes to stderr.
+        sys.stdout.flush()
+        report_out = os.fdopen(os.dup(1), "w")
+        os.dup2(2, 1)
     try:
         report, problems = check()
     except DistributedError as e:  # an inconsistent environment: nothing to join
         print(f"error: {e}", file=sys.stderr)
         return 2
     if "--json" in argv:
-        print(json.dumps(dict(report, problems=problems)), flush=True)
+        print(json.dumps(dict(report, problems=problems)), file=report_out, flush=True)
     else:
         for key, value in report.items():
             print(f"{key:>20}: {value}", flush=True)

@@ -161,13 +161,32 @@ def dense(x: jax.Array, w: jax.Array, preferred_element_type=None) -> jax.Array:
     return y.reshape(*lead, *out)
 
 
+def cached_attention(q, k, v, cache, start):
+    """Causal attention of T new positions [start, start + T) over a fixed-size KV cache.
+
+    cache = (keys, values), each [B, C, H, D]: the new k, v are written at `start` and every
+    query attends to the cached keys at or before its own position. Returns (out, cache)."""
+    keys = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype), start, 1)
+    values = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), start, 1)
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, keys.astype(q.dtype),
+                        preferred_element_type=jnp.float32) * scale
+    query_pos = start + jnp.arange(q.shape[1])
+    allowed = jnp.arange(keys.shape[1])[None, :] <= query_pos[:, None]
+    scores = jnp.where(allowed[None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs, values.astype(v.dtype)), (keys, values)
+
+
 class Block(nn.Module):
-    """Pre-norm transformer block; signature (carry, broadcast...) -> (carry, None) for nn.scan."""
+    """Pre-norm transformer block; signature (carry, broadcast..., per-layer) -> (carry, out)
+    for nn.scan. `cache` (ARM decoding only): this layer's (keys, values) [B, C, H, D] and the
+    position of x's first token; the block then returns the updated cache as its output."""
 
     args: ModelArgs
 
     @nn.compact
-    def __call__(self, x, cos, sin, lengths):
+    def __call__(self, x, cos, sin, lengths, cache=None, start=None):
         a = self.args
         dt = a.compute_dtype
         std = math.sqrt(2.0 / (5.0 * a.d_model))
@@ -184,7 +203,10 @@ class Block(nn.Module):
         head_axes = ("act_batch", "act_length", "act_heads", None)
         q, k, v = (act(t, head_axes) for t in (q, k, v))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        o = attention(q, k, v, impl=a.attention, causal=a.causal, lengths=lengths)
+        if cache is None:
+            o = attention(q, k, v, impl=a.attention, causal=a.causal, lengths=lengths)
+        else:
+            o, cache = cached_attention(q, k, v, cache, start)
         wo = _param(self, "wo", (a.n_head, a.head_dim, a.d_model), out_std,
                     ("heads", "head_dim", "embed"))
         o = o.reshape(*o.shape[:2], -1)  # [B, L, H * K]
@@ -197,7 +219,7 @@ class Block(nn.Module):
         w3 = _param(self, "w3", (a.mlp_dim, a.d_model), out_std, ("mlp", "embed")).astype(dt)
         gate = act(jax.nn.silu(dense(h, w1)) * dense(h, w2), ("act_batch", "act_length", "act_mlp"))
         x = x + act(dense(gate, w3), ("act_batch", "act_length", "act_embed"))
-        return x, None
+        return x, cache
 
 
 class Encoder(nn.Module):
@@ -211,7 +233,10 @@ class Encoder(nn.Module):
     args: ModelArgs
 
     @nn.compact
-    def __call__(self, tokens, lengths=None, return_logits: bool = False):
+    def __call__(self, tokens, lengths=None, return_logits: bool = False, cache=None,
+                 start=None):
+        """With `cache` (keys, values) [n_layer, B, C, H, D] and `start`, tokens are the
+        positions [start, start + T) of a causal decode: returns (logits, updated cache)."""
         a = self.args
         dt = a.compute_dtype
         std = math.sqrt(2.0 / (5.0 * a.d_model))
@@ -222,7 +247,11 @@ class Encoder(nn.Module):
         table = nn.with_logical_constraint(table.astype(dt), ("embed_vocab", "act_embed"))
         x = jnp.take(table, tokens, axis=0)
         x = nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
-        cos, sin = rope_tables(tokens.shape[1], a.head_dim, a.rope_base)
+        if cache is None:
+            cos, sin = rope_tables(tokens.shape[1], a.head_dim, a.rope_base)
+        else:
+            cos, sin = (jax.lax.dynamic_slice_in_dim(t, start, tokens.shape[1]) for t in
+                        rope_tables(cache[0].shape[2], a.head_dim, a.rope_base))
 
         block = Block
         if a.remat != "none":
@@ -230,16 +259,23 @@ class Encoder(nn.Module):
         if a.scan_layers:
             stack = nn.scan(
                 block, variable_axes={"params": 0}, split_rngs={"params": True},
-                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=a.n_layer,
-                metadata_params={nn.PARTITION_NAME: "layers"},
+                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
+                length=a.n_layer, metadata_params={nn.PARTITION_NAME: "layers"},
             )
-            x, _ = stack(a, name="blocks")(x, cos, sin, lengths)
+            x, cache = stack(a, name="blocks")(x, cos, sin, lengths, cache, start)
         else:
+            layers = []
             for i in range(a.n_layer):
-                x, _ = block(a, name=f"block_{i}")(x, cos, sin, lengths)
+                mine = None if cache is None else (cache[0][i], cache[1][i])
+                x, mine = block(a, name=f"block_{i}")(x, cos, sin, lengths, mine, start)
+                layers.append(mine)
+            if cache is not None:
+                cache = tuple(jnp.stack([layer[j] for layer in layers]) for j in range(2))
 
         x = RMSNorm(a.norm_eps, dt, name="final_norm")(x)
         head = _param(self, "head", (a.d_model, a.vocab_size), std, ("embed", "vocab"))
+        if cache is not None:
+            return logits_from_hidden(x, head), cache
         if return_logits:
             return logits_from_hidden(x, head)
         return x

@@ -304,7 +304,7 @@ def _open_sources(c: ml_collections.ConfigDict, trainer: Trainer):
     return train_iter, eval_batches
 
 
-def _resolved_config(c: ml_collections.ConfigDict, trainer: Trainer) -> dict:
+def resolved_config(c: ml_collections.ConfigDict, trainer: Trainer) -> dict:
     """The config as saved in checkpoints, with defaults that depend on the preset resolved."""
     out = json.loads(c.to_json_best_effort())
     out["model"]["vocab_size"] = trainer.args.vocab_size
@@ -366,7 +366,7 @@ def _train_locked(c: ml_collections.ConfigDict, trainer: Trainer,
 
     pindex = jax.process_index()
     train_iter, eval_batches = _open_data(c, trainer)
-    config_json = _resolved_config(c, trainer)
+    config_json = resolved_config(c, trainer)
     config_json["data"]["tokenizer_sha256"] = _check_tokenizers(c)
     ckpt = Checkpointer(c.workdir, every=c.checkpoint_every, keep=c.checkpoint_keep,
                         keep_period=c.checkpoint_keep_period, every_minutes=c.checkpoint_minutes)
@@ -493,18 +493,19 @@ def _check_resumed_steps(state, start: int, done: int, skipped_at_start: int, ck
 
 def _print_samples(trainer: Trainer, state: TrainState, c: ml_collections.ConfigDict):
     from mdm_jax.data.tokenizer import Tokenizer
-    from mdm_jax.sampling import generate
+    from mdm_jax.inference import MDMSampler, generate
 
     length = c.samples.length or c.seq_len
     with trainer.context():
         params = jax.device_get(state.params)  # small models only: sampling runs unsharded
-    tokens = generate(trainer.model, params, num=c.samples.count, length=length,
-                      steps=c.samples.steps, seed=c.seed, temperature=c.samples.temperature,
-                      remasking=c.samples.remasking)
-    tokens = np.asarray(jax.device_get(tokens))
+    tok = Tokenizer.load(c.data.tokenizer) if c.data.tokenizer else None
+    bos = tok.bos_id if tok is not None else 1
+    sampler = MDMSampler(steps=c.samples.steps, remasking=c.samples.remasking,
+                         temperature=c.samples.temperature)
+    tokens = generate(trainer.model, params, [[bos]] * c.samples.count, length - 1, sampler,
+                      seed=c.seed, max_length=length).tokens
     texts = []
-    if c.data.tokenizer:
-        tok = Tokenizer.load(c.data.tokenizer)
+    if tok is not None:
         texts = [tok.decode([int(t) for t in row if t < tok.vocab_size]) for row in tokens]
     else:
         texts = [" ".join(map(str, row)) for row in tokens]

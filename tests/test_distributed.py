@@ -165,7 +165,7 @@ def test_check_joins_a_two_worker_tpu_vm_slice_through_the_metadata_server():
     reports = []
     for p, (out, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err[-2000:]
-        reports.append(json.loads(out.strip().splitlines()[-1]))
+        reports.append(json.loads(out))  # stdout holds the report only (Gloo -> stderr)
     for i, r in enumerate(reports):
         assert r["environment"] == "gce-tpu" and r["problems"] == []
         assert (r["process_index"], r["process_count"]) == (i, 2)
@@ -193,7 +193,7 @@ def test_check_single_process_and_bad_environment():
     out = subprocess.run([sys.executable, "-m", "mdm_jax.distributed", "--check", "--json"],
                          env=_clean_env(), capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    report = json.loads(out.stdout.strip().splitlines()[-1])
+    report = json.loads(out.stdout)
     assert (report["environment"], report["process_count"]) == ("single", 1)
     bad = subprocess.run([sys.executable, "-m", "mdm_jax.distributed", "--check"],
                          env=_clean_env(MDM_JAX_COORDINATOR="h:1", MDM_JAX_NUM_PROCESSES="two"),

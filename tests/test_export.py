@@ -22,7 +22,7 @@ from mdm_jax.export.cli import export  # noqa: E402
 from mdm_jax.export.load import import_checkpoint  # noqa: E402
 from mdm_jax.export.tensor_io import ExportError  # noqa: E402
 from mdm_jax.export.torch_model import TransEncoder  # noqa: E402
-from mdm_jax.train import Trainer, _resolved_config, train  # noqa: E402
+from mdm_jax.train import Trainer, resolved_config, train  # noqa: E402
 
 PRESETS = ("nano", "nano-hd128")
 TOL = 1e-4
@@ -36,7 +36,7 @@ def _random_checkpoint(workdir, preset: str, kind: str, step: int = 7):
     trainer = Trainer(c)
     state = trainer.create_state(seed=hash((preset, kind)) % 1000)
     ckpt = Checkpointer(c.workdir)
-    ckpt.save(step, state, None, _resolved_config(c, trainer), {"preset": preset}, force=True)
+    ckpt.save(step, state, None, resolved_config(c, trainer), {"preset": preset}, force=True)
     ckpt.close()
     with trainer.context():
         params = jax.device_get(state.params)
@@ -100,21 +100,27 @@ def test_arm_llama_export_runs_in_transformers(tmp_path, preset):
 @pytest.mark.parametrize(("fmt", "kind"), [("litgpt", "mdm"), ("llada-hf", "mdm"),
                                            ("llama-hf", "arm")])
 def test_export_then_import_is_exact(tmp_path, fmt, kind):
-    from mdm_jax.sampling import generate, load_for_sampling
+    from mdm_jax.inference import MDMSampler, generate, load
 
     trainer, params = _random_checkpoint(tmp_path / "run", "nano", kind)
     export(str(tmp_path / "run"), fmt, str(tmp_path / "out"), max_shard_bytes=300_000)
     step = import_checkpoint(fmt, str(tmp_path / "out"), str(tmp_path / "back"))
     assert step == 7
-    back_trainer, state, c = load_for_sampling(str(tmp_path / "back"))
+    loaded = load(str(tmp_path / "back"))
+    c = loaded.config
     assert c.model.preset == "nano" and c.objective.kind == kind
-    back = jax.device_get(state.params)
+    back = jax.device_get(loaded.params)
     flat_a = jax.tree_util.tree_leaves_with_path(params)
     flat_b = dict(jax.tree_util.tree_leaves_with_path(back))
     for path, a in flat_a:
         np.testing.assert_array_equal(np.asarray(flat_b[path]), np.asarray(a), err_msg=str(path))
-    out = generate(back_trainer.model, back, num=1, length=16, steps=4, seed=0)
-    assert np.asarray(out).shape == (1, 16)
+    out = generate(loaded.model, loaded.params, [[1]], 15, MDMSampler(steps=4))
+    assert out.tokens.shape == (1, 16)
+    direct = load(str(tmp_path / "out"))  # the export folder itself, no import step
+    assert direct.source == fmt and direct.config.objective.kind == kind
+    for path, a in flat_a:
+        np.testing.assert_array_equal(np.asarray(dict(jax.tree_util.tree_leaves_with_path(
+            jax.device_get(direct.params)))[path]), np.asarray(a), err_msg=str(path))
 
 
 def test_trained_checkpoint_exports_and_trains_again(tiny_data, tmp_path):

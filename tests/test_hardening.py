@@ -49,10 +49,9 @@ def test_damaged_newest_checkpoint_is_set_aside_and_written_again(tiny_data, tmp
     with pytest.raises(ExportError, match=r"checkpoint 8 .* is damaged.*pass --step 6"):
         export(str(tmp_path / "run"), "litgpt", str(tmp_path / "exp"))
     assert not os.path.exists(tmp_path / "exp")
-    from mdm_jax.sampling import load_for_sampling
+    from mdm_jax.inference import load
 
-    _, state, _ = load_for_sampling(str(tmp_path / "run"))  # sampling falls back, with a warning
-    assert int(state.step) == 6
+    assert load(str(tmp_path / "run")).step == 6  # sampling falls back, with a warning
     resumed = train(c)  # skips 8, resumes at 6, trains 7..8 and must save 8 again
     assert [h["step"] for h in resumed.history] == [8]
     aside = os.listdir(tmp_path / "run" / "checkpoints_damaged")
@@ -128,7 +127,7 @@ def test_a_halted_run_continues_from_its_last_good_state(tiny_data, tmp_path):
     import jax.numpy as jnp
 
     from mdm_jax.checkpoint import abstract_with_shardings
-    from mdm_jax.train import Trainer, _resolved_config
+    from mdm_jax.train import Trainer, resolved_config
 
     c = _config(tiny_data, tmp_path, steps=2, log_every=1, nonfinite="stop")
     first = train(c)
@@ -138,7 +137,7 @@ def test_a_halted_run_continues_from_its_last_good_state(tiny_data, tmp_path):
     state = ckpt.restore(2, target)
     halted = state.replace(halted=jax.device_put(jnp.ones((), jnp.bool_), state.halted.sharding),
                            step=state.step + 1)
-    ckpt.save(3, halted, None, _resolved_config(c, trainer), {"preset": "nano"}, force=True)
+    ckpt.save(3, halted, None, resolved_config(c, trainer), {"preset": "nano"}, force=True)
     ckpt.close()
     resumed = train(_config(tiny_data, tmp_path, steps=6, log_every=1, nonfinite="skip"))
     assert resumed.stopped is None and int(resumed.state.step) == 6

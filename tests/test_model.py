@@ -181,8 +181,8 @@ def test_train_step_writes_no_activation_gradient_transposed():
 
 
 def test_host_allocator_keeps_large_buffers_between_runs():
-    """mdm_jax.host_memory: the second run of a jitted function with ~200 MB of temporaries
-    page-faults almost nothing (glibc alone maps and faults them in again on every run)."""
+    """mdm_jax.host_memory: later runs of a jitted function with ~200 MB of temporaries
+    page-fault almost nothing (glibc alone maps and faults them in again on every run)."""
     import subprocess
     import sys
 
@@ -191,9 +191,15 @@ def test_host_allocator_keeps_large_buffers_between_runs():
         "f = jax.jit(lambda x: jnp.sum(jnp.cumsum(jnp.sin(x))[::-1] * jnp.cos(x)))\n"
         "x = jnp.ones((25_000_000,))\n"
         "for _ in range(4): f(x).block_until_ready()\n"
-        "r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
-        "f(x).block_until_ready()\n"
-        "print(mdm_jax.host_memory.tuned, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0)\n")
+        "counts = []\n"
+        "for _ in range(4):\n"
+        "    r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+        "    f(x).block_until_ready()\n"
+        "    counts.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0)\n"
+        "print(mdm_jax.host_memory.tuned, min(counts))\n")
+    # The minimum over runs: now and then one run still faults its temporaries in (1 in ~2
+    # single runs here; the kernel's idle-page reclaim, kdamond, runs on this machine), which
+    # no allocator setting controls; a tuned process never does on every run.
     faults = {}
     for setting in ("", "system"):
         env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "LD_PRELOAD")}

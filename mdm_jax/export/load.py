@@ -5,7 +5,7 @@
         --out runs/smdm_170M
     python -m mdm_jax.export.load --format llama-hf --src exports/arm --out runs/arm_back
 
-The result is an ordinary run workdir: `python -m mdm_jax.sampling --workdir runs/imported`
+The result is an ordinary run workdir: `python -m mdm_jax.sample --workdir runs/imported`
 samples from it, and training with `--config.workdir=runs/imported` (same preset, family,
 vocabulary and sequence length) continues from it. PyTorch layouts carry no optimizer state,
 so the optimizer starts fresh. Files exported by mdm_jax carry their preset and step; for other
@@ -16,8 +16,11 @@ files the preset is found from the tensor shapes (or given with --preset). Only 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
+
+import ml_collections
 
 from mdm_jax.export.cli import METADATA_FILE
 from mdm_jax.export.layouts import FORMATS, Dims, params_tree, read_leaves
@@ -84,21 +87,44 @@ def check_export_files(folder: str, meta: dict) -> None:
                                   f"{meta.get('step')}; export again into an empty folder")
 
 
-def import_checkpoint(fmt: str, src: str, out: str, preset: str | None = None,
-                      step: int | None = None, seq_len: int | None = None) -> int:
-    """Write `src` (in layout `fmt`) as an mdm_jax checkpoint under `out`; returns its step."""
-    import jax
-    import numpy as np
+@dataclasses.dataclass
+class ExportContents:
+    """An export read back: the run config it implies, its parameters as an mdm_jax tree of
+    float32 numpy arrays, its step and its metadata."""
 
+    config: ml_collections.ConfigDict
+    params: dict
+    step: int
+    meta: dict
+    format: str
+    src: str
+
+
+def detect_format(folder: str) -> str | None:
+    """The layout of an export folder from its files, or None if it is not one."""
+    if any(os.path.exists(os.path.join(folder, n))
+           for n in ("lit_model.safetensors", "lit_model.pth")):
+        return "litgpt"
+    if os.path.exists(os.path.join(folder, "config.json")):
+        model_type = _read_json(os.path.join(folder, "config.json")).get("model_type")
+        return {"llada": "llada-hf", "llama": "llama-hf"}.get(model_type)
+    return None
+
+
+def read_export(src: str, fmt: str | None = None, preset: str | None = None,
+                step: int | None = None, seq_len: int | None = None) -> ExportContents:
+    """Read an export folder (or one .safetensors / .pth file) in layout `fmt` (detected from
+    the folder when None); every file an mdm_jax export recorded is checked first."""
     from mdm_jax import config as config_lib
-    from mdm_jax.checkpoint import Checkpointer
-    from mdm_jax.train import Trainer, _resolved_config
+    from mdm_jax.presets import get_preset
 
-    if fmt not in FORMATS:
-        raise ExportError(f"--format {fmt!r}; valid: {', '.join(FORMATS)}")
     if not os.path.exists(src):
-        raise ExportError(f"--src {src} does not exist; give an export folder, a .safetensors "
-                          f"file or a .pth state dict")
+        raise ExportError(f"{src} does not exist; give an export folder, a .safetensors file "
+                          f"or a .pth state dict")
+    fmt = fmt or (detect_format(src) if os.path.isdir(src) else None)
+    if fmt not in FORMATS:
+        raise ExportError(f"format {fmt!r} for {src}; valid: {', '.join(FORMATS)} (pass "
+                          f"--format)")
     hf_config, meta = {}, {}
     folder = src if os.path.isdir(src) else os.path.dirname(src)
     if os.path.exists(os.path.join(folder, "config.json")):
@@ -116,19 +142,15 @@ def import_checkpoint(fmt: str, src: str, out: str, preset: str | None = None,
     reader = TensorReader(src)
     keys = reader.keys()
     preset = preset or meta.get("preset") or _find_preset(fmt, keys, reader.get, hf_config)
-    causal = fmt == "llama-hf"
     c = config_lib.base_config()
-    c.workdir = out
     c.model.preset = preset
-    c.objective.kind = "arm" if causal else "mdm"
+    c.objective.kind = "arm" if fmt == "llama-hf" else "mdm"
     c.model.vocab_size = int(meta.get("vocab_size") or 0)
     if not c.model.vocab_size:  # from the head: [vocab, d]; LLaDA's has the mask row too
         head = {"litgpt": "lm_head.weight", "llada-hf": "model.transformer.ff_out.weight",
                 "llama-hf": "lm_head.weight"}[fmt]
         if head in keys:
             c.model.vocab_size = int(reader.get(head).shape[0]) - (fmt == "llada-hf")
-    from mdm_jax.presets import get_preset
-
     try:
         p = get_preset(preset)
     except ValueError as e:
@@ -141,17 +163,38 @@ def import_checkpoint(fmt: str, src: str, out: str, preset: str | None = None,
         c.data.tokenizer = os.path.abspath(shipped)
     elif meta.get("tokenizer") and os.path.isabs(meta["tokenizer"]):
         c.data.tokenizer = meta["tokenizer"]
-    step = int(step if step is not None else meta.get("step") or 0)
-
-    trainer = Trainer(c, devices=jax.devices()[:1])
-    dims = Dims.from_args(trainer.args)
+    args = config_lib.model_args(c)
+    dims = Dims.from_args(args)
     leaves = read_leaves(fmt, reader.get, keys, dims, src)
-    params = params_tree(leaves, dims, scanned=trainer.args.scan_layers)
+    params = params_tree(leaves, dims, scanned=args.scan_layers)
+    step = int(step if step is not None else meta.get("step") or 0)
+    return ExportContents(config=c, params=params, step=step, meta=meta, format=fmt, src=src)
+
+
+def import_checkpoint(fmt: str, src: str, out: str, preset: str | None = None,
+                      step: int | None = None, seq_len: int | None = None) -> int:
+    """Write `src` (in layout `fmt`) as an mdm_jax checkpoint under `out`; returns its step."""
+    import jax
+    import numpy as np
+
+    from mdm_jax.checkpoint import Checkpointer
+    from mdm_jax.train import Trainer, resolved_config
+
+    if fmt not in FORMATS:
+        raise ExportError(f"--format {fmt!r}; valid: {', '.join(FORMATS)}")
+    if not os.path.exists(src):
+        raise ExportError(f"--src {src} does not exist; give an export folder, a .safetensors "
+                          f"file or a .pth state dict")
+    contents = read_export(src, fmt, preset, step, seq_len)
+    c, params, step = contents.config, contents.params, contents.step
+    c.workdir = out
+    trainer = Trainer(c, devices=jax.devices()[:1])
     state = trainer.create_state(c.seed)
     with trainer.context():
         expected = jax.tree_util.tree_structure(state.params)
         if jax.tree_util.tree_structure(params) != expected:
-            raise ExportError(f"{src}: the parameter tree does not match preset {preset}")
+            raise ExportError(f"{src}: the parameter tree does not match preset "
+                              f"{c.model.preset}")
         params = jax.tree_util.tree_map(
             lambda new, old: jax.device_put(np.asarray(new, np.float32), old.sharding),
             params, state.params)
@@ -160,9 +203,9 @@ def import_checkpoint(fmt: str, src: str, out: str, preset: str | None = None,
     if step in ckpt.all_steps():
         raise ExportError(f"{out} already has a checkpoint at step {step}; choose another "
                           f"--out (nothing was overwritten)")
-    ckpt.save(step, state, None, _resolved_config(c, trainer),
-              {"preset": preset, "imported_from": os.path.abspath(src), "format": fmt,
-               "source_meta": meta}, force=True)
+    ckpt.save(step, state, None, resolved_config(c, trainer),
+              {"preset": c.model.preset, "imported_from": os.path.abspath(contents.src),
+               "format": fmt, "source_meta": contents.meta}, force=True)
     ckpt.close()
     return step
 
@@ -188,7 +231,7 @@ def _main(argv=None) -> None:
     absl_logging.set_verbosity(absl_logging.WARNING)
     step = import_checkpoint(a.format, a.src, a.out, a.preset, a.step, a.seq_len)
     print(f"wrote an mdm_jax checkpoint (step {step}) to {a.out}/checkpoints; sample with "
-          f"`python -m mdm_jax.sampling --workdir {a.out}`")
+          f"`python -m mdm_jax.sample --workdir {a.out}`")
 
 
 def cli(argv=None) -> None:

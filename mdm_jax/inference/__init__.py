@@ -1,0 +1,19 @@
+"""Inference: loading a trained model and sampling from it.
+
+    from mdm_jax.inference import load, generate, MDMSampler
+    m = load("runs/tiny_mdm")                                  # or an export folder
+    g = generate(m.model, m.params, [[1, 450, 29871]], gen_length=64,
+                 sampler=MDMSampler(steps=64, block_length=16, cfg=0.5))
+    g.answers(), g.nfe, g.seconds
+
+Modules: `loading` (checkpoint or export -> params on a mesh), `mdm` (reverse process,
+semi-autoregressive blocks, caching, guidance), `arm` (KV cache and full recompute), `tokens`
+(greedy, temperature, top-k, top-p), `generate` (prompts in, answers out).
+"""
+
+from mdm_jax.inference.generate import Generation, SamplingError, generate
+from mdm_jax.inference.loading import LoadedModel, LoadError, forward, load
+from mdm_jax.inference.mdm import REMASKING, MDMSampler
+
+__all__ = ["Generation", "LoadError", "LoadedModel", "MDMSampler", "REMASKING",
+           "SamplingError", "forward", "generate", "load"]

@@ -1,0 +1,185 @@
+"""A trained model, ready for inference: from a run's checkpoint or from an exported folder.
+
+    from mdm_jax.inference import load
+    m = load("runs/tiny_mdm")                  # newest checkpoint that reads
+    m = load("exports/tiny_lit")               # litgpt / llada-hf / llama-hf export folder
+    logits = m.logits(tokens)                  # [B, L, V] float32
+
+Only the parameters are read (a partial Orbax restore: no optimizer state, no Trainer). Each
+array is checked against the fingerprint saved with the checkpoint; a checkpoint that fails to
+read or verify is reported and, unless a step was named, the previous one is used. Parameters
+are placed on a (data, fsdp, tensor) mesh, one device by default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from mdm_jax import checksum, sharding, storage
+from mdm_jax import config as config_lib
+from mdm_jax.errors import UserError
+from mdm_jax.model import Encoder, ModelArgs
+
+
+class LoadError(UserError, ValueError):
+    """A path that does not hold a usable model; the message says what to pass instead."""
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    model: Encoder
+    params: dict  # jax arrays on `mesh`
+    config: ml_collections.ConfigDict  # the run's resolved config (or the export's)
+    step: int
+    source: str  # "checkpoint", "litgpt", "llada-hf" or "llama-hf"
+    path: str
+    mesh: jax.sharding.Mesh
+
+    @property
+    def args(self) -> ModelArgs:
+        return self.model.args
+
+    @property
+    def tokenizer_path(self) -> str:
+        return self.config.data.tokenizer
+
+    def logits(self, tokens, lengths=None) -> jax.Array:
+        """[B, L] int32 tokens -> [B, L, V] float32 logits (one jitted call per shape)."""
+        return forward(self.model, self.params, tokens, lengths)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def forward(model: Encoder, params, tokens, lengths=None) -> jax.Array:
+    """Logits [B, L, V] float32 of `model` (a hashable Flax module: one compile per shape)."""
+    return model.apply({"params": params}, tokens, lengths, return_logits=True)
+
+
+def _placement(args: ModelArgs, seq_len: int, mesh_shape, devices):
+    """(mesh, abstract params with their shardings) for a model on a mesh."""
+    devices = list(devices if devices is not None else jax.devices()[:1])
+    mesh = sharding.make_mesh(sharding.resolve_mesh_shape(*mesh_shape, len(devices)), devices)
+    model = Encoder(args)
+    boxed = jax.eval_shape(lambda k: model.init(k, jnp.zeros((1, seq_len), jnp.int32))["params"],
+                           jax.random.PRNGKey(0))
+    sharding.check_divisible(boxed, mesh)
+    shardings = sharding.logical_to_sharding(boxed, mesh)
+    abstract = jax.tree_util.tree_map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.unbox(boxed),
+        shardings)
+    return mesh, model, abstract
+
+
+def _for_inference(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict(c.to_dict())
+    c.model.remat = "none"  # no backward pass here
+    return c
+
+
+def _restore_params(workdir: str, step: int, abstract) -> dict:
+    import orbax.checkpoint as ocp
+
+    from mdm_jax.checkpoint import Checkpointer
+
+    state_dir = storage.join(workdir, "checkpoints", str(step), "state")
+    item = {"params": abstract}
+    restore_args = jax.tree_util.tree_map(
+        lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape,
+                                       dtype=a.dtype), item)
+    out = ocp.PyTreeCheckpointer().restore(state_dir, args=ocp.args.PyTreeRestore(
+        item=item, restore_args=restore_args, partial_restore=True))
+    ckpt = Checkpointer(workdir, read_only=True)
+    try:
+        saved = ckpt.read_json(step, "meta").get("checksums", {})
+    except Exception:  # noqa: BLE001  (an old checkpoint without meta: nothing to compare)
+        saved = {}
+    finally:
+        ckpt.close()
+    got = checksum.fingerprints(out)
+    changed = [k for k, v in got.items() if k in saved and saved[k] != v]
+    if changed:
+        raise ValueError(f"{len(changed)} array(s) whose contents changed since they were "
+                         f"saved: {', '.join(changed[:3])}")
+    return out["params"]
+
+
+def load_checkpoint(workdir: str, step: int | None = None, mesh_shape=(1, 1, 1),
+                    devices=None) -> LoadedModel:
+    from mdm_jax.checkpoint import Checkpointer
+
+    hint = f"train first (python -m mdm_jax.train --config=... --config.workdir={workdir})"
+    if not (storage.as_path(workdir) / "checkpoints").is_dir():
+        raise LoadError(f"no checkpoint under {workdir}: not a training run's workdir or an "
+                        f"export folder; {hint}")
+    ckpt = Checkpointer(workdir, read_only=True)
+    try:
+        steps = ckpt.all_steps()
+        if not steps:
+            raise LoadError(f"no checkpoint under {ckpt.directory}; {hint}")
+        if step is not None and step not in steps:
+            raise LoadError(f"--step {step}: no checkpoint for that step under "
+                            f"{ckpt.directory}; available: {', '.join(map(str, steps))}")
+        candidates = [step] if step is not None else list(reversed(steps))
+        for s in candidates:
+            try:
+                c = _for_inference(ml_collections.ConfigDict(ckpt.restore_config(s)))
+                args = config_lib.model_args(c)
+                mesh, model, abstract = _placement(args, c.seq_len, mesh_shape, devices)
+                params = _restore_params(workdir, s, abstract)
+                return LoadedModel(model=model, params=params, config=c, step=s,
+                                   source="checkpoint", path=workdir, mesh=mesh)
+            except UserError:
+                raise
+            except Exception as e:  # noqa: BLE001  (a file of this step cannot be used)
+                detail = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+                others = [x for x in steps if x != s]
+                if s == candidates[-1]:
+                    raise LoadError(
+                        f"checkpoint {s} under {ckpt.directory} is damaged ({detail}); "
+                        + (f"other checkpoints: {', '.join(map(str, others))} (--step)"
+                           if others and step is not None else "no other checkpoint reads")
+                    ) from e
+                print(f"warning: checkpoint {s} under {ckpt.directory} is damaged ({detail}); "
+                      f"using the previous one", file=sys.stderr, flush=True)
+    finally:
+        ckpt.close()
+    raise AssertionError("unreachable")
+
+
+def load_export(folder: str, mesh_shape=(1, 1, 1), devices=None,
+                fmt: str | None = None) -> LoadedModel:
+    from mdm_jax.export.load import read_export
+
+    contents = read_export(folder, fmt)
+    c = _for_inference(contents.config)
+    args = config_lib.model_args(c)
+    mesh, model, abstract = _placement(args, c.seq_len, mesh_shape, devices)
+    if jax.tree_util.tree_structure(contents.params) != jax.tree_util.tree_structure(abstract):
+        raise LoadError(f"{folder}: the parameter tree does not match preset "
+                        f"{c.model.preset}")
+    params = jax.tree_util.tree_map(
+        lambda x, a: jax.device_put(np.asarray(x, np.float32), a.sharding), contents.params,
+        abstract)
+    return LoadedModel(model=model, params=params, config=c, step=contents.step,
+                       source=contents.format, path=folder, mesh=mesh)
+
+
+def load(path: str, step: int | None = None, mesh_shape=(1, 1, 1), devices=None) -> LoadedModel:
+    """A run's workdir (or gs:// workdir) or an export folder, onto `devices` (default: the
+    first one) as a (data, fsdp, tensor) mesh."""
+    from mdm_jax.export.load import detect_format
+
+    if not storage.is_remote(path) and os.path.isdir(path) and detect_format(path):
+        if step is not None:
+            raise LoadError(f"--step {step}: {path} is an export folder (one step); drop "
+                            f"--step")
+        return load_export(path, mesh_shape, devices)
+    return load_checkpoint(path, step, mesh_shape, devices)

@@ -1,0 +1,151 @@
+"""MDM samplers: the reverse process, semi-autoregressive blocks, caching and guidance.
+
+One jitted loop (`lax.fori_loop`, fixed shapes: no recompiles across steps) covers every
+variant. The generation of each row is split into blocks of `block_length` tokens (one block
+when 0: the whole answer at once); each block is denoised with `steps / n_blocks` steps, and no
+position of a later block is revealed before the earlier block is complete (LLaDA's
+semi-autoregressive sampling). Within a block, step j of n moves time from t = 1 - j/n to
+s = 1 - (j+1)/n, and of the block's still-masked positions
+  - "random" reveals each with probability 1 - s/t = 1/(n - j): the exact reverse process of
+    the linear schedule;
+  - "low_confidence" reveals the floor(#masked / (n - j)) most confident predictions (SMDM,
+    LLaDA: an even share per step), the confidence being the predicted token's probability.
+The last step of a block reveals what is left of it.
+
+Caching (RADD): our model is time-independent, so when a step revealed nothing the canvas, and
+therefore the logits, are unchanged: the previous logits are reused and no network call is
+made. The token choices still draw fresh noise, so the output is identical to sampling without
+the cache; `nfe` counts the calls actually made.
+
+Unsupervised classifier-free guidance (SMDM): `uncond` is the same canvas with the prompt
+replaced by mask tokens, computed in the same batched call, and the logits are
+`cond + w * (cond - uncond)` (= `uncond + (w + 1)(cond - uncond)`; exactly `cond` at w = 0).
+
+Prompts may have different lengths: prompts are left-aligned, row b's prompt fills positions
+[0, p_b) and its answer [p_b, p_b + gen_length); positions after that are padding the model
+cannot attend to (the encoder's `lengths`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from mdm_jax.inference.tokens import choose
+from mdm_jax.model import Encoder
+
+REMASKING = ("low_confidence", "random")
+
+
+@dataclasses.dataclass(frozen=True)
+class MDMSampler:
+    """Settings of one MDM sampling run (hashable: they are static under jit)."""
+
+    steps: int = 64
+    block_length: int = 0  # 0: one block (the whole answer)
+    remasking: str = "low_confidence"
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    cfg: float = 0.0  # unsupervised classifier-free guidance weight w
+    cache: bool = True  # reuse the logits when a step revealed nothing
+
+    def blocks(self, gen_length: int) -> int:
+        return 1 if self.block_length <= 0 else gen_length // self.block_length
+
+
+def check(s: MDMSampler, gen_length: int) -> list[tuple[str, str]]:
+    """Problems with these settings for `gen_length` answer tokens, as (flag, message) pairs."""
+    problems = []
+    if s.steps < 1:
+        problems.append(("--steps", f"{s.steps}: give 1 or more reverse steps"))
+    if s.remasking not in REMASKING:
+        problems.append(("--remasking", f"{s.remasking!r}: choose one of {', '.join(REMASKING)}"))
+    if gen_length < 1:
+        problems.append(("--gen-length", f"{gen_length}: give 1 or more tokens to generate"))
+    if s.block_length < 0:
+        problems.append(("--block-length", f"{s.block_length}: give 0 (one block) or more"))
+    elif s.block_length and gen_length % s.block_length:
+        problems.append(("--block-length", f"{s.block_length} does not divide the generation "
+                         f"length {gen_length}; give a divisor of it (or 0)"))
+    elif s.steps >= 1 and s.steps % s.blocks(max(gen_length, 1)):
+        problems.append(("--steps", f"{s.steps} is not a multiple of the {s.blocks(gen_length)} "
+                         f"blocks; give a multiple so that every block gets the same steps"))
+    if not (s.temperature >= 0):
+        problems.append(("--temperature", f"{s.temperature}: give 0 (greedy) or more"))
+    if s.top_k < 0:
+        problems.append(("--top-k", f"{s.top_k}: give 0 (off) or more"))
+    if not (0 < s.top_p <= 1):
+        problems.append(("--top-p", f"{s.top_p}: give a number in (0, 1]"))
+    if not (s.cfg >= 0):
+        problems.append(("--cfg", f"{s.cfg}: give 0 (off) or a positive weight"))
+    return problems
+
+
+def guided_logits(model: Encoder, params, x, prompt_mask, lengths, cfg: float):
+    """Logits [B, L, V] float32 for canvas x, guided with weight `cfg` (one network call, on
+    2B rows when guided; prompt_mask [B, L] marks the prompt that `uncond` masks out)."""
+    if cfg == 0:
+        return model.apply({"params": params}, x, lengths, return_logits=True)
+    uncond = jnp.where(prompt_mask, model.args.mask_id, x)
+    both = model.apply({"params": params}, jnp.concatenate([x, uncond]),
+                       jnp.concatenate([lengths, lengths]), return_logits=True)
+    cond, unc = jnp.split(both, 2)
+    return cond + cfg * (cond - unc)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "sampler", "gen_length", "trace"))
+def denoise(model: Encoder, params, canvas, prompt_lens, key, *, sampler: MDMSampler,
+            gen_length: int, trace: bool = False):
+    """canvas [B, L] (prompt in [0, p_b), anything after it), prompt_lens [B] -> (tokens [B, L]
+    with row b's answer in [p_b, p_b + gen_length), network calls made); with `trace`, also
+    the canvas after every step [steps, B, L]."""
+    s = sampler
+    mask_id = model.args.mask_id
+    b, length = canvas.shape
+    pos = jnp.arange(length)[None, :]
+    start = prompt_lens[:, None]
+    answer = (pos >= start) & (pos < start + gen_length)
+    x = jnp.where(answer, mask_id, canvas)
+    prompt_mask = pos < start
+    lengths = (prompt_lens + gen_length).astype(jnp.int32)
+    n_blocks = s.blocks(gen_length)
+    per_block = s.steps // n_blocks
+    block_of = jnp.where(answer, (pos - start) // (gen_length // n_blocks), -1)
+
+    def step(carry, i):
+        x, key, cached, reuse, nfe = carry
+        key, k_choose, k_coin = jax.random.split(key, 3)
+        if s.cache:
+            logits = jax.lax.cond(
+                reuse, lambda: cached,
+                lambda: guided_logits(model, params, x, prompt_mask, lengths, s.cfg))
+            nfe = nfe + jnp.where(reuse, 0, 1)
+        else:
+            logits = guided_logits(model, params, x, prompt_mask, lengths, s.cfg)
+            nfe = nfe + 1
+        block, j = i // per_block, i % per_block
+        # From t = 1 - j/n to s = t - 1/n, a masked token is revealed w.p. 1 - s/t = 1/left,
+        # left = n - j steps of this block remaining (exact in integers below).
+        left = per_block - j
+        active = (x == mask_id) & (block_of == block)
+        pred, conf = choose(logits, k_choose, s.temperature, s.top_k, s.top_p)
+        if s.remasking == "random":
+            reveal = jax.random.uniform(k_coin, x.shape) * left < 1.0
+        else:
+            n_reveal = jnp.sum(active, axis=-1) // left
+            conf = jnp.where(active, conf, -jnp.inf)
+            rank = jnp.argsort(jnp.argsort(-conf, axis=-1), axis=-1)  # 0 = most confident
+            reveal = rank < n_reveal[:, None]
+        reveal = active & (reveal | (j == per_block - 1))  # a block's last step ends it
+        new_x = jnp.where(reveal, pred, x)
+        unchanged = ~jnp.any(reveal)  # the next step may reuse these logits
+        return (new_x, key, logits, unchanged, nfe), (new_x if trace else None)
+
+    no_logits = jnp.zeros((b, length, model.args.vocab_size), jnp.float32)
+    init = (x, key, no_logits, jnp.asarray(False), jnp.asarray(0, jnp.int32))
+    (out, _, _, _, nfe), history = jax.lax.scan(step, init, jnp.arange(s.steps))
+    return (out, nfe, history) if trace else (out, nfe)

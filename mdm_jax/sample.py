@@ -1,0 +1,183 @@
+"""Generate text from a trained model (a run's workdir or an export folder).
+
+    python -m mdm_jax.sample --workdir runs/tiny_mdm --num 4                      # unconditional
+    python -m mdm_jax.sample --workdir runs/tiny_mdm --prompt "KING." --steps 64 \\
+        --block-length 32 --remasking low_confidence --temperature 0
+    python -m mdm_jax.sample --workdir exports/tiny_lit --prompts prompts.jsonl \\
+        --out answers.jsonl --gen-length 64 --cfg 0.5 --batch-size 16
+    python -m mdm_jax.sample --workdir runs/tiny_arm --prompt "KING." --top-p 0.9 --temperature 1
+
+MDMs: `--steps` reverse steps, split over `--block-length` blocks (semi-autoregressive; 0 = one
+block), `--remasking low_confidence|random`, `--cfg W` unsupervised guidance, caching on unless
+`--no-cache`. ARMs: a KV cache (`--no-kv-cache` recomputes everything). Both: `--temperature`
+(0 = greedy), `--top-k`, `--top-p`. `--prompts FILE.jsonl` holds one {"prompt": ...} per line;
+`--out FILE.jsonl` gets one {"prompt", "completion", "tokens", "nfe", "seconds"} per sample,
+nfe and seconds being those of the batch it was generated in. `--num` samples per prompt.
+Each prompt starts with the tokenizer's BOS. Every option is checked before the model is
+loaded; a bad one is one `error:` line and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+
+from mdm_jax.inference.generate import SamplingError
+from mdm_jax.inference.mdm import REMASKING, MDMSampler
+
+
+def _parser():
+    from mdm_jax.errors import ArgumentParser
+
+    p = ArgumentParser(prog="python -m mdm_jax.sample", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workdir", required=True, help="a run's workdir or an export folder")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    p.add_argument("--prompt", default=None, help="one prompt (text)")
+    p.add_argument("--prompts", default=None, help='JSONL file, one {"prompt": ...} per line')
+    p.add_argument("--out", default=None, help="write one JSON record per sample here")
+    p.add_argument("--num", type=int, default=None,
+                   help="samples per prompt (default 1; 4 without any prompt)")
+    p.add_argument("--gen-length", type=int, default=0,
+                   help="tokens to generate after each prompt (default: fill the trained "
+                        "seq_len after the longest prompt)")
+    p.add_argument("--length", type=int, default=0,
+                   help="total tokens per sample, prompt included (the older way to say it)")
+    p.add_argument("--allow-longer", action="store_true",
+                   help="allow samples beyond the trained seq_len (RoPE positions the model "
+                        "never saw: expect degraded samples)")
+    p.add_argument("--steps", type=int, default=64, help="MDM reverse steps")
+    p.add_argument("--block-length", type=int, default=0,
+                   help="MDM semi-autoregressive block length (0: one block)")
+    p.add_argument("--remasking", choices=REMASKING, default="low_confidence")
+    p.add_argument("--cfg", type=float, default=0.0, help="MDM guidance weight w (0: off)")
+    p.add_argument("--no-cache", action="store_true",
+                   help="MDM: call the network at every step even when nothing changed")
+    p.add_argument("--no-kv-cache", action="store_true", help="ARM: recompute every token")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tokenizer", default="", help="SentencePiece model (default: the run's)")
+    return p
+
+
+def _check_numbers(a) -> None:
+    for flag, value, low in (("--num", a.num, 1), ("--steps", a.steps, 1),
+                             ("--gen-length", a.gen_length, 0), ("--length", a.length, 0),
+                             ("--step", a.step, 0), ("--batch-size", a.batch_size, 1),
+                             ("--block-length", a.block_length, 0), ("--top-k", a.top_k, 0)):
+        if value is not None and value < low:
+            raise SamplingError(f"{flag} {value}: give {low} or more")
+    if not 0 <= a.seed < 2 ** 32:
+        raise SamplingError(f"--seed {a.seed}: give an integer in [0, 2**32)")
+    for flag, value in (("--temperature", a.temperature), ("--cfg", a.cfg)):
+        if not (math.isfinite(value) and value >= 0):
+            raise SamplingError(f"{flag} {value}: give 0 (off/greedy) or a positive number")
+    if not 0 < a.top_p <= 1:
+        raise SamplingError(f"--top-p {a.top_p}: give a number in (0, 1]")
+    if a.prompt is not None and a.prompts:
+        raise SamplingError("--prompt and --prompts: give one of them")
+    if a.gen_length and a.length:
+        raise SamplingError("--gen-length and --length: give one of them")
+
+
+def read_prompts(path: str) -> list[str]:
+    """The "prompt" of every line of a JSONL file (blank lines skipped)."""
+    try:
+        lines = open(path, encoding="utf-8").read().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise SamplingError(f"--prompts {path}: {e}") from None
+    prompts = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as e:
+            raise SamplingError(f"--prompts {path} line {n}: not JSON ({e}); write one "
+                                f'{{"prompt": "..."}} per line') from None
+        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+            raise SamplingError(f"--prompts {path} line {n}: no string \"prompt\" field; write "
+                                f'one {{"prompt": "..."}} per line')
+        prompts.append(record["prompt"])
+    if not prompts:
+        raise SamplingError(f"--prompts {path} holds no prompt")
+    return prompts
+
+
+def _main(argv=None) -> None:
+    from absl import logging as absl_logging
+    from tqdm import tqdm
+
+    from mdm_jax.data.tokenizer import Tokenizer
+    from mdm_jax.errors import UserError
+    from mdm_jax.inference import generate, load
+    from mdm_jax.inference.generate import batches, check_request, n_batches
+
+    a = _parser().parse_args(argv)
+    _check_numbers(a)
+    texts = read_prompts(a.prompts) if a.prompts else [a.prompt or ""]
+    num = a.num or (1 if (a.prompts or a.prompt) else 4)
+    sampler = MDMSampler(steps=a.steps, block_length=a.block_length, remasking=a.remasking,
+                         temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, cfg=a.cfg,
+                         cache=not a.no_cache)
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    m = load(a.workdir, a.step)
+    seq_len = m.config.seq_len
+    try:
+        tok = Tokenizer.load(a.tokenizer or m.tokenizer_path)
+    except (UserError, FileNotFoundError, ValueError) as e:
+        if a.tokenizer:
+            raise SamplingError(f"--tokenizer: {e}") from None
+        raise SamplingError(f"the model's tokenizer {m.tokenizer_path!r}: {e}; pass "
+                            f"--tokenizer PATH") from None
+    prompts = [[tok.bos_id] + (tok.encode(t) if t else []) for t in texts]
+    longest = max(len(p) for p in prompts)
+    gen_length = a.gen_length or (a.length - longest if a.length else seq_len - longest)
+    if a.length and gen_length < 1:
+        raise SamplingError(f"the prompt has {longest} tokens; --length {a.length} leaves no "
+                            f"room to generate")
+    if longest + gen_length > seq_len and not a.allow_longer:
+        raise SamplingError(
+            f"a prompt of {longest} tokens plus {gen_length} generated is {longest + gen_length} "
+            f"tokens, beyond the trained seq_len {seq_len} of {a.workdir} (positions the model "
+            f"never saw); shorten the prompt, lower --gen-length/--length, or add "
+            f"--allow-longer")
+    limit = longest + gen_length if a.allow_longer else seq_len
+    check_request(m.model, prompts, gen_length, sampler, limit)
+
+    jobs = [(text, p) for text, p in zip(texts, prompts, strict=True) for _ in range(num)]
+    out = open(a.out, "w", encoding="utf-8") if a.out else None
+    try:
+        bar = tqdm(list(batches(jobs, a.batch_size)), desc="sample", file=sys.stderr,
+                   disable=n_batches(len(jobs), a.batch_size) < 2)
+        i = 0
+        for k, batch in enumerate(bar):
+            g = generate(m.model, m.params, [p for _, p in batch], gen_length, sampler,
+                         seed=a.seed + k, max_length=limit, kv_cache=not a.no_kv_cache)
+            for (text, _), answer in zip(batch, g.answers(), strict=True):
+                completion = tok.decode([t for t in answer if t < tok.vocab_size])
+                tqdm.write(f"--- sample {i} ---\n{(text + completion).strip()}\n",
+                           file=sys.stdout)
+                if out:
+                    out.write(json.dumps({"prompt": text, "completion": completion,
+                                          "tokens": answer, "nfe": g.nfe,
+                                          "seconds": round(g.seconds, 4)}) + "\n")
+                i += 1
+    finally:
+        if out:
+            out.close()
+
+
+def cli(argv=None) -> None:
+    from mdm_jax.errors import run_main
+
+    run_main(_main, argv)
+
+
+if __name__ == "__main__":
+    cli()
