@@ -3,5 +3,5 @@
 # Extra arguments go to pytest, e.g. `bash launch/test.sh -k sharding`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash launch/setup.sh dev torch
+bash launch/setup.sh dev torch eval
 exec .venv/bin/python -m pytest -q "$@"

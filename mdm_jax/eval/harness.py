@@ -1,0 +1,162 @@
+"""An lm-evaluation-harness model, `mdm_jax`, and the harness's own CLI with it registered.
+
+    python -m mdm_jax.eval.harness --model mdm_jax \\
+        --model_args workdir=runs/tiny_mdm,cfg=0.5,mc_num=64,batch_size=32 \\
+        --tasks my_task --include_path tasks/ --output_path results/
+
+`model_args`: `workdir` (a run's workdir or an export folder; `path` is the same), `step`,
+`estimator` (mc | llada | chain), `mc_num`, `batch_size` (Monte Carlo draws per call), `cfg`,
+`seed`, and for generate_until the sampler: `steps` (default: one per token), `block_length`,
+`remasking`, `temperature`, `max_gen_toks` (when the task gives none). ARMs score exactly and
+generate with the KV cache. Every request's text is tokenized as context + continuation
+together and split at the context's tokens (so a leading space stays with the continuation,
+as the harness's own models do), after a BOS.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from lm_eval.api.model import LM
+from lm_eval.api.registry import register_model
+
+from mdm_jax.eval.likelihood import EvalError, Estimator, check_estimator, is_greedy, \
+    loglikelihood
+
+
+@register_model("mdm_jax")
+class MDMJaxLM(LM):
+    def __init__(self, workdir: str | None = None, path: str | None = None, step=None,
+                 estimator: str = "mc", mc_num=128, batch_size=32, cfg=0.0, seed=0, steps=0,
+                 block_length=0, remasking: str = "low_confidence", temperature=0.0,
+                 max_gen_toks=64, tokenizer: str | None = None, **unused):
+        super().__init__()
+        from mdm_jax.data.tokenizer import Tokenizer
+        from mdm_jax.inference import load
+
+        where = workdir or path
+        if not where:
+            raise EvalError("model_args needs workdir=RUN_OR_EXPORT_FOLDER")
+        self.m = load(str(where), None if step in (None, "") else int(step))
+        batch_size = 32 if batch_size in (None, "auto", "") else int(batch_size)
+        self.estimator = Estimator(kind=str(estimator), mc_num=int(mc_num),
+                                   batch_size=batch_size, cfg=float(cfg))
+        check_estimator(self.estimator, self.m.args.causal)
+        self.seed, self.steps, self.block_length = int(seed), int(steps), int(block_length)
+        self.remasking, self.temperature = str(remasking), float(temperature)
+        self.max_gen_toks = int(max_gen_toks)
+        self.tok = Tokenizer.load(tokenizer or self.m.tokenizer_path)
+        self.max_length = int(self.m.config.seq_len)
+
+    # -- tokens -----------------------------------------------------------------------------
+    def _split(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        whole = self.tok.encode(context + continuation)
+        ctx = self.tok.encode(context) if context else []
+        if whole[:len(ctx)] != ctx:  # the boundary merged into one piece: score from there
+            ctx = ctx[:-1]
+        return [self.tok.bos_id] + ctx, whole[len(ctx):]
+
+    def _fit(self, context: list[int], continuation: list[int]) -> list[int]:
+        """Keep the end of a context that would not fit (BOS first), as the harness does."""
+        room = self.max_length - len(continuation)
+        if room < 1:
+            raise EvalError(f"a continuation of {len(continuation)} tokens does not fit the "
+                            f"model's {self.max_length}-token sequence")
+        return context if len(context) <= room else [context[0]] + context[-(room - 1):]
+
+    # -- the harness's three requests ---------------------------------------------------------
+    def loglikelihood(self, requests, disable_tqdm: bool = False):
+        from tqdm import tqdm
+
+        out = []
+        for i, request in enumerate(tqdm(requests, disable=disable_tqdm, desc="loglikelihood")):
+            context, continuation = request.args
+            ctx, cont = self._split(context, continuation)
+            ctx = self._fit(ctx, cont)
+            score = loglikelihood(self.m.model, self.m.params, ctx, cont, self.estimator,
+                                  seed=self.seed + i, max_length=self.max_length)
+            greedy = is_greedy(self.m.model, self.m.params, ctx, cont, self.max_length)
+            out.append((score.logprob, greedy))
+        return out
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+        """The whole text's log-likelihood: windows of up to seq_len - 1 tokens after a BOS,
+        each scored in full (an ARM with the previous tokens as context, as the harness's
+        rolling windows do; an MDM from BOS, its ELBO over the window)."""
+        from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+        out = []
+        for i, request in enumerate(requests):
+            tokens = self.tok.encode(request.args[0])
+            total = 0.0
+            if self.m.args.causal:
+                for ctx, pred in map(make_disjoint_window, get_rolling_token_windows(
+                        tokens, self.tok.bos_id, self.max_length, 1)):
+                    total += loglikelihood(self.m.model, self.m.params, ctx, pred,
+                                           max_length=self.max_length).logprob
+            else:
+                width = self.max_length - 1
+                for k, start in enumerate(range(0, len(tokens), width)):
+                    total += loglikelihood(self.m.model, self.m.params, [self.tok.bos_id],
+                                           tokens[start:start + width], self.estimator,
+                                           seed=self.seed + i + k,
+                                           max_length=self.max_length).logprob
+            out.append(total)
+        return out
+
+    def generate_until(self, requests, disable_tqdm: bool = False):
+        from tqdm import tqdm
+
+        from mdm_jax.inference import MDMSampler, generate
+
+        out = []
+        for i, request in enumerate(tqdm(requests, disable=disable_tqdm, desc="generate")):
+            context, kwargs = request.args
+            kwargs = dict(kwargs or {})
+            until = kwargs.get("until") or []
+            until = [until] if isinstance(until, str) else list(until)
+            n = int(kwargs.get("max_gen_toks", self.max_gen_toks))
+            ctx = [self.tok.bos_id] + self.tok.encode(context)
+            ctx = self._fit(ctx, [0] * n)
+            steps = self.steps or n
+            block = self.block_length if self.block_length and n % self.block_length == 0 \
+                else 0
+            blocks = 1 if not block else n // block
+            steps = max(blocks, steps - steps % blocks)
+            sampler = MDMSampler(steps=steps, block_length=block, remasking=self.remasking,
+                                 temperature=float(kwargs.get("temperature", self.temperature)),
+                                 cfg=self.estimator.cfg)
+            g = generate(self.m.model, self.m.params, [ctx], n, sampler, seed=self.seed + i,
+                         max_length=self.max_length)
+            text = self.tok.decode([t for t in g.answers()[0] if t < self.tok.vocab_size])
+            for stop in until:
+                if stop and stop in text:
+                    text = text[:text.index(stop)]
+            out.append(text)
+        return out
+
+
+def main(argv=None) -> None:
+    """The harness's own CLI (lm_eval 0.4), with `mdm_jax` registered; errors the user can
+    fix (an unknown task, bad model_args) are one `error:` line and exit code 2."""
+    from lm_eval.__main__ import cli_evaluate
+
+    from mdm_jax.errors import UserError, debug, fail
+
+    sys.argv = ["lm-eval", *(sys.argv[1:] if argv is None else argv)]
+    try:
+        cli_evaluate()
+    except UserError as e:
+        if debug():
+            raise
+        fail(str(e))
+    except ValueError as e:  # the harness's own: an unknown task, a bad argument
+        if debug() or not any(s in str(e) for s in ("Tasks not found", "not found",
+                                                     "Attempted to load")):
+            raise
+        fail(f"{str(e).strip().splitlines()[0]} (list the tasks with --include_path DIR and "
+             f"`lm-eval ls tasks`)")
+
+
+if __name__ == "__main__":
+    main()

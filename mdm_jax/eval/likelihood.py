@@ -1,0 +1,245 @@
+"""Log-likelihoods of a continuation given a context, for MDMs and ARMs (jitted, batched).
+
+MDM estimators of log p(continuation | context), all lower bounds in expectation (the ELBO):
+  - "mc" (SMDM): draw t stratified over the batch, mask each continuation token w.p.
+    p = (1 - eps) t + eps, and take -sum_{masked} CE / p; averaged over `mc_num` draws.
+  - "llada" (LLaDA's lower-variance form): draw l uniform in 1..m (m continuation tokens), mask
+    exactly l of them, and take -(m / l) sum_{masked} CE.
+  - "chain" (SMDM's exact left-to-right decomposition): m passes, pass k seeing the context and
+    the first k continuation tokens with the rest masked, scoring token k; sum of the m terms.
+With a time-independent model both Monte Carlo forms estimate the same number: grouping masks
+by their size k, E = sum_k w_k A_k, A_k the mean over masks of size k of the summed CE of the
+masked tokens and w_k = 1/k (for eps = 0; `exact_elbo` integrates the eps schedule). On a model
+small enough to enumerate every mask this is computed exactly and the tests compare.
+
+Unsupervised classifier-free guidance (SMDM): the logits are cond + w (cond - uncond), uncond
+being the same input with the context replaced by mask tokens (one batched call); w = 0 is no
+guidance. ARMs: the exact log-likelihood from one causal pass. `is_greedy`: whether the
+continuation is what the model would produce greedily (ARM: argmax at every position; MDM: the
+low-confidence sampler at temperature 0 with one token per step, as LLaDA's harness model does).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mdm_jax.errors import UserError
+from mdm_jax.model import Encoder
+
+ESTIMATORS = ("mc", "llada", "chain")
+
+
+class EvalError(UserError, ValueError):
+    """An evaluation request that cannot work; the message names the option and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Estimator:
+    kind: str = "mc"  # "mc" | "llada" | "chain"
+    mc_num: int = 128  # Monte Carlo draws (mc, llada)
+    batch_size: int = 32  # draws (or chain passes) per network call
+    cfg: float = 0.0
+    eps: float = 1e-3  # SMDM's mask probability floor (mc only)
+
+
+def check_estimator(e: Estimator, causal: bool) -> None:
+    if e.kind not in ESTIMATORS:
+        raise EvalError(f"estimator={e.kind!r}: choose one of {', '.join(ESTIMATORS)}")
+    if e.batch_size < 1 or e.mc_num < 1:
+        raise EvalError(f"mc_num={e.mc_num}, batch_size={e.batch_size}: give 1 or more")
+    if e.kind != "chain" and e.mc_num % e.batch_size:
+        raise EvalError(f"mc_num={e.mc_num} is not divisible by batch_size={e.batch_size}; "
+                        f"give an mc_num that is a multiple of batch_size (e.g. "
+                        f"{e.batch_size * max(1, e.mc_num // e.batch_size)})")
+    if not (e.cfg >= 0 and math.isfinite(e.cfg)):
+        raise EvalError(f"cfg={e.cfg}: give 0 (off) or a positive weight")
+    if causal and e.cfg:
+        raise EvalError(f"cfg={e.cfg}: classifier-free guidance is for MDMs (it masks the "
+                        f"context); this model is an ARM: drop cfg")
+
+
+def _bucket(n: int, limit: int) -> int:
+    """Pad lengths to multiples of 32 (at most `limit`): few shapes, few compiles."""
+    return min(limit, 32 * math.ceil(n / 32))
+
+
+def _guided_log_probs(model: Encoder, params, x, lengths, context_mask, cfg: float):
+    logits = model.apply({"params": params}, x, lengths, return_logits=True)
+    if cfg:
+        uncond = model.apply({"params": params}, jnp.where(context_mask, model.args.mask_id, x),
+                             lengths, return_logits=True)
+        logits = logits + cfg * (logits - uncond)
+    return jax.nn.log_softmax(logits, axis=-1)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "kind", "cfg", "eps"))
+def _mc_batch(model: Encoder, params, tokens, context_len, length, key, offset, total, *,
+              kind: str, cfg: float, eps: float):
+    """Log-likelihood estimates [batch] from one batch of draws of one (context, continuation)
+    tokens [batch, L] (identical rows; positions >= length are padding)."""
+    b, width = tokens.shape
+    pos = jnp.arange(width)[None, :]
+    target = (pos >= context_len) & (pos < length)
+    m = length - context_len
+    k_t, k_mask = jax.random.split(key)
+    if kind == "mc":
+        u = jax.random.uniform(k_t, ())
+        t = jnp.mod(u + (offset + jnp.arange(b)) / total, 1.0)  # stratified over all draws
+        p = (1.0 - eps) * t + eps
+        masked = target & (jax.random.uniform(k_mask, (b, width)) < p[:, None])
+        weight = 1.0 / p
+    else:  # llada: exactly l of the m targets, l uniform in 1..m
+        n_mask = jax.random.randint(k_t, (b,), 1, m + 1)
+        scores = jnp.where(target, jax.random.uniform(k_mask, (b, width)), 2.0)
+        rank = jnp.argsort(jnp.argsort(scores, axis=-1), axis=-1)
+        masked = target & (rank < n_mask[:, None])
+        weight = m / n_mask
+    x = jnp.where(masked, model.args.mask_id, tokens)
+    lengths = jnp.full((b,), length, jnp.int32)
+    logp = _guided_log_probs(model, params, x, lengths, pos < context_len, cfg)
+    token_logp = jnp.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0]
+    return jnp.sum(jnp.where(masked, token_logp, 0.0), axis=-1) * weight
+
+
+@functools.partial(jax.jit, static_argnames=("model", "cfg"))
+def _chain_batch(model: Encoder, params, tokens, context_len, length, ks, *, cfg: float):
+    """log p(token context_len + k | context, tokens before it; the rest masked) for each k."""
+    width = tokens.shape[1]
+    pos = jnp.arange(width)[None, :]
+    target_pos = context_len + ks  # [batch]
+    masked = (pos >= target_pos[:, None]) & (pos < length)
+    x = jnp.where(masked, model.args.mask_id, tokens)
+    lengths = jnp.full((ks.shape[0],), length, jnp.int32)
+    logp = _guided_log_probs(model, params, x, lengths, pos < context_len, cfg)
+    at = jnp.take_along_axis(logp, target_pos[:, None, None], axis=1)[:, 0]  # [batch, V]
+    token = jnp.take_along_axis(tokens, target_pos[:, None], axis=1)[:, 0]
+    valid = ks < length - context_len
+    return jnp.where(valid, jnp.take_along_axis(at, token[:, None], axis=-1)[:, 0], 0.0)
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def _arm_scores(model: Encoder, params, tokens, context_len, length):
+    """(sum of log p(continuation), every continuation token the argmax) from one pass."""
+    logp = jax.nn.log_softmax(model.apply({"params": params}, tokens, return_logits=True), -1)
+    pred_logp = jnp.take_along_axis(logp[:, :-1], tokens[:, 1:, None], axis=-1)[..., 0]
+    pos = jnp.arange(1, tokens.shape[1])[None, :]
+    target = (pos >= context_len) & (pos < length)
+    greedy = jnp.argmax(logp[:, :-1], axis=-1) == tokens[:, 1:]
+    return (jnp.sum(jnp.where(target, pred_logp, 0.0), axis=-1),
+            jnp.all(jnp.where(target, greedy, True), axis=-1))
+
+
+@dataclasses.dataclass
+class Score:
+    logprob: float  # estimate of log p(continuation | context), nats
+    stderr: float  # standard error of the estimate (0 for exact ones)
+    draws: np.ndarray | None = None  # the Monte Carlo draws (mc, llada)
+
+
+def loglikelihood(model: Encoder, params, context: list[int], continuation: list[int],
+                  estimator: Estimator = Estimator(), seed: int = 0,
+                  max_length: int | None = None) -> Score:
+    """log p(continuation | context) for one pair of token lists."""
+    limit = max_length or model.args.max_seq_len
+    n = len(context) + len(continuation)
+    if not continuation:
+        return Score(0.0, 0.0)
+    if n > limit:
+        raise EvalError(f"context + continuation is {n} tokens, beyond the model's {limit}; "
+                        f"shorten the context (or chunk the text)")
+    if model.args.causal and not context:
+        raise EvalError("an ARM needs at least one context token (BOS) to score from")
+    width = _bucket(n, limit)
+    row = np.zeros((1, width), np.int32)
+    row[0, :n] = context + continuation
+    c, length = jnp.int32(len(context)), jnp.int32(n)
+    if model.args.causal:
+        total, _ = _arm_scores(model, params, jnp.asarray(row), c, length)
+        return Score(float(total[0]), 0.0)
+    check_estimator(estimator, causal=False)
+    e = estimator
+    if e.kind == "chain":
+        m = len(continuation)
+        terms = []
+        for start in range(0, m, e.batch_size):
+            ks = jnp.arange(start, start + e.batch_size, dtype=jnp.int32)
+            batch = jnp.asarray(np.repeat(row, e.batch_size, axis=0))
+            terms.append(np.asarray(_chain_batch(model, params, batch, c, length, ks,
+                                                 cfg=e.cfg)))
+        return Score(float(np.sum(np.concatenate(terms)[:m])), 0.0)
+    key = jax.random.PRNGKey(seed)
+    batch = jnp.asarray(np.repeat(row, e.batch_size, axis=0))
+    draws = []
+    for i in range(e.mc_num // e.batch_size):
+        draws.append(np.asarray(_mc_batch(
+            model, params, batch, c, length, jax.random.fold_in(key, i), i * e.batch_size,
+            e.mc_num, kind=e.kind, cfg=e.cfg, eps=e.eps)))
+    draws = np.concatenate(draws)
+    return Score(float(draws.mean()), float(draws.std(ddof=1) / math.sqrt(len(draws)))
+                 if len(draws) > 1 else 0.0, draws)
+
+
+def is_greedy(model: Encoder, params, context: list[int], continuation: list[int],
+              max_length: int | None = None) -> bool:
+    """Whether greedy generation from `context` produces exactly `continuation`."""
+    from mdm_jax.inference import MDMSampler, generate
+
+    if not continuation:
+        return True
+    if model.args.causal:
+        n = len(context) + len(continuation)
+        width = _bucket(n, max_length or model.args.max_seq_len)
+        row = np.zeros((1, width), np.int32)
+        row[0, :n] = context + continuation
+        _, greedy = _arm_scores(model, params, jnp.asarray(row), jnp.int32(len(context)),
+                                jnp.int32(n))
+        return bool(greedy[0])
+    m = len(continuation)
+    g = generate(model, params, [context], m, MDMSampler(steps=m, temperature=0.0),
+                 max_length=max_length)
+    return g.answers()[0] == list(continuation)
+
+
+def exact_elbo(model: Encoder, params, context: list[int], continuation: list[int],
+               eps: float = 0.0, cfg: float = 0.0) -> float:
+    """The expectation of the MC estimators by enumerating every mask of the continuation
+    (2^m - 1 of them: for tests on short continuations): sum_k w_k A_k, w_k =
+    int_0^1 C(m,k) p^k (1-p)^(m-k) / p dt with p = (1 - eps) t + eps, divided by C(m, k)."""
+    import itertools
+
+    from scipy import integrate
+
+    m, c = len(continuation), len(context)
+    n = c + m
+    tokens = np.asarray(context + continuation, np.int32)
+    rows, sizes = [], []
+    for k in range(1, m + 1):
+        for subset in itertools.combinations(range(m), k):
+            rows.append(subset)
+            sizes.append(k)
+    canvas = np.repeat(tokens[None], len(rows), axis=0)
+    masked = np.zeros_like(canvas, bool)
+    for r, subset in enumerate(rows):
+        masked[r, [c + i for i in subset]] = True
+    x = np.where(masked, model.args.mask_id, canvas)
+    pos = np.arange(n)[None]
+    logp = _guided_log_probs(model, params, jnp.asarray(x), jnp.full((len(rows),), n, jnp.int32),
+                             jnp.asarray(pos < c), cfg)
+    token_logp = np.take_along_axis(np.asarray(logp), canvas[..., None], -1)[..., 0]
+    summed = np.where(masked, token_logp, 0.0).sum(-1)  # per mask: sum of masked log-probs
+    total = 0.0
+    for k in range(1, m + 1):
+        a_k = summed[np.asarray(sizes) == k].mean()
+
+        def density(t, k=k):
+            p = (1 - eps) * t + eps
+            return math.comb(m, k) * p ** k * (1 - p) ** (m - k) / p
+
+        total += integrate.quad(density, 0.0, 1.0)[0] * a_k
+    return float(total)

@@ -1,0 +1,221 @@
+"""Evaluation: likelihood estimators against exact enumeration, guidance, greedy checks, the
+text ELBO / bits-per-byte CLI and the lm-evaluation-harness model through the harness's CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from conftest import nano_config
+from mdm_jax.eval.likelihood import EvalError, Estimator, exact_elbo, is_greedy, loglikelihood
+from mdm_jax.model import Encoder, ModelArgs
+from mdm_jax.presets import get_preset
+
+CONTEXT, CONTINUATION = [1, 40, 41, 42], [7, 300, 12, 99]
+
+
+def _model(causal: bool, seed: int):
+    args = ModelArgs.from_preset(get_preset("nano"), causal=causal)
+    params = Encoder(args).init(jax.random.PRNGKey(seed), jnp.zeros((1, 8), jnp.int32))["params"]
+    params = nn.unbox(params)
+    # Larger weights than the initialisation, so that the masks matter to the estimates.
+    params = jax.tree_util.tree_map(lambda p: p * 4.0 if p.ndim >= 2 else p, params)
+    return Encoder(args), params
+
+
+@pytest.fixture(scope="module")
+def mdm():
+    return _model(False, 0)
+
+
+def test_monte_carlo_estimators_agree_with_exact_enumeration(mdm):
+    model, params = mdm
+    for kind, eps in (("mc", 1e-3), ("llada", 0.0)):
+        exact = exact_elbo(model, params, CONTEXT, CONTINUATION, eps=eps)
+        s = loglikelihood(model, params, CONTEXT, CONTINUATION,
+                          Estimator(kind=kind, mc_num=1024, batch_size=128), seed=1)
+        assert abs(s.logprob - exact) < 4 * s.stderr, (kind, s.logprob, exact, s.stderr)
+        assert s.stderr > 0 and len(s.draws) == 1024
+        again = loglikelihood(model, params, CONTEXT, CONTINUATION,
+                              Estimator(kind=kind, mc_num=1024, batch_size=128), seed=1)
+        assert again.logprob == s.logprob  # reproducible for a seed
+    # The LLaDA form has lower variance than SMDM's at the same number of draws.
+    mc = loglikelihood(model, params, CONTEXT, CONTINUATION, Estimator("mc", 1024, 128))
+    llada = loglikelihood(model, params, CONTEXT, CONTINUATION, Estimator("llada", 1024, 128))
+    assert llada.stderr < mc.stderr
+
+
+def test_chain_rule_is_the_left_to_right_product_of_the_model_conditionals(mdm):
+    model, params = mdm
+    chain = loglikelihood(model, params, CONTEXT, CONTINUATION, Estimator(kind="chain",
+                                                                          batch_size=3))
+    mask, n = model.args.mask_id, len(CONTEXT) + len(CONTINUATION)
+    direct = 0.0
+    for k, token in enumerate(CONTINUATION):  # one pass per token, by hand
+        x = CONTEXT + CONTINUATION[:k] + [mask] * (len(CONTINUATION) - k)
+        logits = model.apply({"params": params}, jnp.asarray([x]), jnp.asarray([n]),
+                             return_logits=True)
+        direct += float(jax.nn.log_softmax(logits[0, len(CONTEXT) + k])[token])
+    assert chain.stderr == 0 and abs(chain.logprob - direct) < 1e-4
+
+
+def test_guidance_zero_is_plain_and_positive_changes_the_estimate(mdm):
+    model, params = mdm
+    plain = loglikelihood(model, params, CONTEXT, CONTINUATION, Estimator("chain"))
+    zero = loglikelihood(model, params, CONTEXT, CONTINUATION, Estimator("chain", cfg=0.0))
+    guided = loglikelihood(model, params, CONTEXT, CONTINUATION, Estimator("chain", cfg=1.0))
+    assert plain.logprob == zero.logprob and guided.logprob != plain.logprob
+    # The guided MC estimate agrees with the guided exact value too.
+    exact = exact_elbo(model, params, CONTEXT, CONTINUATION, eps=0.0, cfg=1.0)
+    s = loglikelihood(model, params, CONTEXT, CONTINUATION, Estimator("llada", 512, 128,
+                                                                      cfg=1.0))
+    assert abs(s.logprob - exact) < 4 * s.stderr
+
+
+def test_arm_likelihood_is_exact_and_greedy_check_matches_argmax():
+    model, params = _model(True, 1)
+    s = loglikelihood(model, params, CONTEXT, CONTINUATION)
+    logits = model.apply({"params": params}, jnp.asarray([CONTEXT + CONTINUATION]),
+                         return_logits=True)[0]
+    logp = jax.nn.log_softmax(logits, -1)
+    want = sum(float(logp[len(CONTEXT) + k - 1, t]) for k, t in enumerate(CONTINUATION))
+    assert abs(s.logprob - want) < 1e-4 and s.stderr == 0
+    greedy = [int(jnp.argmax(logits[len(CONTEXT) - 1]))]
+    assert is_greedy(model, params, CONTEXT, greedy)
+    assert not is_greedy(model, params, CONTEXT, [(greedy[0] + 1) % 512])
+
+
+def test_mdm_greedy_check_follows_the_greedy_sampler(mdm):
+    from mdm_jax.inference import MDMSampler, generate
+
+    model, params = mdm
+    answer = generate(model, params, [CONTEXT], 3, MDMSampler(steps=3)).answers()[0]
+    assert is_greedy(model, params, CONTEXT, answer)
+    assert not is_greedy(model, params, CONTEXT, answer[:2] + [(answer[2] + 1) % 512])
+
+
+def test_bad_estimator_settings_name_the_fix(mdm):
+    model, params = mdm
+    with pytest.raises(EvalError, match="not divisible by batch_size"):
+        loglikelihood(model, params, CONTEXT, CONTINUATION, Estimator("mc", 100, 32))
+    with pytest.raises(EvalError, match="beyond the model's 128"):
+        loglikelihood(model, params, [1] * 120, [5] * 20)
+    arm, arm_params = _model(True, 1)
+    from mdm_jax.eval.likelihood import check_estimator
+
+    with pytest.raises(EvalError, match="for MDMs"):
+        check_estimator(Estimator(cfg=0.5), causal=True)
+
+
+# ---- on a trained run: the text CLI and the harness ------------------------------------------
+
+@pytest.fixture(scope="module")
+def runs(tiny_data, tmp_path_factory):
+    from mdm_jax.train import train
+
+    out = {}
+    for kind in ("mdm", "arm"):
+        workdir = tmp_path_factory.mktemp(f"eval_{kind}")
+        train(nano_config(**{"data.train_dir": tiny_data["train"], "data.eval_dir": "",
+                             "data.tokenizer": tiny_data["tokenizer"], "workdir": str(workdir),
+                             "objective.kind": kind, "steps": 30, "checkpoint_every": 30,
+                             "samples.count": 0}))
+        out[kind] = str(workdir)
+    return out
+
+
+def test_text_elbo_and_bits_per_byte(runs, tmp_path, capsys):
+    from mdm_jax import evaluate
+
+    text = tmp_path / "text.txt"
+    text.write_text("the cat sat on the mat. " * 30)
+    for kind in ("mdm", "arm"):
+        evaluate.cli(["--workdir", runs[kind], "--text", str(text), "--mc-num", "16",
+                      "--batch-size", "16", "--json"])
+        r = json.loads(capsys.readouterr().out)
+        assert r["tokens"] > 64 and r["bytes"] == len(text.read_bytes())  # several windows
+        assert r["nll_per_token"] > 0 and math.isfinite(r["nll_per_token"])
+        assert abs(r["bits_per_byte"] - r["nll_nats"] / math.log(2) / r["bytes"]) < 1e-9
+        assert r["windows"] >= 2
+    with pytest.raises(SystemExit) as e:
+        evaluate.cli(["--workdir", runs["arm"], "--text", str(text), "--cfg", "1"])
+    assert e.value.code == 2 and "for MDMs" in capsys.readouterr().err
+
+
+def _tasks(folder) -> None:
+    """A multiple-choice and a generation task over local JSONL files."""
+    mc = [{"question": "the cat sat on the", "choices": [" mat", " sky", " moon"], "answer": 0},
+          {"question": "a b c", "choices": [" d", " zz"], "answer": 0},
+          {"question": "one two", "choices": [" three", " x"], "answer": 1}]
+    gen = [{"prompt": "the cat", "target": " sat"}, {"prompt": "a b", "target": " c"}]
+    (folder / "mc.jsonl").write_text("\n".join(json.dumps(r) for r in mc) + "\n")
+    (folder / "gen.jsonl").write_text("\n".join(json.dumps(r) for r in gen) + "\n")
+    (folder / "tiny_mc.yaml").write_text(
+        "task: tiny_mc\ndataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {folder / 'mc.jsonl'}\n"
+        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{question}}'\n"
+        "doc_to_choice: '{{choices}}'\ndoc_to_target: '{{answer}}'\n"
+        "metric_list:\n  - metric: acc\n")
+    (folder / "tiny_gen.yaml").write_text(
+        "task: tiny_gen\ndataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {folder / 'gen.jsonl'}\n"
+        "test_split: test\noutput_type: generate_until\ndoc_to_text: '{{prompt}}'\n"
+        "doc_to_target: '{{target}}'\n"
+        "generation_kwargs:\n  until: ['\\n']\n  max_gen_toks: 4\n"
+        "metric_list:\n  - metric: exact_match\n")
+
+
+@pytest.mark.parametrize("kind,args", [("mdm", "estimator=chain,cfg=0.5"), ("arm", "")])
+def test_harness_cli_runs_the_registered_model_and_agrees_with_the_estimators(
+        runs, tmp_path, kind, args, monkeypatch):
+    pytest.importorskip("lm_eval", reason="the `eval` extra (bash launch/setup.sh eval)")
+    from mdm_jax.data.tokenizer import Tokenizer
+    from mdm_jax.eval import harness
+    from mdm_jax.inference import load
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _tasks(tmp_path)
+    model_args = ",".join(x for x in (f"workdir={runs[kind]}", args) if x)
+    harness.main(["--model", "mdm_jax", "--model_args", model_args, "--tasks",
+                  "tiny_mc,tiny_gen", "--include_path", str(tmp_path), "--output_path",
+                  str(tmp_path / "out"), "--log_samples"])
+    results = json.loads(open(next(
+        os.path.join(d, f) for d, _, fs in os.walk(tmp_path / "out") for f in fs
+        if f.startswith("results"))).read())["results"]
+    # The harness's accuracy equals what the estimator gives directly for each question.
+    m = load(runs[kind])
+    tok = Tokenizer.load(m.tokenizer_path)
+    est = Estimator(kind="chain", cfg=0.5) if kind == "mdm" else Estimator()
+    correct = 0
+    for r in [json.loads(line) for line in (tmp_path / "mc.jsonl").read_text().splitlines()]:
+        scores = []
+        for choice in r["choices"]:
+            whole = tok.encode(r["question"] + choice)
+            ctx = tok.encode(r["question"])
+            if whole[:len(ctx)] != ctx:
+                ctx = ctx[:-1]
+            scores.append(loglikelihood(m.model, m.params, [tok.bos_id] + ctx,
+                                        whole[len(ctx):], est).logprob)
+        correct += int(np.argmax(scores) == r["answer"])
+    assert results["tiny_mc"]["acc,none"] == pytest.approx(correct / 3)
+    assert 0.0 <= results["tiny_gen"]["exact_match,none"] <= 1.0
+
+
+def test_harness_cli_unknown_task_is_one_line(runs, tmp_path, capsys, monkeypatch):
+    pytest.importorskip("lm_eval", reason="the `eval` extra (bash launch/setup.sh eval)")
+    from mdm_jax.eval import harness
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(SystemExit) as e:
+        harness.main(["--model", "mdm_jax", "--model_args", f"workdir={runs['mdm']}",
+                      "--tasks", "no_such_task_xyz", "--include_path", str(tmp_path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and err[-1].startswith("error: ") and "no_such_task_xyz" in err[-1]
