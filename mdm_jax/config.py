@@ -71,6 +71,10 @@ def base_config() -> ml_collections.ConfigDict:
     # on purpose and restarts the data order (the saved position means nothing there).
     c.data.restart_data_order = False
     c.data.verify_shards = True  # each shard's sha256 against its manifest (cached per file)
+    # Multiple-choice task files (comma list of demo_cloze-style JSONL, see mdm_jax.eval.tasks)
+    # whose accuracy is logged at every evaluation as eval_acc_<file name>; "" = none.
+    c.data.eval_tasks = ""
+    c.data.eval_tasks_limit = 50  # questions per task and evaluation (0 = all)
 
     c.nonfinite = "skip"  # NaN/Inf loss or grads: "skip" the update (counted) or "stop"
     # Exit code after a preemption save (SIGTERM): 0 here; the pod launchers pass 42 so that xpk
@@ -128,7 +132,8 @@ RANGES = (
     ("checkpoint_keep", 0, _INF), ("checkpoint_keep_period", 0, _INF),
     ("checkpoint_minutes", 0, _INF), ("micro_batch", 0, _INF), ("seq_len", 1, _INF),
     ("data.eval_batches", 0, _INF), ("data.worker_count", 0, 1024),
-    ("samples.count", 0, _INF), ("samples.steps", 1, _INF), ("samples.length", 0, _INF),
+    ("samples.count", 0, _INF), ("data.eval_tasks_limit", 0, _INF),
+    ("samples.steps", 1, _INF), ("samples.length", 0, _INF),
     ("samples.temperature", 0, _INF), ("objective.variable_length_prob", 0, 1),
     ("optim.min_lr", 0, _INF), ("optim.b1", 0, 1), ("optim.b2", 0, 1),
     ("optim.weight_decay", 0, _INF), ("optim.grad_clip", 0, _INF),

@@ -391,12 +391,19 @@ def _train_locked(c: ml_collections.ConfigDict, trainer: Trainer,
               f"{device_kind}; steps {start}->{c.steps}, batch {c.global_batch} x {c.seq_len} "
               f"({trainer.micro_steps} micro-steps)", flush=True)
 
+    tasks = _load_tasks(c)
+
     def run_eval(step: int) -> None:
-        eval_loss = evaluate(trainer, state, eval_batches, c.seed)
-        eval_history.append({"step": step, "eval_loss": eval_loss})
-        writer.write(step, {"loss": eval_loss}, prefix="eval_")
+        scores = {}
+        if eval_batches:
+            scores["loss"] = evaluate(trainer, state, eval_batches, c.seed)
+        if tasks:
+            scores.update(_task_accuracies(trainer, state, c, tasks))
+        eval_history.append({"step": step, **{f"eval_{k}": v for k, v in scores.items()}})
+        writer.write(step, scores, prefix="eval_")
         if pindex == 0:
-            tqdm.write(f"step {step:>6} | eval_loss {eval_loss:.4f}")
+            tqdm.write(f"step {step:>6} | " + " | ".join(f"eval_{k} {v:.4f}"
+                                                        for k, v in scores.items()))
 
     guard = PreemptionGuard()
     try:
@@ -408,7 +415,7 @@ def _train_locked(c: ml_collections.ConfigDict, trainer: Trainer,
             if pindex == 0 and start < c.steps:
                 print(f"[mdm_jax] train step compiled in {time.perf_counter() - t0:.1f}s",
                       flush=True)
-            if eval_batches and start == 0:  # the untrained baseline, so progress is visible
+            if (eval_batches or tasks) and start == 0:  # the untrained baseline, for progress
                 run_eval(0)
             bar = tqdm(range(start, c.steps), initial=start, total=c.steps, desc="train",
                        disable=pindex != 0, dynamic_ncols=True)
@@ -445,7 +452,7 @@ def _train_locked(c: ml_collections.ConfigDict, trainer: Trainer,
                         stopped = "nonfinite"
                         last = True
                     t_last, steps_since = time.perf_counter(), 0
-                if eval_batches and (done % c.eval_every == 0 or last):
+                if (eval_batches or tasks) and (done % c.eval_every == 0 or last):
                     run_eval(done)
                     t_last = time.perf_counter()  # evaluation is not training throughput
                 if unproven and (last or ckpt.due(done)):
@@ -475,6 +482,32 @@ def _train_locked(c: ml_collections.ConfigDict, trainer: Trainer,
         samples = _print_samples(trainer, state, c)
     return RunResult(state=state, history=history, eval_history=eval_history, samples=samples,
                      stopped=stopped)
+
+
+def _load_tasks(c: ml_collections.ConfigDict) -> list[tuple[str, list[dict]]]:
+    """(name, questions) of every file in config.data.eval_tasks (checked before training)."""
+    from mdm_jax.eval.multiple_choice import read_questions, task_name
+
+    paths = [p.strip() for p in c.data.eval_tasks.split(",") if p.strip()]
+    if paths and not c.data.tokenizer:
+        raise config_lib.ConfigError("config.data.eval_tasks needs config.data.tokenizer")
+    return [(task_name(p), read_questions(p, c.data.eval_tasks_limit)) for p in paths]
+
+
+def _task_accuracies(trainer: Trainer, state: TrainState, c: ml_collections.ConfigDict,
+                     tasks) -> dict[str, float]:
+    """Multiple-choice accuracy per task (chain rule for MDMs: deterministic; exact for ARMs),
+    on unsharded parameters: meant for the small models of demos and micro studies."""
+    from mdm_jax.data.tokenizer import Tokenizer
+    from mdm_jax.eval.likelihood import Estimator
+    from mdm_jax.eval.multiple_choice import accuracy
+
+    with trainer.context():
+        params = jax.device_get(state.params)
+    tok = Tokenizer.load(c.data.tokenizer)
+    return {f"acc_{name}": accuracy(trainer.model, params, tok, questions,
+                                    Estimator(kind="chain"), c.seq_len, c.seed)
+            for name, questions in tasks}
 
 
 def _check_resumed_steps(state, start: int, done: int, skipped_at_start: int, ckpt) -> None:

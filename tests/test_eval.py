@@ -151,16 +151,16 @@ def test_text_elbo_and_bits_per_byte(runs, tmp_path, capsys):
 
 def _tasks(folder) -> None:
     """A multiple-choice and a generation task over local JSONL files."""
-    mc = [{"question": "the cat sat on the", "choices": [" mat", " sky", " moon"], "answer": 0},
-          {"question": "a b c", "choices": [" d", " zz"], "answer": 0},
-          {"question": "one two", "choices": [" three", " x"], "answer": 1}]
+    mc = [{"context": "the cat sat on the", "choices": [" mat", " sky", " moon"], "answer": 0},
+          {"context": "a b c", "choices": [" d", " zz"], "answer": 0},
+          {"context": "one two", "choices": [" three", " x"], "answer": 1}]
     gen = [{"prompt": "the cat", "target": " sat"}, {"prompt": "a b", "target": " c"}]
     (folder / "mc.jsonl").write_text("\n".join(json.dumps(r) for r in mc) + "\n")
     (folder / "gen.jsonl").write_text("\n".join(json.dumps(r) for r in gen) + "\n")
     (folder / "tiny_mc.yaml").write_text(
         "task: tiny_mc\ndataset_path: json\n"
         f"dataset_kwargs:\n  data_files:\n    test: {folder / 'mc.jsonl'}\n"
-        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{question}}'\n"
+        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{context}}'\n"
         "doc_to_choice: '{{choices}}'\ndoc_to_target: '{{answer}}'\n"
         "metric_list:\n  - metric: acc\n")
     (folder / "tiny_gen.yaml").write_text(
@@ -198,8 +198,8 @@ def test_harness_cli_runs_the_registered_model_and_agrees_with_the_estimators(
     for r in [json.loads(line) for line in (tmp_path / "mc.jsonl").read_text().splitlines()]:
         scores = []
         for choice in r["choices"]:
-            whole = tok.encode(r["question"] + choice)
-            ctx = tok.encode(r["question"])
+            whole = tok.encode(r["context"] + choice)
+            ctx = tok.encode(r["context"])
             if whole[:len(ctx)] != ctx:
                 ctx = ctx[:-1]
             scores.append(loglikelihood(m.model, m.params, [tok.bos_id] + ctx,
@@ -219,3 +219,27 @@ def test_harness_cli_unknown_task_is_one_line(runs, tmp_path, capsys, monkeypatc
                       "--tasks", "no_such_task_xyz", "--include_path", str(tmp_path)])
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and err[-1].startswith("error: ") and "no_such_task_xyz" in err[-1]
+
+
+def test_task_accuracy_is_logged_during_training(tiny_data, tmp_path):
+    from mdm_jax.data.tokenizer import Tokenizer
+    from mdm_jax.eval.multiple_choice import accuracy, read_questions
+    from mdm_jax.train import Trainer, train
+
+    _tasks(tmp_path)
+    c = nano_config(**{"data.train_dir": tiny_data["train"], "data.eval_dir": "",
+                       "data.tokenizer": tiny_data["tokenizer"], "workdir": str(tmp_path / "r"),
+                       "data.eval_tasks": str(tmp_path / "mc.jsonl"), "steps": 10,
+                       "eval_every": 5, "samples.count": 0})
+    result = train(c)
+    assert [h["step"] for h in result.eval_history] == [0, 5, 10]
+    rows = [json.loads(line) for line in open(tmp_path / "r" / "metrics.jsonl")]
+    logged = [r["eval_acc_mc"] for r in rows if "eval_acc_mc" in r]
+    assert len(logged) == 3 and all(v in (0.0, 1 / 3, 2 / 3, 1.0) for v in logged)
+    final = accuracy(Trainer(c).model, jax.device_get(result.state.params),
+                     Tokenizer.load(c.data.tokenizer), read_questions(str(tmp_path / "mc.jsonl")),
+                     Estimator(kind="chain"), c.seq_len)
+    assert logged[-1] == pytest.approx(final)
+    c.workdir, c.data.eval_tasks = str(tmp_path / "r2"), str(tmp_path / "missing.jsonl")
+    with pytest.raises(EvalError, match="missing.jsonl"):
+        train(c)

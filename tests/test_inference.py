@@ -301,3 +301,18 @@ def test_sample_cli_bad_options_are_one_line(run_dir, capsys, args, needle):
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and err.startswith("error: ") and "\n" not in err, err
     assert needle in err
+
+
+def test_infill_fills_masks_anywhere_and_keeps_the_given_text(mdm):
+    from mdm_jax.inference.mdm import infill
+
+    model, params = mdm
+    mask = model.args.mask_id
+    canvas = np.asarray([[1, mask, mask, 30, 31, mask, 32, mask],
+                         [1, 20, mask, mask, mask, 21, 22, 23]], np.int32)
+    for s in (MDMSampler(steps=4), MDMSampler(steps=4, remasking="random", temperature=1.0)):
+        out, nfe = infill(model, params, jnp.asarray(canvas), jax.random.PRNGKey(0), sampler=s)
+        out = np.asarray(out)
+        given = canvas != mask
+        np.testing.assert_array_equal(out[given], canvas[given])
+        assert (out[~given] < model.args.vocab_size).all() and 1 <= int(nfe) <= 4

@@ -6,7 +6,9 @@
 
 `model_args`: `workdir` (a run's workdir or an export folder; `path` is the same), `step`,
 `estimator` (mc | llada | chain), `mc_num`, `batch_size` (Monte Carlo draws per call), `cfg`,
-`seed`, and for generate_until the sampler: `steps` (default: one per token), `block_length`,
+`seed`, `greedy_check` (false skips the is-greedy flag of loglikelihood requests, which
+costs an MDM one sampler run per request; multiple-choice accuracy does not use it), and for
+generate_until the sampler: `steps` (default: one per token), `block_length`,
 `remasking`, `temperature`, `max_gen_toks` (when the task gives none). ARMs score exactly and
 generate with the KV cache. Every request's text is tokenized as context + continuation
 together and split at the context's tokens (so a leading space stays with the continuation,
@@ -29,7 +31,7 @@ class MDMJaxLM(LM):
     def __init__(self, workdir: str | None = None, path: str | None = None, step=None,
                  estimator: str = "mc", mc_num=128, batch_size=32, cfg=0.0, seed=0, steps=0,
                  block_length=0, remasking: str = "low_confidence", temperature=0.0,
-                 max_gen_toks=64, tokenizer: str | None = None, **unused):
+                 max_gen_toks=64, greedy_check=True, tokenizer: str | None = None, **unused):
         super().__init__()
         from mdm_jax.data.tokenizer import Tokenizer
         from mdm_jax.inference import load
@@ -45,6 +47,7 @@ class MDMJaxLM(LM):
         self.seed, self.steps, self.block_length = int(seed), int(steps), int(block_length)
         self.remasking, self.temperature = str(remasking), float(temperature)
         self.max_gen_toks = int(max_gen_toks)
+        self.greedy_check = str(greedy_check).lower() not in ("0", "false", "no")
         self.tok = Tokenizer.load(tokenizer or self.m.tokenizer_path)
         self.max_length = int(self.m.config.seq_len)
 
@@ -75,7 +78,8 @@ class MDMJaxLM(LM):
             ctx = self._fit(ctx, cont)
             score = loglikelihood(self.m.model, self.m.params, ctx, cont, self.estimator,
                                   seed=self.seed + i, max_length=self.max_length)
-            greedy = is_greedy(self.m.model, self.m.params, ctx, cont, self.max_length)
+            greedy = self.greedy_check and is_greedy(self.m.model, self.m.params, ctx, cont,
+                                                     self.max_length)
             out.append((score.logprob, greedy))
         return out
 

@@ -103,18 +103,33 @@ def denoise(model: Encoder, params, canvas, prompt_lens, key, *, sampler: MDMSam
     """canvas [B, L] (prompt in [0, p_b), anything after it), prompt_lens [B] -> (tokens [B, L]
     with row b's answer in [p_b, p_b + gen_length), network calls made); with `trace`, also
     the canvas after every step [steps, B, L]."""
-    s = sampler
-    mask_id = model.args.mask_id
-    b, length = canvas.shape
-    pos = jnp.arange(length)[None, :]
+    pos = jnp.arange(canvas.shape[1])[None, :]
     start = prompt_lens[:, None]
     answer = (pos >= start) & (pos < start + gen_length)
-    x = jnp.where(answer, mask_id, canvas)
-    prompt_mask = pos < start
-    lengths = (prompt_lens + gen_length).astype(jnp.int32)
-    n_blocks = s.blocks(gen_length)
-    per_block = s.steps // n_blocks
+    n_blocks = sampler.blocks(gen_length)
     block_of = jnp.where(answer, (pos - start) // (gen_length // n_blocks), -1)
+    return _reverse_process(model, params, jnp.where(answer, model.args.mask_id, canvas),
+                            block_of, pos < start, (prompt_lens + gen_length).astype(jnp.int32),
+                            key, sampler, n_blocks, trace)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "sampler"))
+def infill(model: Encoder, params, canvas, key, *, sampler: MDMSampler):
+    """Fill every mask token of canvas [B, L], wherever it is (before, inside or after the
+    given text), in one block: (tokens, network calls). Guidance masks the given text."""
+    answer = canvas == model.args.mask_id
+    lengths = jnp.full((canvas.shape[0],), canvas.shape[1], jnp.int32)
+    return _reverse_process(model, params, canvas, jnp.where(answer, 0, -1), ~answer, lengths,
+                            key, sampler, 1, False)
+
+
+def _reverse_process(model: Encoder, params, x, block_of, prompt_mask, lengths, key,
+                     s: MDMSampler, n_blocks: int, trace: bool):
+    """The loop shared by `denoise` and `infill`: block_of [B, L] is each masked position's
+    block (-1 for given tokens), denoised in order with steps / n_blocks steps each."""
+    mask_id = model.args.mask_id
+    b, length = x.shape
+    per_block = s.steps // n_blocks
 
     def step(carry, i):
         x, key, cached, reuse, nfe = carry

@@ -1,0 +1,49 @@
+"""Multiple-choice accuracy straight from the likelihood estimators (no harness), for the
+bundled `demo_cloze`-style JSONL ({"context", "choices", "answer"} per line): what training
+logs beside the validation ELBO when `config.data.eval_tasks` names such files."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from mdm_jax.eval.likelihood import Estimator, EvalError, loglikelihood
+
+
+def read_questions(path: str, limit: int = 0) -> list[dict]:
+    try:
+        rows = [json.loads(line) for line in open(path, encoding="utf-8") if line.strip()]
+    except (OSError, ValueError) as e:
+        raise EvalError(f"task file {path}: {e}; build it with python -m mdm_jax.eval.tasks")
+    bad = [i for i, r in enumerate(rows, 1) if not (
+        isinstance(r, dict) and isinstance(r.get("context"), str)
+        and isinstance(r.get("choices"), list) and isinstance(r.get("answer"), int)
+        and 0 <= r["answer"] < len(r["choices"]))]
+    if bad:
+        raise EvalError(f"task file {path} line {bad[0]}: needs \"context\", \"choices\" and "
+                        f"an \"answer\" index into the choices")
+    return rows[:limit] if limit else rows
+
+
+def accuracy(model, params, tokenizer, questions: list[dict], estimator: Estimator,
+             max_length: int, seed: int = 0) -> float:
+    """The fraction of questions whose highest-scoring choice is the answer; each choice is
+    tokenized with its context and split at the context's tokens, after a BOS."""
+    hits = 0
+    for q in questions:
+        ctx = tokenizer.encode(q["context"])
+        scores = []
+        for k, choice in enumerate(q["choices"]):
+            whole = tokenizer.encode(q["context"] + choice)
+            c = ctx if whole[:len(ctx)] == ctx else ctx[:-1]
+            scores.append(loglikelihood(model, params, [tokenizer.bos_id] + c, whole[len(c):],
+                                        estimator, seed=seed + k,
+                                        max_length=max_length).logprob)
+        hits += int(np.argmax(scores)) == q["answer"]
+    return hits / len(questions)
+
+
+def task_name(path: str) -> str:
+    return os.path.splitext(os.path.basename(path))[0]
