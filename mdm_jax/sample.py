@@ -8,8 +8,8 @@
     python -m mdm_jax.sample --workdir runs/tiny_arm --prompt "KING." --top-p 0.9 --temperature 1
 
 MDMs: `--steps` reverse steps, split over `--block-length` blocks (semi-autoregressive; 0 = one
-block), `--remasking low_confidence|random`, `--cfg W` unsupervised guidance, caching on unless
-`--no-cache`. ARMs: a KV cache (`--no-kv-cache` recomputes everything). Both: `--temperature`
+block), `--remasking low_confidence|random`, `--cfg W` unsupervised guidance, `--cache` (skip
+the network when a step revealed nothing). ARMs: a KV cache (`--no-kv-cache` recomputes everything). Both: `--temperature`
 (0 = greedy), `--top-k`, `--top-p`. `--prompts FILE.jsonl` holds one {"prompt": ...} per line;
 `--out FILE.jsonl` gets one {"prompt", "completion", "tokens", "nfe", "seconds"} per sample,
 nfe and seconds being those of the batch it was generated in. `--num` samples per prompt.
@@ -53,8 +53,9 @@ def _parser():
                    help="MDM semi-autoregressive block length (0: one block)")
     p.add_argument("--remasking", choices=REMASKING, default="low_confidence")
     p.add_argument("--cfg", type=float, default=0.0, help="MDM guidance weight w (0: off)")
-    p.add_argument("--no-cache", action="store_true",
-                   help="MDM: call the network at every step even when nothing changed")
+    p.add_argument("--cache", action="store_true",
+                   help="MDM: skip the network call when the previous step revealed nothing "
+                        "(pays when --steps is large for the length and the batch small)")
     p.add_argument("--no-kv-cache", action="store_true", help="ARM: recompute every token")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0)
@@ -124,7 +125,7 @@ def _main(argv=None) -> None:
     num = a.num or (1 if (a.prompts or a.prompt) else 4)
     sampler = MDMSampler(steps=a.steps, block_length=a.block_length, remasking=a.remasking,
                          temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, cfg=a.cfg,
-                         cache=not a.no_cache)
+                         cache=a.cache)
     absl_logging.set_verbosity(absl_logging.WARNING)
     m = load(a.workdir, a.step)
     seq_len = m.config.seq_len

@@ -51,7 +51,7 @@ class MDMSampler:
     top_k: int = 0
     top_p: float = 1.0
     cfg: float = 0.0  # unsupervised classifier-free guidance weight w
-    cache: bool = True  # reuse the logits when a step revealed nothing
+    cache: bool = False  # reuse the logits when a step revealed nothing (see BUILD_NOTES)
 
     def blocks(self, gen_length: int) -> int:
         return 1 if self.block_length <= 0 else gen_length // self.block_length
