@@ -316,3 +316,13 @@ def test_infill_fills_masks_anywhere_and_keeps_the_given_text(mdm):
         given = canvas != mask
         np.testing.assert_array_equal(out[given], canvas[given])
         assert (out[~given] < model.args.vocab_size).all() and 1 <= int(nfe) <= 4
+
+
+def test_load_onto_a_mesh_shards_the_params_and_gives_the_same_logits(run_dir):
+    one = load(run_dir)
+    four = load(run_dir, mesh_shape=(1, 4, 1), devices=jax.devices()[:4])
+    assert four.mesh.shape["fsdp"] == 4
+    emb = four.params["embedding"]
+    assert len(emb.sharding.device_set) == 4 and not emb.sharding.is_fully_replicated
+    tokens = jnp.asarray([[1, 5, 9, 12, 40, 41, 42, 43]])
+    np.testing.assert_allclose(four.logits(tokens), one.logits(tokens), rtol=1e-5, atol=1e-5)
