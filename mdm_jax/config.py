@@ -39,7 +39,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.attention = "xla"  # xla | jax | cudnn
 
     c.objective = ml_collections.ConfigDict()
-    c.objective.kind = "mdm"  # mdm | arm
+    # mdm (SMDM ELBO) | mdm-ce (plain masked CE) | uniform (uniform-state diffusion) | arm
+    c.objective.kind = "mdm"
     c.objective.eps = 1e-3
     c.objective.variable_length_prob = 0.01
     c.objective.weighting = "elbo"
@@ -107,6 +108,7 @@ def model_args(c: ml_collections.ConfigDict) -> ModelArgs:
         preset,
         vocab_size=c.model.vocab_size or None,
         causal=c.objective.kind == "arm",
+        time_conditioning=c.objective.kind == "uniform",
         dtype=c.model.dtype,
         remat=c.model.remat,
         scan_layers=c.model.scan_layers,

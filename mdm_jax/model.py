@@ -42,6 +42,8 @@ class ModelArgs:
     remat: str = "none"
     scan_layers: bool = True
     attention: str = "xla"
+    time_conditioning: bool = False  # adaLN on the noise level (uniform-state diffusion only)
+    cond_dim: int = 128  # width of the noise-level embedding when time-conditioned
     rope_base: float = 10000.0
     norm_eps: float = 1e-5
 
@@ -161,6 +163,26 @@ def dense(x: jax.Array, w: jax.Array, preferred_element_type=None) -> jax.Array:
     return y.reshape(*lead, *out)
 
 
+def noise_embedding(sigma: jax.Array, dim: int = 256, max_period: float = 10000.0):
+    """Sinusoidal features [B, dim] of the noise level sigma [B] (cos half, then sin half)."""
+    half = dim // 2
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    angles = sigma.astype(jnp.float32)[:, None] * freqs[None, :]
+    return jnp.concatenate([jnp.cos(angles), jnp.sin(angles)], axis=-1)
+
+
+def _modulation(module: nn.Module, cond, n: int, d: int, name: str):
+    """n [B, 1, d] tensors (shift / scale / gate ...) from the condition, zero-initialised so a
+    time-conditioned model starts as the unconditioned one."""
+    w = module.param(name, nn.with_logical_partitioning(nn.initializers.zeros, (None, None)),
+                     (cond.shape[-1], n * d), jnp.float32)
+    b = module.param(name + "_bias", nn.with_logical_partitioning(nn.initializers.zeros,
+                                                                  (None,)), (n * d,),
+                     jnp.float32)
+    out = (cond.astype(jnp.float32) @ w + b)[:, None, :]
+    return jnp.split(out, n, axis=-1)
+
+
 def cached_attention(q, k, v, cache, start):
     """Causal attention of T new positions [start, start + T) over a fixed-size KV cache.
 
@@ -186,14 +208,22 @@ class Block(nn.Module):
     args: ModelArgs
 
     @nn.compact
-    def __call__(self, x, cos, sin, lengths, cache=None, start=None):
+    def __call__(self, x, cos, sin, lengths, cache=None, start=None, cond=None):
         a = self.args
         dt = a.compute_dtype
         std = math.sqrt(2.0 / (5.0 * a.d_model))
         out_std = (1.0 / math.sqrt(a.d_model)) / a.n_layer
         act = lambda y, axes: nn.with_logical_constraint(y, axes)
+        if cond is not None:  # adaLN: shift, scale and gate of both sub-blocks
+            shift1, scale1, gate1, shift2, scale2, gate2 = _modulation(self, cond, 6, a.d_model,
+                                                                       "ada")
+            mod = lambda h, shift, scale: (h * (1 + scale) + shift).astype(dt)
+        else:
+            mod = lambda h, shift, scale: h
+            shift1 = scale1 = shift2 = scale2 = None
+            gate1 = gate2 = 1.0
 
-        h = RMSNorm(a.norm_eps, dt, name="attn_norm")(x)
+        h = mod(RMSNorm(a.norm_eps, dt, name="attn_norm")(x), shift1, scale1)
         qkv_shape = (a.d_model, a.n_head, a.head_dim)
         qkv_axes = ("embed", "heads", "head_dim")
         q, k, v = (
@@ -210,15 +240,15 @@ class Block(nn.Module):
         wo = _param(self, "wo", (a.n_head, a.head_dim, a.d_model), out_std,
                     ("heads", "head_dim", "embed"))
         o = o.reshape(*o.shape[:2], -1)  # [B, L, H * K]
-        x = x + act(dense(o, wo.reshape(-1, a.d_model).astype(dt)),
+        x = x + act(gate1 * dense(o, wo.reshape(-1, a.d_model).astype(dt)),
                     ("act_batch", "act_length", "act_embed"))
 
-        h = RMSNorm(a.norm_eps, dt, name="mlp_norm")(x)
+        h = mod(RMSNorm(a.norm_eps, dt, name="mlp_norm")(x), shift2, scale2)
         w1 = _param(self, "w1", (a.d_model, a.mlp_dim), std, ("embed", "mlp")).astype(dt)
         w2 = _param(self, "w2", (a.d_model, a.mlp_dim), std, ("embed", "mlp")).astype(dt)
         w3 = _param(self, "w3", (a.mlp_dim, a.d_model), out_std, ("mlp", "embed")).astype(dt)
         gate = act(jax.nn.silu(dense(h, w1)) * dense(h, w2), ("act_batch", "act_length", "act_mlp"))
-        x = x + act(dense(gate, w3), ("act_batch", "act_length", "act_embed"))
+        x = x + act(gate2 * dense(gate, w3), ("act_batch", "act_length", "act_embed"))
         return x, cache
 
 
@@ -234,10 +264,20 @@ class Encoder(nn.Module):
 
     @nn.compact
     def __call__(self, tokens, lengths=None, return_logits: bool = False, cache=None,
-                 start=None):
+                 start=None, sigma=None):
         """With `cache` (keys, values) [n_layer, B, C, H, D] and `start`, tokens are the
-        positions [start, start + T) of a causal decode: returns (logits, updated cache)."""
+        positions [start, start + T) of a causal decode: returns (logits, updated cache).
+        `sigma` [B]: the noise level of a time-conditioned model (only used by one with
+        args.time_conditioning; None there means sigma = 0, e.g. for init)."""
         a = self.args
+        cond = None
+        if a.time_conditioning:
+            if sigma is None:
+                sigma = jnp.zeros((tokens.shape[0],), jnp.float32)
+            h = noise_embedding(sigma)
+            h = nn.Dense(a.cond_dim, name="time_in", dtype=jnp.float32)(h)
+            cond = nn.silu(nn.Dense(a.cond_dim, name="time_out", dtype=jnp.float32)(
+                nn.silu(h)))
         dt = a.compute_dtype
         std = math.sqrt(2.0 / (5.0 * a.d_model))
         table = _param(self, "embedding", (a.embedding_rows, a.d_model), std,
@@ -259,20 +299,24 @@ class Encoder(nn.Module):
         if a.scan_layers:
             stack = nn.scan(
                 block, variable_axes={"params": 0}, split_rngs={"params": True},
-                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
+                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast,
+                         nn.broadcast),
                 length=a.n_layer, metadata_params={nn.PARTITION_NAME: "layers"},
             )
-            x, cache = stack(a, name="blocks")(x, cos, sin, lengths, cache, start)
+            x, cache = stack(a, name="blocks")(x, cos, sin, lengths, cache, start, cond)
         else:
             layers = []
             for i in range(a.n_layer):
                 mine = None if cache is None else (cache[0][i], cache[1][i])
-                x, mine = block(a, name=f"block_{i}")(x, cos, sin, lengths, mine, start)
+                x, mine = block(a, name=f"block_{i}")(x, cos, sin, lengths, mine, start, cond)
                 layers.append(mine)
             if cache is not None:
                 cache = tuple(jnp.stack([layer[j] for layer in layers]) for j in range(2))
 
         x = RMSNorm(a.norm_eps, dt, name="final_norm")(x)
+        if cond is not None:
+            shift, scale = _modulation(self, cond, 2, a.d_model, "final_ada")
+            x = (x * (1 + scale) + shift).astype(dt)
         head = _param(self, "head", (a.d_model, a.vocab_size), std, ("embed", "vocab"))
         if cache is not None:
             return logits_from_hidden(x, head), cache

@@ -9,6 +9,7 @@ forward nor as saved residuals for the backward). Facts: shared/REFERENCE.md sec
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import jax
@@ -16,7 +17,7 @@ import jax.numpy as jnp
 
 from mdm_jax.model import head_kernel, logits_from_hidden
 
-OBJECTIVES = ("mdm", "arm")
+OBJECTIVES = ("mdm", "mdm-ce", "uniform", "arm")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,17 +30,20 @@ class ObjectiveArgs:
     loss_chunk: int = 256  # sequence positions per cross-entropy chunk
 
 
-def chunked_cross_entropy(hidden, head, targets, weights, chunk: int) -> jax.Array:
-    """sum_{b,l} weights[b,l] * CE(hidden[b,l] @ head, targets[b,l]) without full logits.
+def chunked_token_loss(hidden, head, token_loss: Callable, per_token: tuple, weights,
+                       chunk: int) -> jax.Array:
+    """sum_{b,l} weights[b,l] * token_loss(logits[b,l], *per_token[b,l]) without full logits.
 
     The sequence axis is tiled into chunks (the batch axis keeps its sharding); each chunk's
-    logits are recomputed in the backward pass instead of being stored.
+    logits [B, c, V] are made, reduced over the vocabulary by `token_loss` (which sees whole
+    positions, so any per-position reduction over V is exact), and recomputed in the backward
+    pass instead of being stored.
     """
     b, length, d = hidden.shape
     pad = (-length) % chunk
     if pad:
         hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
-        targets = jnp.pad(targets, ((0, 0), (0, pad)))
+        per_token = tuple(jnp.pad(x, ((0, 0), (0, pad))) for x in per_token)
         weights = jnp.pad(weights, ((0, 0), (0, pad)))
     n = (length + pad) // chunk
 
@@ -47,15 +51,24 @@ def chunked_cross_entropy(hidden, head, targets, weights, chunk: int) -> jax.Arr
         return jnp.swapaxes(x.reshape(b, n, chunk, *x.shape[2:]), 0, 1)
 
     @jax.checkpoint
-    def chunk_loss(h, t, w):
+    def chunk_loss(h, w, *xs):
         logits = logits_from_hidden(h, head)  # [B, c, V] float32, one chunk only
-        lse = jax.nn.logsumexp(logits, axis=-1)
-        target_logit = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
-        return jnp.sum(w * (lse - target_logit))
+        return jnp.sum(w * token_loss(logits, *xs))
 
-    per_chunk = jax.lax.map(lambda xs: chunk_loss(*xs), (tiles(hidden), tiles(targets),
-                                                         tiles(weights.astype(jnp.float32))))
+    per_chunk = jax.lax.map(lambda xs: chunk_loss(*xs), (
+        tiles(hidden), tiles(weights.astype(jnp.float32)), *(tiles(x) for x in per_token)))
     return jnp.sum(per_chunk)
+
+
+def cross_entropy(logits, targets):
+    """Per-position CE [...] of float32 logits [..., V]."""
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    return lse - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+
+
+def chunked_cross_entropy(hidden, head, targets, weights, chunk: int) -> jax.Array:
+    """sum_{b,l} weights[b,l] * CE(hidden[b,l] @ head, targets[b,l]) without full logits."""
+    return chunked_token_loss(hidden, head, cross_entropy, (targets,), weights, chunk)
 
 
 def naive_cross_entropy(logits, targets, weights) -> jax.Array:
@@ -125,6 +138,84 @@ def arm_loss(apply_fn: Callable, params, tokens, key, args: ObjectiveArgs, mask_
     return loss, {"loss": loss}
 
 
+def mdm_ce_loss(apply_fn: Callable, params, tokens, key, args: ObjectiveArgs, mask_id: int,
+                train: bool = True):
+    """The cross-entropy MDM ("mdm-ce"): the same masking, trained on the plain mean CE over
+    the masked tokens (no 1/p weight), which the uniform-vs-masked scaling study found ~12%
+    more FLOPs-efficient; evaluation (train=False) still reports the 1/t-weighted ELBO, so the
+    bound compares with the SMDM MDM's."""
+    if train:
+        args = dataclasses.replace(args, weighting="unweighted")
+    return mdm_loss(apply_fn, params, tokens, key, args, mask_id, train)
+
+
+def uniform_alpha(t: jax.Array, eps: float) -> jax.Array:
+    """The log-linear schedule of uniform-state diffusion: alpha_t = 1 - (1 - eps) t (the
+    probability that a token is still clean at time t); d alpha / dt = -(1 - eps)."""
+    return 1.0 - (1.0 - eps) * t
+
+
+def uniform_nelbo(logits, x, z, alpha, dalpha: float):
+    """Per-position continuous-time NELBO (nats) of uniform-state diffusion [...], from the
+    model's float32 logits [..., K] at noisy token z, clean token x and alpha [...].
+
+    With p = softmax(logits), X_j = K alpha p_j + 1 - alpha (the model's marginal at t, up to
+    1/K) and xbar the true one (K alpha onehot(x) + 1 - alpha), the integrand is
+    alpha'/(K alpha) [K/xbar_z - K/X_z - sum_j (xbar_j / xbar_z) (log X_z - log X_j + log xbar_j
+    - log xbar_z)]; the sum over j is written with the only vocabulary-wide reduction it needs,
+    S = sum_j log X_j, since xbar takes two values. Zero when p = onehot(x); never negative.
+    """
+    k = logits.shape[-1]
+    p = jax.nn.softmax(logits, axis=-1)
+    a = alpha[..., None]
+    log_big_x = jnp.log(k * a * p + (1.0 - a))
+    s = jnp.sum(log_big_x, axis=-1)
+    log_xz = jnp.take_along_axis(log_big_x, z[..., None], axis=-1)[..., 0]
+    log_xx = jnp.take_along_axis(log_big_x, x[..., None], axis=-1)[..., 0]
+    a = alpha
+    xbar_z = (1.0 - a) + k * a * (x == z)
+    entropy = (k - 1) * (1.0 - a) * jnp.log(1.0 - a) + (1.0 - a + k * a) * jnp.log(1.0 - a + k * a)
+    term1 = k / xbar_z - k * jnp.exp(-log_xz)
+    term2 = (k * log_xz - ((1.0 - a) * s + k * a * log_xx) + entropy - k * jnp.log(xbar_z)) / xbar_z
+    return dalpha / (k * a) * (term1 - term2)
+
+
+def uniform_loss(apply_fn: Callable, params, tokens, key, args: ObjectiveArgs, mask_id: int,
+                 train: bool = True):
+    """Uniform-state diffusion: each token is replaced by a uniformly drawn one w.p. 1 - alpha_t
+    (t floored at eps, as the reference code does, so that 1 - alpha_t > 0); the model, told
+    the noise level sigma = -log alpha_t, predicts the clean tokens. Loss: the NELBO summed
+    over positions / (B * L), nats per token like the MDM's ELBO; with
+    weighting="unweighted" (training only) the low-variance variant, the plain CE of every
+    position's clean token. Evaluation always reports the NELBO."""
+    del mask_id
+    x0 = tokens
+    b, length = x0.shape
+    k_t, k_move, k_tok, k_len = jax.random.split(key, 4)
+    t = (1.0 - args.eps) * sample_t(k_t, b, args.t_sampling) + args.eps
+    alpha = uniform_alpha(t, args.eps)
+    vocab = head_kernel(params).shape[-1]
+    move = jax.random.uniform(k_move, (b, length)) < (1.0 - alpha)[:, None]
+    z = jnp.where(move, jax.random.randint(k_tok, (b, length), 0, vocab), x0)
+    lengths, valid_len = None, jnp.asarray(length)
+    valid = jnp.ones((b, length), jnp.float32)
+    if train and args.variable_length_prob > 0:
+        valid_len = sample_length(k_len, length, args.variable_length_prob)
+        lengths = jnp.full((b,), valid_len, jnp.int32)
+        valid = (jnp.arange(length)[None, :] < valid_len).astype(jnp.float32) * valid
+    hidden = apply_fn({"params": params}, z, lengths, sigma=-jnp.log(alpha))
+    head = head_kernel(params)
+    if args.weighting == "unweighted" and train:
+        total = chunked_cross_entropy(hidden, head, x0, valid, args.loss_chunk)
+    else:
+        per_alpha = jnp.broadcast_to(alpha[:, None], (b, length))
+        total = chunked_token_loss(
+            hidden, head, functools.partial(uniform_nelbo, dalpha=-(1.0 - args.eps)),
+            (x0, z, per_alpha), valid, args.loss_chunk)
+    loss = total / (b * valid_len.astype(jnp.float32))
+    return loss, {"loss": loss, "noise_rate": jnp.mean(z != x0), "length": valid_len}
+
+
 def model_inputs_len(kind: str, seq_len: int) -> int:
     """Tokens per example the objective reads: L for the MDM, L + 1 for the ARM's shift."""
     return seq_len + 1 if kind == "arm" else seq_len
@@ -133,6 +224,10 @@ def model_inputs_len(kind: str, seq_len: int) -> int:
 def get_objective(kind: str) -> Callable:
     if kind == "mdm":
         return mdm_loss
+    if kind == "mdm-ce":
+        return mdm_ce_loss
+    if kind == "uniform":
+        return uniform_loss
     if kind == "arm":
         return arm_loss
     raise ValueError(f"config.objective.kind={kind!r}; valid: {', '.join(OBJECTIVES)}")

@@ -168,3 +168,25 @@ def test_variable_length_rate():
         jax.random.split(jax.random.PRNGKey(0), 20000))
     frac = float(jnp.mean(draws < 2048))
     assert 0.006 < frac < 0.014
+
+
+def test_mdm_ce_trains_on_mean_masked_ce_and_evaluates_the_elbo(nano):
+    from mdm_jax.objectives import get_objective
+
+    args, params = nano
+    x0 = jax.random.randint(jax.random.PRNGKey(1), (4, 40), 0, 256)
+    key, apply = jax.random.PRNGKey(2), Encoder(args).apply
+    obj = ObjectiveArgs(kind="mdm-ce", variable_length_prob=0.0, loss_chunk=16)
+    ce = get_objective("mdm-ce")
+    # Training: the masked tokens' mean CE, computed directly from the same mask.
+    k_t, k_mask, _ = jax.random.split(key, 3)
+    p = (1 - obj.eps) * jax.random.uniform(k_t, (4,)) + obj.eps
+    masked = jax.random.uniform(k_mask, (4, 40)) < p[:, None]
+    logits = apply({"params": params}, jnp.where(masked, args.mask_id, x0), return_logits=True)
+    want = naive_cross_entropy(logits, x0, masked.astype(jnp.float32)) / jnp.sum(masked)
+    assert float(ce(apply, params, x0, key, obj, args.mask_id)[0]) == pytest.approx(
+        float(want), rel=1e-5)
+    # Evaluation: the 1/p-weighted ELBO, the same number the SMDM MDM reports.
+    elbo = dataclasses.replace(obj, weighting="elbo")
+    assert float(ce(apply, params, x0, key, elbo, args.mask_id, train=False)[0]) == float(
+        mdm_loss(apply, params, x0, key, elbo, args.mask_id, train=False)[0])

@@ -206,6 +206,12 @@ def _export_into(checkpoint: str, fmt: str, out: str, step: int | None, dtype: s
         raise ExportError(f"--dtype {dtype!r}; valid: {', '.join(DTYPES)}")
     src = CheckpointParams(checkpoint, step)
     args = config_lib.model_args(src.config)
+    if args.time_conditioning:
+        raise ExportError(f"{checkpoint} is a uniform-state diffusion model "
+                          f"(objective.kind=uniform): its noise-level conditioning (adaLN "
+                          f"parameters) has no place in the litgpt, llada-hf or llama-hf "
+                          f"layouts, whose code would silently ignore it; sample it with "
+                          f"python -m mdm_jax.sample instead")
     if args.causal and fmt in MDM_FORMATS:
         raise ExportError(f"{checkpoint} is an ARM (objective.kind=arm); --format {fmt} holds "
                           f"MDMs. Use --format llama-hf.")

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mdm_jax.errors import UserError
-from mdm_jax.inference import arm, mdm
+from mdm_jax.inference import arm, mdm, uniform
 from mdm_jax.model import Encoder
 
 
@@ -40,6 +40,9 @@ def check_request(model: Encoder, prompts: list[list[int]], gen_length: int,
     problems = [(f, m) for f, m in mdm.check(sampler, gen_length)
                 if not model.args.causal or f in ("--gen-length", "--temperature", "--top-k",
                                                   "--top-p")]
+    if model.args.time_conditioning and (sampler.cfg or sampler.block_length or sampler.cache):
+        problems.append(("--cfg/--block-length/--cache", "apply to the masked-diffusion "
+                         "sampler; uniform-state diffusion samples ancestrally: drop them"))
     if model.args.causal and sampler.cfg:
         problems.append(("--cfg", f"{sampler.cfg}: classifier-free guidance is for MDMs (it "
                          f"masks the prompt); this model is an ARM: drop --cfg"))
@@ -76,6 +79,11 @@ def generate(model: Encoder, params, prompts: list[list[int]], gen_length: int,
         out, nfe = fn(model, params, jnp.asarray(canvas), jnp.asarray(lens), key,
                       prefill=int(lens.min()), temperature=sampler.temperature,
                       top_k=sampler.top_k, top_p=sampler.top_p)
+    elif model.args.time_conditioning:  # uniform-state diffusion
+        out, nfe = uniform.ancestral(model, params, jnp.asarray(canvas), jnp.asarray(lens), key,
+                                     steps=sampler.steps, gen_length=gen_length,
+                                     temperature=sampler.temperature, top_k=sampler.top_k,
+                                     top_p=sampler.top_p)
     else:
         out, nfe = mdm.denoise(model, params, jnp.asarray(canvas), jnp.asarray(lens), key,
                                sampler=sampler, gen_length=gen_length)
