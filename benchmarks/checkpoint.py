@@ -159,7 +159,8 @@ def main() -> None:
           f"every {args.every} step(s) {result['step_s_async_ckpt_every_step'] * 1e3:8.1f} ms | "
           f"ratio "
           f"{result['async_ratio']:.3f} (target <= 1.10)")
-    print(f"            save() blocks the loop {result['save_call_blocks_s'] * 1e3:.1f} ms per call "
+    print(f"            save() blocks the loop {result['save_call_blocks_s'] * 1e3:.1f} ms per "
+          f"call "
           f"= {result['blocked_share_of_overhead']:.2f} of the overhead; the rest is the "
           f"background write sharing the cores")
     print(f"            floor: a plain write+fsync of the same bytes takes "

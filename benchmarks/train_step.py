@@ -329,7 +329,8 @@ def report(r: dict) -> None:
 
 
 def report_table(rows: list[dict]) -> None:
-    head = (f"{'variant':<16}{'jax/pt':>7}{'step s':>8}{'cpu s':>7}{'tok/s':>7}{'GFLOP/s':>9}{'mm GF/s':>9}"
+    head = (f"{'variant':<16}{'jax/pt':>7}{'step s':>8}{'cpu s':>7}{'tok/s':>7}"
+            f"{'GFLOP/s':>9}{'mm GF/s':>9}"
             f"{'ratio':>7}{'paired':>7}{'cpu':>7}{'ratio6N':>8}{'temp MiB':>10}{'sys s':>7}")
     print(head)
     print("-" * len(head))

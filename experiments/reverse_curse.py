@@ -8,7 +8,8 @@ of B?", where an ARM does not (SMDM section 6)?
    reversed question has one answer), written in SlimPajama's layout, each fact `--repeats` (40)
    times in shuffled order; a 512-piece tokenizer trained on them; shards of 64 tokens.
 2. A tiny MDM and a tiny ARM of equal size (`tiny` preset) trained on the forward statements
-   only, `--steps` (2000) steps each, for every seed in `--seeds` (runs resume; finished ones are kept).
+   only, `--steps` (2000) steps each, for every seed in `--seeds` (runs resume; finished ones
+   are kept).
 3. Exact match, greedy, per fact:
    - forward: "<name> is the <relation> of" -> " <place>." (both families, generation);
    - reverse, as a question: "The <relation> of <place> is" -> " <name>." (both families);
@@ -72,8 +73,8 @@ def build_data(out: str, facts: list[dict], repeats: int, seed: int) -> dict:
             path = f"{paths['raw']}/{split}/chunk1/facts_{split}_0.jsonl.zst"
             os.makedirs(os.path.dirname(path), exist_ok=True)
             docs = lines if split == "train" else lines[:len(facts)]
-            body = "\n".join(json.dumps({"text": t, "meta": {"redpajama_set_name": "RedPajamaBook"}})
-                             for t in docs)
+            meta = {"redpajama_set_name": "RedPajamaBook"}
+            body = "\n".join(json.dumps({"text": t, "meta": meta}) for t in docs)
             with open(path, "wb") as fh:
                 fh.write(zstandard.ZstdCompressor().compress(body.encode()))
         subprocess.run([py, "-m", "mdm_jax.data.train_tokenizer", "--input",

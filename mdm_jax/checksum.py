@@ -100,4 +100,4 @@ def fingerprints(tree, on_device: bool | None = None) -> dict[str, int]:
         values = _fingerprints_on_host([np.asarray(a) for a in arrays])
     else:
         values = jax.tree_util.tree_leaves(jax.device_get(_fingerprints_on_device(arrays)))
-    return {path_name(path): int(v) for (path, _), v in zip(leaves, values)}
+    return {path_name(path): int(v) for (path, _), v in zip(leaves, values, strict=True)}

@@ -23,8 +23,13 @@ def _main(argv=None) -> None:
 
     from mdm_jax.data.tokenizer import Tokenizer
     from mdm_jax.errors import ArgumentParser
-    from mdm_jax.eval.likelihood import ESTIMATORS, EvalError, Estimator, check_estimator, \
-        loglikelihood
+    from mdm_jax.eval.likelihood import (
+        ESTIMATORS,
+        Estimator,
+        EvalError,
+        check_estimator,
+        loglikelihood,
+    )
     from mdm_jax.inference import load
 
     p = ArgumentParser(prog="python -m mdm_jax.evaluate", description=__doc__,

@@ -9,7 +9,8 @@
 
 MDMs: `--steps` reverse steps, split over `--block-length` blocks (semi-autoregressive; 0 = one
 block), `--remasking low_confidence|random`, `--cfg W` unsupervised guidance, `--cache` (skip
-the network when a step revealed nothing). ARMs: a KV cache (`--no-kv-cache` recomputes everything). Both: `--temperature`
+the network when a step revealed nothing). Uniform-state models sample ancestrally
+(`--steps`). ARMs: a KV cache (`--no-kv-cache` recomputes everything). All: `--temperature`
 (0 = greedy), `--top-k`, `--top-p`. `--prompts FILE.jsonl` holds one {"prompt": ...} per line;
 `--out FILE.jsonl` gets one {"prompt", "completion", "tokens", "nfe", "seconds"} per sample,
 nfe and seconds being those of the batch it was generated in. `--num` samples per prompt.

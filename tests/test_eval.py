@@ -11,10 +11,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import nano_config
 from flax import linen as nn
 
-from conftest import nano_config
-from mdm_jax.eval.likelihood import EvalError, Estimator, exact_elbo, is_greedy, loglikelihood
+from mdm_jax.eval.likelihood import Estimator, EvalError, exact_elbo, is_greedy, loglikelihood
 from mdm_jax.model import Encoder, ModelArgs
 from mdm_jax.presets import get_preset
 

@@ -11,9 +11,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import SEQ_LEN, nano_config
 from flax import linen as nn
 
-from conftest import SEQ_LEN, nano_config
 from mdm_jax.inference import MDMSampler, SamplingError, generate, load
 from mdm_jax.inference.arm import sample_cached, sample_full
 from mdm_jax.inference.mdm import denoise, guided_logits

@@ -19,8 +19,6 @@ from conftest import REPO, nano_config, trainer_command, trainer_process
 from mdm_jax.checkpoint import Checkpointer, CheckpointError
 from mdm_jax.train import train
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def _config(tiny_data, workdir, **overrides):
     base = {"data.train_dir": tiny_data["train"], "data.eval_dir": "",

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -165,8 +165,8 @@ def test_train_step_writes_no_activation_gradient_transposed():
     import re
 
     import numpy as np
-
     from conftest import nano_config
+
     from mdm_jax.train import Trainer
 
     c = nano_config(**{"seq_len": 64})

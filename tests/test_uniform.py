@@ -62,6 +62,7 @@ def test_chunked_nelbo_equals_unchunked_with_gradients():
 def _train_synthetic(kind: str, weighting: str = "elbo", steps: int = 400):
     """A nano model trained on 4 fixed 8-token patterns drawn with probabilities .4/.3/.2/.1."""
     from conftest import nano_config
+
     from mdm_jax.train import Trainer
 
     c = nano_config(**{"objective.kind": kind, "objective.weighting": weighting, "seq_len": 8,
@@ -101,6 +102,7 @@ def test_uniform_diffusion_learns_and_samples_the_data_distribution():
 
 def test_export_refuses_a_uniform_model_naming_why(tiny_data, tmp_path):
     from conftest import nano_config
+
     from mdm_jax.export.cli import export
     from mdm_jax.export.tensor_io import ExportError
     from mdm_jax.train import train

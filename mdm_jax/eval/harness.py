@@ -22,8 +22,7 @@ import sys
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
-from mdm_jax.eval.likelihood import EvalError, Estimator, check_estimator, is_greedy, \
-    loglikelihood
+from mdm_jax.eval.likelihood import Estimator, EvalError, check_estimator, is_greedy, loglikelihood
 
 
 @register_model("mdm_jax")

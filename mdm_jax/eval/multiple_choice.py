@@ -16,7 +16,8 @@ def read_questions(path: str, limit: int = 0) -> list[dict]:
     try:
         rows = [json.loads(line) for line in open(path, encoding="utf-8") if line.strip()]
     except (OSError, ValueError) as e:
-        raise EvalError(f"task file {path}: {e}; build it with python -m mdm_jax.eval.tasks")
+        raise EvalError(f"task file {path}: {e}; build it with python -m mdm_jax.eval.tasks"
+                        ) from None
     bad = [i for i, r in enumerate(rows, 1) if not (
         isinstance(r, dict) and isinstance(r.get("context"), str)
         and isinstance(r.get("choices"), list) and isinstance(r.get("answer"), int)

@@ -61,10 +61,11 @@ def check_request(model: Encoder, prompts: list[list[int]], gen_length: int,
 
 
 def generate(model: Encoder, params, prompts: list[list[int]], gen_length: int,
-             sampler: mdm.MDMSampler = mdm.MDMSampler(), seed: int = 0,
+             sampler: mdm.MDMSampler | None = None, seed: int = 0,
              max_length: int | None = None, kv_cache: bool = True) -> Generation:
     """Answers of `gen_length` tokens after each prompt (token lists of any lengths), with
     the MDM sampler `sampler` (its temperature/top-k/top-p also drive the ARM)."""
+    sampler = sampler or mdm.MDMSampler()
     check_request(model, prompts, gen_length, sampler, max_length)
     lens = np.array([len(p) for p in prompts], np.int32)
     length = int(lens.max()) + gen_length
