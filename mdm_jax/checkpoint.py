@@ -87,16 +87,35 @@ class _OrbaxErrorsToDebug(logging.Filter):
         return True
 
 
+class _UnretrievedWriteErrorsToDebug(logging.Filter):
+    """asyncio reports, when it collects them, the TensorStore writes of a failed save that
+    nobody awaited ("Task exception was never retrieved ... os_error_code=28"): the failure
+    was already reported as the one `error:` line; kept at DEBUG unless MDM_JAX_DEBUG."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if debug() or "never retrieved" not in record.getMessage():
+            return True
+        exc = record.exc_info[1] if record.exc_info else None
+        text = f"{record.getMessage()} {exc!r}"
+        return not ("os_error_code" in text or "RESOURCE_EXHAUSTED" in text
+                    or "No space left" in text)
+
+
 @functools.cache
 def _quiet_orbax_errors() -> None:
     logging.getLogger("absl").addFilter(_OrbaxErrorsToDebug())
+    logging.getLogger("asyncio").addFilter(_UnretrievedWriteErrorsToDebug())
     # After a failed save, TensorStore's pending writes complete onto Orbax's closed event loop
     # and each reports "Event loop is closed" as an unraisable error: noise, not news.
     previous = sys.unraisablehook
 
     def hook(unraisable) -> None:
-        if (isinstance(unraisable.exc_value, RuntimeError) and unraisable.object is None
-                and str(unraisable.exc_value) == "Event loop is closed" and not debug()):
+        text = f"{unraisable.exc_value!r} {unraisable.object!r}"
+        closed_loop = (isinstance(unraisable.exc_value, RuntimeError)
+                       and unraisable.object is None
+                       and str(unraisable.exc_value) == "Event loop is closed")
+        failed_write = "os_error_code" in text or "No space left" in text  # reported already
+        if (closed_loop or failed_write) and not debug():
             return
         previous(unraisable)
 
