@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mdm_jax.errors import UserError
+from mdm_jax.inference.mdm import guided_logits
 from mdm_jax.model import Encoder
 
 ESTIMATORS = ("mc", "llada", "chain")
@@ -70,12 +71,8 @@ def _bucket(n: int, limit: int) -> int:
 
 
 def _guided_log_probs(model: Encoder, params, x, lengths, context_mask, cfg: float):
-    logits = model.apply({"params": params}, x, lengths, return_logits=True)
-    if cfg:
-        uncond = model.apply({"params": params}, jnp.where(context_mask, model.args.mask_id, x),
-                             lengths, return_logits=True)
-        logits = logits + cfg * (logits - uncond)
-    return jax.nn.log_softmax(logits, axis=-1)
+    """Log-probabilities from the samplers' guided logits (one batched call when guided)."""
+    return jax.nn.log_softmax(guided_logits(model, params, x, context_mask, lengths, cfg), -1)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "kind", "cfg", "eps"))
