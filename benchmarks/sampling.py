@@ -1,21 +1,28 @@
-"""Speed and quality of MDM and ARM sampling, side by side in one run (SMDM's trade-off).
+"""Speed and quality of sampling for every family, side by side in one run (SMDM's trade-off,
+and the uniform-state study's speed-quality frontier).
 
     python benchmarks/sampling.py                    # trains what is missing, then measures
     python benchmarks/sampling.py --num 64 --steps 8,16,32,64,128 --json
+    python benchmarks/sampling.py --families mdm     # SMDM's comparison only
 
 On the demo corpus (prepared by `bash launch/demo.sh`; this script runs the same data steps if
 they are missing) it trains, or reuses when already trained:
-  - the `tiny` MDM and the `tiny` ARM of `experiments/tiny.py` (same data, steps, tokenizer),
+  - the `tiny` ARM and a `tiny` model of each diffusion family in `--families` (mdm, mdm-ce,
+    uniform) from `experiments/tiny.py` (same data, steps, tokenizer),
   - a larger ARM scorer (`small` preset, `--scorer-steps`) on the same corpus and tokenizer.
 Then it generates `--num` unconditional samples of `seq_len - 1` tokens after BOS with the ARM
-(KV cache; also full recompute) and with the MDM at each of `--steps` (random remasking, the
-exact reverse process, at temperature 1), each after one untimed
+(KV cache; also full recompute) and with each diffusion model at each of `--steps` (MDMs:
+random remasking, the exact reverse process; uniform: ancestral; temperature 1), each after one
+untimed
 warm-up call of the same shape, and reports for each: seconds, tokens/s, network calls (NFE),
 the generative perplexity of the samples under the scorer (exp of the mean NLL of the generated
 tokens), and the mean per-sample unigram entropy in bits (degenerate repetition shows as a low
 entropy). The validation data's own perplexity under the scorer is printed for reference. It
 prints the table, marks the Pareto front (faster and better than nothing else), and writes
-`results.json` and `pareto.png` (generative perplexity vs seconds) into `--out`. Caching is
+`results.json`, `pareto.png` (generative perplexity vs seconds) and `frontier.png` (generative
+perplexity vs sampling steps, one line per family, the ARM at its one step per token) into
+`--out`. Generative perplexity compares across families (one scorer judges every sample), unlike
+the families' validation bounds. Caching is
 compared separately on one sample at `--cache-steps` (steps >= tokens, as RADD measures it).
 """
 
@@ -116,8 +123,8 @@ def plot(rows, path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for family, marker in (("ARM", "s"), ("MDM", "o")):
-        pts = [r for r in rows if r["sampler"].startswith(family)]
+    for family, marker in FAMILY_MARKERS.items():
+        pts = [r for r in rows if r["sampler"].split(" ", 1)[0] == family]
         ax.scatter([r["seconds"] for r in pts], [r["gen_ppl"] for r in pts], marker=marker,
                    label=family)
         for r in pts:
@@ -131,13 +138,46 @@ def plot(rows, path: str) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+FAMILY_MARKERS = {"ARM": "s", "MDM": "o", "MDM-CE": "^", "UNIFORM": "D"}
+
+
+def plot_frontier(rows, path: str) -> None:
+    """Generative perplexity against network calls (sampling steps; the ARM: one per token)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for family, marker in FAMILY_MARKERS.items():
+        pts = sorted((r for r in rows if r["sampler"].split(" ", 1)[0] == family
+                      and "recompute" not in r["sampler"]), key=lambda r: r["nfe"])
+        if pts:
+            ax.plot([r["nfe"] for r in pts], [r["gen_ppl"] for r in pts], marker=marker,
+                    linestyle="none" if family == "ARM" else "-", ms=8 if family == "ARM" else 6,
+                    label=family + (" (KV cache, 1 call per token)" if family == "ARM" else ""))
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("sampling steps (network calls per sample)")
+    ax.set_ylabel("generative perplexity (scorer ARM, log)")
+    ax.set_title("Speed-quality frontier per family, tiny models on the demo corpus")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--num", type=int, default=32, help="samples per sampler (one batch)")
-    p.add_argument("--steps", default="8,16,32,64,128", help="MDM step counts")
+    p.add_argument("--steps", default="8,16,32,64,128", help="diffusion step counts")
+    p.add_argument("--families", default="mdm,mdm-ce,uniform",
+                   help="diffusion families to compare with the ARM")
     p.add_argument("--cache-steps", default="128,512",
                    help="step counts of the caching comparison (one sample, as RADD's)")
     p.add_argument("--runs", default=os.path.join(REPO, "runs", "bench_sampling"))
@@ -156,12 +196,19 @@ def main(argv=None) -> None:
     from mdm_jax.inference import MDMSampler, generate, load
 
     ensure_data()
-    runs = {"mdm": os.path.join(args.runs, "tiny_mdm"), "arm": os.path.join(args.runs, "tiny_arm"),
-            "scorer": os.path.join(args.runs, "scorer_arm_small")}
-    ensure_trained("mdm", runs["mdm"])
-    ensure_trained("arm", runs["arm"])
+    families = [f.strip() for f in args.families.split(",") if f.strip()]
+    bad = [f for f in families if f not in ("mdm", "mdm-ce", "uniform")]
+    if bad or not families:
+        p.error(f"--families {args.families!r}: give diffusion families among mdm, mdm-ce, "
+                f"uniform")
+    runs = {f: os.path.join(args.runs, f"tiny_{f}") for f in [*families, "arm"]}
+    runs["scorer"] = os.path.join(args.runs, "scorer_arm_small")
+    for family in [*families, "arm"]:
+        ensure_trained(family, runs[family])
     ensure_trained("arm", runs["scorer"], preset="small", steps=args.scorer_steps)
-    mdm, arm, scorer = (load(runs[k]) for k in ("mdm", "arm", "scorer"))
+    models = {f: load(runs[f]) for f in [*families, "arm"]}
+    arm, scorer = models["arm"], load(runs["scorer"])
+    mdm = models.get("mdm", models[families[0]])
     seq_len = mdm.config.seq_len
     gen_length, prompts = seq_len - 1, [[1]] * args.num  # BOS, then seq_len - 1 tokens
     vocab = mdm.args.vocab_size
@@ -178,14 +225,16 @@ def main(argv=None) -> None:
                                                   MDMSampler(temperature=1.0), seed=args.seed,
                                                   kv_cache=False), scorer, 1, vocab),
     ]
-    for steps in (int(s) for s in args.steps.split(",")):
-        s = MDMSampler(steps=steps, remasking="random", temperature=1.0)
-        rows.append(measure(f"MDM {steps} steps", lambda s=s: generate(
-            mdm.model, mdm.params, prompts, gen_length, s, seed=args.seed), scorer, 1, vocab))
+    for family in families:
+        m = models[family]
+        for steps in (int(s) for s in args.steps.split(",")):
+            s = MDMSampler(steps=steps, remasking="random", temperature=1.0)
+            rows.append(measure(f"{family.upper()} {steps} steps", lambda s=s, m=m: generate(
+                m.model, m.params, prompts, gen_length, s, seed=args.seed), scorer, 1, vocab))
     # Caching: one sample, steps >= its tokens (RADD's setting): steps that reveal nothing are
     # common there, and each one skipped is a network call saved.
     caching = []
-    for steps in (int(s) for s in args.cache_steps.split(",")):
+    for steps in (int(s) for s in args.cache_steps.split(",") if "mdm" in models):
         for cache in (False, True):
             s = MDMSampler(steps=steps, remasking="random", temperature=1.0, cache=cache)
             caching.append(measure(f"MDM {steps} steps{' cached' if cache else ''}, 1 sample",
@@ -194,13 +243,14 @@ def main(argv=None) -> None:
     front = {r["sampler"] for r in pareto(rows)}
     os.makedirs(args.out, exist_ok=True)
     result = {"num": args.num, "gen_length": gen_length, "validation_ppl": val_ppl,
-              "mdm_step": mdm.step, "arm_step": arm.step, "scorer_step": scorer.step,
+              "trained_steps": {f: m.step for f, m in models.items()}, "scorer_step": scorer.step,
               "scorer_preset": scorer.config.model.preset, "rows": rows,
               "pareto": sorted(front), "caching": caching,
               "measured_at": time.strftime("%Y-%m-%d %H:%M:%S")}
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(result, f, indent=2)
     plot(rows, os.path.join(args.out, "pareto.png"))
+    plot_frontier(rows, os.path.join(args.out, "frontier.png"))
     if args.json:
         print(json.dumps(result, indent=2))
         return
@@ -218,14 +268,17 @@ def main(argv=None) -> None:
         print(f"  {r['sampler']:<30}{r['seconds']:>9.3f} s{r['nfe']:>6} NFE  gen ppl "
               f"{r['gen_ppl']:.1f}")
     arm_s = rows[0]["seconds"]
-    for r in rows[2:]:
-        if r["gen_ppl"] <= rows[0]["gen_ppl"]:
-            print(f"fastest MDM setting at least as good as the ARM: {r['sampler']}, "
-                  f"{arm_s / r['seconds']:.2f}x the ARM's speed (SMDM reports 1.4x)")
-            break
-    else:
-        print("no MDM setting here reaches the ARM's generative perplexity")
-    print(f"wrote {args.out}/results.json and pareto.png")
+    for family in families:
+        tag = family.upper() + " "
+        good = [r for r in rows[2:] if r["sampler"].startswith(tag)
+                and r["gen_ppl"] <= rows[0]["gen_ppl"]]
+        if good:
+            r = min(good, key=lambda r: r["seconds"])
+            print(f"fastest {family} setting at least as good as the ARM: {r['sampler']}, "
+                  f"{arm_s / r['seconds']:.2f}x the ARM's speed (SMDM reports 1.4x for the MDM)")
+        else:
+            print(f"no {family} setting here reaches the ARM's generative perplexity")
+    print(f"wrote {args.out}/results.json, pareto.png and frontier.png")
 
 
 if __name__ == "__main__":

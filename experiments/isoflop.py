@@ -1,13 +1,17 @@
-"""IsoFLOP scaling studies: SMDM's MDM + ARM grid, and a micro study that runs on a CPU.
+"""IsoFLOP scaling studies: SMDM's grid for every family, and micro studies that run on a CPU.
 
     python -m mdm_jax.scaling.plan  --config=experiments/isoflop.py            # price the grid
+    python -m mdm_jax.scaling.plan  --config=experiments/isoflop.py --config.families=mdm,arm
     python -m mdm_jax.scaling.sweep --config=experiments/isoflop.py --backend slurm --dry-run
     python -m mdm_jax.scaling.sweep --config=experiments/isoflop.py:micro --backend local
     python -m mdm_jax.scaling.fit   --results runs/isoflop_micro/results.csv --plot fig.png
 
-Config argument: "smdm" (default; shared/REFERENCE.md sections 1 and 3) or "micro".
+Config argument: "smdm" (default; shared/REFERENCE.md sections 1 and 3), "micro" (the first
+MDM + ARM micro study) or "micro_families" (four families, budgets that bracket every minimum).
 Fields:
-  families      "mdm,arm": both families share the grid, so their curves meet budget by budget
+  families      comma-separated objective kinds: mdm (SMDM's ELBO), mdm-ce (masked CE), uniform
+                (uniform-state diffusion), arm. All share the grid, so their curves meet budget
+                by budget; SMDM's own study is --config.families=mdm,arm
   grid          "BUDGET: PRESET,..." entries; the presets bracket each budget's optimum
   batch/seq_len the global batch of every run (SMDM: 256 x 2048)
   convention    "6n" (SMDM's C = 6 N D) or "3fwd" (the Duo study's 3 x F_fwd per token)
@@ -44,9 +48,21 @@ MICRO_GRID = (
 )
 
 
+# Four families, about 6x the compute of MICRO_GRID per run: the MDM's minimum sat at the
+# small edge of MICRO_GRID (4K-13K), so these budgets keep 4K at the bottom (the uniform
+# family needs it) and reach 214K at the top for the ARM, whose optimum was 38K at 1.2e12.
+MICRO_FAMILIES_GRID = (
+    "1.2e12: 4K,13K,27K,56K,107K,214K",
+    "3e12: 4K,13K,27K,56K,107K,214K",
+    "7.5e12: 4K,13K,27K,56K,107K,214K",
+)
+
+ALL_FAMILIES = "mdm,mdm-ce,uniform,arm"
+
+
 def get_config(arg: str = "smdm"):
     c = ml_collections.ConfigDict()
-    c.families = "mdm,arm"
+    c.families = ALL_FAMILIES
     c.convention = "6n"
     c.overrides = ()
     c.slurm = ml_collections.ConfigDict()
@@ -75,6 +91,7 @@ def get_config(arg: str = "smdm"):
         c.assumed_mfu = 0.4
     elif arg == "micro":
         c.name = "micro_isoflop"
+        c.families = "mdm,arm"
         c.grid = MICRO_GRID
         c.batch = 16
         c.seq_len = 128
@@ -83,6 +100,18 @@ def get_config(arg: str = "smdm"):
         c.sweep_dir = "runs/isoflop_micro"
         c.accelerator = "h100"  # the plan still prices it; the study itself runs on CPU
         c.assumed_mfu = 0.4
+    elif arg == "micro_families":
+        c.name = "micro_families"
+        c.grid = MICRO_FAMILIES_GRID
+        c.batch = 16
+        c.seq_len = 128
+        c.convention = "3fwd"
+        c.base = "experiments/micro.py"
+        c.sweep_dir = "runs/isoflop_micro_families"
+        c.overrides = ("checkpoint_every=1000",)  # runs of up to 43K steps of a few ms each
+        c.accelerator = "h100"
+        c.assumed_mfu = 0.4
     else:
-        raise ValueError(f"experiments/isoflop.py takes 'smdm' or 'micro', not {arg!r}")
+        raise ValueError(f"experiments/isoflop.py takes 'smdm', 'micro' or 'micro_families', "
+                         f"not {arg!r}")
     return c

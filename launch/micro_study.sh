@@ -3,12 +3,14 @@
 # 512-piece tokenizer, prepare 128-token shards, run the MDM + ARM sweep (experiments/isoflop.py
 # :micro), collect results.csv, fit and plot. Idempotent: finished runs are skipped, interrupted
 # ones resume from their checkpoints. Extra arguments go to the sweep, e.g. `--parallel 2`.
+# MICRO_STUDY=micro_families runs the four-family study (experiments/isoflop.py:micro_families).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/setup.sh
 py=.venv/bin/python
 data=data_cache
-out="${MICRO_STUDY_OUT:-experiments/results/micro}"
+study="${MICRO_STUDY:-micro}"
+out="${MICRO_STUDY_OUT:-experiments/results/$study}"
 $py -m mdm_jax.data.corpus --dest "$data/demo_corpus"
 $py -m mdm_jax.data.train_tokenizer --input "$data/demo_corpus/train" \
   --output "$data/micro_tokenizer.model" --vocab-size 512
@@ -18,8 +20,8 @@ for split in train validation; do
     --seq-len 128 --workers 2
 done
 mkdir -p "$out"
-$py -m mdm_jax.scaling.plan --config=experiments/isoflop.py:micro | tee "$out/plan.txt"
-$py -m mdm_jax.scaling.sweep --config=experiments/isoflop.py:micro --backend local \
+$py -m mdm_jax.scaling.plan --config=experiments/isoflop.py:$study | tee "$out/plan.txt"
+$py -m mdm_jax.scaling.sweep --config=experiments/isoflop.py:$study --backend local \
   --results "$out/results.csv" "$@"
 $py -m mdm_jax.scaling.fit --results "$out/results.csv" --plot "$out/isoflop.png" \
   | tee "$out/fit.txt"

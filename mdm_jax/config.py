@@ -11,6 +11,7 @@ import math
 
 import ml_collections
 
+from mdm_jax import families
 from mdm_jax.errors import UserError
 from mdm_jax.model import ATTENTION_IMPLS, REMAT_POLICIES, ModelArgs
 from mdm_jax.objectives import OBJECTIVES, ObjectiveArgs
@@ -107,8 +108,8 @@ def model_args(c: ml_collections.ConfigDict) -> ModelArgs:
     return ModelArgs.from_preset(
         preset,
         vocab_size=c.model.vocab_size or None,
-        causal=c.objective.kind == "arm",
-        time_conditioning=c.objective.kind == "uniform",
+        causal=families.is_causal(c.objective.kind),
+        time_conditioning=families.is_time_conditioned(c.objective.kind),
         dtype=c.model.dtype,
         remat=c.model.remat,
         scan_layers=c.model.scan_layers,

@@ -33,13 +33,18 @@ def fail(message: str) -> None:
 
 
 def run_main(main: Callable, *args, **kwargs):
-    """Call an entry point's main; a UserError becomes one line and exit code 2."""
+    """Call an entry point's main; a UserError becomes one line and exit code 2. A reader
+    that stops early (`... | head`) ends the output quietly, as for any Unix tool."""
     try:
         return main(*args, **kwargs)
     except UserError as e:
         if debug():
             raise
         fail(str(e).strip().replace("\n", " "))
+    except BrokenPipeError:
+        # Python would report the failed flush of stdout at exit: point it at /dev/null.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(141) from None  # 128 + SIGPIPE, what a shell reports for `yes | head`
 
 
 def config_flags_parser(argv: list[str]) -> list[str]:

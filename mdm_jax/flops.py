@@ -45,16 +45,35 @@ def total_params(preset: Preset, vocab_size: int | None = None, causal: bool = F
     return preset.non_embedding_params + rows * preset.d_model + preset.d_model * v
 
 
-def flops_per_token_6n(preset: Preset) -> float:
-    """Training FLOPs per token, SMDM convention: 6 N."""
-    return 6.0 * preset.non_embedding_params
+# Time conditioning (model.ModelArgs.time_conditioning, uniform-state diffusion): the noise
+# level's sinusoidal features and the width of the conditioning vector (model.noise_embedding,
+# ModelArgs.cond_dim; a test checks these against the model's parameters).
+NOISE_FEATURES = 256
+COND_DIM = 128
+
+
+def time_conditioning_weights(preset: Preset) -> int:
+    """Weights applied once per sequence: the noise-level MLP, each block's adaLN (shift, scale
+    and gate for attention and MLP: 6 d) and the final one (shift, scale: 2 d); biases aside."""
+    return (NOISE_FEATURES * COND_DIM + COND_DIM * COND_DIM
+            + preset.n_layer * COND_DIM * 6 * preset.d_model + COND_DIM * 2 * preset.d_model)
+
+
+def flops_per_token_6n(preset: Preset, seq_len: int = SMDM_SEQ_LEN,
+                       time_conditioned: bool = False) -> float:
+    """Training FLOPs per token, SMDM convention: 6 N (plus 6 x the time conditioning's
+    weights / L for a time-conditioned model: they run once per sequence)."""
+    extra = 6.0 * time_conditioning_weights(preset) / seq_len if time_conditioned else 0.0
+    return 6.0 * preset.non_embedding_params + extra
 
 
 def forward_flops_per_token(preset: Preset, seq_len: int, vocab_size: int | None = None,
-                            causal: bool = False) -> float:
+                            causal: bool = False, time_conditioned: bool = False) -> float:
     """Forward matmul FLOPs per token including attention scores/values and the head.
 
     A bidirectional encoder attends to all L keys; a causal model's useful work is half of that.
+    A time-conditioned model adds its conditioning matmuls, which run once per sequence, so
+    they cost 1/L of their weights' 2 FLOPs per token.
     """
     v = vocab_size or preset.vocab_size
     d_attn = preset.n_head * preset.head_dim
@@ -62,24 +81,26 @@ def forward_flops_per_token(preset: Preset, seq_len: int, vocab_size: int | None
                    - preset.d_model)  # weights only, norms excluded
     attn = 2.0 * 2.0 * seq_len * d_attn * preset.n_layer * (0.5 if causal else 1.0)
     head = 2.0 * preset.d_model * v
-    return dense + attn + head
+    conditioning = 2.0 * time_conditioning_weights(preset) / seq_len if time_conditioned else 0.0
+    return dense + attn + head + conditioning
 
 
 def train_flops_per_token(preset: Preset, seq_len: int, vocab_size: int | None = None,
-                          causal: bool = False) -> float:
+                          causal: bool = False, time_conditioned: bool = False) -> float:
     """Detailed training FLOPs per token: 3 x forward (forward + backward)."""
-    return 3.0 * forward_flops_per_token(preset, seq_len, vocab_size, causal)
+    return 3.0 * forward_flops_per_token(preset, seq_len, vocab_size, causal, time_conditioned)
 
 
 def steps_for_budget(preset: Preset, budget: float, batch: int = SMDM_BATCH,
                      seq_len: int = SMDM_SEQ_LEN, convention: str = "6n",
-                     vocab_size: int | None = None, causal: bool = False) -> int:
+                     vocab_size: int | None = None, causal: bool = False,
+                     time_conditioned: bool = False) -> int:
     """Optimizer steps that spend `budget` FLOPs: SMDM's 6N (default) or Duo's 3 F_fwd."""
     tokens_per_step = batch * seq_len
     if convention == "6n":
-        per_token = flops_per_token_6n(preset)
+        per_token = flops_per_token_6n(preset, seq_len, time_conditioned)
     elif convention == "3fwd":
-        per_token = train_flops_per_token(preset, seq_len, vocab_size, causal)
+        per_token = train_flops_per_token(preset, seq_len, vocab_size, causal, time_conditioned)
     else:
         raise ValueError(f"convention={convention!r}; valid: '6n' (SMDM) or '3fwd' (Duo)")
     return int(budget / (per_token * tokens_per_step))
@@ -116,11 +137,12 @@ class Plan:
 
 
 def plan(name: str, budget: float, batch: int = SMDM_BATCH, seq_len: int = SMDM_SEQ_LEN,
-         convention: str = "6n", causal: bool = False) -> Plan:
+         convention: str = "6n", causal: bool = False, time_conditioned: bool = False) -> Plan:
     preset = get_preset(name)
     if budget <= 0:
         raise ValueError(f"--budget must be a positive number of FLOPs, got {budget}")
-    steps = steps_for_budget(preset, budget, batch, seq_len, convention, causal=causal)
+    steps = steps_for_budget(preset, budget, batch, seq_len, convention, causal=causal,
+                             time_conditioned=time_conditioned)
     if steps < 1:
         one_step = flops_per_token_6n(preset) * batch * seq_len
         raise ValueError(
@@ -134,8 +156,9 @@ def plan(name: str, budget: float, batch: int = SMDM_BATCH, seq_len: int = SMDM_
         total_params=total_params(preset, causal=causal), budget=budget, batch=batch,
         seq_len=seq_len, steps=steps, tokens=tokens,
         tokens_per_param=tokens / preset.non_embedding_params,
-        flops_per_token_6n=flops_per_token_6n(preset),
-        flops_per_token_detailed=train_flops_per_token(preset, seq_len, causal=causal),
+        flops_per_token_6n=flops_per_token_6n(preset, seq_len, time_conditioned),
+        flops_per_token_detailed=train_flops_per_token(preset, seq_len, causal=causal,
+                                                       time_conditioned=time_conditioned),
         convention=convention,
     )
 

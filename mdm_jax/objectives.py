@@ -15,14 +15,13 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from mdm_jax.families import FAMILIES as OBJECTIVES
 from mdm_jax.model import head_kernel, logits_from_hidden
-
-OBJECTIVES = ("mdm", "mdm-ce", "uniform", "arm")
 
 
 @dataclasses.dataclass(frozen=True)
 class ObjectiveArgs:
-    kind: str = "mdm"  # "mdm" | "arm"
+    kind: str = "mdm"  # a name in mdm_jax.families.FAMILIES
     eps: float = 1e-3  # mask probability p = (1 - eps) * t + eps
     variable_length_prob: float = 0.01  # chance that a batch is truncated to U{1..L}
     weighting: str = "elbo"  # "elbo": CE / p summed over masked, / (B*L); "unweighted": mean CE

@@ -186,7 +186,8 @@ class Trainer:
     def train_flops_per_step(self) -> float:
         c = self.config
         per_token = flops.train_flops_per_token(get_preset(c.model.preset), c.seq_len,
-                                                self.args.vocab_size, self.args.causal)
+                                                self.args.vocab_size, self.args.causal,
+                                                self.args.time_conditioning)
         return per_token * c.global_batch * c.seq_len
 
 

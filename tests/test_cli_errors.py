@@ -297,3 +297,16 @@ def test_cli_mistakes_are_one_error_line_and_exit_2(argv, expected, run_dir, tab
     assert out.returncode == 2, (out.returncode, out.stderr[-3000:])
     assert len(lines) == 1 and lines[0].startswith("error: "), out.stderr[-3000:]
     assert expected.format(run=run_dir, tmp=table_dir) in lines[0], lines[0]
+
+
+def test_a_reader_that_stops_early_ends_the_output_quietly():
+    """`python -m mdm_jax.scaling.plan ... | head`: no BrokenPipeError traceback."""
+    code = ("import sys\nfrom mdm_jax.errors import run_main\n"
+            "def main():\n    for i in range(10**6):\n        print('row', i)\n"
+            "run_main(main)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    assert proc.stdout.readline() == b"row 0\n"
+    proc.stdout.close()  # the reader goes away, as `head` does
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 141 and b"Traceback" not in err and b"Exception" not in err, err

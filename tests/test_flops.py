@@ -51,3 +51,39 @@ def test_budget_too_small_is_an_error():
 def test_mfu_uses_peak_table():
     assert flops.mfu(494.5e12, "NVIDIA H100 80GB HBM3", 1) == pytest.approx(0.5)
     assert flops.mfu(1e9, "cpu", 1) is None
+
+
+def test_time_conditioning_count_matches_the_model_weights():
+    """flops.time_conditioning_weights is every conditioning kernel of a real time-conditioned
+    encoder (noise MLP, per-block and final adaLN), which run once per sequence."""
+    import jax
+    import numpy as np
+
+    from mdm_jax.model import Encoder, ModelArgs
+
+    for name, scan in (("13K", True), ("27K", False)):
+        preset = get_preset(name)
+        args = ModelArgs.from_preset(preset, vocab_size=64, time_conditioning=True,
+                                     scan_layers=scan)
+        shapes = jax.eval_shape(lambda args=args: Encoder(args).init(
+            jax.random.PRNGKey(0), jax.numpy.zeros((1, 8), jax.numpy.int32)))["params"]
+        kernels = 0
+        for path, leaf in jax.tree_util.tree_flatten_with_path(shapes)[0]:
+            keys = [k.key for k in path if hasattr(k, "key")]  # Partitioned boxes add .value
+            is_conditioning = any(k in ("time_in", "time_out", "ada", "final_ada") for k in keys)
+            if is_conditioning and keys[-1] in ("kernel", "ada", "final_ada"):
+                kernels += int(np.prod(leaf.shape))
+        assert kernels == flops.time_conditioning_weights(preset), name
+
+
+def test_time_conditioning_is_counted_per_sequence():
+    p = get_preset("13K")
+    plain = flops.train_flops_per_token(p, 128)
+    conditioned = flops.train_flops_per_token(p, 128, time_conditioned=True)
+    assert conditioned - plain == pytest.approx(3 * 2 * flops.time_conditioning_weights(p) / 128)
+    assert flops.flops_per_token_6n(p, 128, time_conditioned=True) - flops.flops_per_token_6n(
+        p, 128) == pytest.approx(6 * flops.time_conditioning_weights(p) / 128)
+    # The same budget buys a time-conditioned model fewer steps, under either convention.
+    for convention in ("6n", "3fwd"):
+        assert (flops.steps_for_budget(p, 1e12, 16, 128, convention, time_conditioned=True)
+                < flops.steps_for_budget(p, 1e12, 16, 128, convention))

@@ -40,7 +40,8 @@ def _cli(module, *args, cwd=ROOT):
 def test_plan_matches_the_reference():
     # Every preset's N against REFERENCE is tests/test_model.py's; the plan carries it through.
     runs = plan.expand(_study())
-    assert len(runs) == 2 * sum(len(g.split(":")[1].split(",")) for g in _study().grid)
+    assert {r.family for r in runs} == {"mdm", "mdm-ce", "uniform", "arm"}
+    assert len(runs) == 4 * sum(len(g.split(":")[1].split(",")) for g in _study().grid)
     run = next(r for r in runs if (r.family, r.preset, r.budget) == ("mdm", "170M", 1e19))
     assert run.steps == 18_710 and run.tokens == 18_710 * 256 * 2048
     assert run.run_id == "mdm-170M-1e+19" and run.workdir.endswith("isoflop_smdm/mdm-170M-1e+19")
@@ -92,11 +93,14 @@ def test_bad_study_input_is_named():
 
 def _synthetic(path, alpha, beta, multiplier, noise=1e-4, seed=0):
     """IsoFLOP curves that are exact parabolas in log N around N*(C) = b C^beta with minimum
-    L*(C) = a C^-alpha (MDM: the ARM's curve shifted by `multiplier` in compute)."""
+    L*(C) = a C^-alpha (each family in `beta`: the ARM's curve shifted by multiplier[family] in
+    compute; a number is the MDM's multiplier)."""
+    if not isinstance(multiplier, dict):
+        multiplier = {"mdm": multiplier}
     rng = np.random.default_rng(seed)
     rows = []
-    for family in ("mdm", "arm"):
-        shift = multiplier if family == "mdm" else 1.0
+    for family in beta:
+        shift = multiplier.get(family, 1.0)
         for budget in (6e18, 1e19, 3e19, 6e19, 1e20):
             l_opt = 40.0 * (budget / shift) ** -alpha
             n_opt = (0.02 if family == "mdm" else 0.05) * budget ** beta[family]
@@ -129,6 +133,28 @@ def test_fit_recovers_known_exponents(tmp_path):
     assert mdm["alpha_se"] < 0.01
     with open(tmp_path / "fig.png", "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_fit_reports_every_family_against_the_arm_and_ce_against_elbo(tmp_path):
+    path = tmp_path / "results.csv"
+    shifts = {"mdm": 16.0, "mdm-ce": 16.0 / 1.12, "uniform": 40.0}
+    _synthetic(path, alpha=0.062, beta={"mdm": 0.63, "mdm-ce": 0.6, "uniform": 0.55,
+                                        "arm": 0.58}, multiplier=shifts)
+    out = _cli("mdm_jax.scaling.fit", "--results", str(path), "--json", "--plot",
+               str(tmp_path / "fig.png"))
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    for family, shift in shifts.items():
+        assert result["families"][family]["compute_multiplier"] == pytest.approx(shift, rel=0.02)
+        assert result["multipliers"][f"{family}/arm"]["shared_alpha"] == pytest.approx(
+            shift, rel=0.02)
+    assert result["families"]["uniform"]["beta"] == pytest.approx(0.55, rel=0.02)
+    # The CE variant's gain is its own comparison: 1.12x less compute than the ELBO-trained MDM.
+    assert result["multipliers"]["mdm-ce/mdm"]["shared_alpha"] == pytest.approx(1 / 1.12,
+                                                                                rel=0.02)
+    text = _cli("mdm_jax.scaling.fit", "--results", str(path)).stdout
+    assert "UNIFORM compute multiplier for the ARM's loss: 40x" in text
+    assert "MDM-CE compute multiplier for the MDM's loss: 0.893x" in text
 
 
 def test_fit_flags_minima_at_the_edge_of_the_grid(tmp_path):

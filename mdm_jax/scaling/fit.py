@@ -2,9 +2,11 @@
 
 For each family and budget, a parabola in log10 N fitted to the final losses gives the IsoFLOP
 minimum (N*, L*). Across budgets, least squares on log-log axes gives L*(C) = a C^-alpha and
-N*(C) = b C^beta, with standard errors from the residuals. The MDM's compute multiplier is the
-factor k with L_mdm(k C) = L_arm(C), from a fit that shares alpha between the families (SMDM's
-"constant compute gap"), and also per budget from the separate fits.
+N*(C) = b C^beta, with standard errors from the residuals. Each diffusion family's compute
+multiplier is the factor k with L_family(k C) = L_arm(C), from a fit that shares alpha between
+the two families (SMDM's "constant compute gap"), and also per budget from the separate fits;
+mdm-ce is also compared with mdm (the CE variant's FLOPs gain). Losses compare within a family:
+each family's validation bound is its own (the ARM's is exact NLL, the diffusions' are ELBOs).
 
     python -m mdm_jax.scaling.fit --results results.csv --plot isoflop.png [--json]
 """
@@ -21,6 +23,7 @@ import os
 import numpy as np
 
 from mdm_jax.errors import ArgumentParser, run_main
+from mdm_jax.families import FAMILIES
 from mdm_jax.scaling.plan import StudyError
 from mdm_jax.scaling.sweep import RESULT_COLUMNS
 
@@ -48,9 +51,9 @@ def read_results(path: str) -> list[dict]:
                 except (TypeError, ValueError):
                     raise StudyError(f"{path} line {line}: a value in {', '.join(NUMERIC)} is not "
                                      f"a number: {row}") from None
-                if row["family"] not in ("mdm", "arm"):
-                    raise StudyError(f"{path} line {line}: family {row['family']!r} is not mdm "
-                                     f"or arm")
+                if row["family"] not in FAMILIES:
+                    raise StudyError(f"{path} line {line}: family {row['family']!r} is not one "
+                                     f"of {', '.join(FAMILIES)}")
                 if not all(math.isfinite(parsed[k]) and parsed[k] > 0
                            for k in ("non_embedding_params", "budget")):
                     raise StudyError(f"{path} line {line}: non_embedding_params and budget must be "
@@ -125,7 +128,7 @@ def power_law(c: np.ndarray, y: np.ndarray) -> PowerLaw:
 def fit(rows: list[dict]) -> dict:
     """Minima per family and budget, the two power laws per family and the compute multiplier."""
     out = {"families": {}}
-    for family in ("mdm", "arm"):
+    for family in FAMILIES:
         fam = [r for r in rows if r["family"] == family]
         if not fam:
             continue
@@ -147,20 +150,33 @@ def fit(rows: list[dict]) -> dict:
             "minima": [dataclasses.asdict(m) | {"coeffs": list(m.coeffs)} for m in minima],
             "_laws": (loss_law, n_law), "_minima": minima,
         }
-    if {"mdm", "arm"} <= out["families"].keys():
-        out["compute_multiplier"] = _multiplier(out["families"]["mdm"]["_minima"],
-                                                out["families"]["arm"]["_minima"],
-                                                out["families"]["mdm"]["_laws"][0],
-                                                out["families"]["arm"]["_laws"][0])
-        out["families"]["mdm"]["compute_multiplier"] = out["compute_multiplier"]["shared_alpha"]
-        out["families"]["arm"]["compute_multiplier"] = 1.0
+    fams = out["families"]
+    out["multipliers"] = {}
+    for family, reference in COMPARISONS:
+        if {family, reference} <= fams.keys():
+            k = _multiplier(fams[family]["_minima"], fams[reference]["_minima"],
+                            fams[family]["_laws"][0], fams[reference]["_laws"][0])
+            out["multipliers"][f"{family}/{reference}"] = k
+            if reference == "arm":
+                fams[family]["compute_multiplier"] = k["shared_alpha"]
+                fams[family]["compute_multiplier_log10_se"] = k["shared_alpha_log10_se"]
+    if "arm" in fams and len(fams) > 1:
+        fams["arm"]["compute_multiplier"] = 1.0
+    if "mdm/arm" in out["multipliers"]:
+        out["compute_multiplier"] = out["multipliers"]["mdm/arm"]  # SMDM's headline number
     return out
+
+
+# (family, reference): the compute the family needs for the reference's loss. Every diffusion
+# family against the ARM, and the CE-trained MDM against SMDM's ELBO-trained one.
+COMPARISONS = (("mdm", "arm"), ("mdm-ce", "arm"), ("uniform", "arm"), ("mdm-ce", "mdm"))
 
 
 def _multiplier(mdm: list[Minimum], arm: list[Minimum], mdm_law: PowerLaw,
                 arm_law: PowerLaw) -> dict:
-    """k with L_mdm(k C) = L_arm(C). Shared alpha: log L = c_family - alpha log C, so
-    log k = (c_mdm - c_arm) / alpha, a constant; its error by the delta method."""
+    """k with L_mdm(k C) = L_arm(C) (mdm: the family, arm: its reference). Shared alpha:
+    log L = c_family - alpha log C, so log k = (c_mdm - c_arm) / alpha, a constant; its error
+    by the delta method."""
     lc = np.log10([m.budget for m in mdm] + [m.budget for m in arm])
     is_mdm = np.array([1.0] * len(mdm) + [0.0] * len(arm))
     design = np.stack([is_mdm, 1 - is_mdm, -lc], 1)
@@ -194,59 +210,73 @@ def report(result: dict) -> str:
         for m in d["_minima"]:
             flag = "" if m.bracketed else "  (not bracketed: best run shown; widen the grid)"
             lines.append(f"  C={m.budget:.3g}: N*={m.n_opt:,.0f}  L*={m.loss_opt:.4f}{flag}")
-    if "compute_multiplier" in result:
-        k = result["compute_multiplier"]
+    for pair, k in result.get("multipliers", {}).items():
+        family, reference = (f.upper() for f in pair.split("/"))
         spread = 10 ** k["shared_alpha_log10_se"]
-        lines.append(f"MDM compute multiplier for the ARM's loss: {k['shared_alpha']:.3g}x "
-                     f"(x/ {spread:.2f} one s.e.; shared alpha {k['alpha_shared']:.4f}); per "
-                     f"budget: " + ", ".join(f"{c}: {v:.3g}x" for c, v in k["at_budget"].items()))
+        lines.append(f"{family} compute multiplier for the {reference}'s loss: "
+                     f"{k['shared_alpha']:.3g}x (x/ {spread:.2f} one s.e.; shared alpha "
+                     f"{k['alpha_shared']:.4f}); per budget: "
+                     + ", ".join(f"{c}: {v:.3g}x" for c, v in k["at_budget"].items()))
     return "\n".join(lines)
 
 
 def plot(rows: list[dict], result: dict, path: str) -> None:
+    """Top row: one IsoFLOP panel per family (losses compare within a family only); bottom
+    row: L*(C) and N*(C) of every family."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
+    families = list(result["families"])
+    cols = max(len(families), 2)
+    fig, grid = plt.subplots(2, cols, figsize=(4.2 * cols, 8.4), squeeze=False)
+    for ax in grid[1, 2:]:
+        ax.set_visible(False)
+    loss_ax, n_ax = grid[1, 0], grid[1, 1]
     budgets = sorted({r["budget"] for r in rows})
     colors = {b: plt.cm.viridis(i / max(len(budgets) - 1, 1)) for i, b in enumerate(budgets)}
-    styles = {"mdm": ("o", "-"), "arm": ("s", "--")}
-    for family, d in result["families"].items():
+    styles = {"mdm": ("o", "-"), "mdm-ce": ("^", "-."), "uniform": ("D", ":"),
+              "arm": ("s", "--")}
+    for ax, family in zip(grid[0], families, strict=False):
+        d = result["families"][family]
         marker, line = styles[family]
         for m in d["_minima"]:
             pts = sorted((r for r in rows if r["family"] == family and r["budget"] == m.budget),
                          key=lambda r: r["non_embedding_params"])
             n = np.array([r["non_embedding_params"] for r in pts])
-            axes[0].plot(n, [r["loss"] for r in pts], marker, color=colors[m.budget])
+            ax.plot(n, [r["loss"] for r in pts], marker, color=colors[m.budget])
             xs = np.linspace(np.log10(n.min()), np.log10(n.max()), 50)
-            axes[0].plot(10 ** xs, np.polyval(m.coeffs, xs), line, color=colors[m.budget],
-                         label=f"{family.upper()} C={m.budget:.2g}")
-            axes[0].plot(m.n_opt, m.loss_opt, "*", ms=14, color=colors[m.budget], mec="k")
+            ax.plot(10 ** xs, np.polyval(m.coeffs, xs), line, color=colors[m.budget],
+                    label=f"C={m.budget:.2g}")
+            ax.plot(m.n_opt, m.loss_opt, "*" if m.bracketed else "x", ms=14,
+                    color=colors[m.budget], mec="k")
+        ax.set(xscale="log", xlabel="non-embedding parameters N", ylabel="validation loss",
+               title=f"{family.upper()} IsoFLOP curves")
         loss_law, n_law = d["_laws"]
         cs = np.array([m.budget for m in d["_minima"]])
-        grid = np.geomspace(cs.min() / 1.5, cs.max() * 1.5, 50)
-        axes[1].plot(cs, [m.loss_opt for m in d["_minima"]], marker, color="k")
-        axes[1].plot(grid, loss_law(grid), line,
+        span = np.geomspace(cs.min() / 1.5, cs.max() * 1.5, 50)
+        loss_ax.plot(cs, [m.loss_opt for m in d["_minima"]], marker, color="k")
+        loss_ax.plot(span, loss_law(span), line,
                      label=f"{family.upper()}: L* ~ C^-{d['alpha']:.3f}")
-        axes[2].plot(cs, [m.n_opt for m in d["_minima"]], marker, color="k")
-        axes[2].plot(grid, n_law(grid), line, label=f"{family.upper()}: N* ~ C^{d['beta']:.2f}")
-    axes[0].set(xscale="log", xlabel="non-embedding parameters N", ylabel="validation loss",
-                title="IsoFLOP curves")
-    axes[1].set(xscale="log", yscale="log", xlabel="training FLOPs C", ylabel="optimal loss L*",
+        n_ax.plot(cs, [m.n_opt for m in d["_minima"]], marker, color="k")
+        n_ax.plot(span, n_law(span), line, label=f"{family.upper()}: N* ~ C^{d['beta']:.2f}")
+    loss_ax.set(xscale="log", yscale="log", xlabel="training FLOPs C", ylabel="optimal loss L*",
                 title="Optimal loss vs compute")
-    axes[2].set(xscale="log", yscale="log", xlabel="training FLOPs C", ylabel="optimal N*",
-                title="Optimal size vs compute")
-    if "compute_multiplier" in result:
-        axes[1].set_title(f"Optimal loss vs compute (MDM needs "
-                          f"{result['compute_multiplier']['shared_alpha']:.3g}x)")
-    for ax in axes:
-        ax.legend(fontsize=7)
-        ax.grid(True, which="both", alpha=0.3)
+    n_ax.set(xscale="log", yscale="log", xlabel="training FLOPs C", ylabel="optimal N*",
+             title="Optimal size vs compute")
+    needs = [f"{pair.split('/')[0].upper()} {k['shared_alpha']:.3g}x"
+             for pair, k in result.get("multipliers", {}).items() if pair.endswith("/arm")]
+    if needs:
+        loss_ax.set_title("Optimal loss vs compute (vs ARM: " + ", ".join(needs) + ")",
+                          fontsize=9)
+    for ax in grid.flat:
+        if ax.get_visible() and ax.has_data():
+            ax.legend(fontsize=7)
+            ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     try:
-        fig.savefig(path, dpi=120)
+        fig.savefig(path, dpi=110)
     except OSError as e:
         raise StudyError(f"cannot write --plot {path}: {e.strerror or e}") from None
     finally:
