@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
 # Create .venv and install mdm_jax with the extras given as arguments (e.g. `dev`).
 # Idempotent: a stamp records what was installed; an unchanged setup.cfg + extras is a no-op.
+# The `accelerators` extra (compile-only TPU/GPU targets for mdm_jax.aot) goes into its own
+# .venv-accelerators: libtpu in .venv would make every CPU process try to start a TPU runtime.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="${*:-}"
 py="${PYTHON:-python3}"
+venv=.venv
+case " $extras " in *" accelerators "*) venv=.venv-accelerators ;; esac
 hash="$(sha256sum setup.cfg pyproject.toml | sha256sum | cut -c1-16)"
 want="$hash extras=[${extras}]"
-stamp=.venv/.mdm_jax_installed
-if [ -x .venv/bin/python ] && [ -f "$stamp" ]; then
+stamp=$venv/.mdm_jax_installed
+if [ -x $venv/bin/python ] && [ -f "$stamp" ]; then
   # Done already if this setup.cfg was installed with every extra asked for now.
   have=$({ grep "^$hash " "$stamp" || true; } | sed 's/.*extras=\[\(.*\)\]/\1/' \
          | tr ' ,' '\n\n' | sort -u)
@@ -18,12 +22,12 @@ if [ -x .venv/bin/python ] && [ -f "$stamp" ]; then
     [ "$missing" = 0 ] && exit 0
   fi
 fi
-[ -x .venv/bin/python ] || "$py" -m venv .venv
+[ -x $venv/bin/python ] || "$py" -m venv $venv
 spec="."
 [ -n "$extras" ] && spec=".[$(echo "$extras" | tr ' ' ',')]"
-echo "[setup] installing mdm_jax $spec into .venv (first run takes ~1 minute)" >&2
-.venv/bin/python -m pip install -q --disable-pip-version-check -e "$spec" 2>&1 \
+echo "[setup] installing mdm_jax $spec into $venv (first run takes ~1 minute)" >&2
+$venv/bin/python -m pip install -q --disable-pip-version-check -e "$spec" 2>&1 \
   | grep -v "^WARNING: Location" || true
-.venv/bin/python -c "import mdm_jax, jax" || { echo "[setup] install failed" >&2; exit 1; }
+$venv/bin/python -c "import mdm_jax, jax" || { echo "[setup] install failed" >&2; exit 1; }
 # Record every extra installed so far, so that `setup.sh dev` after `setup.sh` does not reinstall.
 echo "$want" >> "$stamp"

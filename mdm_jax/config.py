@@ -28,14 +28,16 @@ def base_config() -> ml_collections.ConfigDict:
     c.seed = 3407
     c.steps = 1000
     c.global_batch = 256  # sequences per optimizer step
-    c.micro_batch = 0  # sequences per forward/backward; 0 = global_batch (no accumulation)
+    # sequences per forward/backward; 0 = global_batch (no accumulation); "auto" = the largest
+    # that fits the accelerator's memory, found by compiling (mdm_jax/autofit.py)
+    c.micro_batch = ml_collections.FieldReference(0, field_type=object)
     c.seq_len = 2048
 
     c.model = ml_collections.ConfigDict()
     c.model.preset = "170M"
     c.model.vocab_size = 0  # 0 = the preset's (32000 for SMDM presets)
     c.model.dtype = "bfloat16"  # compute dtype; parameters are float32
-    c.model.remat = "none"  # none | full | dots | dots_no_batch
+    c.model.remat = "none"  # none | full | dots | dots_no_batch | auto (cheapest that fits)
     c.model.scan_layers = True
     c.model.attention = "xla"  # xla | jax | cudnn
 
@@ -123,8 +125,24 @@ def objective_args(c: ml_collections.ConfigDict) -> ObjectiveArgs:
                          weighting=o.weighting, t_sampling=o.t_sampling, loss_chunk=o.loss_chunk)
 
 
+AUTO = "auto"
+
+
 def micro_batch(c: ml_collections.ConfigDict) -> int:
     return c.micro_batch or c.global_batch
+
+
+def with_fit(c: ml_collections.ConfigDict, micro_batch, remat: str) -> ml_collections.ConfigDict:
+    """A copy of c with these micro_batch and model.remat (which may change type: "auto" is a
+    string, its answer a number)."""
+    d = c.to_dict()
+    d["micro_batch"], d["model"]["remat"] = micro_batch, remat
+    return ml_collections.ConfigDict(d)
+
+
+def wants_fit(c: ml_collections.ConfigDict) -> bool:
+    """micro_batch or model.remat left to the memory fit (mdm_jax/autofit.py)."""
+    return c.micro_batch == AUTO or c.model.remat == AUTO
 
 
 # Numeric fields and their valid ranges, checked before anything compiles (a 0 here would
@@ -158,7 +176,12 @@ def _require(ok: bool, message: str) -> None:
 
 
 def validate(c: ml_collections.ConfigDict, num_devices: int, process_count: int = 1) -> None:
-    """Raise ConfigError for the first problem found; cheap, runs before any compilation."""
+    """Raise ConfigError for the first problem found; cheap, runs before any compilation.
+    "auto" micro_batch / model.remat are checked as their first candidates (no accumulation,
+    no remat); the fit replaces them before a Trainer is built."""
+    if wants_fit(c):
+        c = with_fit(c, 0 if c.micro_batch == AUTO else c.micro_batch,
+                     "none" if c.model.remat == AUTO else c.model.remat)
     try:
         preset = get_preset(c.model.preset)
     except ValueError as e:
@@ -168,7 +191,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, process_count: int 
     _require(c.model.dtype in ("float32", "bfloat16"),
              f"config.model.dtype={c.model.dtype!r}; valid: float32, bfloat16.")
     _require(c.model.remat in REMAT_POLICIES,
-             f"config.model.remat={c.model.remat!r}; valid: {', '.join(REMAT_POLICIES)}.")
+             f"config.model.remat={c.model.remat!r}; valid: {', '.join(REMAT_POLICIES)}, auto.")
     _require(c.model.attention in ATTENTION_IMPLS,
              f"config.model.attention={c.model.attention!r}; valid: {', '.join(ATTENTION_IMPLS)}.")
     _require(c.objective.weighting in ("elbo", "unweighted"),
@@ -183,9 +206,10 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, process_count: int 
     _require(c.steps >= 1, f"config.steps={c.steps} must be >= 1.")
     for field, low, high in RANGES:
         value = _lookup(c, field)
+        hint = " or auto" if field == "micro_batch" else ""
         _require(isinstance(value, (int, float)) and not isinstance(value, bool)
                  and low <= value <= high,
-                 f"config.{field}={value!r} must be a number in [{low}, {high}].")
+                 f"config.{field}={value!r} must be a number in [{low}, {high}]{hint}.")
     _require(c.nonfinite in ("skip", "stop"),
              f"config.nonfinite={c.nonfinite!r}; valid: skip, stop.")
     _require(0 <= c.preemption_exit_code <= 255,

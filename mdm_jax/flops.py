@@ -34,6 +34,18 @@ PEAK_FLOPS = {
 }
 
 
+# HBM bandwidth per device, bytes/s (public specifications), for the roofline's memory term.
+HBM_BANDWIDTH = {
+    "h200": 4.8e12,
+    "h100": 3.35e12,
+    "a100": 2.0e12,
+    "tpu v6": 1.64e12,
+    "tpu v5p": 2.765e12,
+    "tpu v5e": 8.19e11,
+    "tpu v4": 1.2e12,
+}
+
+
 def non_embedding_params(preset: Preset) -> int:
     return preset.non_embedding_params
 

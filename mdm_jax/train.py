@@ -27,15 +27,14 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 from ml_collections import config_flags
 
+from mdm_jax import autofit, errors, flops, sharding, storage
 from mdm_jax import config as config_lib
-from mdm_jax import errors, flops, sharding, storage
 from mdm_jax.model import Encoder
 from mdm_jax.objectives import get_objective, model_inputs_len
 from mdm_jax.presets import get_preset
 
 log = logging.getLogger("mdm_jax")
-_CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config (.py)",
-                                          lock_config=True)
+_CONFIG = None  # the --config flag, defined by cli(): other CLIs import this module
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -76,6 +75,9 @@ class Trainer:
 
     def __init__(self, c: ml_collections.ConfigDict, devices=None):
         devices = list(devices if devices is not None else jax.devices())
+        if config_lib.wants_fit(c):
+            raise ValueError("micro_batch/model.remat 'auto' must be resolved by "
+                             "mdm_jax.autofit.resolve before a Trainer is built")
         config_lib.validate(c, len(devices), jax.process_count())
         self.config = c
         self.args = config_lib.model_args(c)
@@ -179,6 +181,16 @@ class Trainer:
     def create_state(self, seed: int) -> TrainState:
         with self.context():
             return self.init(jax.random.PRNGKey(seed))
+
+    def abstract_step_inputs(self):
+        """(state, batch) as sharded shapes: what `step.lower` needs to compile the step with
+        no arrays, e.g. for another machine's devices (mdm_jax.aot)."""
+        state = jax.tree_util.tree_map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+            self.abstract_state, self.state_sharding)
+        batch = jax.ShapeDtypeStruct((self.config.global_batch, self.config.seq_len + 1),
+                                     jnp.int32, sharding=self.batch_sharding)
+        return state, batch
 
     def to_global(self, host_batch: np.ndarray) -> jax.Array:
         return sharding.host_to_global(host_batch, self.batch_sharding)
@@ -345,6 +357,7 @@ def train(c: ml_collections.ConfigDict, stop_at: int | None = None) -> RunResult
     """
     from mdm_jax.run_lock import WorkdirLock
 
+    c = autofit.resolve(c, jax.devices(), Trainer)  # micro_batch / remat "auto"
     trainer = Trainer(c)
     pindex = jax.process_index()
     storage.check_shared_workdir(c.workdir)
@@ -583,8 +596,11 @@ def _main(argv) -> None:
 
 
 def cli() -> None:
+    global _CONFIG
     from absl import app
 
+    _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config (.py)",
+                                              lock_config=True)
     app.run(_main, flags_parser=errors.config_flags_parser)
 
 

@@ -1,0 +1,222 @@
+"""Compile a run's exact train step for a TPU slice or GPU node from this CPU machine.
+
+    bash launch/setup.sh accelerators        # libtpu + the CUDA PJRT plugin, in .venv-accelerators
+    .venv-accelerators/bin/python -m mdm_jax.aot --config=experiments/smdm.py:1028M --target v5p-8
+    .venv-accelerators/bin/python -m mdm_jax.aot --config=experiments/smdm.py:170M,arm \\
+        --target h100x8 --config.micro_batch=auto --config.model.remat=auto --json
+
+The step is the Trainer's own (model, objective, mesh rules, optimizer, micro-batching, remat),
+lowered with abstract sharded inputs onto the target's compile-only devices and compiled by the
+target's compiler. Reported per device: arguments, outputs, aliased (donated state), temporaries
+and their peak against the chip's memory; compile time; the step's FLOPs from mdm_jax.flops
+beside XLA's cost_analysis (which counts a while loop's body once: the scan over layers and the
+micro-batch loop make it undercount); and a roofline step time. Multi-host slices compile as one
+program over all their chips, as they run. `--config.micro_batch=auto` / `model.remat=auto`
+search by compiling (mdm_jax/autofit.py) and print the values chosen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+
+from mdm_jax import targets
+
+targets.quiet_compile_only_environment()  # before jax is imported
+with targets.native_logs_captured():  # the accelerator plugins log as jax loads them
+    import ml_collections
+
+    from mdm_jax import autofit, flops
+    from mdm_jax import config as config_lib
+    from mdm_jax.errors import UserError, config_flags_parser, run_main
+    from mdm_jax.presets import get_preset
+
+DEFAULT_MFU = 0.4  # see BUILD_NOTES "Before you launch": what the roofline time assumes
+
+
+@dataclasses.dataclass
+class Report:
+    target: str
+    devices: int
+    hosts: int
+    hbm_gib: float
+    micro_batch: int
+    remat: str
+    attention: str
+    mesh: dict
+    arguments_gib: float
+    outputs_gib: float
+    aliased_gib: float
+    temporaries_gib: float
+    peak_gib: float
+    usable_gib: float
+    fits: bool
+    compile_seconds: float
+    flops_per_step: float  # flops.py: the model's matmuls, forward + backward
+    cost_analysis_flops_per_step: float | None  # XLA's count over all devices
+    step_seconds: float  # roofline: FLOPs at the assumed MFU, or HBM traffic if slower
+    assumed_mfu: float
+    bound: str  # "compute" or "memory"
+    trials: list = dataclasses.field(default_factory=list)
+
+
+def _gib(n: int | float) -> float:
+    return round(n / 2**30, 3)
+
+
+def _cost_flops(compiled, devices: int) -> float | None:
+    try:
+        cost = compiled.cost_analysis()
+    except Exception:  # noqa: BLE001 - not every backend implements it
+        return None
+    if isinstance(cost, list):
+        cost = cost[0] if cost else None
+    if not cost or "flops" not in cost:
+        return None
+    return float(cost["flops"]) * devices  # per-device SPMD program, times the devices
+
+
+def roofline(c: ml_collections.ConfigDict, target: targets.Target, memory: autofit.Memory,
+             micro_steps: int, mfu: float) -> tuple[float, str]:
+    """Seconds per step: the larger of the FLOPs at `mfu` of the chips' peak and a lower
+    bound on HBM traffic (the state read and written once, the parameters read once per
+    micro-batch and the temporaries written and read once each) at full bandwidth."""
+    step_flops = model_flops_per_step(c)
+    compute = step_flops / (target.chips * flops.PEAK_FLOPS[target.accelerator] * mfu)
+    traffic = (memory.arguments + memory.outputs + micro_steps * memory.arguments / 3
+               + 2 * memory.temporaries)
+    memory_time = traffic / flops.HBM_BANDWIDTH[target.accelerator]
+    return (compute, "compute") if compute >= memory_time else (memory_time, "memory")
+
+
+def model_flops_per_step(c: ml_collections.ConfigDict) -> float:
+    from mdm_jax import families
+
+    kind = c.objective.kind
+    per_token = flops.train_flops_per_token(get_preset(c.model.preset), c.seq_len,
+                                            c.model.vocab_size or None, families.is_causal(kind),
+                                            families.is_time_conditioned(kind))
+    return per_token * c.global_batch * c.seq_len
+
+
+def analyse(c: ml_collections.ConfigDict, target: targets.Target, headroom: float,
+            mfu: float, log=print) -> Report:
+    """Compile c (fitting auto values first) for the target and report its memory and time."""
+    from mdm_jax.train import Trainer
+
+    with targets.native_logs_captured():
+        devices = targets.compile_only_devices(target)
+    trials, chosen = [], None
+    if config_lib.wants_fit(c):
+        config_lib.validate(c, len(devices))
+        try:
+            chosen, trials = autofit.search(c, devices, target.hbm_bytes, Trainer, headroom, log)
+        except autofit.FitError as e:
+            log(f"[aot] {e}")
+            trials = e.trials
+            chosen = min(trials, key=lambda t: t.memory.peak)  # reported as not fitting
+        c = autofit.with_choice(c, chosen.micro_batch, chosen.remat)
+    if chosen is not None:
+        compiled, seconds = chosen.compiled, chosen.compile_seconds
+        trainer = Trainer(c, devices=devices)
+    else:
+        with targets.native_logs_captured():
+            compiled, trainer, seconds = autofit.compile_step(c, devices, Trainer)
+    memory = autofit.Memory.of(compiled)
+    usable = target.hbm_bytes * (1 - headroom)
+    step_seconds, bound = roofline(c, target, memory, trainer.micro_steps, mfu)
+    return Report(
+        target=target.name, devices=len(devices), hosts=target.hosts,
+        hbm_gib=_gib(target.hbm_bytes), micro_batch=config_lib.micro_batch(c),
+        remat=c.model.remat, attention=c.model.attention, mesh=dict(trainer.mesh.shape),
+        arguments_gib=_gib(memory.arguments), outputs_gib=_gib(memory.outputs),
+        aliased_gib=_gib(memory.aliased), temporaries_gib=_gib(memory.temporaries),
+        peak_gib=_gib(memory.peak), usable_gib=_gib(usable), fits=memory.peak <= usable,
+        compile_seconds=round(seconds, 2), flops_per_step=model_flops_per_step(c),
+        cost_analysis_flops_per_step=_cost_flops(compiled, len(devices)),
+        step_seconds=step_seconds, assumed_mfu=mfu, bound=bound,
+        trials=[{"micro_batch": t.micro_batch, "remat": t.remat,
+                 "peak_gib": _gib(t.memory.peak), "fits": t.fits} for t in trials])
+
+
+def format_report(r: Report) -> str:
+    lines = [
+        f"target {r.target}: {r.devices} devices on {r.hosts} host(s), {r.hbm_gib:g} GiB each; "
+        f"mesh {r.mesh}",
+        f"micro_batch {r.micro_batch}, remat {r.remat}, attention {r.attention}",
+        "per device:",
+        f"  arguments    {r.arguments_gib:10.3f} GiB",
+        f"  outputs      {r.outputs_gib:10.3f} GiB",
+        f"  aliased      {r.aliased_gib:10.3f} GiB  (donated state: written in place)",
+        f"  temporaries  {r.temporaries_gib:10.3f} GiB",
+        f"  peak         {r.peak_gib:10.3f} GiB of {r.usable_gib:g} usable: "
+        f"{'FITS' if r.fits else 'DOES NOT FIT'}",
+        f"compiled in {r.compile_seconds:.1f}s",
+        f"FLOPs per step: {r.flops_per_step:.4g} (mdm_jax.flops)",
+    ]
+    if r.cost_analysis_flops_per_step:
+        ratio = r.cost_analysis_flops_per_step / r.flops_per_step
+        lines.append(f"  XLA cost_analysis: {r.cost_analysis_flops_per_step:.4g} ({ratio:.3f}x): "
+                     f"it counts a while loop's body once (scan over layers, micro-batch loop), "
+                     f"so it is not used for planning")
+    lines.append(f"roofline step time: {r.step_seconds:.4g} s ({r.bound}-bound at an assumed "
+                 f"MFU of {r.assumed_mfu:.0%})")
+    return "\n".join(lines)
+
+
+def _flags():
+    from absl import flags
+    from ml_collections import config_flags
+
+    config = config_flags.DEFINE_config_file("config", None, "run config, e.g. "
+                                             "experiments/smdm.py:170M")
+    flags.DEFINE_string("target", None, f"one of {', '.join(targets.TARGETS)}")
+    flags.DEFINE_bool("json", False, "print the report as JSON")
+    flags.DEFINE_float("headroom", autofit.DEFAULT_HEADROOM,
+                       "fraction of the chip's memory kept free")
+    flags.DEFINE_float("mfu", DEFAULT_MFU, "model FLOPs utilisation the step time assumes")
+    flags.mark_flags_as_required(["config", "target"])
+    return config
+
+
+def _main(argv) -> None:
+    from absl import flags
+
+    del argv
+    f = flags.FLAGS
+    if f.target not in targets.TARGETS:
+        raise UserError(f"--target {f.target!r} is not known; valid: {', '.join(targets.TARGETS)}")
+    if not 0 <= f.headroom < 1:
+        raise UserError(f"--headroom {f.headroom}: give a fraction in [0, 1), e.g. 0.1")
+    if not 0 < f.mfu <= 1:
+        raise UserError(f"--mfu {f.mfu}: give a fraction in (0, 1], e.g. 0.4")
+    t0 = time.perf_counter()
+    log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if f.json else print
+    try:
+        report = analyse(_CONFIG.value, targets.TARGETS[f.target], f.headroom, f.mfu, log)
+    except targets.TargetUnavailable as e:
+        raise UserError(str(e)) from None
+    if f.json:
+        print(json.dumps(dataclasses.asdict(report), indent=2))
+    else:
+        print(format_report(report))
+        print(f"({time.perf_counter() - t0:.1f}s in all)")
+    if not report.fits:
+        raise SystemExit(3)  # a report, not an input error: scripts can tell it apart
+
+
+_CONFIG = None
+
+
+def cli() -> None:
+    global _CONFIG
+    from absl import app
+
+    _CONFIG = _flags()
+    app.run(lambda argv: run_main(_main, argv), flags_parser=config_flags_parser)
+
+
+if __name__ == "__main__":
+    cli()

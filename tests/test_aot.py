@@ -1,0 +1,134 @@
+"""Compiling for other machines (issue 18): the memory fit by compiling (on this CPU's devices),
+and the AOT tool on TPU and H100 compile-only devices (in .venv-accelerators, which
+`bash launch/setup.sh accelerators` makes; those tests skip, saying so, where it is absent)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import jax
+import pytest
+from conftest import nano_config
+
+from mdm_jax import autofit
+from mdm_jax.config import ConfigError, validate
+from mdm_jax.train import Trainer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ACCELERATORS_PY = os.path.join(REPO, ".venv-accelerators", "bin", "python")
+needs_accelerators = pytest.mark.skipif(
+    not os.path.exists(ACCELERATORS_PY),
+    reason="no .venv-accelerators (bash launch/setup.sh accelerators installs libtpu and the "
+           "CUDA PJRT plugin)")
+
+
+def _peak(c, devices):
+    compiled, _, _ = autofit.compile_step(c, devices, Trainer)
+    return autofit.Memory.of(compiled)
+
+
+def test_a_smaller_micro_batch_needs_fewer_temporaries():
+    devices = jax.devices()[:2]
+    whole = _peak(nano_config(**{"mesh.data": 2}), devices)
+    quarter = _peak(nano_config(**{"mesh.data": 2, "micro_batch": 4}), devices)
+    assert quarter.temporaries < whole.temporaries
+    assert quarter.arguments == whole.arguments  # the state does not depend on it
+    assert 0 < whole.aliased < whole.arguments  # the donated state is; the batch is not
+
+
+def test_search_picks_the_largest_micro_batch_under_the_budget_and_the_cheapest_remat():
+    devices = jax.devices()[:2]
+    base = nano_config(**{"mesh.data": 2})
+    peaks = {mb: _peak(autofit.with_choice(base, mb, "none"), devices).peak for mb in (8, 4)}
+    budget = (peaks[8] + peaks[4]) / 2  # 8 sequences do not fit, 4 do
+    c = autofit.with_choice(base, "auto", "auto")
+    logged = []
+    best, trials = autofit.search(c, devices, int(budget), Trainer, headroom=0.0,
+                                  log=logged.append)
+    assert (best.micro_batch, best.remat) == (4, "none") and best.fits
+    assert {t.micro_batch for t in trials} <= {16, 8, 4, 2}
+    assert any("too big" in line for line in logged)
+    with pytest.raises(autofit.FitError, match=r"does not fit: the smallest peak found is .* GiB"):
+        autofit.search(c, devices, 1000, Trainer, headroom=0.0, log=logged.append)
+
+
+def test_resolve_caches_its_answer_in_the_workdir(tmp_path):
+    """A restart with the same config and devices does not search again."""
+
+    class Device:  # a real CPU device that reports an accelerator-like memory limit
+        def __init__(self, d, limit):
+            self._d, self._limit = d, limit
+
+        def __getattr__(self, name):
+            return getattr(self._d, name)
+
+        def memory_stats(self):
+            return {"bytes_limit": self._limit}
+
+    built = []
+
+    def counting_trainer(c, devices):
+        built.append(c.micro_batch)
+        return Trainer(c, devices=[getattr(d, "_d", d) for d in devices])
+
+    base = nano_config(**{"mesh.data": 2, "workdir": str(tmp_path)})
+    peak4 = _peak(autofit.with_choice(base, 4, "none"), jax.devices()[:2]).peak
+    devices = [Device(d, int(peak4 / 0.9) + 1) for d in jax.devices()[:2]]
+    auto = autofit.with_choice(base, "auto", "none")
+    first = autofit.resolve(auto, devices, counting_trainer, log=lambda m: None)
+    assert first.micro_batch in (4, 8) and built
+    cache = json.loads((tmp_path / "autofit.json").read_text())
+    assert [v["micro_batch"] for v in cache.values()] == [first.micro_batch]
+    built.clear()
+    again = autofit.resolve(auto, devices, counting_trainer, log=lambda m: None)
+    assert again.micro_batch == first.micro_batch and not built  # no compile on restart
+    # On CPU (no memory limit) auto means no accumulation and no remat, with no search.
+    plain = autofit.resolve(autofit.with_choice(base, "auto", "auto"), jax.devices()[:2],
+                            counting_trainer, log=lambda m: None)
+    assert (plain.micro_batch, plain.model.remat, built) == (0, "none", [])
+
+
+def test_auto_is_validated_like_its_first_candidate():
+    validate(nano_config(micro_batch="auto", **{"model.remat": "auto"}), 8)
+    with pytest.raises(ConfigError, match=r"micro_batch='big' must be a number .* or auto"):
+        validate(nano_config(micro_batch="big"), 8)
+    with pytest.raises(ValueError, match="must be resolved"):
+        Trainer(nano_config(micro_batch="auto"))
+
+
+def _aot(*args, timeout=900):
+    return subprocess.run(
+        [ACCELERATORS_PY, "-m", "mdm_jax.aot", "--config=experiments/tiny.py",
+         "--config.model.preset=nano", "--config.seq_len=64", "--config.global_batch=16",
+         "--config.model.dtype=bfloat16", *args],
+        cwd=REPO, capture_output=True, text=True, timeout=timeout,
+        env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"})
+
+
+@needs_accelerators
+def test_aot_compiles_the_train_step_for_a_v5p_slice_and_for_h100s():
+    tpu = _aot("--target", "v5p-8", "--json")
+    assert tpu.returncode == 0, tpu.stderr[-3000:]
+    report = json.loads(tpu.stdout)
+    assert report["devices"] == 4 and report["fits"] and report["hbm_gib"] == 95
+    assert report["mesh"]["data"] == 4
+    # XLA's own count sees the scanned layer body once: below the real FLOPs.
+    assert report["cost_analysis_flops_per_step"] < report["flops_per_step"]
+    assert 0 < report["temporaries_gib"] < report["peak_gib"] < report["usable_gib"]
+    gpu = _aot("--target", "h100x8")
+    assert gpu.returncode == 0, gpu.stderr[-3000:]
+    assert "target h100x8: 8 devices" in gpu.stdout and "FITS" in gpu.stdout
+    assert "roofline step time" in gpu.stdout
+    assert "cudart" not in gpu.stdout + gpu.stderr  # the plugins' start-up logs are kept out
+
+
+@needs_accelerators
+def test_aot_reports_a_run_that_does_not_fit_with_its_peak_and_exit_3():
+    out = _aot("--target", "v5p-8", "--headroom", "0.9999999")
+    assert out.returncode == 3, out.stderr[-3000:]
+    assert "DOES NOT FIT" in out.stdout and "peak" in out.stdout
+    bad = _aot("--target", "v9-1")
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith(
+        "error: --target 'v9-1' is not known; valid: v4-8, v5p-8")
