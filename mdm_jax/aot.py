@@ -141,6 +141,23 @@ def analyse(c: ml_collections.ConfigDict, target: targets.Target, headroom: floa
                  "peak_gib": _gib(t.memory.peak), "fits": t.fits} for t in trials])
 
 
+def load_run_config(args: list[str]) -> ml_collections.ConfigDict:
+    """The config a trainer would build from these arguments (`--config=FILE:ARG`,
+    `--config.FIELD=VALUE`, ...), without running it."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    argv = ["mdm_jax.aot", *args]
+    values = flags.FlagValues()
+    holder = config_flags.DEFINE_config_file("config", None, "run config", flag_values=values,
+                                             lock_config=False, sys_argv=argv)
+    try:
+        values(argv)
+        return holder.value
+    except Exception as e:  # noqa: BLE001 - absl and the config file raise anything
+        raise UserError(f"run arguments {' '.join(args)}: {str(e).splitlines()[0]}") from None
+
+
 def format_report(r: Report) -> str:
     lines = [
         f"target {r.target}: {r.devices} devices on {r.hosts} host(s), {r.hbm_gib:g} GiB each; "

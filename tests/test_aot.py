@@ -132,3 +132,50 @@ def test_aot_reports_a_run_that_does_not_fit_with_its_peak_and_exit_3():
     bad = _aot("--target", "v9-1")
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith(
         "error: --target 'v9-1' is not known; valid: v4-8, v5p-8")
+
+
+def _study_file(tmp_path):
+    path = tmp_path / "study.py"
+    path.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {os.path.join(REPO, 'experiments')!r})\n"
+        "from isoflop import get_config as study\n"
+        "def get_config():\n"
+        "    c = study('micro')\n"
+        "    c.grid = ('2e11: 13K,27K', '5e11: 13K')\n"
+        "    c.families = 'mdm,arm'\n"
+        f"    c.sweep_dir = {str(tmp_path / 'sweep')!r}\n"
+        "    return c\n")
+    return str(path)
+
+
+@needs_accelerators
+def test_plan_and_sweep_fit_every_run_on_a_target(tmp_path):
+    study = _study_file(tmp_path)
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    plan = subprocess.run([ACCELERATORS_PY, "-m", "mdm_jax.scaling.plan", f"--config={study}",
+                           "--target", "v5e-16", "--json"], cwd=REPO, capture_output=True,
+                          text=True, timeout=900, env=env)
+    assert plan.returncode == 0, plan.stderr[-3000:]
+    rows = {r["run_id"]: r for r in json.loads(plan.stdout)}
+    assert len(rows) == 6 and all(r["fits"] and r["target"] == "v5e-16" for r in rows.values())
+    assert all(r["micro_batch"] == 16 and r["peak_gib"] > 0 for r in rows.values())
+    # Budgets share a compile; the roofline hours scale with the steps.
+    a, b = rows["mdm-13K-2e+11"], rows["mdm-13K-5e+11"]
+    assert a["step_seconds"] == b["step_seconds"]
+    assert b["target_chip_hours"] / a["target_chip_hours"] == pytest.approx(b["steps"] / a["steps"])
+    assert plan.stderr.count("[plan] compiling") == 4
+    # A sweep whose runs do not fit submits nothing and names them.
+    sweep = subprocess.run([ACCELERATORS_PY, "-m", "mdm_jax.scaling.sweep", f"--config={study}",
+                            "--backend", "slurm", "--dry-run", "--target", "v5e-16",
+                            "--headroom", "0.9999999"], cwd=REPO, capture_output=True,
+                           text=True, timeout=900, env=env)
+    assert sweep.returncode == 2, sweep.stderr[-3000:]
+    last = sweep.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: 6 run(s) do not fit on v5e-16, nothing submitted: mdm-13K-2e+11")
+    assert "sbatch" not in sweep.stdout
+    fitted = subprocess.run([ACCELERATORS_PY, "-m", "mdm_jax.scaling.sweep", f"--config={study}",
+                             "--backend", "slurm", "--dry-run", "--target", "v5e-16"],
+                            cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
+    assert fitted.returncode == 0, fitted.stderr[-3000:]
+    assert fitted.stdout.count("--config.micro_batch=16 --config.model.remat=none") == 6

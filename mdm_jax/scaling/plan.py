@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 
 import ml_collections
 
@@ -39,6 +40,7 @@ class Run:
     train_flops: float  # what the hardware does: detailed count (attention and head included)
     run_id: str
     workdir: str
+    fit_args: tuple = ()  # trainer arguments chosen by fitting the run on a target (--target)
 
     def accelerator_hours(self, accelerator: str, assumed_mfu: float) -> float | None:
         peak = flops.peak_flops(accelerator)
@@ -67,6 +69,50 @@ def parse_grid(entries) -> list[tuple[float, list[str]]]:
                 raise StudyError(f"grid entry {entry!r}: {e}") from None
         grid.append((budget, presets))
     return grid
+
+
+def train_args(study: ml_collections.ConfigDict, run: Run) -> list[str]:
+    """The trainer's arguments for one run: base config + this run's size, steps and workdir."""
+    args = [f"--config={study.base}:{run.preset},{run.family}",
+            f"--config.workdir={run.workdir}",
+            f"--config.steps={run.steps}",
+            f"--config.global_batch={study.batch}",
+            f"--config.seq_len={study.seq_len}",
+            "--config.samples.count=0"]
+    for override in study.overrides:
+        key, sep, value = str(override).partition("=")
+        if not sep or not key.strip():
+            raise StudyError(f"study.overrides entry {override!r} must read 'key=value', "
+                             f"e.g. 'data.train_dir=/data/slimpajama/train'")
+        args.append(f"--config.{key.strip()}={value.strip()}")
+    return args + list(run.fit_args)
+
+
+def fit_on_target(study: ml_collections.ConfigDict, runs: list[Run], target_name: str,
+                  mfu: float, headroom: float, log=print) -> dict:
+    """run_id -> mdm_jax.aot.Report: each run's step compiled for the target (compile-only
+    devices), micro_batch fitted by compiling unless the run sets one. Runs that differ only
+    in budget share one compile."""
+    from mdm_jax import aot  # sets up the compile-only environment before jax loads
+    from mdm_jax import config as config_lib
+    from mdm_jax.targets import TARGETS, TargetUnavailable
+
+    if target_name not in TARGETS:
+        raise StudyError(f"--target {target_name!r} is not known; valid: {', '.join(TARGETS)}")
+    reports, by_shape = {}, {}
+    for run in runs:
+        key = (run.family, run.preset)
+        if key not in by_shape:
+            c = aot.load_run_config(train_args(study, run))
+            if not c.micro_batch:
+                c = config_lib.with_fit(c, config_lib.AUTO, c.model.remat)
+            log(f"[plan] compiling {run.family} {run.preset} for {target_name}")
+            try:
+                by_shape[key] = aot.analyse(c, TARGETS[target_name], headroom, mfu, log)
+            except TargetUnavailable as e:
+                raise StudyError(str(e)) from None
+        reports[run.run_id] = by_shape[key]
+    return reports
 
 
 def run_id(family: str, preset: str, budget: float) -> str:
@@ -102,32 +148,58 @@ def expand(study: ml_collections.ConfigDict) -> list[Run]:
     return runs
 
 
-def table(runs: list[Run], accelerator: str, assumed_mfu: float) -> str:
+def target_hours(run: Run, report) -> float:
+    """Chip-hours of a run on the target: its steps at the roofline step time."""
+    return run.steps * report.step_seconds * report.devices / 3600
+
+
+def table(runs: list[Run], accelerator: str, assumed_mfu: float, fits: dict | None = None,
+          target: str = "") -> str:
     head = ("family", "preset", "non_emb_params", "budget", "steps", "tokens", "tokens/param",
             f"{accelerator}-hours@{assumed_mfu:.0%}")
+    if fits:
+        head = head[:-1] + ("fits", "peak_GiB", "micro_batch", "remat", "step_s",
+                            f"{target}-chip-hours@{assumed_mfu:.0%}")
     rows = [head]
     for r in runs:
         hours = r.accelerator_hours(accelerator, assumed_mfu)
-        rows.append((r.family, r.preset, f"{r.non_embedding_params:,}", f"{r.budget:.3g}",
-                     f"{r.steps:,}", f"{r.tokens:,}", f"{r.tokens_per_param:.1f}",
-                     "n/a" if hours is None else f"{hours:,.3g}"))
+        row = (r.family, r.preset, f"{r.non_embedding_params:,}", f"{r.budget:.3g}",
+               f"{r.steps:,}", f"{r.tokens:,}", f"{r.tokens_per_param:.1f}",
+               "n/a" if hours is None else f"{hours:,.3g}")
+        if fits:
+            f = fits[r.run_id]
+            row = row[:-1] + ("yes" if f.fits else "NO", f"{f.peak_gib:.2f}", str(f.micro_batch),
+                              f.remat, f"{f.step_seconds:.3g}", f"{target_hours(r, f):,.3g}")
+        rows.append(row)
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
     total = [r.accelerator_hours(accelerator, assumed_mfu) for r in runs]
-    if runs and total[0] is not None:
+    if fits:
+        bad = [r.run_id for r in runs if not fits[r.run_id].fits]
+        lines.append(f"{len(runs)} runs, {sum(target_hours(r, fits[r.run_id]) for r in runs):,.4g}"
+                     f" {target} chip-hours in all (roofline at an assumed MFU of "
+                     f"{assumed_mfu:.0%}); " + (f"{len(bad)} do not fit: {', '.join(bad)}" if bad
+                                                else "every run fits"))
+    elif runs and total[0] is not None:
         lines.append(f"{len(runs)} runs, {sum(total):,.4g} {accelerator}-hours in all at an "
                      f"assumed MFU of {assumed_mfu:.0%} (detailed FLOPs: attention and head "
                      f"included)")
     return "\n".join(lines)
 
 
-def as_json(runs: list[Run], accelerator: str, assumed_mfu: float) -> str:
+def as_json(runs: list[Run], accelerator: str, assumed_mfu: float,
+            fits: dict | None = None, target: str = "") -> str:
     rows = []
     for r in runs:
         row = dataclasses.asdict(r)
         row["accelerator"] = accelerator
         row["assumed_mfu"] = assumed_mfu
         row["accelerator_hours"] = r.accelerator_hours(accelerator, assumed_mfu)
+        if fits:
+            f = fits[r.run_id]
+            row.update(target=target, fits=f.fits, peak_gib=f.peak_gib,
+                       micro_batch=f.micro_batch, remat=f.remat, step_seconds=f.step_seconds,
+                       target_chip_hours=target_hours(r, f))
         rows.append(row)
     return json.dumps(rows, indent=2)
 
@@ -160,6 +232,9 @@ def _flags():
     flags.DEFINE_string("accelerator", None, "price the runs on this accelerator (a key of "
                         f"mdm_jax.flops.PEAK_FLOPS: {', '.join(flops.PEAK_FLOPS)})")
     flags.DEFINE_float("mfu", None, "assumed model FLOPs utilisation, e.g. 0.4")
+    flags.DEFINE_string("target", None, "also compile every run for this target (mdm_jax.aot; "
+                        "needs .venv-accelerators): fits, peak, micro-batch, roofline hours")
+    flags.DEFINE_float("headroom", 0.1, "with --target: fraction of the chip's memory kept free")
     flags.mark_flags_as_required(["config"])
     return config
 
@@ -180,7 +255,11 @@ def _main(argv) -> None:
     else:
         mfu = check_mfu(flags.FLAGS.mfu, "--mfu")
     runs = expand(study)
-    print(as_json(runs, accelerator, mfu) if flags.FLAGS.json else table(runs, accelerator, mfu))
+    target = flags.FLAGS.target
+    log = (lambda m: print(m, file=sys.stderr, flush=True)) if flags.FLAGS.json else print
+    fits = fit_on_target(study, runs, target, mfu, flags.FLAGS.headroom, log) if target else None
+    print(as_json(runs, accelerator, mfu, fits, target or "") if flags.FLAGS.json
+          else table(runs, accelerator, mfu, fits, target or ""))
 
 
 _CONFIG = None  # defined by cli(): plan and sweep both own a --config flag

@@ -39,30 +39,13 @@ import ml_collections
 
 from mdm_jax import storage
 from mdm_jax.errors import config_flags_parser, run_main
-from mdm_jax.scaling.plan import Run, StudyError, check_study, expand
+from mdm_jax.scaling.plan import Run, StudyError, check_study, expand, fit_on_target, train_args
 
 RESULT_COLUMNS = ("family", "preset", "non_embedding_params", "budget", "steps", "tokens", "loss")
 # Runs whose final validation loss is NaN or infinite, listed beside results.csv.
 DIVERGED_FILE = "diverged.csv"
 DIVERGED_COLUMNS = ("run_id", "family", "preset", "non_embedding_params", "budget", "steps",
                     "tokens", "loss", "reason", "workdir")
-
-
-def train_args(study: ml_collections.ConfigDict, run: Run) -> list[str]:
-    """The trainer's arguments for one run: base config + this run's size, steps and workdir."""
-    args = [f"--config={study.base}:{run.preset},{run.family}",
-            f"--config.workdir={run.workdir}",
-            f"--config.steps={run.steps}",
-            f"--config.global_batch={study.batch}",
-            f"--config.seq_len={study.seq_len}",
-            "--config.samples.count=0"]
-    for override in study.overrides:
-        key, sep, value = str(override).partition("=")
-        if not sep or not key.strip():
-            raise StudyError(f"study.overrides entry {override!r} must read 'key=value', "
-                             f"e.g. 'data.train_dir=/data/slimpajama/train'")
-        args.append(f"--config.{key.strip()}={value.strip()}")
-    return args
 
 
 _WARNED: set[str] = set()
@@ -409,6 +392,10 @@ def _flags():
     flags.DEFINE_integer("parallel", 1, "local backend: runs at a time")
     flags.DEFINE_bool("collect-only", False, "only write results.csv from the workdirs")
     flags.DEFINE_string("results", None, "results CSV (default: SWEEP_DIR/results.csv)")
+    flags.DEFINE_string("target", None, "compile every run for this target first (mdm_jax.aot, "
+                        "needs .venv-accelerators): refuse the sweep if any run does not fit, "
+                        "else pass each run its fitted micro-batch and remat")
+    flags.DEFINE_float("headroom", 0.1, "with --target: fraction of the chip's memory kept free")
     flags.mark_flags_as_required(["config"])
     return config
 
@@ -439,6 +426,8 @@ def _main(argv) -> None:
           f"{len(runs) - len(todo) - n_diverged} finished, "
           + (f"{n_diverged} diverged (not relaunched), " if n_diverged else "")
           + f"{len(todo)} to {'launch' if f.backend == 'local' else 'submit'}", flush=True)
+    if f.target and todo and not collect_only:
+        todo = fitted(study, todo, f.target, f.headroom)
     if not collect_only:
         for run in todo:
             cmd = command(study, run, f.backend)
@@ -463,6 +452,24 @@ def _main(argv) -> None:
               f"train it afresh):", flush=True)
         for run, why in diverged:
             print(f"[sweep]   {run.run_id}: {why}", flush=True)
+
+
+def fitted(study: ml_collections.ConfigDict, todo: list[Run], target: str,
+           headroom: float) -> list[Run]:
+    """The runs with the micro-batch and remat that fit them on the target; a StudyError naming
+    every run that does not fit, before anything is submitted."""
+    import dataclasses
+
+    reports = fit_on_target(study, todo, target, study.assumed_mfu, headroom)
+    bad = [f"{r.run_id} (peak {f.peak_gib:.1f} GiB of {f.usable_gib:.1f} usable)"
+           for r in todo if not (f := reports[r.run_id]).fits]
+    if bad:
+        raise StudyError(f"{len(bad)} run(s) do not fit on {target}, nothing submitted: "
+                         f"{', '.join(bad)}; drop them from the grid, raise config.mesh.fsdp or "
+                         f"pick a larger target")
+    return [dataclasses.replace(r, fit_args=(
+        f"--config.micro_batch={reports[r.run_id].micro_batch}",
+        f"--config.model.remat={reports[r.run_id].remat}")) for r in todo]
 
 
 def diverged_path(results: str) -> str:
