@@ -16,6 +16,7 @@ from mdm_jax.errors import UserError
 from mdm_jax.model import ATTENTION_IMPLS, REMAT_POLICIES, ModelArgs
 from mdm_jax.objectives import OBJECTIVES, ObjectiveArgs
 from mdm_jax.presets import get_preset
+from mdm_jax.profiling import parse_steps
 
 
 class ConfigError(UserError, ValueError):
@@ -96,6 +97,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint_keep = 3  # the last K checkpoints...
     c.checkpoint_keep_period = 0  # ...plus every M-th step kept for good (0 = none)
     c.checkpoint_minutes = 0.0  # also save when this many minutes passed (0 = off)
+    c.profile = ml_collections.ConfigDict()
+    c.profile.steps = ""  # "N,M": jax.profiler trace of steps N..M into the workdir
+
     c.samples = ml_collections.ConfigDict()
     c.samples.count = 0  # samples printed at the end of training
     c.samples.steps = 64
@@ -215,6 +219,13 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, process_count: int 
     _require(0 <= c.preemption_exit_code <= 255,
              f"config.preemption_exit_code={c.preemption_exit_code} must be in 0..255.")
     _require(c.optim.lr > 0, f"config.optim.lr={c.optim.lr} must be > 0.")
+    try:
+        window = parse_steps(c.profile.steps)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    _require(window is None or window[0] <= c.steps,
+             f"config.profile.steps={c.profile.steps!r} starts after the last step "
+             f"({c.steps}); pick steps within the run.")
 
     max_len = preset.max_seq_len
     _require(1 <= c.seq_len <= max_len,

@@ -32,6 +32,7 @@ from mdm_jax import config as config_lib
 from mdm_jax.model import Encoder
 from mdm_jax.objectives import get_objective, model_inputs_len
 from mdm_jax.presets import get_preset
+from mdm_jax.profiling import StepProfiler
 
 log = logging.getLogger("mdm_jax")
 _CONFIG = None  # the --config flag, defined by cli(): other CLIs import this module
@@ -420,6 +421,7 @@ def _train_locked(c: ml_collections.ConfigDict, trainer: Trainer,
                                                         for k, v in scores.items()))
 
     guard = PreemptionGuard()
+    profiler = StepProfiler(c.profile.steps, c.workdir)
     try:
         with trainer.context():
             t0 = time.perf_counter()
@@ -435,7 +437,11 @@ def _train_locked(c: ml_collections.ConfigDict, trainer: Trainer,
                        disable=pindex != 0, dynamic_ncols=True)
             t_last, steps_since = time.perf_counter(), 0
             for step in bar:
-                state, metrics = step_fn(state, trainer.to_global(next(train_iter)))
+                with profiler.step(step + 1):
+                    state, metrics = step_fn(state, trainer.to_global(next(train_iter)))
+                if profiler.after(step + 1, (state, metrics)) and pindex == 0:
+                    bar.write(f"[mdm_jax] profile of steps {c.profile.steps} written under "
+                              f"{c.workdir}/plugins/profile (tensorboard --logdir {c.workdir})")
                 ckpt.raise_if_failed()  # stop at the first failed background save
                 steps_since += 1
                 done = step + 1
@@ -479,6 +485,7 @@ def _train_locked(c: ml_collections.ConfigDict, trainer: Trainer,
                     break
             bar.close()
     finally:
+        profiler.close()
         guard.close()
         ckpt.close()
         writer.close()

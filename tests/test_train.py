@@ -92,3 +92,29 @@ def test_the_cross_entropy_mdm_trains_from_the_same_cli_and_reports_the_elbo(tin
     # Its training loss is the mean CE over masked tokens: near ln(512) at the start, with no
     # 1/p blow-ups (the ELBO's first losses swing with small t).
     assert abs(result.history[0]["loss"] - np.log(512)) < 0.5
+
+
+def test_profile_steps_write_a_trace_tensorboard_reads(tiny_data, tmp_path):
+    c = _config(tiny_data, tmp_path, steps=6, log_every=3, checkpoint_every=0,
+                **{"data.eval_dir": "", "profile.steps": "3,4"})
+    train(c)
+    traces = glob.glob(str(tmp_path / "plugins" / "profile" / "*" / "*.xplane.pb"))
+    assert len(traces) == 1  # one window, one host
+    with open(traces[0], "rb") as f:
+        data = f.read()
+    assert len(data) > 1000 and b"train" in data  # the steps are annotated for the plugin
+
+
+@pytest.mark.parametrize("spec, match", [
+    ("3", None), ("4,2", "need 1 <= FIRST <= LAST"), ("a,b", "give 'FIRST,LAST'"),
+    ("50,60", "starts after the last step"),
+])
+def test_profile_steps_are_validated(spec, match):
+    from mdm_jax.config import ConfigError, validate
+
+    c = nano_config(**{"profile.steps": spec})
+    if match is None:
+        validate(c, 8)
+    else:
+        with pytest.raises(ConfigError, match=match):
+            validate(c, 8)
