@@ -60,6 +60,7 @@ class Report:
     assumed_mfu: float
     bound: str  # "compute" or "memory"
     trials: list = dataclasses.field(default_factory=list)
+    xla_attention: dict | None = None  # --compare-attention: the same step with attention=xla
 
 
 def _gib(n: int | float) -> float:
@@ -101,11 +102,22 @@ def model_flops_per_step(c: ml_collections.ConfigDict) -> float:
     return per_token * c.global_batch * c.seq_len
 
 
+def check_attention(c: ml_collections.ConfigDict, target: targets.Target) -> None:
+    kernel_platform = {"splash": "tpu", "cudnn": "cuda"}.get(c.model.attention)
+    if kernel_platform and kernel_platform != target.platform:
+        raise UserError(f"config.model.attention={c.model.attention} is a "
+                        f"{'TPU' if kernel_platform == 'tpu' else 'GPU'} kernel; --target "
+                        f"{target.name} needs attention=xla or "
+                        f"{'cudnn' if target.platform == 'cuda' else 'splash'}")
+
+
 def analyse(c: ml_collections.ConfigDict, target: targets.Target, headroom: float,
-            mfu: float, log=print) -> Report:
-    """Compile c (fitting auto values first) for the target and report its memory and time."""
+            mfu: float, log=print, compare_attention: bool = False) -> Report:
+    """Compile c (fitting auto values first) for the target and report its memory and time;
+    with compare_attention, also the same step with the XLA attention."""
     from mdm_jax.train import Trainer
 
+    check_attention(c, target)
     with targets.native_logs_captured():
         devices = targets.compile_only_devices(target)
     trials, chosen = [], None
@@ -127,6 +139,14 @@ def analyse(c: ml_collections.ConfigDict, target: targets.Target, headroom: floa
     memory = autofit.Memory.of(compiled)
     usable = target.hbm_bytes * (1 - headroom)
     step_seconds, bound = roofline(c, target, memory, trainer.micro_steps, mfu)
+    baseline = None
+    if compare_attention and c.model.attention != "xla":
+        plain = config_lib.with_fit(c, c.micro_batch, c.model.remat)
+        plain.model.attention = "xla"
+        with targets.native_logs_captured():
+            other = autofit.Memory.of(autofit.compile_step(plain, devices, Trainer)[0])
+        baseline = {"temporaries_gib": _gib(other.temporaries), "peak_gib": _gib(other.peak),
+                    "peak_saved_gib": _gib(other.peak - memory.peak)}
     return Report(
         target=target.name, devices=len(devices), hosts=target.hosts,
         hbm_gib=_gib(target.hbm_bytes), micro_batch=config_lib.micro_batch(c),
@@ -138,7 +158,8 @@ def analyse(c: ml_collections.ConfigDict, target: targets.Target, headroom: floa
         cost_analysis_flops_per_step=_cost_flops(compiled, len(devices)),
         step_seconds=step_seconds, assumed_mfu=mfu, bound=bound,
         trials=[{"micro_batch": t.micro_batch, "remat": t.remat,
-                 "peak_gib": _gib(t.memory.peak), "fits": t.fits} for t in trials])
+                 "peak_gib": _gib(t.memory.peak), "fits": t.fits} for t in trials],
+        xla_attention=baseline)
 
 
 def load_run_config(args: list[str]) -> ml_collections.ConfigDict:
@@ -180,6 +201,11 @@ def format_report(r: Report) -> str:
                      f"so it is not used for planning")
     lines.append(f"roofline step time: {r.step_seconds:.4g} s ({r.bound}-bound at an assumed "
                  f"MFU of {r.assumed_mfu:.0%})")
+    if r.xla_attention:
+        x = r.xla_attention
+        lines.append(f"attention {r.attention} vs xla: peak {r.peak_gib:.3f} vs "
+                     f"{x['peak_gib']:.3f} GiB, temporaries {r.temporaries_gib:.3f} vs "
+                     f"{x['temporaries_gib']:.3f} GiB ({x['peak_saved_gib']:+.3f} GiB saved)")
     return "\n".join(lines)
 
 
@@ -194,6 +220,8 @@ def _flags():
     flags.DEFINE_float("headroom", autofit.DEFAULT_HEADROOM,
                        "fraction of the chip's memory kept free")
     flags.DEFINE_float("mfu", DEFAULT_MFU, "model FLOPs utilisation the step time assumes")
+    flags.DEFINE_bool("compare-attention", False, "also compile with model.attention=xla and "
+                      "report the memory the kernel saves")
     flags.mark_flags_as_required(["config", "target"])
     return config
 
@@ -212,7 +240,8 @@ def _main(argv) -> None:
     t0 = time.perf_counter()
     log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if f.json else print
     try:
-        report = analyse(_CONFIG.value, targets.TARGETS[f.target], f.headroom, f.mfu, log)
+        report = analyse(_CONFIG.value, targets.TARGETS[f.target], f.headroom, f.mfu, log,
+                         f["compare-attention"].value)
     except targets.TargetUnavailable as e:
         raise UserError(str(e)) from None
     if f.json:

@@ -40,7 +40,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.dtype = "bfloat16"  # compute dtype; parameters are float32
     c.model.remat = "none"  # none | full | dots | dots_no_batch | auto (cheapest that fits)
     c.model.scan_layers = True
-    c.model.attention = "xla"  # xla | jax | cudnn
+    c.model.attention = "xla"  # xla | jax | cudnn (GPU) | splash (TPU Pallas kernel)
 
     c.objective = ml_collections.ConfigDict()
     # mdm (SMDM ELBO) | mdm-ce (plain masked CE) | uniform (uniform-state diffusion) | arm
@@ -227,6 +227,10 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, process_count: int 
              f"config.profile.steps={c.profile.steps!r} starts after the last step "
              f"({c.steps}); pick steps within the run.")
 
+    _require(c.model.attention != "splash" or c.seq_len % 128 == 0,
+             f"config.model.attention=splash tiles the sequence in blocks of 128 (TPU lanes); "
+             f"config.seq_len={c.seq_len} is not a multiple of 128: use attention=xla or a "
+             f"multiple of 128.")
     max_len = preset.max_seq_len
     _require(1 <= c.seq_len <= max_len,
              f"config.seq_len={c.seq_len} is longer than preset {c.model.preset!r} supports "

@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mdm_jax.attention_kernels import splash_attention
 from mdm_jax.presets import Preset
 
 REMAT_POLICIES = {
@@ -23,7 +24,7 @@ REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.checkpoint_dots,  # keep matmul outputs, recompute the rest
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
-ATTENTION_IMPLS = ("xla", "jax", "cudnn")
+ATTENTION_IMPLS = ("xla", "jax", "cudnn", "splash")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,6 +143,8 @@ def xla_attention(q, k, v, *, causal: bool, lengths: jax.Array | None):
 def attention(q, k, v, *, impl: str, causal: bool, lengths: jax.Array | None):
     if impl == "xla":
         return xla_attention(q, k, v, causal=causal, lengths=lengths)
+    if impl == "splash":  # TPU Pallas kernel (mdm_jax/attention_kernels.py)
+        return splash_attention(q, k, v, causal=causal, lengths=lengths)
     # jax.nn.dot_product_attention: "jax" lets XLA choose, "cudnn" demands the fused GPU kernel.
     return jax.nn.dot_product_attention(
         q, k, v, is_causal=causal, key_value_seq_lengths=lengths,

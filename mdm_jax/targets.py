@@ -126,6 +126,9 @@ def compile_only_devices(target: Target) -> list:
     import jax
     from jax.experimental import topologies
 
+    from mdm_jax.attention_kernels import COMPILE_FOR_ENV
+
+    os.environ[COMPILE_FOR_ENV] = target.platform  # Pallas kernels: compile, do not interpret
     try:
         with native_logs_captured():
             jax.devices()  # starts the backends (and the plugins' start-up logs) here
