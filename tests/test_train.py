@@ -118,3 +118,16 @@ def test_profile_steps_are_validated(spec, match):
     else:
         with pytest.raises(ConfigError, match=match):
             validate(c, 8)
+
+
+def test_auto_micro_batch_and_remat_resolve_before_training_and_are_saved(tiny_data, tmp_path,
+                                                                          capsys):
+    """On CPU (no memory limit) auto means no accumulation and no remat; the run's saved
+    config holds the resolved values, not "auto"."""
+    c = _config(tiny_data, tmp_path, steps=2, checkpoint_every=2,
+                **{"data.eval_dir": "", "micro_batch": "auto", "model.remat": "auto"})
+    train(c)
+    assert "[autofit] cpu reports no memory limit: micro_batch 16, remat none" in (
+        capsys.readouterr().out)
+    saved = json.loads((tmp_path / "checkpoints" / "2" / "config" / "metadata").read_text())
+    assert (saved["micro_batch"], saved["model"]["remat"]) == (0, "none")
