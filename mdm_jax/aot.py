@@ -61,6 +61,7 @@ class Report:
     bound: str  # "compute" or "memory"
     trials: list = dataclasses.field(default_factory=list)
     xla_attention: dict | None = None  # --compare-attention: the same step with attention=xla
+    refused: bool = False  # the compiler refused the step (out of memory): peak is a lower bound
 
 
 def _gib(n: int | float) -> float:
@@ -68,6 +69,8 @@ def _gib(n: int | float) -> float:
 
 
 def _cost_flops(compiled, devices: int) -> float | None:
+    if compiled is None:  # the compiler refused it (out of memory)
+        return None
     try:
         cost = compiled.cost_analysis()
     except Exception:  # noqa: BLE001 - not every backend implements it
@@ -131,12 +134,11 @@ def analyse(c: ml_collections.ConfigDict, target: targets.Target, headroom: floa
             chosen = min(trials, key=lambda t: t.memory.peak)  # reported as not fitting
         c = autofit.with_choice(c, chosen.micro_batch, chosen.remat)
     if chosen is not None:
-        compiled, seconds = chosen.compiled, chosen.compile_seconds
-        trainer = Trainer(c, devices=devices)
+        compiled, memory, seconds = chosen.compiled, chosen.memory, chosen.compile_seconds
     else:
         with targets.native_logs_captured():
-            compiled, trainer, seconds = autofit.compile_step(c, devices, Trainer)
-    memory = autofit.Memory.of(compiled)
+            compiled, memory, seconds = autofit.compile_memory(c, devices, Trainer)
+    trainer = Trainer(c, devices=devices)
     usable = target.hbm_bytes * (1 - headroom)
     step_seconds, bound = roofline(c, target, memory, trainer.micro_steps, mfu)
     baseline = None
@@ -144,7 +146,7 @@ def analyse(c: ml_collections.ConfigDict, target: targets.Target, headroom: floa
         plain = config_lib.with_fit(c, c.micro_batch, c.model.remat)
         plain.model.attention = "xla"
         with targets.native_logs_captured():
-            other = autofit.Memory.of(autofit.compile_step(plain, devices, Trainer)[0])
+            other = autofit.compile_memory(plain, devices, Trainer)[1]
         baseline = {"temporaries_gib": _gib(other.temporaries), "peak_gib": _gib(other.peak),
                     "peak_saved_gib": _gib(other.peak - memory.peak)}
     return Report(
@@ -159,7 +161,7 @@ def analyse(c: ml_collections.ConfigDict, target: targets.Target, headroom: floa
         step_seconds=step_seconds, assumed_mfu=mfu, bound=bound,
         trials=[{"micro_batch": t.micro_batch, "remat": t.remat,
                  "peak_gib": _gib(t.memory.peak), "fits": t.fits} for t in trials],
-        xla_attention=baseline)
+        xla_attention=baseline, refused=compiled is None)
 
 
 def load_run_config(args: list[str]) -> ml_collections.ConfigDict:
@@ -190,7 +192,9 @@ def format_report(r: Report) -> str:
         f"  aliased      {r.aliased_gib:10.3f} GiB  (donated state: written in place)",
         f"  temporaries  {r.temporaries_gib:10.3f} GiB",
         f"  peak         {r.peak_gib:10.3f} GiB of {r.usable_gib:g} usable: "
-        f"{'FITS' if r.fits else 'DOES NOT FIT'}",
+        f"{'FITS' if r.fits else 'DOES NOT FIT'}"
+        + (" (the compiler refused it: its temporaries alone exceed the chip; the peak shown "
+           "is a lower bound)" if r.refused else ""),
         f"compiled in {r.compile_seconds:.1f}s",
         f"FLOPs per step: {r.flops_per_step:.4g} (mdm_jax.flops)",
     ]

@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import time
 from collections.abc import Callable
 
@@ -78,6 +79,18 @@ class Trial:
     compiled: object = dataclasses.field(default=None, repr=False, compare=False)
 
 
+def refused_memory(error: Exception) -> Memory:
+    """The memory of a step the compiler refused for not fitting (the TPU compiler stops with
+    RESOURCE_EXHAUSTED "... HLO temporaries (104.47G) exceeds available HBM ..."): its
+    temporaries as the message gives them, a lower bound on the peak. Other errors are bugs."""
+    text = str(error)
+    found = re.search(r"RESOURCE_EXHAUSTED.*?\(([\d.]+)([KMGT])\)", text)
+    if not found:
+        raise error
+    scale = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}[found.group(2)]
+    return Memory(0, 0, 0, int(float(found.group(1)) * scale), 0)
+
+
 def with_choice(c: ml_collections.ConfigDict, micro_batch: int,
                 remat: str) -> ml_collections.ConfigDict:
     return config_lib.with_fit(c, micro_batch, remat)
@@ -99,6 +112,17 @@ def compile_step(c: ml_collections.ConfigDict, devices, trainer_cls: Callable):
     return compiled, trainer, time.perf_counter() - t0
 
 
+def compile_memory(c: ml_collections.ConfigDict, devices, trainer_cls: Callable):
+    """(compiled step or None, Memory, seconds): None when the compiler refused the step for
+    not fitting, with the memory its message gives."""
+    t0 = time.perf_counter()
+    try:
+        compiled, _, seconds = compile_step(c, devices, trainer_cls)
+        return compiled, Memory.of(compiled), seconds
+    except jax.errors.JaxRuntimeError as e:
+        return None, refused_memory(e), time.perf_counter() - t0
+
+
 def search(c: ml_collections.ConfigDict, devices, memory_bytes: int, trainer_cls: Callable,
            headroom: float = DEFAULT_HEADROOM, log: Callable = print) -> tuple[Trial, list]:
     """The chosen (micro_batch, remat) trial and every trial compiled on the way."""
@@ -114,8 +138,8 @@ def search(c: ml_collections.ConfigDict, devices, memory_bytes: int, trainer_cls
 
     def trial(mb: int, remat: str) -> Trial:
         if (mb, remat) not in memo:
-            compiled, _, seconds = compile_step(with_choice(c, mb, remat), devices, trainer_cls)
-            memory = Memory.of(compiled)
+            compiled, memory, seconds = compile_memory(with_choice(c, mb, remat), devices,
+                                                       trainer_cls)
             memo[mb, remat] = t = Trial(mb, remat, memory, seconds, memory.peak <= budget,
                                         compiled)
             trials.append(t)

@@ -216,3 +216,13 @@ def test_attention_kernels_compile_into_the_step_for_their_targets(target, impl)
     wrong = _aot("--target", "h100x8" if impl == "splash" else "v5p-8", "--config.seq_len=128",
                  f"--config.model.attention={impl}")
     assert wrong.returncode == 2 and "kernel; --target" in wrong.stderr
+
+
+def test_a_step_the_compiler_refuses_for_memory_counts_as_not_fitting():
+    error = jax.errors.JaxRuntimeError(
+        "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+        "temporaries (104.47G) exceeds available HBM (95.74G).")
+    memory = autofit.refused_memory(error)
+    assert memory.peak == memory.temporaries == int(104.47 * 2**30)
+    with pytest.raises(jax.errors.JaxRuntimeError):  # anything else is a bug, not a fit answer
+        autofit.refused_memory(jax.errors.JaxRuntimeError("INTERNAL: something else"))
