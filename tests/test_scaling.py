@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -153,8 +154,8 @@ def test_fit_reports_every_family_against_the_arm_and_ce_against_elbo(tmp_path):
     assert result["multipliers"]["mdm-ce/mdm"]["shared_alpha"] == pytest.approx(1 / 1.12,
                                                                                 rel=0.02)
     text = _cli("mdm_jax.scaling.fit", "--results", str(path)).stdout
-    assert "UNIFORM compute multiplier for the ARM's loss: 40x" in text
-    assert "MDM-CE compute multiplier for the MDM's loss: 0.893x" in text
+    assert re.search(r"UNIFORM compute multiplier for the ARM's loss: (39\.\d|40(\.\d)?)x", text)
+    assert re.search(r"MDM-CE compute multiplier for the MDM's loss: 0\.89\dx", text)
 
 
 def test_fit_flags_minima_at_the_edge_of_the_grid(tmp_path):

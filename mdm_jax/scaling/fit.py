@@ -1,12 +1,12 @@
 """Scaling-law fits of an IsoFLOP study's results.csv, and SMDM Figure 1-style plots.
 
-For each family and budget, a parabola in log10 N fitted to the final losses gives the IsoFLOP
-minimum (N*, L*). Across budgets, least squares on log-log axes gives L*(C) = a C^-alpha and
-N*(C) = b C^beta, with standard errors from the residuals. Each diffusion family's compute
-multiplier is the factor k with L_family(k C) = L_arm(C), from a fit that shares alpha between
-the two families (SMDM's "constant compute gap"), and also per budget from the separate fits;
-mdm-ce is also compared with mdm (the CE variant's FLOPs gain). Losses compare within a family:
-each family's validation bound is its own (the ARM's is exact NLL, the diffusions' are ELBOs).
+For each family and budget, a parabola in log10 N fitted to the best run and up to two sizes on
+each side gives the IsoFLOP minimum (N*, L*). Across budgets, least squares on log-log axes
+gives L*(C) = a C^-alpha and N*(C) = b C^beta, with standard errors from the residuals. Each
+diffusion family's compute multiplier is the factor k with L_family(k C) = L_arm(C), from a
+fit that shares alpha between the two families (SMDM's "constant compute gap"), and also per
+budget from the separate fits; mdm-ce is also compared with mdm (the CE variant's FLOPs gain).
+Losses compare within a family: the ARM's is an exact NLL, the diffusions' are ELBOs.
 
     python -m mdm_jax.scaling.fit --results results.csv --plot isoflop.png [--json]
 """
@@ -79,6 +79,7 @@ class Minimum:
     loss_opt: float
     bracketed: bool  # False: the best run is the smallest or largest size (N* is a bound)
     coeffs: tuple  # loss = c2 x^2 + c1 x + c0 with x = log10 N
+    fit_range: tuple = ()  # (min, max) of the log10 N the parabola was fitted to
 
 
 def isoflop_minimum(n: np.ndarray, loss: np.ndarray, budget: float) -> Minimum:
@@ -86,14 +87,25 @@ def isoflop_minimum(n: np.ndarray, loss: np.ndarray, budget: float) -> Minimum:
         raise StudyError(f"budget {budget:.3g} has {len(n)} finished run(s); an IsoFLOP curve "
                          f"needs 3 or more sizes")
     x = np.log10(n)
-    c2, c1, c0 = np.polyfit(x, loss, 2)
     best = int(np.argmin(loss))
+    # The parabola is a local model of the minimum: fitted to the best run and up to two sizes
+    # on each side. Over a grid spanning 1.5+ decades, IsoFLOP curves are not parabolas (they
+    # rise steeply on the small side, slowly on the large), and a global quadratic can put its
+    # vertex far from, and above, the best run.
+    near = slice(max(0, best - 2), min(len(x), best + 3))
+    if near.stop - near.start >= 3:
+        x_fit, loss_fit = x[near], loss[near]
+    else:
+        x_fit, loss_fit = x, loss
+    c2, c1, c0 = np.polyfit(x_fit, loss_fit, 2)
     # Bracketed: the best run has a larger and a smaller size beside it, and the parabola
     # opens upward with its vertex inside the sizes run.
-    if 0 < best < len(x) - 1 and c2 > 0 and x.min() <= -c1 / (2 * c2) <= x.max():
+    if 0 < best < len(x) - 1 and c2 > 0 and x_fit.min() <= -c1 / (2 * c2) <= x_fit.max():
         x_opt = -c1 / (2 * c2)
-        return Minimum(budget, 10 ** x_opt, c0 - c1 ** 2 / (4 * c2), True, (c2, c1, c0))
-    return Minimum(budget, float(n[best]), float(loss[best]), False, (c2, c1, c0))
+        return Minimum(budget, 10 ** x_opt, c0 - c1 ** 2 / (4 * c2), True, (c2, c1, c0),
+                       (float(x_fit.min()), float(x_fit.max())))
+    return Minimum(budget, float(n[best]), float(loss[best]), False, (c2, c1, c0),
+                   (float(x_fit.min()), float(x_fit.max())))
 
 
 @dataclasses.dataclass
@@ -246,7 +258,7 @@ def plot(rows: list[dict], result: dict, path: str) -> None:
                          key=lambda r: r["non_embedding_params"])
             n = np.array([r["non_embedding_params"] for r in pts])
             ax.plot(n, [r["loss"] for r in pts], marker, color=colors[m.budget])
-            xs = np.linspace(np.log10(n.min()), np.log10(n.max()), 50)
+            xs = np.linspace(*m.fit_range, 50)
             ax.plot(10 ** xs, np.polyval(m.coeffs, xs), line, color=colors[m.budget],
                     label=f"C={m.budget:.2g}")
             ax.plot(m.n_opt, m.loss_opt, "*" if m.bracketed else "x", ms=14,
