@@ -50,7 +50,7 @@ MICRO_GRID = (
 
 # Four families, about 6x the compute of MICRO_GRID per run: the MDM's minimum sat at the
 # small edge of MICRO_GRID (4K-13K), so these budgets keep 4K at the bottom (the uniform
-# family needs it) and reach 214K at the top for the ARM, whose optimum was 38K at 1.2e12.
+# family needs it) and reach 214K (443K at 7.5e12) for the ARM, whose optimum was 38K at 1.2e12.
 MICRO_FAMILIES_GRID = (
     "1.2e12: 4K,13K,27K,56K,107K,214K",
     "3e12: 4K,13K,27K,56K,107K,214K",
