@@ -62,6 +62,7 @@ class Report:
     trials: list = dataclasses.field(default_factory=list)
     xla_attention: dict | None = None  # --compare-attention: the same step with attention=xla
     refused: bool = False  # the compiler refused the step (out of memory): peak is a lower bound
+    kernels: list = dataclasses.field(default_factory=list)  # fused kernels in the compiled step
 
 
 def _gib(n: int | float) -> float:
@@ -103,6 +104,15 @@ def model_flops_per_step(c: ml_collections.ConfigDict) -> float:
                                             c.model.vocab_size or None, families.is_causal(kind),
                                             families.is_time_conditioned(kind))
     return per_token * c.global_batch * c.seq_len
+
+
+KERNEL_MARKERS = {"splash": "tpu_custom_call", "cudnn": "cudnn$fmha"}
+
+
+def kernels_in(compiled) -> list[str]:
+    """Which attention kernels the compiled step calls (a check that the kernel was used)."""
+    text = compiled.as_text() if compiled is not None else ""
+    return [name for name, marker in KERNEL_MARKERS.items() if marker in text]
 
 
 def check_attention(c: ml_collections.ConfigDict, target: targets.Target) -> None:
@@ -161,7 +171,7 @@ def analyse(c: ml_collections.ConfigDict, target: targets.Target, headroom: floa
         step_seconds=step_seconds, assumed_mfu=mfu, bound=bound,
         trials=[{"micro_batch": t.micro_batch, "remat": t.remat,
                  "peak_gib": _gib(t.memory.peak), "fits": t.fits} for t in trials],
-        xla_attention=baseline, refused=compiled is None)
+        xla_attention=baseline, refused=compiled is None, kernels=kernels_in(compiled))
 
 
 def load_run_config(args: list[str]) -> ml_collections.ConfigDict:
@@ -185,7 +195,8 @@ def format_report(r: Report) -> str:
     lines = [
         f"target {r.target}: {r.devices} devices on {r.hosts} host(s), {r.hbm_gib:g} GiB each; "
         f"mesh {r.mesh}",
-        f"micro_batch {r.micro_batch}, remat {r.remat}, attention {r.attention}",
+        f"micro_batch {r.micro_batch}, remat {r.remat}, attention {r.attention}"
+        + (f" (kernel in the step: {', '.join(r.kernels)})" if r.kernels else ""),
         "per device:",
         f"  arguments    {r.arguments_gib:10.3f} GiB",
         f"  outputs      {r.outputs_gib:10.3f} GiB",
