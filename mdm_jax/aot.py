@@ -31,7 +31,6 @@ with targets.native_logs_captured():  # the accelerator plugins log as jax loads
     from mdm_jax import autofit, flops
     from mdm_jax import config as config_lib
     from mdm_jax.errors import UserError, config_flags_parser, run_main
-    from mdm_jax.presets import get_preset
 
 DEFAULT_MFU = 0.4  # see BUILD_NOTES "Before you launch": what the roofline time assumes
 
@@ -83,27 +82,16 @@ def _cost_flops(compiled, devices: int) -> float | None:
     return float(cost["flops"]) * devices  # per-device SPMD program, times the devices
 
 
-def roofline(c: ml_collections.ConfigDict, target: targets.Target, memory: autofit.Memory,
+def roofline(step_flops: float, target: targets.Target, memory: autofit.Memory,
              micro_steps: int, mfu: float) -> tuple[float, str]:
     """Seconds per step: the larger of the FLOPs at `mfu` of the chips' peak and a lower
     bound on HBM traffic (the state read and written once, the parameters read once per
     micro-batch and the temporaries written and read once each) at full bandwidth."""
-    step_flops = model_flops_per_step(c)
     compute = step_flops / (target.chips * flops.PEAK_FLOPS[target.accelerator] * mfu)
     traffic = (memory.arguments + memory.outputs + micro_steps * memory.arguments / 3
                + 2 * memory.temporaries)
     memory_time = traffic / flops.HBM_BANDWIDTH[target.accelerator]
     return (compute, "compute") if compute >= memory_time else (memory_time, "memory")
-
-
-def model_flops_per_step(c: ml_collections.ConfigDict) -> float:
-    from mdm_jax import families
-
-    kind = c.objective.kind
-    per_token = flops.train_flops_per_token(get_preset(c.model.preset), c.seq_len,
-                                            c.model.vocab_size or None, families.is_causal(kind),
-                                            families.is_time_conditioned(kind))
-    return per_token * c.global_batch * c.seq_len
 
 
 KERNEL_MARKERS = {"splash": "tpu_custom_call", "cudnn": "cudnn$fmha"}
@@ -150,7 +138,8 @@ def analyse(c: ml_collections.ConfigDict, target: targets.Target, headroom: floa
             compiled, memory, seconds = autofit.compile_memory(c, devices, Trainer)
     trainer = Trainer(c, devices=devices)
     usable = target.hbm_bytes * (1 - headroom)
-    step_seconds, bound = roofline(c, target, memory, trainer.micro_steps, mfu)
+    step_flops = trainer.train_flops_per_step()  # mdm_jax.flops, as training logs it
+    step_seconds, bound = roofline(step_flops, target, memory, trainer.micro_steps, mfu)
     baseline = None
     if compare_attention and c.model.attention != "xla":
         plain = config_lib.with_fit(c, c.micro_batch, c.model.remat)
@@ -166,7 +155,7 @@ def analyse(c: ml_collections.ConfigDict, target: targets.Target, headroom: floa
         arguments_gib=_gib(memory.arguments), outputs_gib=_gib(memory.outputs),
         aliased_gib=_gib(memory.aliased), temporaries_gib=_gib(memory.temporaries),
         peak_gib=_gib(memory.peak), usable_gib=_gib(usable), fits=memory.peak <= usable,
-        compile_seconds=round(seconds, 2), flops_per_step=model_flops_per_step(c),
+        compile_seconds=round(seconds, 2), flops_per_step=step_flops,
         cost_analysis_flops_per_step=_cost_flops(compiled, len(devices)),
         step_seconds=step_seconds, assumed_mfu=mfu, bound=bound,
         trials=[{"micro_batch": t.micro_batch, "remat": t.remat,

@@ -22,8 +22,9 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
+from mdm_jax.sharding import BATCH_AXES  # heads go on "tensor"
+
 COMPILE_FOR_ENV = "MDM_JAX_COMPILE_FOR"
-BATCH_AXES = ("data", "fsdp")  # mdm_jax.sharding's batch axes; heads go on "tensor"
 
 
 def _interpret() -> bool:
