@@ -46,7 +46,7 @@ def main() -> None:
 
     from mdm_jax.checkpoint import Checkpointer, abstract_with_shardings
     from mdm_jax.config import base_config
-    from mdm_jax.train import Trainer
+    from mdm_jax.trainer import Trainer
 
     absl_logging.set_verbosity(absl_logging.WARNING)
     c = base_config()

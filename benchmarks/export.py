@@ -26,10 +26,10 @@ import numpy as np
 from absl import logging; logging.set_verbosity(logging.WARNING)
 from mdm_jax.export.source import CheckpointParams
 from mdm_jax.export.layouts import Dims, tensor_names
-from mdm_jax import config as config_lib
+from mdm_jax.model import ModelArgs
 from safetensors.numpy import save_file
 src = CheckpointParams(sys.argv[1])
-dims = Dims.from_args(config_lib.model_args(src.config))
+dims = Dims.from_args(ModelArgs.from_config(src.config))
 tensors = {}
 for name, entry, layer in tensor_names("llada-hf", dims):
     src.keep_only(entry.leaves)
@@ -45,7 +45,7 @@ import os, sys
 from absl import logging; logging.set_verbosity(logging.WARNING)
 from mdm_jax.checkpoint import Checkpointer
 from mdm_jax.config import base_config
-from mdm_jax.train import Trainer, _resolved_config
+from mdm_jax.trainer import Trainer, resolved_config
 workdir, preset = sys.argv[1], sys.argv[2]
 c = base_config()
 c.workdir, c.model.preset, c.model.dtype = workdir, preset, "float32"
@@ -53,7 +53,7 @@ c.global_batch, c.seq_len = 1, 128
 trainer = Trainer(c)
 state = trainer.create_state(0)
 ckpt = Checkpointer(workdir)
-ckpt.save(1, state, None, _resolved_config(c, trainer), {"preset": preset}, force=True)
+ckpt.save(1, state, None, resolved_config(c, trainer), {"preset": preset}, force=True)
 ckpt.close()
 """
 

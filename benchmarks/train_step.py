@@ -5,7 +5,7 @@
     python benchmarks/train_step.py --devices 4 --mesh 1,4,1 # simulated 4-device CPU mesh (FSDP)
     python benchmarks/train_step.py --sweep                  # a few settings, one table
 
-It builds `mdm_jax.train.Trainer` from `base_config()`, compiles the sharded train step ahead of
+It builds `mdm_jax.trainer.Trainer` from `base_config()`, compiles the sharded train step ahead of
 time, and times whole steps (state donated, `block_until_ready`) on random token batches. Between
 timed steps it times plain jitted matmuls of the model's shapes in the same dtype (the best shape
 is the machine's "achievable" matmul rate), so the printed ratio
@@ -168,7 +168,7 @@ def bench_one(s: dict, steps: int, warmup: int, seed: int, log) -> dict:
 
     from mdm_jax import flops
     from mdm_jax.presets import get_preset
-    from mdm_jax.train import Trainer
+    from mdm_jax.trainer import Trainer
 
     c = make_config(s)
     preset = get_preset(c.model.preset)

@@ -116,7 +116,7 @@ def analyse(c: ml_collections.ConfigDict, target: targets.Target, headroom: floa
             mfu: float, log=print, compare_attention: bool = False) -> Report:
     """Compile c (fitting auto values first) for the target and report its memory and time;
     with compare_attention, also the same step with the XLA attention."""
-    from mdm_jax.train import Trainer
+    from mdm_jax.trainer import Trainer
 
     check_attention(c, target)
     with targets.native_logs_captured():

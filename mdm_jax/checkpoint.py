@@ -7,7 +7,10 @@ the next batch), `config` (the resolved config) and `meta` (preset, mesh, packag
 
 Orbax writes each step under a temporary name and renames it when complete, so a process killed
 mid-save leaves no checkpoint that looks complete. A complete but damaged checkpoint (a truncated
-or deleted file) fails to restore; `restore_latest` reports it and falls back to the previous one.
+or deleted file, or an array whose fingerprint changed) fails to read; every reader (resume,
+inference, export) goes through `_first_that_reads`, which warns and falls back to the previous
+step, or, for a step named explicitly, refuses it naming the others. `read_step`/`StepReader`
+read a step's config, meta and any part of its params without a Trainer, from read-only storage.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from importlib import metadata
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from mdm_jax import checksum, storage
@@ -255,7 +259,7 @@ class Checkpointer:
         if data_iterator is not None:
             restore_args["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         restored = self.manager.restore(step, args=ocp.args.Composite(**restore_args))
-        self.verify(step, restored["state"], meta)
+        check_fingerprints(self.directory, step, restored["state"], meta.get("checksums"))
         return restored["state"]
 
     def _meta(self, step: int) -> dict:
@@ -266,34 +270,16 @@ class Checkpointer:
 
     def verify(self, step: int, state, meta: dict | None = None) -> None:
         """Raise if any restored array's fingerprint differs from the one saved with it."""
-        saved = (self._meta(step) if meta is None else meta).get("checksums")
-        if not saved:
-            return  # saved before fingerprints were recorded
-        got = checksum.fingerprints(state)
-        bad = sorted(k for k, v in saved.items() if k in got and got[k] != v)
-        if bad:
-            raise CheckpointError(
-                f"checkpoint {self.directory}/{step} holds {len(bad)} array(s) whose contents "
-                f"changed since they were saved (e.g. {', '.join(bad[:3])}): the files are "
-                f"corrupt")
+        meta = self._meta(step) if meta is None else meta
+        check_fingerprints(self.directory, step, state, meta.get("checksums"))
 
     def restore_latest(self, abstract_state, data_iterator=None):
         """(state, step) from the newest checkpoint that restores, or (None, None) if none.
-
-        A damaged checkpoint is reported and skipped, never silently used.
-        """
+        Damaged ones are reported and, if an older one restored, set aside."""
         damaged = []
-        found = None, None
-        for step in reversed(self.all_steps()):
-            try:
-                found = self.restore(step, abstract_state, data_iterator), step
-                break
-            except Exception as e:  # any read failure means this checkpoint is unusable
-                log.warning("checkpoint %s/%d is damaged and was skipped (%s: %s); trying "
-                            "the previous one", self.directory, step, type(e).__name__,
-                            str(e).splitlines()[0][:300] if str(e) else "")
-                damaged.append(step)
-        if damaged and found[0] is not None:
+        found = _first_that_reads(self.directory, self.all_steps(), lambda s: self.restore(
+            s, abstract_state, data_iterator), damaged=damaged)
+        if damaged and found[1] is not None:
             self.set_aside(damaged)
         return found
 
@@ -413,6 +399,121 @@ def _lookup(tree: dict, dotted: str):
             return None
         node = node[part]
     return node
+
+
+def _damage(directory: str, step: int, error: BaseException, steps=None) -> str:
+    """The one description of a damaged step: the warning before the previous step is tried
+    (`steps` None), or the refusal naming the other `steps`."""
+    detail = f"{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}"
+    if steps is None:
+        return (f"checkpoint {step} under {directory} is damaged and was skipped ({detail}); "
+                f"trying the previous one")
+    others = [s for s in steps if s != step]
+    return f"checkpoint {step} under {directory} is damaged ({detail}); " + (
+        f"the other checkpoints are {', '.join(map(str, others))}: pass --step {others[-1]}"
+        if others else "there is no other checkpoint: restore its files or train again")
+
+
+def check_fingerprints(directory: str, step: int, tree, saved: dict | None) -> None:
+    """Raise if an array of `tree` (a state, or part of one with paths from the state's root)
+    differs from the fingerprint `saved` with it (None: saved before fingerprints were)."""
+    got = checksum.fingerprints(tree) if saved else {}
+    bad = sorted(k for k, v in got.items() if saved.get(k, v) != v)
+    if bad:
+        raise CheckpointError(
+            f"checkpoint {step} under {directory} holds {len(bad)} array(s) whose contents "
+            f"changed since they were saved (e.g. {', '.join(bad[:3])}): the files are corrupt")
+
+
+def _first_that_reads(directory: str, steps: list[int], read, step: int | None = None,
+                      error=CheckpointError, damaged: list | None = None):
+    """(read(s), s) for the named `step` (damaged: `error` naming the others), or for the newest
+    of `steps` that reads, warning about (and listing in `damaged`) each one that does not;
+    (None, None) if none does. User mistakes other than a changed checkpoint pass through."""
+    if step is not None and step not in steps:
+        raise error(f"no checkpoint for step {step} under {directory}; available: "
+                    f"{', '.join(map(str, steps))}: pass one of them as --step")
+    for s in [step] if step is not None else reversed(steps):
+        try:
+            return read(s), s
+        except Exception as e:  # noqa: BLE001  (any failure to read means the step is unusable)
+            if isinstance(e, UserError) and not isinstance(e, CheckpointError):
+                raise
+            if step is not None:
+                raise error(_damage(directory, s, e, steps)) from e
+            log.warning("%s", _damage(directory, s, e))
+            if damaged is not None:
+                damaged.append(s)
+    return None, None
+
+
+class StepReader:
+    """One step of a run, read without a Trainer: its `config`, `meta` and any part of its
+    params, each array checked against the fingerprint saved with it."""
+
+    def __init__(self, ckpt: Checkpointer, step: int, steps: list[int], error=CheckpointError):
+        self.directory, self.step, self.steps, self.error = ckpt.directory, step, steps, error
+        self.config, self.meta = ckpt.restore_config(step), ckpt._meta(step)
+        self.state_dir = storage.join(ckpt.directory, str(step), "state")
+        tree = ocp.PyTreeCheckpointer().metadata(self.state_dir).item_metadata
+        self.param_meta = getattr(tree, "tree", tree)["params"]
+
+    def params(self, abstract=None, path: tuple = ()):
+        """The params (or their subtree at `path`) onto the shardings of `abstract`, or, without
+        one, as host numpy arrays (Orbax's partial restore reads only those arrays)."""
+        if abstract is None:
+            node = self.param_meta
+            for part in path:
+                node = node[part]
+            abstract = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(
+                tuple(m.shape), np.float32), node, is_leaf=lambda x: hasattr(x, "shape"))
+        item = abstract
+        for part in reversed(("params", *path)):
+            item = {part: item}
+        args = jax.tree_util.tree_map(lambda a: ocp.RestoreArgs(restore_type=np.ndarray)
+                                      if a.sharding is None else ocp.ArrayRestoreArgs(
+            sharding=a.sharding, global_shape=a.shape, dtype=a.dtype), item)
+        out = ocp.PyTreeCheckpointer().restore(self.state_dir, args=ocp.args.PyTreeRestore(
+            item=item, restore_args=args, partial_restore=True))
+        check_fingerprints(self.directory, self.step, out, self.meta.get("checksums"))
+        for part in ("params", *path):
+            out = out[part]
+        return out
+
+    def leaf(self, path: tuple) -> np.ndarray:
+        """`params(path=path)` once this step was chosen: a failure is the refusal of the step
+        naming the others (leaves read earlier came from it, so there is no falling back)."""
+        try:
+            return self.params(path=path)
+        except Exception as e:
+            raise self.error(_damage(self.directory, self.step, e, self.steps)) from e
+
+
+def read_step(workdir: str, step: int | None = None, read=None, error=CheckpointError):
+    """(read(reader), reader) for the `StepReader` of the named `step`, or of the newest step
+    for which `read` succeeds (None: the step's config, meta and params layout read). Opens
+    the checkpoints read-only; every failure is an `error` naming the directory and the fix."""
+    directory = storage.join(workdir, "checkpoints")
+    missing = (f"no checkpoint under {directory}: {workdir} is not an mdm_jax run with a "
+               f"finished checkpoint; pass the --config.workdir of a training run")
+    if not storage.as_path(directory).is_dir():  # (checked first: nothing is created)
+        raise error(missing)
+    ckpt = Checkpointer(workdir, read_only=True)
+    try:
+        if not (steps := ckpt.all_steps()):
+            raise error(missing)
+
+        def attempt(s):
+            reader = StepReader(ckpt, s, steps, error)
+            return (read(reader) if read else None), reader
+
+        found, _ = _first_that_reads(directory, steps, attempt, step, error)
+    finally:
+        ckpt.close()
+    if found is None:
+        raise error(f"every checkpoint under {directory} is damaged (see the warnings above); "
+                    f"restore their files, or train again with a new --config.workdir")
+    return found
 
 
 def abstract_with_shardings(abstract_tree, shardings):

@@ -13,10 +13,12 @@ import ml_collections
 
 from mdm_jax import families
 from mdm_jax.errors import UserError
-from mdm_jax.model import ATTENTION_IMPLS, REMAT_POLICIES, ModelArgs
-from mdm_jax.objectives import OBJECTIVES, ObjectiveArgs
 from mdm_jax.presets import get_preset
-from mdm_jax.profiling import parse_steps
+
+# Names only (the model maps them to jax): kept here so that this module imports no jax.
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+ATTENTION_IMPLS = ("xla", "jax", "cudnn", "splash")
+MESH_AXES = ("data", "fsdp", "tensor")
 
 
 class ConfigError(UserError, ValueError):
@@ -109,26 +111,6 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
-def model_args(c: ml_collections.ConfigDict) -> ModelArgs:
-    preset = get_preset(c.model.preset)
-    return ModelArgs.from_preset(
-        preset,
-        vocab_size=c.model.vocab_size or None,
-        causal=families.is_causal(c.objective.kind),
-        time_conditioning=families.is_time_conditioned(c.objective.kind),
-        dtype=c.model.dtype,
-        remat=c.model.remat,
-        scan_layers=c.model.scan_layers,
-        attention=c.model.attention,
-    )
-
-
-def objective_args(c: ml_collections.ConfigDict) -> ObjectiveArgs:
-    o = c.objective
-    return ObjectiveArgs(kind=o.kind, eps=o.eps, variable_length_prob=o.variable_length_prob,
-                         weighting=o.weighting, t_sampling=o.t_sampling, loss_chunk=o.loss_chunk)
-
-
 AUTO = "auto"
 
 
@@ -190,8 +172,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, process_count: int 
         preset = get_preset(c.model.preset)
     except ValueError as e:
         raise ConfigError(f"config.model.preset: {e}") from None
-    _require(c.objective.kind in OBJECTIVES,
-             f"config.objective.kind={c.objective.kind!r}; valid: {', '.join(OBJECTIVES)}.")
+    _require(c.objective.kind in families.FAMILIES,
+             f"config.objective.kind={c.objective.kind!r}; valid: {', '.join(families.FAMILIES)}.")
     _require(c.model.dtype in ("float32", "bfloat16"),
              f"config.model.dtype={c.model.dtype!r}; valid: float32, bfloat16.")
     _require(c.model.remat in REMAT_POLICIES,
@@ -237,8 +219,6 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, process_count: int 
              f"({max_len}); lower config.seq_len to at most {max_len}.")
 
     # The mesh, then everything that must divide it.
-    from mdm_jax.sharding import resolve_mesh_shape  # local: keeps config import light
-
     try:
         data, fsdp, tensor = resolve_mesh_shape(c.mesh.data, c.mesh.fsdp, c.mesh.tensor,
                                                 num_devices)
@@ -271,3 +251,42 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, process_count: int 
              f"preset {c.model.preset!r} d_model {preset.d_model} is not divisible by "
              f"config.mesh.fsdp={fsdp}; FSDP splits the embed dimension, so choose fsdp from "
              f"the divisors of {preset.d_model} (e.g. {math.gcd(preset.d_model, fsdp)}).")
+
+
+def resolve_mesh_shape(data: int, fsdp: int, tensor: int, num_devices: int) -> tuple[int, ...]:
+    """Replace at most one -1 by whatever fills the devices; errors name the config field."""
+    shape = {"data": data, "fsdp": fsdp, "tensor": tensor}
+    free = [k for k, v in shape.items() if v == -1]
+    if len(free) > 1:
+        raise ValueError(f"config.mesh: only one axis may be -1, got {shape}.")
+    for k, v in shape.items():
+        if v != -1 and v < 1:
+            raise ValueError(f"config.mesh.{k}={v} must be >= 1 (or -1 to fill the devices).")
+    fixed = math.prod(v for v in shape.values() if v != -1)
+    if free:
+        if num_devices % fixed:
+            raise ValueError(
+                f"config.mesh={shape}: {num_devices} devices are not divisible by the fixed axes "
+                f"({fixed}); choose axis sizes whose product divides {num_devices}.")
+        shape[free[0]] = num_devices // fixed
+    total = math.prod(shape.values())
+    if total > num_devices:
+        raise ValueError(
+            f"config.mesh={shape} needs {total} devices but only {num_devices} are available; "
+            f"shrink config.mesh.data/fsdp/tensor so their product is at most {num_devices}.")
+    return tuple(shape[k] for k in MESH_AXES)
+
+
+def parse_steps(spec: str) -> tuple[int, int] | None:
+    """config.profile.steps: "N,M" -> (N, M) with 1 <= N <= M; "N" -> (N, N); "" -> None."""
+    spec = str(spec).strip()
+    if not spec:
+        return None
+    parts = [p.strip() for p in spec.split(",")]
+    if len(parts) > 2 or not all(p.isdigit() for p in parts):
+        raise ValueError(f"config.profile.steps={spec!r}: give 'FIRST,LAST' step numbers, e.g. "
+                         f"'10,12', or '' for no trace")
+    first, last = int(parts[0]), int(parts[-1])
+    if not 1 <= first <= last:
+        raise ValueError(f"config.profile.steps={spec!r}: need 1 <= FIRST <= LAST, e.g. '10,12'")
+    return first, last

@@ -358,5 +358,9 @@ def _main(argv: list[str]) -> int:
     return 1 if problems else 0
 
 
+def cli(argv=None) -> None:
+    sys.exit(_main(sys.argv[1:] if argv is None else list(argv)))
+
+
 if __name__ == "__main__":
-    sys.exit(_main(sys.argv[1:]))
+    cli()

@@ -1,21 +1,104 @@
-"""The model families mdm_jax trains (config.objective.kind), and what each needs of the model.
+"""The model families mdm_jax trains (config.objective.kind): one declared record each.
 
-Kept free of jax so that planning tools (flops, scaling.plan) can name families cheaply.
+A record says what a family is (causal, time-conditioned, with a mask token) and what it has
+(objective, sampler, likelihood estimators, export formats, FLOPs terms, plot style). Each
+consumer keeps a table keyed by family name: `objectives.OBJECTIVES`, `inference.SAMPLERS`,
+`eval.likelihood.SCORERS`, `export.writer.FORMAT_FAMILIES`; `tests/test_families.py` walks every
+family through all of them. A capability a family lacks is refused here, by `Family.require`.
+Kept free of jax so that config, planning and plotting can name families cheaply.
 """
 
-# mdm: SMDM's masked diffusion, trained on its 1/t-weighted ELBO
-# mdm-ce: the same model trained on the plain masked cross-entropy (validation: the ELBO)
-# uniform: uniform-state diffusion (tokens interpolate towards the uniform distribution)
-# arm: the causal autoregressive baseline
-FAMILIES = ("mdm", "mdm-ce", "uniform", "arm")
+from __future__ import annotations
+
+import dataclasses
+
+from mdm_jax.errors import UserError
+
+BASELINE = "arm"  # the family every other one's compute multiplier is measured against
 
 
-def is_causal(kind: str) -> bool:
-    """Only the ARM attends causally; every diffusion family is bidirectional."""
-    return kind == "arm"
+class FamilyError(UserError, ValueError):
+    """A family asked for something it does not have; the message says what it has."""
 
 
-def is_time_conditioned(kind: str) -> bool:
-    """Uniform-state diffusion needs the noise level (a noisy token does not say it is noise);
-    a masked model reads the noise level off the mask count, as SMDM's does."""
-    return kind == "uniform"
+@dataclasses.dataclass(frozen=True)
+class Family:
+    name: str
+    summary: str
+    causal: bool  # attends left to right (no mask token: the ARM)
+    time_conditioned: bool  # the model reads the noise level (adaLN), not a mask count
+    mask_token: bool  # the embedding has a mask-token row (id = vocab_size)
+    objective: str  # what it trains on; validation always reports the true bound
+    sampler: str  # how it generates
+    sampler_options: tuple[str, ...]  # generation flags beyond --steps/temperature/top-k/top-p
+    guidance: bool  # unsupervised classifier-free guidance (it masks the context)
+    estimators: tuple[str, ...]  # likelihood estimators, the default first
+    exact_likelihood: bool  # the estimators give log p itself, not a lower bound
+    export_formats: tuple[str, ...]
+    compare_with: tuple[str, ...]  # families the scaling fit measures its compute against
+    plot_style: tuple[str, str]  # matplotlib marker, line style
+
+    @property
+    def inputs_extra(self) -> int:
+        """Tokens per example beyond seq_len that the objective reads (the ARM's shift)."""
+        return 1 if self.causal else 0
+
+    @property
+    def attention_fraction(self) -> float:
+        """Share of the L x L attention scores a token computes usefully (FLOPs accounting)."""
+        return 0.5 if self.causal else 1.0
+
+    def require(self, what: str, value: str, offered: tuple[str, ...]) -> None:
+        """The one place a missing capability is refused: name the family and what it has."""
+        if value not in offered:
+            has = ", ".join(offered) if offered else "none"
+            raise FamilyError(f"the {self.name} family ({self.summary}) has no {what} "
+                              f"{value!r}; it has: {has}")
+
+    def check_estimator(self, kind: str) -> None:
+        self.require("likelihood estimator", kind, self.estimators)
+
+    def check_export(self, fmt: str) -> None:
+        self.require("export format", fmt, self.export_formats)
+
+    def check_guidance(self) -> None:
+        self.require("guidance", "cfg", ("cfg",) if self.guidance else ())
+
+    def check_sampler_option(self, flag: str) -> None:
+        self.require(f"option for its sampler ({self.sampler})", flag, self.sampler_options)
+
+
+_MASKED = dict(causal=False, time_conditioned=False, mask_token=True,
+               sampler="masked diffusion: low-confidence or random remasking",
+               sampler_options=("--remasking", "--block-length", "--cfg", "--cache"),
+               guidance=True, estimators=("mc", "llada", "chain"), exact_likelihood=False,
+               export_formats=("litgpt", "llada-hf"))
+
+RECORDS = (
+    Family(name="mdm", summary="masked diffusion, SMDM", objective="1/t-weighted ELBO",
+           compare_with=(BASELINE,), plot_style=("o", "-"), **_MASKED),
+    Family(name="mdm-ce", summary="masked diffusion on the plain masked cross-entropy",
+           objective="masked cross-entropy (validation: the ELBO)",
+           compare_with=(BASELINE, "mdm"), plot_style=("^", "-."), **_MASKED),
+    Family(name="uniform", summary="uniform-state diffusion", causal=False,
+           time_conditioned=True, mask_token=False, objective="continuous-time NELBO",
+           sampler="ancestral (every step may change any answer token)", sampler_options=(),
+           guidance=False, estimators=("mc",), exact_likelihood=False, export_formats=(),
+           compare_with=(BASELINE,), plot_style=("D", ":")),
+    Family(name="arm", summary="autoregressive baseline", causal=True, time_conditioned=False,
+           mask_token=False, objective="next-token cross-entropy",
+           sampler="left to right with a KV cache", sampler_options=("--no-kv-cache",),
+           guidance=False, estimators=("exact",), exact_likelihood=True,
+           export_formats=("llama-hf",),
+           compare_with=(), plot_style=("s", "--")),
+)
+BY_NAME = {f.name: f for f in RECORDS}
+FAMILIES = tuple(BY_NAME)
+
+
+def get(name: str) -> Family:
+    try:
+        return BY_NAME[name]
+    except KeyError:
+        raise FamilyError(f"unknown family {name!r}; the families are: "
+                          f"{', '.join(FAMILIES)}") from None

@@ -14,6 +14,7 @@ import dataclasses
 import json
 import math
 
+from mdm_jax import families
 from mdm_jax.presets import Preset, get_preset
 
 SMDM_BATCH = 256
@@ -50,10 +51,10 @@ def non_embedding_params(preset: Preset) -> int:
     return preset.non_embedding_params
 
 
-def total_params(preset: Preset, vocab_size: int | None = None, causal: bool = False) -> int:
-    """N plus the embedding (vocab + 1 rows for the MDM's mask token) and the untied head."""
+def total_params(preset: Preset, vocab_size: int | None = None, family: str = "mdm") -> int:
+    """N plus the embedding (vocab + 1 rows with a mask token) and the untied head."""
     v = vocab_size or preset.vocab_size
-    rows = v if causal else v + 1
+    rows = v + 1 if families.get(family).mask_token else v
     return preset.non_embedding_params + rows * preset.d_model + preset.d_model * v
 
 
@@ -72,18 +73,20 @@ def time_conditioning_weights(preset: Preset) -> int:
 
 
 def flops_per_token_6n(preset: Preset, seq_len: int = SMDM_SEQ_LEN,
-                       time_conditioned: bool = False) -> float:
+                       family: str = "mdm") -> float:
     """Training FLOPs per token, SMDM convention: 6 N (plus 6 x the time conditioning's
     weights / L for a time-conditioned model: they run once per sequence)."""
-    extra = 6.0 * time_conditioning_weights(preset) / seq_len if time_conditioned else 0.0
+    conditioned = families.get(family).time_conditioned
+    extra = 6.0 * time_conditioning_weights(preset) / seq_len if conditioned else 0.0
     return 6.0 * preset.non_embedding_params + extra
 
 
 def forward_flops_per_token(preset: Preset, seq_len: int, vocab_size: int | None = None,
-                            causal: bool = False, time_conditioned: bool = False) -> float:
+                            family: str = "mdm") -> float:
     """Forward matmul FLOPs per token including attention scores/values and the head.
 
-    A bidirectional encoder attends to all L keys; a causal model's useful work is half of that.
+    A bidirectional encoder attends to all L keys; a causal model's useful work is half of that
+    (the family's attention_fraction).
     A time-conditioned model adds its conditioning matmuls, which run once per sequence, so
     they cost 1/L of their weights' 2 FLOPs per token.
     """
@@ -91,28 +94,28 @@ def forward_flops_per_token(preset: Preset, seq_len: int, vocab_size: int | None
     d_attn = preset.n_head * preset.head_dim
     dense = 2.0 * (preset.non_embedding_params - preset.n_layer * 2 * preset.d_model
                    - preset.d_model)  # weights only, norms excluded
-    attn = 2.0 * 2.0 * seq_len * d_attn * preset.n_layer * (0.5 if causal else 1.0)
+    f = families.get(family)
+    attn = 2.0 * 2.0 * seq_len * d_attn * preset.n_layer * f.attention_fraction
     head = 2.0 * preset.d_model * v
-    conditioning = 2.0 * time_conditioning_weights(preset) / seq_len if time_conditioned else 0.0
+    conditioning = 2.0 * time_conditioning_weights(preset) / seq_len if f.time_conditioned else 0.0
     return dense + attn + head + conditioning
 
 
 def train_flops_per_token(preset: Preset, seq_len: int, vocab_size: int | None = None,
-                          causal: bool = False, time_conditioned: bool = False) -> float:
+                          family: str = "mdm") -> float:
     """Detailed training FLOPs per token: 3 x forward (forward + backward)."""
-    return 3.0 * forward_flops_per_token(preset, seq_len, vocab_size, causal, time_conditioned)
+    return 3.0 * forward_flops_per_token(preset, seq_len, vocab_size, family)
 
 
 def steps_for_budget(preset: Preset, budget: float, batch: int = SMDM_BATCH,
                      seq_len: int = SMDM_SEQ_LEN, convention: str = "6n",
-                     vocab_size: int | None = None, causal: bool = False,
-                     time_conditioned: bool = False) -> int:
+                     vocab_size: int | None = None, family: str = "mdm") -> int:
     """Optimizer steps that spend `budget` FLOPs: SMDM's 6N (default) or Duo's 3 F_fwd."""
     tokens_per_step = batch * seq_len
     if convention == "6n":
-        per_token = flops_per_token_6n(preset, seq_len, time_conditioned)
+        per_token = flops_per_token_6n(preset, seq_len, family)
     elif convention == "3fwd":
-        per_token = train_flops_per_token(preset, seq_len, vocab_size, causal, time_conditioned)
+        per_token = train_flops_per_token(preset, seq_len, vocab_size, family)
     else:
         raise ValueError(f"convention={convention!r}; valid: '6n' (SMDM) or '3fwd' (Duo)")
     return int(budget / (per_token * tokens_per_step))
@@ -149,12 +152,11 @@ class Plan:
 
 
 def plan(name: str, budget: float, batch: int = SMDM_BATCH, seq_len: int = SMDM_SEQ_LEN,
-         convention: str = "6n", causal: bool = False, time_conditioned: bool = False) -> Plan:
+         convention: str = "6n", family: str = "mdm") -> Plan:
     preset = get_preset(name)
     if budget <= 0:
         raise ValueError(f"--budget must be a positive number of FLOPs, got {budget}")
-    steps = steps_for_budget(preset, budget, batch, seq_len, convention, causal=causal,
-                             time_conditioned=time_conditioned)
+    steps = steps_for_budget(preset, budget, batch, seq_len, convention, family=family)
     if steps < 1:
         one_step = flops_per_token_6n(preset) * batch * seq_len
         raise ValueError(
@@ -165,12 +167,11 @@ def plan(name: str, budget: float, batch: int = SMDM_BATCH, seq_len: int = SMDM_
     tokens = steps * batch * seq_len
     return Plan(
         preset=name, non_embedding_params=preset.non_embedding_params,
-        total_params=total_params(preset, causal=causal), budget=budget, batch=batch,
+        total_params=total_params(preset, family=family), budget=budget, batch=batch,
         seq_len=seq_len, steps=steps, tokens=tokens,
         tokens_per_param=tokens / preset.non_embedding_params,
-        flops_per_token_6n=flops_per_token_6n(preset, seq_len, time_conditioned),
-        flops_per_token_detailed=train_flops_per_token(preset, seq_len, causal=causal,
-                                                       time_conditioned=time_conditioned),
+        flops_per_token_6n=flops_per_token_6n(preset, seq_len, family),
+        flops_per_token_detailed=train_flops_per_token(preset, seq_len, family=family),
         convention=convention,
     )
 
@@ -185,7 +186,8 @@ def _main(argv=None) -> None:
     parser.add_argument("--batch", type=int, default=SMDM_BATCH, help="sequences per step")
     parser.add_argument("--seq-len", type=int, default=SMDM_SEQ_LEN)
     parser.add_argument("--convention", choices=("6n", "3fwd"), default="6n")
-    parser.add_argument("--arm", action="store_true", help="causal model (no mask-token row)")
+    parser.add_argument("--family", choices=families.FAMILIES, default="mdm",
+                        help="what it counts: mask-token row, causal attention, conditioning")
     parser.add_argument("--json", action="store_true", help="print JSON")
     args = parser.parse_args(argv)
     if not (math.isfinite(args.budget) and args.budget > 0):
@@ -196,7 +198,7 @@ def _main(argv=None) -> None:
             raise UserError(f"{flag} {value}: give a positive integer")
     try:
         result = plan(args.preset, args.budget, args.batch, args.seq_len, args.convention,
-                      causal=args.arm)
+                      family=args.family)
     except ValueError as e:  # an unknown preset, or a budget below one step: named in e
         raise UserError(str(e)) from None
     if args.json:

@@ -15,16 +15,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mdm_jax import families
 from mdm_jax.attention_kernels import splash_attention
-from mdm_jax.presets import Preset
+from mdm_jax.presets import Preset, get_preset
 
-REMAT_POLICIES = {
+REMAT = {  # the jax policy of each name in config.REMAT_POLICIES
     "none": None,  # no rematerialisation
     "full": jax.checkpoint_policies.nothing_saveable,  # recompute everything in the backward
     "dots": jax.checkpoint_policies.checkpoint_dots,  # keep matmul outputs, recompute the rest
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
-ATTENTION_IMPLS = ("xla", "jax", "cudnn", "splash")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,13 +37,12 @@ class ModelArgs:
     head_dim: int
     mlp_dim: int
     vocab_size: int  # logits the head produces
-    causal: bool = False  # False: MDM (bidirectional, mask token row); True: ARM
+    family: str = "mdm"  # a name in mdm_jax.families: attention, mask row, conditioning
     max_seq_len: int = 2048
     dtype: str = "float32"  # compute dtype; parameters are always float32
     remat: str = "none"
     scan_layers: bool = True
     attention: str = "xla"
-    time_conditioning: bool = False  # adaLN on the noise level (uniform-state diffusion only)
     cond_dim: int = 128  # width of the noise-level embedding when time-conditioned
     rope_base: float = 10000.0
     norm_eps: float = 1e-5
@@ -62,6 +61,23 @@ class ModelArgs:
         fields.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**fields)
 
+    @classmethod
+    def from_config(cls, c) -> ModelArgs:
+        """The encoder a run config (mdm_jax.config) describes."""
+        return cls.from_preset(
+            get_preset(c.model.preset), vocab_size=c.model.vocab_size or None,
+            family=c.objective.kind, dtype=c.model.dtype, remat=c.model.remat,
+            scan_layers=c.model.scan_layers, attention=c.model.attention)
+
+    @property
+    def causal(self) -> bool:
+        return families.get(self.family).causal
+
+    @property
+    def time_conditioning(self) -> bool:
+        """adaLN on the noise level (a family whose noisy tokens do not say they are noise)."""
+        return families.get(self.family).time_conditioned
+
     @property
     def mask_id(self) -> int:
         """The MDM mask token: one past the last vocabulary entry (32000 for Llama-2's)."""
@@ -69,7 +85,7 @@ class ModelArgs:
 
     @property
     def embedding_rows(self) -> int:
-        return self.vocab_size if self.causal else self.vocab_size + 1
+        return self.vocab_size + 1 if families.get(self.family).mask_token else self.vocab_size
 
     @property
     def compute_dtype(self):
@@ -298,7 +314,7 @@ class Encoder(nn.Module):
 
         block = Block
         if a.remat != "none":
-            block = nn.remat(Block, policy=REMAT_POLICIES[a.remat], prevent_cse=not a.scan_layers)
+            block = nn.remat(Block, policy=REMAT[a.remat], prevent_cse=not a.scan_layers)
         if a.scan_layers:
             stack = nn.scan(
                 block, variable_axes={"params": 0}, split_rngs={"params": True},

@@ -15,7 +15,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from mdm_jax.families import FAMILIES as OBJECTIVES
+from mdm_jax import families
 from mdm_jax.model import head_kernel, logits_from_hidden
 
 
@@ -27,6 +27,12 @@ class ObjectiveArgs:
     weighting: str = "elbo"  # "elbo": CE / p summed over masked, / (B*L); "unweighted": mean CE
     t_sampling: str = "uniform"  # "uniform" | "stratified" (t_i = (u + i/B) mod 1)
     loss_chunk: int = 256  # sequence positions per cross-entropy chunk
+
+    @classmethod
+    def from_config(cls, c) -> ObjectiveArgs:
+        o = c.objective
+        return cls(kind=o.kind, eps=o.eps, variable_length_prob=o.variable_length_prob,
+                   weighting=o.weighting, t_sampling=o.t_sampling, loss_chunk=o.loss_chunk)
 
 
 def chunked_token_loss(hidden, head, token_loss: Callable, per_token: tuple, weights,
@@ -215,18 +221,10 @@ def uniform_loss(apply_fn: Callable, params, tokens, key, args: ObjectiveArgs, m
     return loss, {"loss": loss, "noise_rate": jnp.mean(z != x0), "length": valid_len}
 
 
-def model_inputs_len(kind: str, seq_len: int) -> int:
-    """Tokens per example the objective reads: L for the MDM, L + 1 for the ARM's shift."""
-    return seq_len + 1 if kind == "arm" else seq_len
+# The family table of losses: (apply_fn, params, tokens [B, L + family.inputs_extra], key,
+# args, mask_id, train) -> (loss, metrics).
+OBJECTIVES = {"mdm": mdm_loss, "mdm-ce": mdm_ce_loss, "uniform": uniform_loss, "arm": arm_loss}
 
 
 def get_objective(kind: str) -> Callable:
-    if kind == "mdm":
-        return mdm_loss
-    if kind == "mdm-ce":
-        return mdm_ce_loss
-    if kind == "uniform":
-        return uniform_loss
-    if kind == "arm":
-        return arm_loss
-    raise ValueError(f"config.objective.kind={kind!r}; valid: {', '.join(OBJECTIVES)}")
+    return OBJECTIVES[families.get(kind).name]

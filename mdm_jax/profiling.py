@@ -13,20 +13,7 @@ import contextlib
 
 import jax
 
-
-def parse_steps(spec: str) -> tuple[int, int] | None:
-    """ "N,M" -> (N, M) with 1 <= N <= M; "N" -> (N, N); "" -> None. ValueError otherwise."""
-    spec = str(spec).strip()
-    if not spec:
-        return None
-    parts = [p.strip() for p in spec.split(",")]
-    if len(parts) > 2 or not all(p.isdigit() for p in parts):
-        raise ValueError(f"config.profile.steps={spec!r}: give 'FIRST,LAST' step numbers, e.g. "
-                         f"'10,12', or '' for no trace")
-    first, last = int(parts[0]), int(parts[-1])
-    if not 1 <= first <= last:
-        raise ValueError(f"config.profile.steps={spec!r}: need 1 <= FIRST <= LAST, e.g. '10,12'")
-    return first, last
+from mdm_jax.config import parse_steps
 
 
 class StepProfiler:

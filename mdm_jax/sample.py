@@ -150,7 +150,7 @@ def _main(argv=None) -> None:
             f"never saw); shorten the prompt, lower --gen-length/--length, or add "
             f"--allow-longer")
     limit = longest + gen_length if a.allow_longer else seq_len
-    check_request(m.model, prompts, gen_length, sampler, limit)
+    check_request(m.model, prompts, gen_length, sampler, limit, kv_cache=not a.no_kv_cache)
 
     jobs = [(text, p) for text, p in zip(texts, prompts, strict=True) for _ in range(num)]
     out = open(a.out, "w", encoding="utf-8") if a.out else None

@@ -14,7 +14,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-MESH_AXES = ("data", "fsdp", "tensor")
+from mdm_jax.config import MESH_AXES, resolve_mesh_shape  # noqa: F401  (mesh helpers in one place)
+
 BATCH_AXES = ("data", "fsdp")
 
 LOGICAL_RULES = (
@@ -34,33 +35,6 @@ LOGICAL_RULES = (
     ("norm", None),
     ("layers", None),
 )
-
-
-def resolve_mesh_shape(data: int, fsdp: int, tensor: int, num_devices: int) -> tuple[int, ...]:
-    """Replace at most one -1 by whatever fills the devices; errors name the config field."""
-    shape = {"data": data, "fsdp": fsdp, "tensor": tensor}
-    free = [k for k, v in shape.items() if v == -1]
-    if len(free) > 1:
-        raise ValueError(f"config.mesh: only one axis may be -1, got {shape}.")
-    for k, v in shape.items():
-        if v != -1 and v < 1:
-            raise ValueError(f"config.mesh.{k}={v} must be >= 1 (or -1 to fill the devices).")
-    fixed = math.prod(v for v in shape.values() if v != -1)
-    if free:
-        if num_devices % fixed:
-            raise ValueError(
-                f"config.mesh={shape}: {num_devices} devices are not divisible by the fixed axes "
-                f"({fixed}); choose axis sizes whose product divides {num_devices}."
-            )
-        shape[free[0]] = num_devices // fixed
-    total = math.prod(shape.values())
-    if total > num_devices:
-        raise ValueError(
-            f"config.mesh={shape} needs {total} devices but only {num_devices} are available "
-            f"({jax.default_backend()}); shrink config.mesh.data/fsdp/tensor so their product "
-            f"is at most {num_devices}."
-        )
-    return tuple(shape[k] for k in MESH_AXES)
 
 
 def make_mesh(shape: tuple[int, int, int], devices=None) -> Mesh:

@@ -14,7 +14,7 @@ from conftest import nano_config
 
 from mdm_jax import autofit
 from mdm_jax.config import ConfigError, validate
-from mdm_jax.train import Trainer
+from mdm_jax.trainer import Trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ACCELERATORS_PY = os.path.join(REPO, ".venv-accelerators", "bin", "python")

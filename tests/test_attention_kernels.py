@@ -12,7 +12,7 @@ from conftest import nano_config
 
 from mdm_jax.attention_kernels import splash_attention
 from mdm_jax.model import xla_attention
-from mdm_jax.train import Trainer
+from mdm_jax.trainer import Trainer
 
 
 @pytest.mark.parametrize("causal", [False, True])

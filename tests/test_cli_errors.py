@@ -44,7 +44,7 @@ def _load_study(path):
 def run_dir(tiny_data, tmp_path_factory):
     """A nano MDM run workdir with one checkpoint (step 5), trained on seq_len 64."""
     from mdm_jax.checkpoint import Checkpointer
-    from mdm_jax.train import Trainer, resolved_config
+    from mdm_jax.trainer import Trainer, resolved_config
 
     workdir = tmp_path_factory.mktemp("cli_run")
     c = nano_config(**{"mesh.data": 1, "workdir": str(workdir),
@@ -150,7 +150,7 @@ def test_legacy_pth_imports_through_export_load(run_dir, tmp_path, capsys):
     from safetensors.torch import load_file
 
     from mdm_jax.export import load
-    from mdm_jax.export.cli import export
+    from mdm_jax.export.writer import export
     from mdm_jax.inference import load as load_model
 
     export(run_dir, "litgpt", str(tmp_path / "lit"))
@@ -256,15 +256,15 @@ CASES = [
     (["mdm_jax.flops", "--preset", "170M", "--budget", "lots"], "invalid float value: 'lots'"),
     (["mdm_jax.flops", "--preset", "170M", "--budget", "1e10"], "less than one step"),
     # sampling
-    (["mdm_jax.sampling", "--workdir", "{run}", "--steps", "0"], "--steps 0"),
-    (["mdm_jax.sampling", "--workdir", "{run}", "--num", "-2"], "--num -2"),
-    (["mdm_jax.sampling", "--workdir", "{run}", "--length", "999"], "trained seq_len 64"),
-    (["mdm_jax.sampling", "--workdir", "{run}", "--step", "3"], "available: 5"),
-    (["mdm_jax.sampling", "--workdir", "{run}", "--seed", "-1"], "--seed -1"),
-    (["mdm_jax.sampling", "--workdir", "{run}", "--temperature", "-1"], "--temperature -1"),
-    (["mdm_jax.sampling", "--workdir", "{run}", "--num", "x"], "invalid int value: 'x'"),
-    (["mdm_jax.sampling", "--workdir", "{run}", "--tokenizer", "{tmp}/none.model"], "none.model"),
-    (["mdm_jax.sampling", "--workdir", "{tmp}/nowhere"], "no checkpoint under"),
+    (["mdm_jax.sample", "--workdir", "{run}", "--steps", "0"], "--steps 0"),
+    (["mdm_jax.sample", "--workdir", "{run}", "--num", "-2"], "--num -2"),
+    (["mdm_jax.sample", "--workdir", "{run}", "--length", "999"], "trained seq_len 64"),
+    (["mdm_jax.sample", "--workdir", "{run}", "--step", "3"], "available: 5"),
+    (["mdm_jax.sample", "--workdir", "{run}", "--seed", "-1"], "--seed -1"),
+    (["mdm_jax.sample", "--workdir", "{run}", "--temperature", "-1"], "--temperature -1"),
+    (["mdm_jax.sample", "--workdir", "{run}", "--num", "x"], "invalid int value: 'x'"),
+    (["mdm_jax.sample", "--workdir", "{run}", "--tokenizer", "{tmp}/none.model"], "none.model"),
+    (["mdm_jax.sample", "--workdir", "{tmp}/nowhere"], "no checkpoint under"),
     # export.load
     (["mdm_jax.export.load", "--format", "litgpt", "--src", "{tmp}/nope.pth", "--out",
       "{tmp}/o"], "nope.pth does not exist"),

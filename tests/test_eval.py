@@ -22,7 +22,7 @@ CONTEXT, CONTINUATION = [1, 40, 41, 42], [7, 300, 12, 99]
 
 
 def _model(causal: bool, seed: int):
-    args = ModelArgs.from_preset(get_preset("nano"), causal=causal)
+    args = ModelArgs.from_preset(get_preset("nano"), family="arm" if causal else "mdm")
     params = Encoder(args).init(jax.random.PRNGKey(seed), jnp.zeros((1, 8), jnp.int32))["params"]
     params = nn.unbox(params)
     # Larger weights than the initialisation, so that the masks matter to the estimates.
@@ -109,9 +109,13 @@ def test_bad_estimator_settings_name_the_fix(mdm):
         loglikelihood(model, params, [1] * 120, [5] * 20)
     arm, arm_params = _model(True, 1)
     from mdm_jax.eval.likelihood import check_estimator
+    from mdm_jax.families import FamilyError, get
 
-    with pytest.raises(EvalError, match="for MDMs"):
-        check_estimator(Estimator(cfg=0.5), causal=True)
+    with pytest.raises(FamilyError, match="the arm family .* has no guidance 'cfg'"):
+        check_estimator(Estimator(cfg=0.5), get("arm"))
+    with pytest.raises(FamilyError, match="has no likelihood estimator 'chain'; it has: mc"):
+        check_estimator(Estimator("chain"), get("uniform"))
+    assert check_estimator(Estimator(), get("arm")).kind == "exact"
 
 
 # ---- on a trained run: the text CLI and the harness ------------------------------------------
@@ -132,7 +136,7 @@ def runs(tiny_data, tmp_path_factory):
 
 
 def test_text_elbo_and_bits_per_byte(runs, tmp_path, capsys):
-    from mdm_jax import evaluate
+    from mdm_jax.eval import text as evaluate
 
     text = tmp_path / "text.txt"
     text.write_text("the cat sat on the mat. " * 30)
@@ -146,7 +150,7 @@ def test_text_elbo_and_bits_per_byte(runs, tmp_path, capsys):
         assert r["windows"] >= 2
     with pytest.raises(SystemExit) as e:
         evaluate.cli(["--workdir", runs["arm"], "--text", str(text), "--cfg", "1"])
-    assert e.value.code == 2 and "for MDMs" in capsys.readouterr().err
+    assert e.value.code == 2 and "has no guidance" in capsys.readouterr().err
 
 
 def _tasks(folder) -> None:
@@ -224,7 +228,8 @@ def test_harness_cli_unknown_task_is_one_line(runs, tmp_path, capsys, monkeypatc
 def test_task_accuracy_is_logged_during_training(tiny_data, tmp_path):
     from mdm_jax.data.tokenizer import Tokenizer
     from mdm_jax.eval.multiple_choice import accuracy, read_questions
-    from mdm_jax.train import Trainer, train
+    from mdm_jax.train import train
+    from mdm_jax.trainer import Trainer
 
     _tasks(tmp_path)
     c = nano_config(**{"data.train_dir": tiny_data["train"], "data.eval_dir": "",

@@ -18,11 +18,12 @@ import jax  # noqa: E402
 from conftest import nano_config  # noqa: E402
 
 from mdm_jax.checkpoint import Checkpointer  # noqa: E402
-from mdm_jax.export.cli import export  # noqa: E402
 from mdm_jax.export.load import import_checkpoint  # noqa: E402
 from mdm_jax.export.tensor_io import ExportError  # noqa: E402
 from mdm_jax.export.torch_model import TransEncoder  # noqa: E402
-from mdm_jax.train import Trainer, resolved_config, train  # noqa: E402
+from mdm_jax.export.writer import export  # noqa: E402
+from mdm_jax.train import train  # noqa: E402
+from mdm_jax.trainer import Trainer, resolved_config  # noqa: E402
 
 PRESETS = ("nano", "nano-hd128")
 TOL = 1e-4
@@ -226,7 +227,7 @@ LLADA_KEYS = {"activation_type", "alibi", "alibi_bias_max", "architectures",
 def test_litgpt_config_is_smdm_config_and_shapes_are_what_smdm_allocates(tmp_path):
     from safetensors.numpy import load_file
 
-    from mdm_jax.export.cli import smdm_name
+    from mdm_jax.export.writer import smdm_name
 
     trainer, _ = _random_checkpoint(tmp_path / "run", "nano", "mdm")
     export(str(tmp_path / "run"), "litgpt", str(tmp_path / "lit"))

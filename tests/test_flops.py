@@ -30,7 +30,7 @@ def test_detailed_count_includes_attention_and_head():
     attn = 4 * 2048 * p.d_model * p.n_layer
     head = 2 * p.d_model * 32000
     assert fwd == dense + attn + head
-    assert flops.forward_flops_per_token(p, 2048, causal=True) == dense + attn / 2 + head
+    assert flops.forward_flops_per_token(p, 2048, family="arm") == dense + attn / 2 + head
     assert flops.train_flops_per_token(p, 2048) == 3 * fwd
 
 
@@ -63,7 +63,7 @@ def test_time_conditioning_count_matches_the_model_weights():
 
     for name, scan in (("13K", True), ("27K", False)):
         preset = get_preset(name)
-        args = ModelArgs.from_preset(preset, vocab_size=64, time_conditioning=True,
+        args = ModelArgs.from_preset(preset, vocab_size=64, family="uniform",
                                      scan_layers=scan)
         shapes = jax.eval_shape(lambda args=args: Encoder(args).init(
             jax.random.PRNGKey(0), jax.numpy.zeros((1, 8), jax.numpy.int32)))["params"]
@@ -79,11 +79,11 @@ def test_time_conditioning_count_matches_the_model_weights():
 def test_time_conditioning_is_counted_per_sequence():
     p = get_preset("13K")
     plain = flops.train_flops_per_token(p, 128)
-    conditioned = flops.train_flops_per_token(p, 128, time_conditioned=True)
+    conditioned = flops.train_flops_per_token(p, 128, family="uniform")
     assert conditioned - plain == pytest.approx(3 * 2 * flops.time_conditioning_weights(p) / 128)
-    assert flops.flops_per_token_6n(p, 128, time_conditioned=True) - flops.flops_per_token_6n(
+    assert flops.flops_per_token_6n(p, 128, family="uniform") - flops.flops_per_token_6n(
         p, 128) == pytest.approx(6 * flops.time_conditioning_weights(p) / 128)
     # The same budget buys a time-conditioned model fewer steps, under either convention.
     for convention in ("6n", "3fwd"):
-        assert (flops.steps_for_budget(p, 1e12, 16, 128, convention, time_conditioned=True)
+        assert (flops.steps_for_budget(p, 1e12, 16, 128, convention, family="uniform")
                 < flops.steps_for_budget(p, 1e12, 16, 128, convention))

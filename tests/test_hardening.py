@@ -39,8 +39,8 @@ def _truncate_data_files(state_dir: str) -> None:
 
 
 def test_damaged_newest_checkpoint_is_set_aside_and_written_again(tiny_data, tmp_path):
-    from mdm_jax.export.cli import export
     from mdm_jax.export.tensor_io import ExportError
+    from mdm_jax.export.writer import export
 
     c = _config(tiny_data, tmp_path / "run", steps=8, checkpoint_every=2, log_every=2)
     train(c)
@@ -62,9 +62,9 @@ def test_damaged_newest_checkpoint_is_set_aside_and_written_again(tiny_data, tmp
 
 def test_reexport_refuses_a_full_folder_and_overwrite_leaves_no_stale_shards(tiny_data,
                                                                            tmp_path):
-    from mdm_jax.export.cli import export
     from mdm_jax.export.load import import_checkpoint
     from mdm_jax.export.tensor_io import ExportError
+    from mdm_jax.export.writer import export
 
     c = _config(tiny_data, tmp_path / "run", steps=4, checkpoint_every=2, checkpoint_keep=5)
     train(c)
@@ -127,7 +127,7 @@ def test_a_halted_run_continues_from_its_last_good_state(tiny_data, tmp_path):
     import jax.numpy as jnp
 
     from mdm_jax.checkpoint import abstract_with_shardings
-    from mdm_jax.train import Trainer, resolved_config
+    from mdm_jax.trainer import Trainer, resolved_config
 
     c = _config(tiny_data, tmp_path, steps=2, log_every=1, nonfinite="stop")
     first = train(c)

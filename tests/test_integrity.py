@@ -98,9 +98,9 @@ def test_an_interrupted_export_leaves_the_old_folder_and_a_mixed_folder_is_refus
     import shutil
 
     from mdm_jax.export import source
-    from mdm_jax.export.cli import export
     from mdm_jax.export.load import import_checkpoint
     from mdm_jax.export.tensor_io import ExportError
+    from mdm_jax.export.writer import export
 
     train(_config(tiny_data, tmp_path / "run", steps=4, checkpoint_every=2))
     out = tmp_path / "lit"
@@ -185,9 +185,9 @@ def test_changed_checkpoint_bytes_are_caught_on_restore_export_and_resume(tiny_d
     import numpy as np
 
     from mdm_jax.checkpoint import abstract_with_shardings
-    from mdm_jax.export.cli import export
     from mdm_jax.export.tensor_io import ExportError
-    from mdm_jax.train import Trainer
+    from mdm_jax.export.writer import export
+    from mdm_jax.trainer import Trainer
 
     c = _config(tiny_data, tmp_path / "run", steps=6, checkpoint_every=2, checkpoint_keep=5)
     train(c)
@@ -204,20 +204,26 @@ def test_changed_checkpoint_bytes_are_caught_on_restore_export_and_resume(tiny_d
                                               r"params/embedding"):
         ckpt.verify(6, changed)
     ckpt.close()
-    # Bytes flipped in the newest checkpoint's data files: export refuses it, and training
-    # falls back to step 4 (the damaged step is set aside and trained again).
+    # Bytes flipped in the newest checkpoint's data files: export and training fall back to
+    # step 4 (training sets the damaged step aside and trains it again); named, it is refused.
     for path in glob.glob(str(tmp_path / "run" / "checkpoints" / "6" / "state" / "**" / "d" /
                               "*"), recursive=True):
         data = bytearray(open(path, "rb").read())
         middle = len(data) // 2
         data[middle:middle + 4096] = bytes(b ^ 0xFF for b in data[middle:middle + 4096])
         open(path, "wb").write(bytes(data))
-    with pytest.raises(ExportError, match="checkpoint 6 .* is damaged"):
+    with pytest.raises(ExportError, match="checkpoint 6 .* is damaged.*pass --step 4"):
+        export(str(tmp_path / "run"), "litgpt", str(tmp_path / "exp"), step=6)
+    warning = f"checkpoint 6 under {tmp_path}/run/checkpoints is damaged and was skipped ("
+    with caplog.at_level("WARNING", logger="mdm_jax"):
         export(str(tmp_path / "run"), "litgpt", str(tmp_path / "exp"))
+    assert json.loads((tmp_path / "exp" / "mdm_jax.json").read_text())["step"] == 4
+    assert warning in caplog.text
+    caplog.clear()
     with caplog.at_level("WARNING", logger="mdm_jax"):
         resumed = train(_config(tiny_data, tmp_path / "run", steps=8, checkpoint_every=2,
                                 checkpoint_keep=5))
-    assert "checkpoints/6 is damaged" in caplog.text
+    assert warning in caplog.text  # the same words as export's
     assert [h["step"] for h in resumed.history][0] == 5  # continued from step 4
     assert all(np.isfinite(h["loss"]) for h in resumed.history)
 
@@ -279,7 +285,7 @@ def test_a_full_disk_stops_at_the_failed_save_with_one_line_and_no_partial_save(
         tiny_data, tmp_path):
     import jax
 
-    from mdm_jax.train import Trainer
+    from mdm_jax.trainer import Trainer
 
     mount = tmp_path / "small_disk"
     mount.mkdir()

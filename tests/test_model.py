@@ -56,7 +56,7 @@ def test_preset_parameter_count_matches_reference(name):
 
 
 def test_arm_has_no_mask_row():
-    params = _abstract_params(ModelArgs.from_preset(get_preset("nano"), causal=True))
+    params = _abstract_params(ModelArgs.from_preset(get_preset("nano"), family="arm"))
     assert params["embedding"].value.shape[0] == get_preset("nano").vocab_size
 
 
@@ -113,7 +113,7 @@ def test_bidirectional_sees_the_future_causal_does_not(nano):
     changed = tokens.at[:, 12].set((tokens[:, 12] + 1) % 256)
     mdm = lambda t: _hidden(args, params, t)
     assert float(jnp.max(jnp.abs(mdm(tokens)[:, 3] - mdm(changed)[:, 3]))) > 1e-4
-    causal = dataclasses.replace(args, causal=True)
+    causal = dataclasses.replace(args, family="arm")
     cparams = dict(params, embedding=params["embedding"][:512])
     arm = lambda t: _hidden(causal, cparams, t)
     np.testing.assert_array_equal(arm(tokens)[:, :12], arm(changed)[:, :12])
@@ -167,7 +167,7 @@ def test_train_step_writes_no_activation_gradient_transposed():
     import numpy as np
     from conftest import nano_config
 
-    from mdm_jax.train import Trainer
+    from mdm_jax.trainer import Trainer
 
     c = nano_config(**{"seq_len": 64})
     trainer = Trainer(c)

@@ -75,7 +75,7 @@ def test_mdm_loss_and_grads_equal_naive(nano):
 
 def test_arm_loss_and_grads_equal_naive(nano):
     args, params = nano
-    args = dataclasses.replace(args, causal=True)
+    args = dataclasses.replace(args, family="arm")
     params = dict(params, embedding=params["embedding"][:512])
     tokens = jax.random.randint(jax.random.PRNGKey(3), (4, 41), 0, 256)
     apply = Encoder(args).apply

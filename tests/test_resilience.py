@@ -18,7 +18,8 @@ from conftest import nano_config
 
 from mdm_jax.checkpoint import Checkpointer, CheckpointError, abstract_with_shardings
 from mdm_jax.errors import UserError
-from mdm_jax.train import Trainer, train
+from mdm_jax.train import train
+from mdm_jax.trainer import Trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -155,7 +156,7 @@ def test_damaged_latest_checkpoint_is_reported_and_skipped(two_checkpoints, dama
             os.remove(path)
     with caplog.at_level("WARNING", logger="mdm_jax"):
         resumed = train(c)
-    assert f"{c.workdir}/checkpoints/20 is damaged" in caplog.text
+    assert f"checkpoint 20 under {c.workdir}/checkpoints is damaged" in caplog.text
     assert resumed.history[0]["step"] == 15  # continued from step 10
     straight = train(_config({"train": c.data.train_dir, "tokenizer": c.data.tokenizer},
                              c.workdir + "_straight", steps=25, log_every=5))

@@ -60,7 +60,7 @@ def test_plan_cli_table_and_json():
     p = get_preset("170M")
     assert row["steps"] == flops.steps_for_budget(p, 1e19)
     assert row["non_embedding_params"] == 169_897_728
-    per_token = flops.train_flops_per_token(p, 2048, causal=True)
+    per_token = flops.train_flops_per_token(p, 2048, family="arm")
     hours = per_token * row["tokens"] / (flops.peak_flops("h100") * 0.4) / 3600
     assert row["accelerator_hours"] == pytest.approx(hours)
     table = _cli("mdm_jax.scaling.plan", "--config=experiments/isoflop.py:micro",
@@ -75,7 +75,7 @@ def test_duo_convention_changes_the_steps():
     assert all(duo[k] < six_n[k] for k in six_n)
     p = get_preset("170M")
     assert duo["arm-170M-1e+19"] == flops.steps_for_budget(p, 1e19, convention="3fwd",
-                                                           causal=True)
+                                                           family="arm")
 
 
 def test_bad_study_input_is_named():

@@ -8,7 +8,7 @@ import pytest
 from conftest import nano_config
 from jax.sharding import PartitionSpec as P
 
-from mdm_jax.train import Trainer
+from mdm_jax.trainer import Trainer
 
 MESHES = {"single": (1, 1, 1), "data8": (8, 1, 1), "fsdp4_tensor2": (1, 4, 2), "2x2x2": (2, 2, 2)}
 

@@ -63,7 +63,7 @@ def _train_synthetic(kind: str, weighting: str = "elbo", steps: int = 400):
     """A nano model trained on 4 fixed 8-token patterns drawn with probabilities .4/.3/.2/.1."""
     from conftest import nano_config
 
-    from mdm_jax.train import Trainer
+    from mdm_jax.trainer import Trainer
 
     c = nano_config(**{"objective.kind": kind, "objective.weighting": weighting, "seq_len": 8,
                        "global_batch": 64, "steps": steps, "optim.lr": 3e-3,
@@ -103,8 +103,8 @@ def test_uniform_diffusion_learns_and_samples_the_data_distribution():
 def test_export_refuses_a_uniform_model_naming_why(tiny_data, tmp_path):
     from conftest import nano_config
 
-    from mdm_jax.export.cli import export
     from mdm_jax.export.tensor_io import ExportError
+    from mdm_jax.export.writer import export
     from mdm_jax.train import train
 
     c = nano_config(**{"objective.kind": "uniform", "data.train_dir": tiny_data["train"],

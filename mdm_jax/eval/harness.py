@@ -5,7 +5,8 @@
         --tasks my_task --include_path tasks/ --output_path results/
 
 `model_args`: `workdir` (a run's workdir or an export folder; `path` is the same), `step`,
-`estimator` (mc | llada | chain), `mc_num`, `batch_size` (Monte Carlo draws per call), `cfg`,
+`estimator` (the family's: mc | llada | chain for MDMs, mc for uniform-state diffusion, exact
+for the ARM; default its first), `mc_num`, `batch_size` (Monte Carlo draws per call), `cfg`,
 `seed`, `greedy_check` (false skips the is-greedy flag of loglikelihood requests, which
 costs an MDM one sampler run per request; multiple-choice accuracy does not use it), and for
 generate_until the sampler: `steps` (default: one per token), `block_length`,
@@ -22,13 +23,14 @@ import sys
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
+from mdm_jax import families
 from mdm_jax.eval.likelihood import Estimator, EvalError, check_estimator, is_greedy, loglikelihood
 
 
 @register_model("mdm_jax")
 class MDMJaxLM(LM):
     def __init__(self, workdir: str | None = None, path: str | None = None, step=None,
-                 estimator: str = "mc", mc_num=128, batch_size=32, cfg=0.0, seed=0, steps=0,
+                 estimator: str = "", mc_num=128, batch_size=32, cfg=0.0, seed=0, steps=0,
                  block_length=0, remasking: str = "low_confidence", temperature=0.0,
                  max_gen_toks=64, greedy_check=True, tokenizer: str | None = None, **unused):
         super().__init__()
@@ -40,9 +42,9 @@ class MDMJaxLM(LM):
             raise EvalError("model_args needs workdir=RUN_OR_EXPORT_FOLDER")
         self.m = load(str(where), None if step in (None, "") else int(step))
         batch_size = 32 if batch_size in (None, "auto", "") else int(batch_size)
-        self.estimator = Estimator(kind=str(estimator), mc_num=int(mc_num),
-                                   batch_size=batch_size, cfg=float(cfg))
-        check_estimator(self.estimator, self.m.args.causal)
+        self.estimator = check_estimator(
+            Estimator(kind=str(estimator or ""), mc_num=int(mc_num), batch_size=batch_size,
+                      cfg=float(cfg)), families.get(self.m.args.family))
         self.seed, self.steps, self.block_length = int(seed), int(steps), int(block_length)
         self.remasking, self.temperature = str(remasking), float(temperature)
         self.max_gen_toks = int(max_gen_toks)
@@ -83,29 +85,14 @@ class MDMJaxLM(LM):
         return out
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
-        """The whole text's log-likelihood: windows of up to seq_len - 1 tokens after a BOS,
-        each scored in full (an ARM with the previous tokens as context, as the harness's
-        rolling windows do; an MDM from BOS, its ELBO over the window)."""
-        from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+        """The whole text's log-likelihood: windows of up to seq_len - 1 tokens, each scored
+        after a BOS, as `python -m mdm_jax.eval text` scores them (same windows for every
+        family, so the figures compare)."""
+        from mdm_jax.eval.text import text_nll
 
-        out = []
-        for i, request in enumerate(requests):
-            tokens = self.tok.encode(request.args[0])
-            total = 0.0
-            if self.m.args.causal:
-                for ctx, pred in map(make_disjoint_window, get_rolling_token_windows(
-                        tokens, self.tok.bos_id, self.max_length, 1)):
-                    total += loglikelihood(self.m.model, self.m.params, ctx, pred,
-                                           max_length=self.max_length).logprob
-            else:
-                width = self.max_length - 1
-                for k, start in enumerate(range(0, len(tokens), width)):
-                    total += loglikelihood(self.m.model, self.m.params, [self.tok.bos_id],
-                                           tokens[start:start + width], self.estimator,
-                                           seed=self.seed + i + k,
-                                           max_length=self.max_length).logprob
-            out.append(total)
-        return out
+        return [-text_nll(self.m.model, self.m.params, self.tok.encode(r.args[0]),
+                          self.tok.bos_id, self.max_length, self.estimator, self.seed + i)[0]
+                for i, r in enumerate(requests)]
 
     def generate_until(self, requests, disable_tqdm: bool = False):
         from tqdm import tqdm

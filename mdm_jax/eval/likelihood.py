@@ -1,5 +1,6 @@
-"""Log-likelihoods of a continuation given a context, for MDMs and ARMs (jitted, batched).
+"""Log-likelihoods of a continuation given a context, for every family (jitted, batched).
 
+`SCORERS` and `GREEDY` are the family tables: each family's estimators and its greedy check.
 MDM estimators of log p(continuation | context), all lower bounds in expectation (the ELBO):
   - "mc" (SMDM): draw t stratified over the batch, mask each continuation token w.p.
     p = (1 - eps) t + eps, and take -sum_{masked} CE / p; averaged over `mc_num` draws.
@@ -14,9 +15,11 @@ small enough to enumerate every mask this is computed exactly and the tests comp
 
 Unsupervised classifier-free guidance (SMDM): the logits are cond + w (cond - uncond), uncond
 being the same input with the context replaced by mask tokens (one batched call); w = 0 is no
-guidance. ARMs: the exact log-likelihood from one causal pass. `is_greedy`: whether the
-continuation is what the model would produce greedily (ARM: argmax at every position; MDM: the
-low-confidence sampler at temperature 0 with one token per step, as LLaDA's harness model does).
+guidance. Uniform-state diffusion: its continuous-time NELBO with the context clean
+(`uniform_likelihood`). ARMs: the exact log-likelihood from one causal pass. `is_greedy`: whether
+the continuation is what the model would produce greedily (ARM: argmax at every position;
+diffusion: the family's sampler at temperature 0 with one token per step, as LLaDA's harness
+model does).
 """
 
 from __future__ import annotations
@@ -29,11 +32,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mdm_jax import families
 from mdm_jax.errors import UserError
+from mdm_jax.eval.uniform_likelihood import uniform_batch
 from mdm_jax.inference.mdm import guided_logits
 from mdm_jax.model import Encoder
 
-ESTIMATORS = ("mc", "llada", "chain")
+ESTIMATORS = tuple(dict.fromkeys(e for f in families.RECORDS for e in f.estimators))
 
 
 class EvalError(UserError, ValueError):
@@ -42,27 +47,28 @@ class EvalError(UserError, ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Estimator:
-    kind: str = "mc"  # "mc" | "llada" | "chain"
+    kind: str = ""  # one of the family's estimators; "" = its default (the first)
     mc_num: int = 128  # Monte Carlo draws (mc, llada)
     batch_size: int = 32  # draws (or chain passes) per network call
     cfg: float = 0.0
     eps: float = 1e-3  # SMDM's mask probability floor (mc only)
 
 
-def check_estimator(e: Estimator, causal: bool) -> None:
-    if e.kind not in ESTIMATORS:
-        raise EvalError(f"estimator={e.kind!r}: choose one of {', '.join(ESTIMATORS)}")
+def check_estimator(e: Estimator, family: families.Family) -> Estimator:
+    """The estimator with its default resolved for this family; one-line errors otherwise."""
+    e = dataclasses.replace(e, kind=e.kind or family.estimators[0])
+    family.check_estimator(e.kind)
+    if e.cfg:
+        family.check_guidance()
     if e.batch_size < 1 or e.mc_num < 1:
         raise EvalError(f"mc_num={e.mc_num}, batch_size={e.batch_size}: give 1 or more")
-    if e.kind != "chain" and e.mc_num % e.batch_size:
+    if e.kind in ("mc", "llada") and e.mc_num % e.batch_size:
         raise EvalError(f"mc_num={e.mc_num} is not divisible by batch_size={e.batch_size}; "
                         f"give an mc_num that is a multiple of batch_size (e.g. "
                         f"{e.batch_size * max(1, e.mc_num // e.batch_size)})")
     if not (e.cfg >= 0 and math.isfinite(e.cfg)):
         raise EvalError(f"cfg={e.cfg}: give 0 (off) or a positive weight")
-    if causal and e.cfg:
-        raise EvalError(f"cfg={e.cfg}: classifier-free guidance is for MDMs (it masks the "
-                        f"context); this model is an ARM: drop cfg")
+    return e
 
 
 def _bucket(n: int, limit: int) -> int:
@@ -139,68 +145,97 @@ class Score:
     draws: np.ndarray | None = None  # the Monte Carlo draws (mc, llada)
 
 
-def loglikelihood(model: Encoder, params, context: list[int], continuation: list[int],
-                  estimator: Estimator = Estimator(), seed: int = 0,
-                  max_length: int | None = None) -> Score:
-    """log p(continuation | context) for one pair of token lists."""
-    limit = max_length or model.args.max_seq_len
+def _draws(batch_fn, row, e: Estimator, seed: int) -> Score:
+    """Mean and standard error of e.mc_num Monte Carlo draws, e.batch_size per call."""
+    key = jax.random.PRNGKey(seed)
+    batch = jnp.asarray(np.repeat(row, e.batch_size, axis=0))
+    draws = np.concatenate([np.asarray(batch_fn(batch, jax.random.fold_in(key, i),
+                                                i * e.batch_size))
+                            for i in range(e.mc_num // e.batch_size)])
+    stderr = float(draws.std(ddof=1) / math.sqrt(len(draws))) if len(draws) > 1 else 0.0
+    return Score(float(draws.mean()), stderr, draws)
+
+
+def _masked_score(model, params, row, c, length, e: Estimator, seed: int) -> Score:
+    if e.kind == "chain":
+        m = int(length) - int(c)
+        batch = jnp.asarray(np.repeat(row, e.batch_size, axis=0))
+        terms = [np.asarray(_chain_batch(model, params, batch, c, length,
+                                         jnp.arange(k, k + e.batch_size, dtype=jnp.int32),
+                                         cfg=e.cfg)) for k in range(0, m, e.batch_size)]
+        return Score(float(np.sum(np.concatenate(terms)[:m])), 0.0)
+    return _draws(lambda batch, key, offset: _mc_batch(
+        model, params, batch, c, length, key, offset, e.mc_num, kind=e.kind, cfg=e.cfg,
+        eps=e.eps), row, e, seed)
+
+
+def _uniform_score(model, params, row, c, length, e: Estimator, seed: int) -> Score:
+    return _draws(lambda batch, key, offset: uniform_batch(
+        model, params, batch, c, length, key, offset, e.mc_num, eps=e.eps), row, e, seed)
+
+
+def _arm_score(model, params, row, c, length, e: Estimator, seed: int) -> Score:
+    if int(c) < 1:
+        raise EvalError("an ARM needs at least one context token (BOS) to score from")
+    return Score(float(_arm_scores(model, params, jnp.asarray(row), c, length)[0][0]), 0.0)
+
+
+# The family table of likelihoods: (model, params, row [1, width] of context + continuation,
+# context length, total length, resolved Estimator, seed) -> Score.
+SCORERS = {"mdm": _masked_score, "mdm-ce": _masked_score, "uniform": _uniform_score,
+           "arm": _arm_score}
+
+
+def _row(context: list[int], continuation: list[int], limit: int) -> np.ndarray:
     n = len(context) + len(continuation)
-    if not continuation:
-        return Score(0.0, 0.0)
     if n > limit:
         raise EvalError(f"context + continuation is {n} tokens, beyond the model's {limit}; "
                         f"shorten the context (or chunk the text)")
-    if model.args.causal and not context:
-        raise EvalError("an ARM needs at least one context token (BOS) to score from")
-    width = _bucket(n, limit)
-    row = np.zeros((1, width), np.int32)
+    row = np.zeros((1, _bucket(n, limit)), np.int32)
     row[0, :n] = context + continuation
-    c, length = jnp.int32(len(context)), jnp.int32(n)
-    if model.args.causal:
-        total, _ = _arm_scores(model, params, jnp.asarray(row), c, length)
-        return Score(float(total[0]), 0.0)
-    check_estimator(estimator, causal=False)
-    e = estimator
-    if e.kind == "chain":
-        m = len(continuation)
-        terms = []
-        for start in range(0, m, e.batch_size):
-            ks = jnp.arange(start, start + e.batch_size, dtype=jnp.int32)
-            batch = jnp.asarray(np.repeat(row, e.batch_size, axis=0))
-            terms.append(np.asarray(_chain_batch(model, params, batch, c, length, ks,
-                                                 cfg=e.cfg)))
-        return Score(float(np.sum(np.concatenate(terms)[:m])), 0.0)
-    key = jax.random.PRNGKey(seed)
-    batch = jnp.asarray(np.repeat(row, e.batch_size, axis=0))
-    draws = []
-    for i in range(e.mc_num // e.batch_size):
-        draws.append(np.asarray(_mc_batch(
-            model, params, batch, c, length, jax.random.fold_in(key, i), i * e.batch_size,
-            e.mc_num, kind=e.kind, cfg=e.cfg, eps=e.eps)))
-    draws = np.concatenate(draws)
-    return Score(float(draws.mean()), float(draws.std(ddof=1) / math.sqrt(len(draws)))
-                 if len(draws) > 1 else 0.0, draws)
+    return row
+
+
+def loglikelihood(model: Encoder, params, context: list[int], continuation: list[int],
+                  estimator: Estimator = Estimator(), seed: int = 0,
+                  max_length: int | None = None) -> Score:
+    """log p(continuation | context) for one pair of token lists, by the family's estimator."""
+    family = families.get(model.args.family)
+    e = check_estimator(estimator, family)
+    if not continuation:
+        return Score(0.0, 0.0)
+    row = _row(context, continuation, max_length or model.args.max_seq_len)
+    return SCORERS[family.name](model, params, row, jnp.int32(len(context)),
+                                jnp.int32(len(context) + len(continuation)), e, seed)
+
+
+def _sampler_greedy(model, params, context, continuation, max_length) -> bool:
+    from mdm_jax.inference import MDMSampler, generate
+
+    m = len(continuation)
+    g = generate(model, params, [context], m, MDMSampler(steps=m, temperature=0.0),
+                 max_length=max_length)
+    return g.answers()[0] == list(continuation)
+
+
+def _arm_greedy(model, params, context, continuation, max_length) -> bool:
+    row = _row(context, continuation, max_length or model.args.max_seq_len)
+    n = len(context) + len(continuation)
+    return bool(_arm_scores(model, params, jnp.asarray(row), jnp.int32(len(context)),
+                            jnp.int32(n))[1][0])
+
+
+# The family table of greedy checks: (model, params, context, continuation, max_length) -> bool.
+GREEDY = {"mdm": _sampler_greedy, "mdm-ce": _sampler_greedy, "uniform": _sampler_greedy,
+          "arm": _arm_greedy}
 
 
 def is_greedy(model: Encoder, params, context: list[int], continuation: list[int],
               max_length: int | None = None) -> bool:
     """Whether greedy generation from `context` produces exactly `continuation`."""
-    from mdm_jax.inference import MDMSampler, generate
-
     if not continuation:
         return True
-    if model.args.causal:
-        n = len(context) + len(continuation)
-        width = _bucket(n, max_length or model.args.max_seq_len)
-        row = np.zeros((1, width), np.int32)
-        row[0, :n] = context + continuation
-        _, greedy = _arm_scores(model, params, jnp.asarray(row), jnp.int32(len(context)),
-                                jnp.int32(n))
-        return bool(greedy[0])
-    m = len(continuation)
-    g = generate(model, params, [context], m, MDMSampler(steps=m, temperature=0.0),
-                 max_length=max_length)
-    return g.answers()[0] == list(continuation)
+    return GREEDY[model.args.family](model, params, context, continuation, max_length)
 
 
 def exact_elbo(model: Encoder, params, context: list[int], continuation: list[int],

@@ -1,3 +1,61 @@
-from mdm_jax.export.cli import cli
+"""`python -m mdm_jax.export`: the command line of `mdm_jax.export.writer.export`."""
 
-cli()
+from __future__ import annotations
+
+import argparse
+
+from mdm_jax.export.layouts import FORMATS
+from mdm_jax.export.tensor_io import DTYPES
+from mdm_jax.export.writer import __doc__ as WRITER_DOC
+from mdm_jax.export.writer import export
+
+
+def parse_size(text: str) -> int:
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "B": 1}
+    t = text.strip().upper()
+    try:
+        for unit, factor in units.items():
+            if t.endswith(unit):
+                size = int(float(t[: -len(unit)]) * factor)
+                break
+        else:
+            size = int(t)
+    except ValueError:
+        size = 0
+    if size <= 0:
+        from mdm_jax.errors import fail
+
+        fail(f"--max-shard-size {text!r}: give a positive size such as 5GB or 500MB")
+    return size
+
+
+def cli(argv=None) -> None:
+    from mdm_jax.errors import ArgumentParser
+
+    parser = ArgumentParser(prog="python -m mdm_jax.export", description=WRITER_DOC,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True,
+                        help="a training run's workdir (or its checkpoints/STEP folder)")
+    parser.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+    parser.add_argument("--format", required=True, choices=FORMATS)
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--dtype", default="float32", choices=tuple(DTYPES))
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an --out folder that already holds files")
+    parser.add_argument("--tokenizer", help="SentencePiece model to ship (default: the one "
+                        "the run trained with, config.data.tokenizer)")
+    parser.add_argument("--max-shard-size", default="5GB",
+                        help="Hugging Face formats: shard above this size (e.g. 5GB, 500MB)")
+    a = parser.parse_args(argv)
+    from absl import logging as absl_logging
+
+    from mdm_jax.errors import run_main
+
+    absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every file at INFO
+    files = run_main(export, a.checkpoint, a.format, a.out, a.step, a.dtype,
+                     parse_size(a.max_shard_size), a.tokenizer, a.overwrite)
+    print(f"wrote {a.format} export to {a.out}: {', '.join(files)}")
+
+
+if __name__ == "__main__":
+    cli()

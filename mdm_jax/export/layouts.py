@@ -20,6 +20,7 @@ from collections.abc import Callable
 import numpy as np
 
 FORMATS = ("litgpt", "llada-hf", "llama-hf")
+METADATA_FILE = "mdm_jax.json"  # an export's own record: preset, family, step, mask id, ...
 
 
 @dataclasses.dataclass(frozen=True)

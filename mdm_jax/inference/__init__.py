@@ -11,9 +11,9 @@ semi-autoregressive blocks, caching, guidance), `arm` (KV cache and full recompu
 (greedy, temperature, top-k, top-p), `generate` (prompts in, answers out).
 """
 
-from mdm_jax.inference.generate import Generation, SamplingError, generate
+from mdm_jax.inference.generate import SAMPLERS, Generation, SamplingError, generate
 from mdm_jax.inference.loading import LoadedModel, LoadError, forward, load
 from mdm_jax.inference.mdm import REMASKING, MDMSampler
 
 __all__ = ["Generation", "LoadError", "LoadedModel", "MDMSampler", "REMASKING",
-           "SamplingError", "forward", "generate", "load"]
+           "SAMPLERS", "SamplingError", "forward", "generate", "load"]

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mdm_jax import families
 from mdm_jax.errors import UserError
 from mdm_jax.inference import arm, mdm, uniform
 from mdm_jax.model import Encoder
@@ -32,24 +33,29 @@ class Generation:
                 for row, p in zip(self.tokens, self.prompt_lens, strict=True)]
 
 
+# Flags every family's sampler takes; the others are each family's own (Family.sampler_options).
+COMMON_FLAGS = ("--gen-length", "--steps", "--temperature", "--top-k", "--top-p")
+
+
 def check_request(model: Encoder, prompts: list[list[int]], gen_length: int,
-                  sampler: mdm.MDMSampler, max_length: int | None = None) -> None:
-    """Raise SamplingError (naming the flag and the fix) for a request that cannot work."""
+                  sampler: mdm.MDMSampler, max_length: int | None = None,
+                  kv_cache: bool = True) -> None:
+    """Raise SamplingError (naming the flag and the fix) for a request that cannot work, and
+    the family's FamilyError for an option its sampler does not take."""
     if not prompts:
         raise SamplingError("no prompts: give --prompt TEXT or --prompts FILE.jsonl")
+    family = families.get(model.args.family)
+    chosen = {"--remasking": sampler.remasking != "low_confidence",
+              "--block-length": sampler.block_length != 0, "--cfg": sampler.cfg != 0,
+              "--cache": sampler.cache, "--no-kv-cache": not kv_cache}
+    for flag in (f for f, on in chosen.items() if on):
+        family.check_sampler_option(flag)
     problems = [(f, m) for f, m in mdm.check(sampler, gen_length)
-                if not model.args.causal or f in ("--gen-length", "--temperature", "--top-k",
-                                                  "--top-p")]
-    if model.args.time_conditioning and (sampler.cfg or sampler.block_length or sampler.cache):
-        problems.append(("--cfg/--block-length/--cache", "apply to the masked-diffusion "
-                         "sampler; uniform-state diffusion samples ancestrally: drop them"))
-    if model.args.causal and sampler.cfg:
-        problems.append(("--cfg", f"{sampler.cfg}: classifier-free guidance is for MDMs (it "
-                         f"masks the prompt); this model is an ARM: drop --cfg"))
+                if f in COMMON_FLAGS or f in family.sampler_options]
     if problems:
         flag, message = problems[0]
         raise SamplingError(f"{flag} {message}")
-    if model.args.causal and min(len(p) for p in prompts) < 1:
+    if family.causal and min(len(p) for p in prompts) < 1:
         raise SamplingError("an ARM needs at least one prompt token (e.g. BOS) per prompt")
     longest = max(len(p) for p in prompts)
     limit = max_length or model.args.max_seq_len
@@ -60,34 +66,43 @@ def check_request(model: Encoder, prompts: list[list[int]], gen_length: int,
             f"seq_len); shorten the prompt or lower --gen-length")
 
 
+def _masked(model, params, canvas, lens, key, sampler, gen_length, kv_cache):
+    return mdm.denoise(model, params, canvas, lens, key, sampler=sampler, gen_length=gen_length)
+
+
+def _uniform(model, params, canvas, lens, key, sampler, gen_length, kv_cache):
+    return uniform.ancestral(model, params, canvas, lens, key, steps=sampler.steps,
+                             gen_length=gen_length, temperature=sampler.temperature,
+                             top_k=sampler.top_k, top_p=sampler.top_p)
+
+
+def _autoregressive(model, params, canvas, lens, key, sampler, gen_length, kv_cache):
+    fn = arm.sample_cached if kv_cache else arm.sample_full
+    return fn(model, params, canvas, lens, key, prefill=int(lens.min()),
+              temperature=sampler.temperature, top_k=sampler.top_k, top_p=sampler.top_p)
+
+
+# The family table of samplers: (model, params, canvas [B, L] (prompts in, the rest filled),
+# prompt lengths [B], key, MDMSampler settings, gen_length, kv_cache) -> (tokens, NFE).
+SAMPLERS = {"mdm": _masked, "mdm-ce": _masked, "uniform": _uniform, "arm": _autoregressive}
+
+
 def generate(model: Encoder, params, prompts: list[list[int]], gen_length: int,
              sampler: mdm.MDMSampler | None = None, seed: int = 0,
              max_length: int | None = None, kv_cache: bool = True) -> Generation:
-    """Answers of `gen_length` tokens after each prompt (token lists of any lengths), with
-    the MDM sampler `sampler` (its temperature/top-k/top-p also drive the ARM)."""
+    """Answers of `gen_length` tokens after each prompt (token lists of any lengths), with the
+    family's sampler under the settings `sampler` (temperature/top-k/top-p drive them all)."""
     sampler = sampler or mdm.MDMSampler()
-    check_request(model, prompts, gen_length, sampler, max_length)
+    check_request(model, prompts, gen_length, sampler, max_length, kv_cache)
+    family = families.get(model.args.family)
     lens = np.array([len(p) for p in prompts], np.int32)
-    length = int(lens.max()) + gen_length
-    fill = 0 if model.args.causal else model.args.mask_id
-    canvas = np.full((len(prompts), length), fill, np.int32)
+    canvas = np.full((len(prompts), int(lens.max()) + gen_length),
+                     model.args.mask_id if family.mask_token else 0, np.int32)
     for row, p in zip(canvas, prompts, strict=True):
         row[:len(p)] = p
-    key = jax.random.PRNGKey(seed)
     t0 = time.perf_counter()
-    if model.args.causal:
-        fn = arm.sample_cached if kv_cache else arm.sample_full
-        out, nfe = fn(model, params, jnp.asarray(canvas), jnp.asarray(lens), key,
-                      prefill=int(lens.min()), temperature=sampler.temperature,
-                      top_k=sampler.top_k, top_p=sampler.top_p)
-    elif model.args.time_conditioning:  # uniform-state diffusion
-        out, nfe = uniform.ancestral(model, params, jnp.asarray(canvas), jnp.asarray(lens), key,
-                                     steps=sampler.steps, gen_length=gen_length,
-                                     temperature=sampler.temperature, top_k=sampler.top_k,
-                                     top_p=sampler.top_p)
-    else:
-        out, nfe = mdm.denoise(model, params, jnp.asarray(canvas), jnp.asarray(lens), key,
-                               sampler=sampler, gen_length=gen_length)
+    out, nfe = SAMPLERS[family.name](model, params, jnp.asarray(canvas), jnp.asarray(lens),
+                                     jax.random.PRNGKey(seed), sampler, gen_length, kv_cache)
     out = np.asarray(jax.device_get(out))
     seconds = time.perf_counter() - t0
     return Generation(tokens=out, prompt_lens=lens, gen_length=gen_length,

@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-import sys
 
 import flax.linen as nn
 import jax
@@ -24,8 +23,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mdm_jax import checksum, sharding, storage
-from mdm_jax import config as config_lib
+from mdm_jax import sharding, storage
 from mdm_jax.errors import UserError
 from mdm_jax.model import Encoder, ModelArgs
 
@@ -84,83 +82,27 @@ def _for_inference(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     return c
 
 
-def _restore_params(workdir: str, step: int, abstract) -> dict:
-    import orbax.checkpoint as ocp
-
-    from mdm_jax.checkpoint import Checkpointer
-
-    state_dir = storage.join(workdir, "checkpoints", str(step), "state")
-    item = {"params": abstract}
-    restore_args = jax.tree_util.tree_map(
-        lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape,
-                                       dtype=a.dtype), item)
-    out = ocp.PyTreeCheckpointer().restore(state_dir, args=ocp.args.PyTreeRestore(
-        item=item, restore_args=restore_args, partial_restore=True))
-    ckpt = Checkpointer(workdir, read_only=True)
-    try:
-        saved = ckpt.read_json(step, "meta").get("checksums", {})
-    except Exception:  # noqa: BLE001  (an old checkpoint without meta: nothing to compare)
-        saved = {}
-    finally:
-        ckpt.close()
-    got = checksum.fingerprints(out)
-    changed = [k for k, v in got.items() if k in saved and saved[k] != v]
-    if changed:
-        raise ValueError(f"{len(changed)} array(s) whose contents changed since they were "
-                         f"saved: {', '.join(changed[:3])}")
-    return out["params"]
-
-
 def load_checkpoint(workdir: str, step: int | None = None, mesh_shape=(1, 1, 1),
                     devices=None) -> LoadedModel:
-    from mdm_jax.checkpoint import Checkpointer
+    from mdm_jax.checkpoint import read_step
 
-    hint = f"train first (python -m mdm_jax.train --config=... --config.workdir={workdir})"
-    if not (storage.as_path(workdir) / "checkpoints").is_dir():
-        raise LoadError(f"no checkpoint under {workdir}: not a training run's workdir or an "
-                        f"export folder; {hint}")
-    ckpt = Checkpointer(workdir, read_only=True)
-    try:
-        steps = ckpt.all_steps()
-        if not steps:
-            raise LoadError(f"no checkpoint under {ckpt.directory}; {hint}")
-        if step is not None and step not in steps:
-            raise LoadError(f"--step {step}: no checkpoint for that step under "
-                            f"{ckpt.directory}; available: {', '.join(map(str, steps))}")
-        candidates = [step] if step is not None else list(reversed(steps))
-        for s in candidates:
-            try:
-                c = _for_inference(ml_collections.ConfigDict(ckpt.restore_config(s)))
-                args = config_lib.model_args(c)
-                mesh, model, abstract = _placement(args, c.seq_len, mesh_shape, devices)
-                params = _restore_params(workdir, s, abstract)
-                return LoadedModel(model=model, params=params, config=c, step=s,
-                                   source="checkpoint", path=workdir, mesh=mesh)
-            except UserError:
-                raise
-            except Exception as e:  # noqa: BLE001  (a file of this step cannot be used)
-                detail = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-                others = [x for x in steps if x != s]
-                if s == candidates[-1]:
-                    raise LoadError(
-                        f"checkpoint {s} under {ckpt.directory} is damaged ({detail}); "
-                        + (f"other checkpoints: {', '.join(map(str, others))} (--step)"
-                           if others and step is not None else "no other checkpoint reads")
-                    ) from e
-                print(f"warning: checkpoint {s} under {ckpt.directory} is damaged ({detail}); "
-                      f"using the previous one", file=sys.stderr, flush=True)
-    finally:
-        ckpt.close()
-    raise AssertionError("unreachable")
+    def build(reader) -> LoadedModel:
+        c = _for_inference(ml_collections.ConfigDict(reader.config))
+        mesh, model, abstract = _placement(ModelArgs.from_config(c), c.seq_len, mesh_shape,
+                                           devices)
+        return LoadedModel(model=model, params=reader.params(abstract), config=c,
+                           step=reader.step, source="checkpoint", path=workdir, mesh=mesh)
+
+    return read_step(workdir, step, build, error=LoadError)[0]
 
 
 def load_export(folder: str, mesh_shape=(1, 1, 1), devices=None,
                 fmt: str | None = None) -> LoadedModel:
-    from mdm_jax.export.load import read_export
+    from mdm_jax.export.reader import read_export
 
     contents = read_export(folder, fmt)
     c = _for_inference(contents.config)
-    args = config_lib.model_args(c)
+    args = ModelArgs.from_config(c)
     mesh, model, abstract = _placement(args, c.seq_len, mesh_shape, devices)
     if jax.tree_util.tree_structure(contents.params) != jax.tree_util.tree_structure(abstract):
         raise LoadError(f"{folder}: the parameter tree does not match preset "
@@ -175,7 +117,7 @@ def load_export(folder: str, mesh_shape=(1, 1, 1), devices=None,
 def load(path: str, step: int | None = None, mesh_shape=(1, 1, 1), devices=None) -> LoadedModel:
     """A run's workdir (or gs:// workdir) or an export folder, onto `devices` (default: the
     first one) as a (data, fsdp, tensor) mesh."""
-    from mdm_jax.export.load import detect_format
+    from mdm_jax.export.reader import detect_format
 
     if not storage.is_remote(path) and os.path.isdir(path) and detect_format(path):
         if step is not None:

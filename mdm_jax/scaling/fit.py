@@ -22,6 +22,7 @@ import os
 
 import numpy as np
 
+from mdm_jax import families
 from mdm_jax.errors import ArgumentParser, run_main
 from mdm_jax.families import FAMILIES
 from mdm_jax.scaling.plan import StudyError
@@ -169,19 +170,19 @@ def fit(rows: list[dict]) -> dict:
             k = _multiplier(fams[family]["_minima"], fams[reference]["_minima"],
                             fams[family]["_laws"][0], fams[reference]["_laws"][0])
             out["multipliers"][f"{family}/{reference}"] = k
-            if reference == "arm":
+            if reference == families.BASELINE:
                 fams[family]["compute_multiplier"] = k["shared_alpha"]
                 fams[family]["compute_multiplier_log10_se"] = k["shared_alpha_log10_se"]
-    if "arm" in fams and len(fams) > 1:
-        fams["arm"]["compute_multiplier"] = 1.0
+    if families.BASELINE in fams and len(fams) > 1:
+        fams[families.BASELINE]["compute_multiplier"] = 1.0
     if "mdm/arm" in out["multipliers"]:
         out["compute_multiplier"] = out["multipliers"]["mdm/arm"]  # SMDM's headline number
     return out
 
 
-# (family, reference): the compute the family needs for the reference's loss. Every diffusion
-# family against the ARM, and the CE-trained MDM against SMDM's ELBO-trained one.
-COMPARISONS = (("mdm", "arm"), ("mdm-ce", "arm"), ("uniform", "arm"), ("mdm-ce", "mdm"))
+# (family, reference): the compute the family needs for the reference's loss, as each family's
+# record lists them (every diffusion family against the ARM, mdm-ce also against the mdm).
+COMPARISONS = tuple((f.name, ref) for f in families.RECORDS for ref in f.compare_with)
 
 
 def _multiplier(mdm: list[Minimum], arm: list[Minimum], mdm_law: PowerLaw,
@@ -248,11 +249,9 @@ def plot(rows: list[dict], result: dict, path: str) -> None:
     loss_ax, n_ax = grid[1, 0], grid[1, 1]
     budgets = sorted({r["budget"] for r in rows})
     colors = {b: plt.cm.viridis(i / max(len(budgets) - 1, 1)) for i, b in enumerate(budgets)}
-    styles = {"mdm": ("o", "-"), "mdm-ce": ("^", "-."), "uniform": ("D", ":"),
-              "arm": ("s", "--")}
     for ax, family in zip(grid[0], families, strict=False):
         d = result["families"][family]
-        marker, line = styles[family]
+        marker, line = families.get(family).plot_style
         for m in d["_minima"]:
             pts = sorted((r for r in rows if r["family"] == family and r["budget"] == m.budget),
                          key=lambda r: r["non_embedding_params"])

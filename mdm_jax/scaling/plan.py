@@ -20,7 +20,7 @@ import ml_collections
 
 from mdm_jax import flops
 from mdm_jax.errors import UserError, config_flags_parser, run_main
-from mdm_jax.families import FAMILIES, is_causal, is_time_conditioned
+from mdm_jax.families import FAMILIES
 from mdm_jax.presets import get_preset
 
 
@@ -128,17 +128,15 @@ def expand(study: ml_collections.ConfigDict) -> list[Run]:
             raise StudyError(f"study.families has {family!r}; valid: {', '.join(FAMILIES)}")
     runs = []
     for family in families:
-        causal, conditioned = is_causal(family), is_time_conditioned(family)
         for budget, presets in parse_grid(study.grid):
             for name in presets:
                 preset = get_preset(name)
                 try:
                     p = flops.plan(name, budget, study.batch, study.seq_len, study.convention,
-                                   causal=causal, time_conditioned=conditioned)
+                                   family=family)
                 except ValueError as e:
                     raise StudyError(f"{family} {name} at budget {budget:.3g}: {e}") from None
-                per_token = flops.train_flops_per_token(preset, study.seq_len, causal=causal,
-                                                        time_conditioned=conditioned)
+                per_token = flops.train_flops_per_token(preset, study.seq_len, family=family)
                 rid = run_id(family, name, budget)
                 runs.append(Run(
                     family=family, preset=name, non_embedding_params=p.non_embedding_params,

@@ -1,14 +1,15 @@
-"""Export an mdm_jax checkpoint to PyTorch: SMDM's lit-gpt layout, a LLaDA-style or a Llama
-Hugging Face folder.
+"""Write an mdm_jax checkpoint in a PyTorch layout: SMDM's lit-gpt layout, a LLaDA-style or a
+Llama Hugging Face folder (`export()`; its command line is `python -m mdm_jax.export`).
 
     python -m mdm_jax.export --checkpoint runs/tiny_mdm --format litgpt --out exports/tiny_lit
     python -m mdm_jax.export --checkpoint runs/smdm_mdm_170M --step 18710 --format llada-hf \
         --out exports/170M_llada --dtype bfloat16
     python -m mdm_jax.export --checkpoint runs/smdm_arm_170M --format llama-hf --out exports/arm
 
-MDMs export to `litgpt` (lit_model.safetensors + lit_model.pth + config.json, a config that
-SMDM's `lit_gpt` Config accepts as is) and `llada-hf` (LLaDA's layout and config, with its
-modeling code: AutoModel.from_pretrained(out, trust_remote_code=True)); ARMs to `llama-hf`
+Each family lists the formats it exports to (families.py). The masked families export to
+`litgpt` (lit_model.safetensors + lit_model.pth + config.json, a config that SMDM's `lit_gpt`
+Config accepts as is) and `llada-hf` (LLaDA's layout and config, with its modeling code:
+AutoModel.from_pretrained(out, trust_remote_code=True)); ARMs to `llama-hf`
 (transformers.LlamaForCausalLM, no custom code). Hugging Face folders are sharded with an index
 above --max-shard-size. Every export ships the tokenizer (tokenizer.model; HF formats also
 tokenizer.json for AutoTokenizer) and `mdm_jax.json` with the preset, step, mask id, vocabulary
@@ -18,37 +19,15 @@ checkpoint and written one at a time.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
 import sys
 import tempfile
 
-from mdm_jax.export.layouts import FORMATS, Dims, tensor_names
+from mdm_jax import families
+from mdm_jax.export.layouts import FORMATS, METADATA_FILE, Dims, tensor_names
 from mdm_jax.export.tensor_io import DTYPES, ExportError, write_safetensors, write_sharded
-
-MDM_FORMATS = ("litgpt", "llada-hf")
-METADATA_FILE = "mdm_jax.json"  # preset, step, mask id, vocabulary, tokenizer checksum, ...
-
-
-def parse_size(text: str) -> int:
-    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "B": 1}
-    t = text.strip().upper()
-    try:
-        for unit, factor in units.items():
-            if t.endswith(unit):
-                size = int(float(t[: -len(unit)]) * factor)
-                break
-        else:
-            size = int(t)
-    except ValueError:
-        size = 0
-    if size <= 0:
-        from mdm_jax.errors import fail
-
-        fail(f"--max-shard-size {text!r}: give a positive size such as 5GB or 500MB")
-    return size
 
 
 def _metadata(src, args, fmt: str, dtype: str, tokenizer_path: str | None) -> dict:
@@ -58,11 +37,11 @@ def _metadata(src, args, fmt: str, dtype: str, tokenizer_path: str | None) -> di
     return {
         "format": fmt,
         "preset": c.model.preset,
-        "family": "arm" if args.causal else "mdm",
+        "family": args.family,
         "step": src.step,
         "vocab_size": args.vocab_size,
         "embedding_rows": args.embedding_rows,
-        "mask_token_id": None if args.causal else args.mask_id,
+        "mask_token_id": args.mask_id if families.get(args.family).mask_token else None,
         "seq_len": c.seq_len,
         "tokenizer": "tokenizer.model" if tokenizer_path else None,  # shipped beside
         "tokenizer_sha256": file_sha256(tokenizer_path) if tokenizer_path else None,
@@ -197,27 +176,17 @@ def _replace_folder(new: str, out: str) -> None:
 
 def _export_into(checkpoint: str, fmt: str, out: str, step: int | None, dtype: str,
                  max_shard_bytes: int, tokenizer: str | None) -> list[str]:
-    from mdm_jax import config as config_lib
     from mdm_jax.export.source import CheckpointParams
+    from mdm_jax.model import ModelArgs
 
     if fmt not in FORMATS:
         raise ExportError(f"--format {fmt!r}; valid: {', '.join(FORMATS)}")
     if dtype not in DTYPES:
         raise ExportError(f"--dtype {dtype!r}; valid: {', '.join(DTYPES)}")
     src = CheckpointParams(checkpoint, step)
-    args = config_lib.model_args(src.config)
-    if args.time_conditioning:
-        raise ExportError(f"{checkpoint} is a uniform-state diffusion model "
-                          f"(objective.kind=uniform): its noise-level conditioning (adaLN "
-                          f"parameters) has no place in the litgpt, llada-hf or llama-hf "
-                          f"layouts, whose code would silently ignore it; sample it with "
-                          f"python -m mdm_jax.sample instead")
-    if args.causal and fmt in MDM_FORMATS:
-        raise ExportError(f"{checkpoint} is an ARM (objective.kind=arm); --format {fmt} holds "
-                          f"MDMs. Use --format llama-hf.")
-    if not args.causal and fmt == "llama-hf":
-        raise ExportError(f"{checkpoint} is an MDM (bidirectional, with a mask-token row); "
-                          f"--format llama-hf is for ARMs. Use --format litgpt or llada-hf.")
+    args = ModelArgs.from_config(src.config)
+    family = families.get(args.family)
+    family.check_export(fmt)  # the family's one-line refusal names the formats it has
     dims = Dims.from_args(args)
     tokenizer_path = _tokenizer(src, tokenizer)
     meta = _metadata(src, args, fmt, dtype, tokenizer_path)
@@ -259,8 +228,7 @@ def _export_into(checkpoint: str, fmt: str, out: str, step: int | None, dtype: s
     if tokenizer_path:
         from mdm_jax.export.tokenizer_files import write_tokenizer
 
-        files += write_tokenizer(out, tokenizer_path, None if args.causal else args.mask_id,
-                                 hf=fmt != "litgpt")
+        files += write_tokenizer(out, tokenizer_path, meta["mask_token_id"], hf=fmt != "litgpt")
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump(model_config, f, indent=2)
     # Every file's sha256, so an import can tell a folder whose files come from different
@@ -283,35 +251,3 @@ def _write_pth(safetensors_path: str, pth_path: str) -> None:
     tmp = pth_path + ".partial"
     torch.save(state_dict, tmp)
     os.replace(tmp, pth_path)
-
-
-def cli(argv=None) -> None:
-    from mdm_jax.errors import ArgumentParser
-
-    parser = ArgumentParser(prog="python -m mdm_jax.export", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True,
-                        help="a training run's workdir (or its checkpoints/STEP folder)")
-    parser.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
-    parser.add_argument("--format", required=True, choices=FORMATS)
-    parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--dtype", default="float32", choices=tuple(DTYPES))
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace an --out folder that already holds files")
-    parser.add_argument("--tokenizer", help="SentencePiece model to ship (default: the one "
-                        "the run trained with, config.data.tokenizer)")
-    parser.add_argument("--max-shard-size", default="5GB",
-                        help="Hugging Face formats: shard above this size (e.g. 5GB, 500MB)")
-    a = parser.parse_args(argv)
-    from absl import logging as absl_logging
-
-    from mdm_jax.errors import run_main
-
-    absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every file at INFO
-    files = run_main(export, a.checkpoint, a.format, a.out, a.step, a.dtype,
-                     parse_size(a.max_shard_size), a.tokenizer, a.overwrite)
-    print(f"wrote {a.format} export to {a.out}: {', '.join(files)}")
-
-
-if __name__ == "__main__":
-    cli()

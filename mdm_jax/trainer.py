@@ -1,0 +1,214 @@
+"""The trainer core: train state, optimizer, and everything compiled for one config on one mesh.
+
+One `jax.jit` step with explicit in/out shardings and donated state: the global batch is split
+into micro-batches that are scanned over (gradient accumulation), each drawing its own t and mask
+on device; gradients are averaged, clipped and applied with AdamW under the SMDM schedule. This
+module reads no data and runs no evaluation: the loop (`mdm_jax.train`), the compile-only
+checks (`aot`, `autofit`), planning and imports build on it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec
+
+from mdm_jax import config as config_lib
+from mdm_jax import families, flops, sharding
+from mdm_jax.model import Encoder, ModelArgs
+from mdm_jax.objectives import ObjectiveArgs, get_objective
+from mdm_jax.presets import get_preset
+
+
+class TrainState(flax.struct.PyTreeNode):
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    rng: jax.Array  # raw uint32[2] key: checkpoints as a plain array
+    skipped: jax.Array  # steps whose loss or gradients were not finite (update skipped)
+    halted: jax.Array  # set by a non-finite step under nonfinite="stop": no further updates
+
+
+def warmup_steps(c: ml_collections.ConfigDict) -> int:
+    """SMDM: max(100, steps / 100) unless the config names a number or a fraction of steps."""
+    if c.optim.warmup_steps >= 0:
+        w = c.optim.warmup_steps
+    elif c.optim.get("warmup_fraction", 0.0) > 0:
+        w = max(1, round(c.optim.warmup_fraction * c.steps))
+    else:
+        w = max(100, c.steps // 100)
+    return min(w, c.steps)
+
+
+def make_optimizer(c: ml_collections.ConfigDict):
+    """AdamW with linear warmup then cosine decay to min_lr, after global-norm clipping."""
+    warm = warmup_steps(c)
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=c.optim.lr, warmup_steps=warm,
+        decay_steps=max(c.steps, warm + 1), end_value=c.optim.min_lr)
+    tx = optax.chain(
+        optax.clip_by_global_norm(c.optim.grad_clip),
+        optax.adamw(schedule, b1=c.optim.b1, b2=c.optim.b2, weight_decay=c.optim.weight_decay),
+    )
+    return tx, schedule
+
+
+class Trainer:
+    """Everything compiled for one config on one mesh: init, train step and eval step."""
+
+    def __init__(self, c: ml_collections.ConfigDict, devices=None):
+        devices = list(devices if devices is not None else jax.devices())
+        if config_lib.wants_fit(c):
+            raise ValueError("micro_batch/model.remat 'auto' must be resolved by "
+                             "mdm_jax.autofit.resolve before a Trainer is built")
+        config_lib.validate(c, len(devices), jax.process_count())
+        self.config = c
+        self.family = families.get(c.objective.kind)
+        self.args = ModelArgs.from_config(c)
+        self.objective_args = ObjectiveArgs.from_config(c)
+        self.model = Encoder(self.args)
+        self.mesh = sharding.make_mesh(
+            config_lib.resolve_mesh_shape(c.mesh.data, c.mesh.fsdp, c.mesh.tensor, len(devices)),
+            devices)
+        self.tx, self.schedule = make_optimizer(c)
+        self.micro_steps = c.global_batch // config_lib.micro_batch(c)
+        self.inputs_len = c.seq_len + self.family.inputs_extra
+
+        boxed = jax.eval_shape(self._init_boxed, jax.ShapeDtypeStruct((2,), jnp.uint32))
+        sharding.check_divisible(boxed.params, self.mesh)
+        self.state_sharding = sharding.logical_to_sharding(boxed, self.mesh)
+        self.abstract_state = nn.unbox(boxed)
+        self.batch_sharding = sharding.batch_sharding(self.mesh)
+        sharding.check_batch_layout(self.batch_sharding, c.global_batch)
+        self._replicated = sharding.replicated(self.mesh)
+
+        self.init = jax.jit(lambda key: nn.unbox(self._init_boxed(key)),
+                            out_shardings=self.state_sharding)
+        self.step = jax.jit(self._train_step, in_shardings=(self.state_sharding,
+                                                            self.batch_sharding),
+                            out_shardings=(self.state_sharding, self._replicated),
+                            donate_argnums=0)
+        param_sharding = self.state_sharding.params
+        self.eval_step = jax.jit(self._eval_step,
+                                 in_shardings=(param_sharding, self.batch_sharding, None),
+                                 out_shardings=self._replicated)
+
+    # -- pure functions traced under jit ------------------------------------------------------
+    def _init_boxed(self, key) -> TrainState:
+        dummy = jnp.zeros((1, self.config.seq_len), jnp.int32)
+        params = self.model.init(key, dummy)["params"]
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                          opt_state=self.tx.init(params), rng=key,
+                          skipped=jnp.zeros((), jnp.int32), halted=jnp.zeros((), jnp.bool_))
+
+    def _loss(self, params, tokens, key, train: bool = True, objective_args=None):
+        fn = get_objective(self.config.objective.kind)
+        return fn(self.model.apply, params, tokens, key, objective_args or self.objective_args,
+                  self.args.mask_id, train)
+
+    def _train_step(self, state: TrainState, batch: jax.Array):
+        tokens = batch[:, : self.inputs_len]
+        m = self.micro_steps
+        step_key = jax.random.fold_in(state.rng, state.step)
+        grad_fn = jax.value_and_grad(self._loss, has_aux=True)
+        if m == 1:
+            (_, metrics), grads = grad_fn(state.params, tokens, step_key)
+        else:
+            # Row j of every device's block goes to micro-batch j % m: no data moves.
+            micro = jnp.swapaxes(tokens.reshape(-1, m, tokens.shape[1]), 0, 1)
+            micro = jax.lax.with_sharding_constraint(
+                micro, NamedSharding(self.mesh, PartitionSpec(None, sharding.BATCH_AXES)))
+            param_sharding = self.state_sharding.params
+
+            def accumulate(acc, xs):
+                i, mb = xs
+                (_, aux), g = grad_fn(state.params, mb, jax.random.fold_in(step_key, i))
+                acc = jax.tree_util.tree_map(jnp.add, acc, g)
+                return jax.lax.with_sharding_constraint(acc, param_sharding), aux
+
+            zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
+            grads, aux = jax.lax.scan(accumulate, zeros, (jnp.arange(m), micro))
+            grads = jax.tree_util.tree_map(lambda g: g / m, grads)
+            metrics = jax.tree_util.tree_map(jnp.mean, aux)
+        grad_norm = optax.tree.norm(grads)
+        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        # A NaN/Inf loss or gradient never reaches the parameters: the update is dropped and
+        # counted; under nonfinite="stop" the state also freezes until the host stops the run.
+        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+        apply = finite & ~state.halted
+        params, opt_state = jax.tree_util.tree_map(
+            lambda new, old: jnp.where(apply, new, old),
+            (params, opt_state), (state.params, state.opt_state))
+        halted = state.halted | (~finite if self.config.nonfinite == "stop" else False)
+        # Skipped updates do not advance optax's schedule count: report the rate actually used.
+        skipped = state.skipped + (~finite).astype(jnp.int32)
+        metrics = dict(metrics, grad_norm=grad_norm, lr=self.schedule(state.step - state.skipped),
+                       nonfinite=(~finite).astype(jnp.int32), skipped=skipped, halted=halted)
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                                  skipped=skipped, halted=halted)
+        return new_state, metrics
+
+    def _eval_step(self, params, batch, key):
+        """The true bound for every objective: 1/t-weighted ELBO, stratified t, full length."""
+        args = dataclasses.replace(self.objective_args, weighting="elbo", t_sampling="stratified")
+        loss, _ = self._loss(params, batch[:, : self.inputs_len], key, False, args)
+        return loss
+
+    # -- host-side helpers --------------------------------------------------------------------
+    @contextlib.contextmanager
+    def context(self):
+        """Mesh + logical rules, active while jitted functions trace (activation constraints)."""
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+            yield self
+
+    def create_state(self, seed: int) -> TrainState:
+        with self.context():
+            return self.init(jax.random.PRNGKey(seed))
+
+    def abstract_step_inputs(self):
+        """(state, batch) as sharded shapes: what `step.lower` needs to compile the step with
+        no arrays, e.g. for another machine's devices (mdm_jax.aot)."""
+        state = jax.tree_util.tree_map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+            self.abstract_state, self.state_sharding)
+        batch = jax.ShapeDtypeStruct((self.config.global_batch, self.config.seq_len + 1),
+                                     jnp.int32, sharding=self.batch_sharding)
+        return state, batch
+
+    def to_global(self, host_batch: np.ndarray) -> jax.Array:
+        return sharding.host_to_global(host_batch, self.batch_sharding)
+
+    def train_flops_per_step(self) -> float:
+        c = self.config
+        per_token = flops.train_flops_per_token(get_preset(c.model.preset), c.seq_len,
+                                                self.args.vocab_size, c.objective.kind)
+        return per_token * c.global_batch * c.seq_len
+
+
+def evaluate(trainer: Trainer, state: TrainState, batches: list[jax.Array], seed: int) -> float:
+    """Mean validation loss over fixed (global) batches with fixed keys: comparable across
+    steps and runs."""
+    losses = []
+    with trainer.context():
+        for i, batch in enumerate(batches):
+            key = jax.random.fold_in(jax.random.PRNGKey(seed), i)
+            losses.append(trainer.eval_step(state.params, batch, key))
+    return float(np.mean(jax.device_get(losses)))
+
+
+def resolved_config(c: ml_collections.ConfigDict, trainer: Trainer) -> dict:
+    """The config as saved in checkpoints, with defaults that depend on the preset resolved."""
+    out = json.loads(c.to_json_best_effort())
+    out["model"]["vocab_size"] = trainer.args.vocab_size
+    return out
