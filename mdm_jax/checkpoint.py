@@ -7,10 +7,10 @@ the next batch), `config` (the resolved config) and `meta` (preset, mesh, packag
 
 Orbax writes each step under a temporary name and renames it when complete, so a process killed
 mid-save leaves no checkpoint that looks complete. A complete but damaged checkpoint (a truncated
-or deleted file, or an array whose fingerprint changed) fails to read; every reader (resume,
-inference, export) goes through `_first_that_reads`, which warns and falls back to the previous
-step, or, for a step named explicitly, refuses it naming the others. `read_step`/`StepReader`
-read a step's config, meta and any part of its params without a Trainer, from read-only storage.
+or deleted file, or an array whose fingerprint changed) fails to read. Resume, inference and
+export choose their step with `_first_that_reads`: past a damaged step to the previous one, with
+a warning, or, for a step named explicitly, an error naming the others. `read_step` and
+`StepReader` read a step's config, meta and params (or some leaves) from read-only storage.
 """
 
 from __future__ import annotations
@@ -36,8 +36,6 @@ log = logging.getLogger("mdm_jax")
 
 ITEMS = ("state", "data", "config", "meta")
 DAMAGED_DIR = "checkpoints_damaged"  # beside checkpoints/: damaged steps moved out of the way
-# Fields that must match to resume: they change parameter shapes or what a token means.
-RESUME_FIELDS = ("model.preset", "model.vocab_size", "seq_len", "objective.kind")
 
 
 class CheckpointError(UserError, RuntimeError):
@@ -276,11 +274,10 @@ class Checkpointer:
     def restore_latest(self, abstract_state, data_iterator=None):
         """(state, step) from the newest checkpoint that restores, or (None, None) if none.
         Damaged ones are reported and, if an older one restored, set aside."""
-        damaged = []
         found = _first_that_reads(self.directory, self.all_steps(), lambda s: self.restore(
-            s, abstract_state, data_iterator), damaged=damaged)
-        if damaged and found[1] is not None:
-            self.set_aside(damaged)
+            s, abstract_state, data_iterator))
+        if found[1] is not None and (damaged := [s for s in self.all_steps() if s > found[1]]):
+            self.set_aside(damaged)  # (each was warned about)
         return found
 
     def set_aside(self, steps: list[int]) -> None:
@@ -307,63 +304,6 @@ class Checkpointer:
     def restore_config(self, step: int) -> dict:
         return self.read_json(step, "config")
 
-    def check_compatible(self, config_json: dict) -> bool:
-        """Stop before training if the newest checkpoint was made with incompatible settings.
-
-        Returns whether the saved data position applies (False: other training data, allowed
-        by data.restart_data_order, so the data order restarts)."""
-        steps = self.all_steps()
-        if not steps:
-            return True
-        try:
-            saved = self.restore_config(steps[-1])
-        except Exception:  # unreadable config: restore_latest will report the damage
-            return True
-        diffs = []
-        for field in RESUME_FIELDS:
-            a, b = _lookup(saved, field), _lookup(config_json, field)
-            if a != b:
-                diffs.append(f"{field}: checkpoint {a!r} vs config {b!r}")
-        if diffs:
-            raise CheckpointError(
-                f"cannot resume from {self.directory} (step {steps[-1]}): "
-                + "; ".join(diffs)
-                + ". Use the checkpoint's settings to resume, or start fresh with a new "
-                  "--config.workdir (or move the old checkpoints away).")
-        # The data position is a count of global batches: another batch size would re-read
-        # (or skip) blocks without a word.
-        a, b = saved.get("global_batch"), config_json.get("global_batch")
-        has_position = (storage.as_path(self.directory) / str(steps[-1]) / "data").exists()
-        if a is not None and a != b and has_position:  # (an import has no data position)
-            raise CheckpointError(
-                f"cannot resume from {self.directory} (step {steps[-1]}) with "
-                f"config.global_batch={b}: it was trained with global_batch={a} and its data "
-                f"position counts batches of {a}; resume with --config.global_batch={a} (change "
-                f"config.micro_batch to fit memory), or start a new --config.workdir")
-        a = _lookup(saved, "data.tokenizer_sha256")
-        b = _lookup(config_json, "data.tokenizer_sha256")
-        if a and b and a != b:
-            raise CheckpointError(
-                f"cannot resume from {self.directory} (step {steps[-1]}): it was trained on "
-                f"data tokenized with {_lookup(saved, 'data.tokenizer')} (sha256 {a[:12]}...) "
-                f"but this run's data uses sha256 {b[:12]}...; resume on data prepared with "
-                f"the checkpoint's tokenizer, or start a new --config.workdir")
-        # The saved data position indexes the saved run's data: on other data it means nothing.
-        a, b = _lookup(saved, "data.train_dir"), _lookup(config_json, "data.train_dir")
-        if a is not None and has_position and _data_sources(a) != _data_sources(b):
-            if not _lookup(config_json, "data.restart_data_order"):
-                raise CheckpointError(
-                    f"cannot resume from {self.directory} (step {steps[-1]}): it was trained on "
-                    f"config.data.train_dir={a!r}, this run reads {b!r}, and the saved data "
-                    f"position belongs to the first; resume with the same data, or pass "
-                    f"--config.data.restart_data_order=True to continue on the new data from "
-                    f"its beginning")
-            log.warning("checkpoint %s/%d was trained on data.train_dir=%r; continuing on %r "
-                        "with the data order restarted (data.restart_data_order=True)",
-                        self.directory, steps[-1], a, b)
-            return False
-        return True
-
     def wait(self) -> None:
         self.raise_if_failed(wait=True)
         if not self._failure_reported:  # Orbax would raise the reported failure again
@@ -379,26 +319,6 @@ class Checkpointer:
                 self.manager.close()
             except Exception:  # noqa: BLE001  (the failed save it re-raises was reported)
                 log.debug("orbax close after a failed save", exc_info=True)
-
-
-def _data_sources(spec: str) -> list[tuple[str, float]]:
-    """A train_dir or mixture as (resolved path, weight) pairs, so that spelling differences
-    (relative vs absolute, a trailing slash) are not taken for other data."""
-    from mdm_jax.data.loader import parse_mixture
-
-    try:
-        return [(storage.resolve(str(d).rstrip("/")), w) for d, w in parse_mixture(spec)]
-    except ValueError:
-        return [(spec, 1.0)]
-
-
-def _lookup(tree: dict, dotted: str):
-    node = tree
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return None
-        node = node[part]
-    return node
 
 
 def _damage(directory: str, step: int, error: BaseException, steps=None) -> str:
@@ -426,10 +346,10 @@ def check_fingerprints(directory: str, step: int, tree, saved: dict | None) -> N
 
 
 def _first_that_reads(directory: str, steps: list[int], read, step: int | None = None,
-                      error=CheckpointError, damaged: list | None = None):
+                      error=CheckpointError):
     """(read(s), s) for the named `step` (damaged: `error` naming the others), or for the newest
-    of `steps` that reads, warning about (and listing in `damaged`) each one that does not;
-    (None, None) if none does. User mistakes other than a changed checkpoint pass through."""
+    of `steps` that reads, warning about each one that does not; (None, None) if none does.
+    User mistakes other than a changed checkpoint pass through."""
     if step is not None and step not in steps:
         raise error(f"no checkpoint for step {step} under {directory}; available: "
                     f"{', '.join(map(str, steps))}: pass one of them as --step")
@@ -442,8 +362,6 @@ def _first_that_reads(directory: str, steps: list[int], read, step: int | None =
             if step is not None:
                 raise error(_damage(directory, s, e, steps)) from e
             log.warning("%s", _damage(directory, s, e))
-            if damaged is not None:
-                damaged.append(s)
     return None, None
 
 
@@ -455,8 +373,14 @@ class StepReader:
         self.directory, self.step, self.steps, self.error = ckpt.directory, step, steps, error
         self.config, self.meta = ckpt.restore_config(step), ckpt._meta(step)
         self.state_dir = storage.join(ckpt.directory, str(step), "state")
+
+    @functools.cached_property
+    def param_meta(self):
+        """The params' layout (shapes), read on first use: only a leaf-wise reader needs it."""
         tree = ocp.PyTreeCheckpointer().metadata(self.state_dir).item_metadata
-        self.param_meta = getattr(tree, "tree", tree)["params"]
+        if tree is None:
+            raise ValueError(f"the layout of the arrays in {self.state_dir} does not read")
+        return getattr(tree, "tree", tree)["params"]
 
     def params(self, abstract=None, path: tuple = ()):
         """The params (or their subtree at `path`) onto the shardings of `abstract`, or, without
@@ -505,7 +429,7 @@ def read_step(workdir: str, step: int | None = None, read=None, error=Checkpoint
 
         def attempt(s):
             reader = StepReader(ckpt, s, steps, error)
-            return (read(reader) if read else None), reader
+            return (read or (lambda r: r.param_meta))(reader), reader
 
         found, _ = _first_that_reads(directory, steps, attempt, step, error)
     finally:

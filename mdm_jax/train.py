@@ -23,6 +23,7 @@ from ml_collections import config_flags
 
 from mdm_jax import autofit, errors, flops, storage
 from mdm_jax import config as config_lib
+from mdm_jax.checkpoint import Checkpointer, CheckpointError, abstract_with_shardings
 from mdm_jax.presets import get_preset
 from mdm_jax.profiling import StepProfiler
 from mdm_jax.trainer import Trainer, TrainState, evaluate, resolved_config
@@ -152,10 +153,92 @@ def _open_sources(c: ml_collections.ConfigDict, trainer: Trainer):
     return train_iter, eval_batches
 
 
-def _restore_or_init(c, trainer: Trainer, ckpt, train_iter, config_json: dict) -> TrainState:
-    from mdm_jax.checkpoint import CheckpointError, abstract_with_shardings
+# The resume policy: fields that must match to resume (they change parameter shapes or what a
+# token means); the batch size, tokenizer and data are checked against the saved position.
+RESUME_FIELDS = ("model.preset", "model.vocab_size", "seq_len", "objective.kind")
 
-    same_data = ckpt.check_compatible(config_json)
+
+def check_resume(ckpt, config_json: dict) -> bool:
+    """Stop before training if the newest checkpoint was made with incompatible settings.
+
+    Returns whether the saved data position applies (False: other training data, allowed
+    by data.restart_data_order, so the data order restarts)."""
+    steps = ckpt.all_steps()
+    if not steps:
+        return True
+    try:
+        saved = ckpt.restore_config(steps[-1])
+    except Exception:  # unreadable config: restore_latest will report the damage
+        return True
+    diffs = []
+    for field in RESUME_FIELDS:
+        a, b = lookup(saved, field), lookup(config_json, field)
+        if a != b:
+            diffs.append(f"{field}: checkpoint {a!r} vs config {b!r}")
+    if diffs:
+        raise CheckpointError(
+            f"cannot resume from {ckpt.directory} (step {steps[-1]}): "
+            + "; ".join(diffs)
+            + ". Use the checkpoint's settings to resume, or start fresh with a new "
+              "--config.workdir (or move the old checkpoints away).")
+    # The data position is a count of global batches: another batch size would re-read
+    # (or skip) blocks without a word.
+    a, b = saved.get("global_batch"), config_json.get("global_batch")
+    has_position = (storage.as_path(ckpt.directory) / str(steps[-1]) / "data").exists()
+    if a is not None and a != b and has_position:  # (an import has no data position)
+        raise CheckpointError(
+            f"cannot resume from {ckpt.directory} (step {steps[-1]}) with "
+            f"config.global_batch={b}: it was trained with global_batch={a} and its data "
+            f"position counts batches of {a}; resume with --config.global_batch={a} (change "
+            f"config.micro_batch to fit memory), or start a new --config.workdir")
+    a = lookup(saved, "data.tokenizer_sha256")
+    b = lookup(config_json, "data.tokenizer_sha256")
+    if a and b and a != b:
+        raise CheckpointError(
+            f"cannot resume from {ckpt.directory} (step {steps[-1]}): it was trained on "
+            f"data tokenized with {lookup(saved, 'data.tokenizer')} (sha256 {a[:12]}...) "
+            f"but this run's data uses sha256 {b[:12]}...; resume on data prepared with "
+            f"the checkpoint's tokenizer, or start a new --config.workdir")
+    # The saved data position indexes the saved run's data: on other data it means nothing.
+    a, b = lookup(saved, "data.train_dir"), lookup(config_json, "data.train_dir")
+    if a is not None and has_position and _data_sources(a) != _data_sources(b):
+        if not lookup(config_json, "data.restart_data_order"):
+            raise CheckpointError(
+                f"cannot resume from {ckpt.directory} (step {steps[-1]}): it was trained on "
+                f"config.data.train_dir={a!r}, this run reads {b!r}, and the saved data "
+                f"position belongs to the first; resume with the same data, or pass "
+                f"--config.data.restart_data_order=True to continue on the new data from "
+                f"its beginning")
+        log.warning("checkpoint %s/%d was trained on data.train_dir=%r; continuing on %r "
+                    "with the data order restarted (data.restart_data_order=True)",
+                    ckpt.directory, steps[-1], a, b)
+        return False
+    return True
+
+
+
+def _data_sources(spec: str) -> list[tuple[str, float]]:
+    """A train_dir or mixture as (resolved path, weight) pairs, so that spelling differences
+    (relative vs absolute, a trailing slash) are not taken for other data."""
+    from mdm_jax.data.loader import parse_mixture
+
+    try:
+        return [(storage.resolve(str(d).rstrip("/")), w) for d, w in parse_mixture(spec)]
+    except ValueError:
+        return [(spec, 1.0)]
+
+
+def lookup(tree: dict, dotted: str):
+    node = tree
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _restore_or_init(c, trainer: Trainer, ckpt, train_iter, config_json: dict) -> TrainState:
+    same_data = check_resume(ckpt, config_json)
     target = abstract_with_shardings(trainer.abstract_state, trainer.state_sharding)
     state, step = ckpt.restore_latest(target, train_iter if same_data else None)
     if state is None:
@@ -236,7 +319,6 @@ class TrainLoop:
     def run(self, stop_at: int | None = None) -> RunResult:
         from tqdm import tqdm
 
-        from mdm_jax.checkpoint import Checkpointer
         from mdm_jax.metrics import MetricWriter, format_metrics
         from mdm_jax.preemption import PreemptionGuard
 
@@ -395,8 +477,6 @@ def _task_accuracies(trainer: Trainer, state: TrainState, c: ml_collections.Conf
 def _check_resumed_steps(state, start: int, done: int, skipped_at_start: int, ckpt) -> None:
     """Every step since resuming non-finite means the restored state is bad (corrupt files
     that read without error): stop before a save pushes good checkpoints out."""
-    from mdm_jax.checkpoint import CheckpointError
-
     skipped = int(jax.device_get(state.skipped)) - skipped_at_start
     if skipped == done - start:
         raise CheckpointError(
@@ -445,7 +525,6 @@ def _main(argv) -> None:
     from absl import logging as absl_logging
 
     from mdm_jax import distributed
-    from mdm_jax.checkpoint import CheckpointError
     from mdm_jax.errors import UserError
     from mdm_jax.storage import StorageError
 

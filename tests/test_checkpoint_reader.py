@@ -65,10 +65,10 @@ def test_an_unknown_step_gets_one_message_on_every_path(run, tmp_path):
     workdir = run[0]
     expected = (f"no checkpoint for step 7 under {workdir}/checkpoints; available: 2, 4: pass "
                 f"one of them as --step")
-    assert str(_message(lambda: read_step(workdir, 7), CheckpointError)) == expected
-    assert str(_message(lambda: load(workdir, step=7), LoadError)) == expected
-    assert str(_message(lambda: export(workdir, "litgpt", str(tmp_path / "x"), step=7),
-                        ExportError)) == expected
+    assert _message(lambda: read_step(workdir, 7), CheckpointError) == expected
+    assert _message(lambda: load(workdir, step=7), LoadError) == expected
+    assert _message(lambda: export(workdir, "litgpt", str(tmp_path / "x"), step=7),
+                    ExportError) == expected
     assert not os.path.exists(tmp_path / "x")
     nowhere = str(tmp_path / "nowhere")
     missing = {_message(lambda: read_step(nowhere), CheckpointError),

@@ -189,7 +189,7 @@ def test_legacy_pth_imports_through_export_load(run_dir, tmp_path, capsys):
 
 def test_sampling_validates_its_numbers_and_refuses_untrained_lengths(run_dir, tmp_path,
                                                                       capsys):
-    from mdm_jax import sampling
+    from mdm_jax import sample as sampling
 
     def error(*args):
         with pytest.raises(SystemExit) as e:

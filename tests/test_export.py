@@ -164,8 +164,10 @@ def test_bfloat16_export_rounds_each_weight(tmp_path):
 def test_bad_inputs_get_clear_errors(tmp_path):
     from safetensors.numpy import load_file, save_file
 
+    from mdm_jax.families import FamilyError
+
     _random_checkpoint(tmp_path / "arm", "nano", "arm")
-    with pytest.raises(ExportError, match="is an ARM.*Use --format llama-hf"):
+    with pytest.raises(FamilyError, match="the arm family .* 'litgpt'; it has: llama-hf"):
         export(str(tmp_path / "arm"), "litgpt", str(tmp_path / "x"))
     with pytest.raises(ExportError, match="not an mdm_jax run"):
         export(str(tmp_path / "nowhere"), "litgpt", str(tmp_path / "x"))

@@ -47,7 +47,7 @@ def test_damaged_newest_checkpoint_is_set_aside_and_written_again(tiny_data, tmp
     _truncate_data_files(str(tmp_path / "run" / "checkpoints" / "8" / "state"))
     # Export names the damaged step and the good ones (and leaves no half-written folder).
     with pytest.raises(ExportError, match=r"checkpoint 8 .* is damaged.*pass --step 6"):
-        export(str(tmp_path / "run"), "litgpt", str(tmp_path / "exp"))
+        export(str(tmp_path / "run"), "litgpt", str(tmp_path / "exp"), step=8)
     assert not os.path.exists(tmp_path / "exp")
     from mdm_jax.inference import load
 

@@ -18,7 +18,7 @@ from conftest import nano_config
 
 from mdm_jax.checkpoint import Checkpointer, CheckpointError, abstract_with_shardings
 from mdm_jax.errors import UserError
-from mdm_jax.train import train
+from mdm_jax.train import check_resume, train
 from mdm_jax.trainer import Trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -175,9 +175,9 @@ def test_incompatible_resume_names_the_fields(tiny_data, tmp_path):
     train(_config(tiny_data, tmp_path, steps=2, log_every=1))
     with pytest.raises(CheckpointError, match=r"seq_len: checkpoint 64 vs config 32.*workdir"):
         # a 32-token run would also need 32-token data; the checkpoint check comes first
-        Checkpointer(str(tmp_path)).check_compatible(
-            {"model": {"preset": "nano", "vocab_size": 512}, "seq_len": 32,
-             "objective": {"kind": "mdm"}})
+        check_resume(Checkpointer(str(tmp_path)), {
+            "model": {"preset": "nano", "vocab_size": 512}, "seq_len": 32,
+            "objective": {"kind": "mdm"}})
     with pytest.raises(CheckpointError, match=r"model\.preset: checkpoint 'nano' vs config"):
         train(_config(tiny_data, tmp_path, steps=4, **{"model.preset": "tiny",
                                                       "model.vocab_size": 512}))

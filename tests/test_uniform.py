@@ -98,21 +98,3 @@ def test_uniform_diffusion_learns_and_samples_the_data_distribution():
     loss = trainer.eval_step(state.params, trainer.to_global(np.concatenate(
         [patterns, patterns[:, :1]], axis=1)[np.arange(64) % 4]), jax.random.PRNGKey(0))
     assert 0 < float(loss) < np.log(512)
-
-
-def test_export_refuses_a_uniform_model_naming_why(tiny_data, tmp_path):
-    from conftest import nano_config
-
-    from mdm_jax.export.tensor_io import ExportError
-    from mdm_jax.export.writer import export
-    from mdm_jax.train import train
-
-    c = nano_config(**{"objective.kind": "uniform", "data.train_dir": tiny_data["train"],
-                       "data.eval_dir": tiny_data["validation"], "data.eval_batches": 1,
-                       "data.tokenizer": tiny_data["tokenizer"], "workdir": str(tmp_path / "u"),
-                       "steps": 4, "checkpoint_every": 4, "samples.count": 1,
-                       "samples.steps": 4})
-    result = train(c)  # trains, evaluates its bound and samples from the same CLI path
-    assert np.isfinite(result.eval_history[-1]["eval_loss"]) and len(result.samples) == 1
-    with pytest.raises(ExportError, match="uniform-state diffusion model"):
-        export(str(tmp_path / "u"), "litgpt", str(tmp_path / "out"))

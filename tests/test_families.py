@@ -1,0 +1,131 @@
+"""Every family through the whole product: train (with validation, task accuracy and samples as
+hooks), sample from the CLI, evaluate text, score a harness request, export and import back (or
+the family's named refusal). A family that is only half wired fails here."""
+
+from __future__ import annotations
+
+import json
+import math
+import types
+
+import jax
+import numpy as np
+import pytest
+from conftest import nano_config
+
+from mdm_jax import families
+from mdm_jax.families import FAMILIES, FamilyError
+
+
+def test_every_consumer_table_has_every_family():
+    from mdm_jax.eval.likelihood import GREEDY, SCORERS
+    from mdm_jax.export.layouts import FORMATS
+    from mdm_jax.inference import SAMPLERS
+    from mdm_jax.objectives import OBJECTIVES
+
+    for table in (OBJECTIVES, SAMPLERS, SCORERS, GREEDY):
+        assert tuple(table) == FAMILIES
+    for f in families.RECORDS:
+        assert set(f.export_formats) <= set(FORMATS) and f.estimators
+        assert set(f.compare_with) <= set(FAMILIES) and f.name not in f.compare_with
+    with pytest.raises(FamilyError, match="unknown family 'eso'; the families are: mdm, "):
+        families.get("eso")
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def run(request, tiny_data, tmp_path_factory):
+    from mdm_jax.train import train
+
+    family = families.get(request.param)
+    root = tmp_path_factory.mktemp(f"family_{family.name}")
+    task = root / "cloze.jsonl"
+    task.write_text("\n".join(json.dumps(q) for q in (
+        {"context": "the king said", "choices": [" to the queen", " xq zz"], "answer": 0},
+        {"context": "good night", "choices": [" qz", " and good day"], "answer": 1})) + "\n")
+    c = nano_config(**{
+        "objective.kind": family.name, "data.train_dir": tiny_data["train"],
+        "data.eval_dir": tiny_data["validation"], "data.tokenizer": tiny_data["tokenizer"],
+        "data.eval_batches": 1, "data.eval_tasks": str(task), "workdir": str(root / "run"),
+        "steps": 2, "eval_every": 2, "checkpoint_every": 2, "samples.count": 1,
+        "samples.steps": 4, "samples.length": 12})
+    return family, str(root / "run"), train(c)
+
+
+def test_trains_with_validation_task_accuracy_and_samples(run):
+    family, _, result = run
+    last = result.eval_history[-1]
+    assert result.stopped is None and [e["step"] for e in result.eval_history] == [0, 2]
+    assert math.isfinite(last["eval_loss"]) and 0.0 <= last["eval_acc_cloze"] <= 1.0
+    assert len(result.samples) == 1 and isinstance(result.samples[0], str)
+
+
+def test_samples_from_the_cli_and_refuses_what_its_sampler_lacks(run, capsys):
+    from mdm_jax import sample
+
+    family, workdir, _ = run
+    sample.cli(["--workdir", workdir, "--prompt", "the king", "--gen-length", "8", "--steps",
+                "8", "--num", "1"])
+    assert "--- sample 0 ---" in capsys.readouterr().out
+    lacking = [(flag, extra) for flag, extra in (("--cfg", ["0.5"]), ("--remasking", ["random"]),
+                                                 ("--no-kv-cache", []))
+               if flag not in family.sampler_options]
+    flag, extra = lacking[0]
+    with pytest.raises(SystemExit) as e:
+        sample.cli(["--workdir", workdir, "--gen-length", "8", "--steps", "8", flag, *extra])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"the {family.name} family" in err and repr(flag) in err
+
+
+def test_text_evaluation_reports_the_familys_own_bound(run, tmp_path, capsys):
+    from mdm_jax.eval import text
+
+    family, workdir, _ = run
+    path = tmp_path / "t.txt"
+    path.write_text("The king said to the queen. Good night, sweet lady. " * 4)
+    text.cli(["--workdir", workdir, "--text", str(path), "--mc-num", "8", "--batch-size", "8",
+              "--json"])
+    r = json.loads(capsys.readouterr().out)
+    assert r["family"] == family.name and r["estimator"] == family.estimators[0]
+    assert r["bound"] is not family.exact_likelihood
+    assert r["nll_per_token"] > 0 and math.isfinite(r["nll_per_token"])
+
+
+def test_harness_request_scores_with_the_familys_estimator(run):
+    pytest.importorskip("lm_eval", reason="the `eval` extra (bash launch/setup.sh eval)")
+    from mdm_jax.eval.harness import MDMJaxLM
+    from mdm_jax.eval.likelihood import Estimator, loglikelihood
+
+    family, workdir, _ = run
+    lm = MDMJaxLM(workdir=workdir, mc_num=8, batch_size=8, greedy_check=False)
+    [(logprob, greedy)] = lm.loglikelihood([types.SimpleNamespace(args=("the king", " said"))])
+    ctx, cont = lm._split("the king", " said")
+    direct = loglikelihood(lm.m.model, lm.m.params, ctx, cont,
+                           Estimator(kind=family.estimators[0], mc_num=8, batch_size=8))
+    assert logprob == pytest.approx(direct.logprob, rel=1e-5) and logprob < 0
+    assert greedy is False  # greedy_check=false skips the sampler run
+
+
+def test_exports_and_imports_back_or_refuses_by_name(run, tmp_path):
+    from mdm_jax.export.layouts import FORMATS
+    from mdm_jax.export.load import import_checkpoint
+    from mdm_jax.export.writer import export
+    from mdm_jax.inference import load
+
+    family, workdir, _ = run
+    for fmt in FORMATS:
+        if fmt in family.export_formats:
+            continue
+        with pytest.raises(FamilyError, match=f"the {family.name} family .* no export format "
+                                              f"'{fmt}'; it has: "):
+            export(workdir, fmt, str(tmp_path / fmt))
+        assert not (tmp_path / fmt).exists()
+    if not family.export_formats:
+        return
+    fmt = family.export_formats[0]
+    export(workdir, fmt, str(tmp_path / "out"))
+    import_checkpoint(fmt, str(tmp_path / "out"), str(tmp_path / "back"))
+    original, back = load(workdir), load(str(tmp_path / "back"))
+    assert back.args.family == family.name  # the export records its family
+    for a, b in zip(jax.tree_util.tree_leaves(original.params),
+                    jax.tree_util.tree_leaves(back.params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
