@@ -48,7 +48,8 @@ def chunked_token_loss(hidden, head, token_loss: Callable, per_token: tuple, wei
     pad = (-length) % chunk
     if pad:
         hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
-        per_token = tuple(jnp.pad(x, ((0, 0), (0, pad))) for x in per_token)
+        # edge values, not zeros: a zero weight does not cancel a NaN (uniform's alpha = 0)
+        per_token = tuple(jnp.pad(x, ((0, 0), (0, pad)), mode="edge") for x in per_token)
         weights = jnp.pad(weights, ((0, 0), (0, pad)))
     n = (length + pad) // chunk
 

@@ -34,7 +34,7 @@ def test_every_consumer_table_has_every_family():
 
 @pytest.fixture(scope="module", params=FAMILIES)
 def run(request, tiny_data, tmp_path_factory):
-    from mdm_jax.train import train
+    from mdm_jax.train import Hook, train
 
     family = families.get(request.param)
     root = tmp_path_factory.mktemp(f"family_{family.name}")
@@ -48,14 +48,17 @@ def run(request, tiny_data, tmp_path_factory):
         "data.eval_batches": 1, "data.eval_tasks": str(task), "workdir": str(root / "run"),
         "steps": 2, "eval_every": 2, "checkpoint_every": 2, "samples.count": 1,
         "samples.steps": 4, "samples.length": 12})
-    return family, str(root / "run"), train(c)
+    steps_seen = Hook(lambda trainer, state: {"probe": float(state.step)}, every=1)
+    return family, str(root / "run"), train(c, hooks=(steps_seen,))
 
 
-def test_trains_with_validation_task_accuracy_and_samples(run):
+def test_trains_with_hooks_for_validation_task_accuracy_and_samples(run):
     family, _, result = run
     last = result.eval_history[-1]
-    assert result.stopped is None and [e["step"] for e in result.eval_history] == [0, 2]
+    assert result.stopped is None and [e["step"] for e in result.eval_history] == [0, 1, 2]
     assert math.isfinite(last["eval_loss"]) and 0.0 <= last["eval_acc_cloze"] <= 1.0
+    # a hook of the caller's runs every step on the live state (not at step 0: no at_start)
+    assert [e.get("eval_probe") for e in result.eval_history] == [None, 1.0, 2.0]
     assert len(result.samples) == 1 and isinstance(result.samples[0], str)
 
 
@@ -77,17 +80,20 @@ def test_samples_from_the_cli_and_refuses_what_its_sampler_lacks(run, capsys):
 
 
 def test_text_evaluation_reports_the_familys_own_bound(run, tmp_path, capsys):
-    from mdm_jax.eval import text
+    from mdm_jax.eval.__main__ import cli  # python -m mdm_jax.eval
 
     family, workdir, _ = run
     path = tmp_path / "t.txt"
     path.write_text("The king said to the queen. Good night, sweet lady. " * 4)
-    text.cli(["--workdir", workdir, "--text", str(path), "--mc-num", "8", "--batch-size", "8",
-              "--json"])
+    cli(["text", "--workdir", workdir, "--text", str(path), "--mc-num", "8", "--batch-size", "8",
+         "--json"])
     r = json.loads(capsys.readouterr().out)
     assert r["family"] == family.name and r["estimator"] == family.estimators[0]
     assert r["bound"] is not family.exact_likelihood
     assert r["nll_per_token"] > 0 and math.isfinite(r["nll_per_token"])
+    with pytest.raises(SystemExit) as e:
+        cli(["texts"])
+    assert e.value.code == 2 and "choose one of text, tasks, harness" in capsys.readouterr().err
 
 
 def test_harness_request_scores_with_the_familys_estimator(run):
