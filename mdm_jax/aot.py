@@ -30,7 +30,7 @@ with targets.native_logs_captured():  # the accelerator plugins log as jax loads
 
     from mdm_jax import autofit, flops
     from mdm_jax import config as config_lib
-    from mdm_jax.errors import UserError, config_flags_parser, run_main
+    from mdm_jax.errors import UserError, run_absl
 
 DEFAULT_MFU = 0.4  # see BUILD_NOTES "Before you launch": what the roofline time assumes
 
@@ -230,10 +230,9 @@ def _flags():
     return config
 
 
-def _main(argv) -> None:
+def _main(config) -> None:
     from absl import flags
 
-    del argv
     f = flags.FLAGS
     if f.target not in targets.TARGETS:
         raise UserError(f"--target {f.target!r} is not known; valid: {', '.join(targets.TARGETS)}")
@@ -244,7 +243,7 @@ def _main(argv) -> None:
     t0 = time.perf_counter()
     log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if f.json else print
     try:
-        report = analyse(_CONFIG.value, targets.TARGETS[f.target], f.headroom, f.mfu, log,
+        report = analyse(config, targets.TARGETS[f.target], f.headroom, f.mfu, log,
                          f["compare-attention"].value)
     except targets.TargetUnavailable as e:
         raise UserError(str(e)) from None
@@ -257,15 +256,8 @@ def _main(argv) -> None:
         raise SystemExit(3)  # a report, not an input error: scripts can tell it apart
 
 
-_CONFIG = None
-
-
 def cli() -> None:
-    global _CONFIG
-    from absl import app
-
-    _CONFIG = _flags()
-    app.run(lambda argv: run_main(_main, argv), flags_parser=config_flags_parser)
+    run_absl(_flags, _main)
 
 
 if __name__ == "__main__":

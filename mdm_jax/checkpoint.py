@@ -166,9 +166,6 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 
-    def latest_step(self) -> int | None:
-        return self.manager.latest_step()
-
     def due(self, step: int) -> bool:
         """Whether the step/time policy asks for a save at `step`."""
         by_step = self.every > 0 and step % self.every == 0
@@ -265,11 +262,6 @@ class Checkpointer:
             return self.read_json(step, "meta")
         except Exception:  # no readable metadata: no layout or fingerprints to check
             return {}
-
-    def verify(self, step: int, state, meta: dict | None = None) -> None:
-        """Raise if any restored array's fingerprint differs from the one saved with it."""
-        meta = self._meta(step) if meta is None else meta
-        check_fingerprints(self.directory, step, state, meta.get("checksums"))
 
     def restore_latest(self, abstract_state, data_iterator=None):
         """(state, step) from the newest checkpoint that restores, or (None, None) if none.

@@ -47,6 +47,15 @@ def run_main(main: Callable, *args, **kwargs):
         raise SystemExit(141) from None  # 128 + SIGPIPE, what a shell reports for `yes | head`
 
 
+def run_absl(define_flags: Callable, main: Callable) -> None:
+    """An absl entry point with a `--config` file flag: `define_flags()` defines the flags and
+    returns that one; `main(config)` runs with its value, user errors as one line each."""
+    from absl import app
+
+    holder = define_flags()
+    app.run(lambda argv: run_main(main, holder.value), flags_parser=config_flags_parser)
+
+
 def config_flags_parser(argv: list[str]) -> list[str]:
     """absl's flag parsing, for the CLIs with a `--config` file flag: bad flags get one
     `error:` line and exit 2 (absl prints two lines and exits 1; its "Did you mean" stays).

@@ -15,7 +15,6 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from mdm_jax import families
 from mdm_jax.model import head_kernel, logits_from_hidden
 
 
@@ -225,7 +224,3 @@ def uniform_loss(apply_fn: Callable, params, tokens, key, args: ObjectiveArgs, m
 # The family table of losses: (apply_fn, params, tokens [B, L + family.inputs_extra], key,
 # args, mask_id, train) -> (loss, metrics).
 OBJECTIVES = {"mdm": mdm_loss, "mdm-ce": mdm_ce_loss, "uniform": uniform_loss, "arm": arm_loss}
-
-
-def get_objective(kind: str) -> Callable:
-    return OBJECTIVES[families.get(kind).name]

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from mdm_jax.config import MESH_AXES, resolve_mesh_shape  # noqa: F401  (mesh helpers in one place)
+from mdm_jax.config import MESH_AXES
 
 BATCH_AXES = ("data", "fsdp")
 

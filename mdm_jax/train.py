@@ -29,7 +29,6 @@ from mdm_jax.profiling import StepProfiler
 from mdm_jax.trainer import Trainer, TrainState, evaluate, resolved_config
 
 log = logging.getLogger("mdm_jax")
-_CONFIG = None  # the --config flag, defined by cli(): other CLIs import this module
 
 
 @dataclasses.dataclass(frozen=True)
@@ -520,8 +519,7 @@ class SampleHook:
         self.texts = texts
 
 
-def _main(argv) -> None:
-    del argv
+def _main(config) -> None:
     from absl import logging as absl_logging
 
     from mdm_jax import distributed
@@ -531,7 +529,6 @@ def _main(argv) -> None:
     # Orbax and Grain log every file operation at INFO; keep the console for training progress.
     absl_logging.set_verbosity(absl_logging.WARNING)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    config = _CONFIG.value
     try:
         distributed.initialize(config)
         result = train(config)
@@ -549,12 +546,8 @@ def _main(argv) -> None:
 
 
 def cli() -> None:
-    global _CONFIG
-    from absl import app
-
-    _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config (.py)",
-                                              lock_config=True)
-    app.run(_main, flags_parser=errors.config_flags_parser)
+    errors.run_absl(lambda: config_flags.DEFINE_config_file(
+        "config", None, "experiment config (.py)", lock_config=True), _main)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from mdm_jax import config as config_lib
 from mdm_jax import families, flops, sharding
 from mdm_jax.model import Encoder, ModelArgs
-from mdm_jax.objectives import ObjectiveArgs, get_objective
+from mdm_jax.objectives import OBJECTIVES, ObjectiveArgs
 from mdm_jax.presets import get_preset
 
 
@@ -112,7 +112,7 @@ class Trainer:
                           skipped=jnp.zeros((), jnp.int32), halted=jnp.zeros((), jnp.bool_))
 
     def _loss(self, params, tokens, key, train: bool = True, objective_args=None):
-        fn = get_objective(self.config.objective.kind)
+        fn = OBJECTIVES[self.family.name]
         return fn(self.model.apply, params, tokens, key, objective_args or self.objective_args,
                   self.args.mask_id, train)
 

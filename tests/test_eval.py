@@ -3,6 +3,7 @@ text ELBO / bits-per-byte CLI and the lm-evaluation-harness model through the ha
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -13,12 +14,50 @@ import numpy as np
 import pytest
 from conftest import nano_config
 from flax import linen as nn
+from scipy import integrate
 
-from mdm_jax.eval.likelihood import Estimator, EvalError, exact_elbo, is_greedy, loglikelihood
+from mdm_jax.eval.likelihood import Estimator, EvalError, is_greedy, loglikelihood
+from mdm_jax.inference.mdm import guided_logits
 from mdm_jax.model import Encoder, ModelArgs
 from mdm_jax.presets import get_preset
 
 CONTEXT, CONTINUATION = [1, 40, 41, 42], [7, 300, 12, 99]
+
+
+def exact_elbo(model: Encoder, params, context: list[int], continuation: list[int],
+               eps: float = 0.0, cfg: float = 0.0) -> float:
+    """The expectation of the MC estimators by enumerating every mask of the continuation
+    (2^m - 1 of them: for tests on short continuations): sum_k w_k A_k, w_k =
+    int_0^1 C(m,k) p^k (1-p)^(m-k) / p dt with p = (1 - eps) t + eps, divided by C(m, k)."""
+    m, c = len(continuation), len(context)
+    n = c + m
+    tokens = np.asarray(context + continuation, np.int32)
+    rows, sizes = [], []
+    for k in range(1, m + 1):
+        for subset in itertools.combinations(range(m), k):
+            rows.append(subset)
+            sizes.append(k)
+    canvas = np.repeat(tokens[None], len(rows), axis=0)
+    masked = np.zeros_like(canvas, bool)
+    for r, subset in enumerate(rows):
+        masked[r, [c + i for i in subset]] = True
+    x = np.where(masked, model.args.mask_id, canvas)
+    pos = np.arange(n)[None]
+    logp = jax.nn.log_softmax(guided_logits(model, params, jnp.asarray(x), jnp.asarray(pos < c),
+                                            jnp.full((len(rows),), n, jnp.int32), cfg), -1)
+    token_logp = np.take_along_axis(np.asarray(logp), canvas[..., None], -1)[..., 0]
+    summed = np.where(masked, token_logp, 0.0).sum(-1)  # per mask: sum of masked log-probs
+    total = 0.0
+    for k in range(1, m + 1):
+        a_k = summed[np.asarray(sizes) == k].mean()
+
+        def density(t, k=k):
+            p = (1 - eps) * t + eps
+            return math.comb(m, k) * p ** k * (1 - p) ** (m - k) / p
+
+        total += integrate.quad(density, 0.0, 1.0)[0] * a_k
+    return float(total)
+
 
 
 def _model(causal: bool, seed: int):

@@ -16,7 +16,7 @@ import time
 import pytest
 from conftest import REPO, nano_config, trainer_command, trainer_process
 
-from mdm_jax.checkpoint import Checkpointer, CheckpointError
+from mdm_jax.checkpoint import Checkpointer, CheckpointError, check_fingerprints
 from mdm_jax.train import train
 
 
@@ -202,7 +202,7 @@ def test_changed_checkpoint_bytes_are_caught_on_restore_export_and_resume(tiny_d
         emb, state.params["embedding"].sharding)))
     with pytest.raises(CheckpointError, match=r"1 array\(s\) whose contents changed.*"
                                               r"params/embedding"):
-        ckpt.verify(6, changed)
+        check_fingerprints(ckpt.directory, 6, changed, ckpt.read_json(6, "meta")["checksums"])
     ckpt.close()
     # Bytes flipped in the newest checkpoint's data files: export and training fall back to
     # step 4 (training sets the damaged step aside and trains it again); named, it is refused.

@@ -171,13 +171,13 @@ def test_variable_length_rate():
 
 
 def test_mdm_ce_trains_on_mean_masked_ce_and_evaluates_the_elbo(nano):
-    from mdm_jax.objectives import get_objective
+    from mdm_jax.objectives import OBJECTIVES
 
     args, params = nano
     x0 = jax.random.randint(jax.random.PRNGKey(1), (4, 40), 0, 256)
     key, apply = jax.random.PRNGKey(2), Encoder(args).apply
     obj = ObjectiveArgs(kind="mdm-ce", variable_length_prob=0.0, loss_chunk=16)
-    ce = get_objective("mdm-ce")
+    ce = OBJECTIVES["mdm-ce"]
     # Training: the masked tokens' mean CE, computed directly from the same mask.
     k_t, k_mask, _ = jax.random.split(key, 3)
     p = (1 - obj.eps) * jax.random.uniform(k_t, (4,)) + obj.eps

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -12,9 +13,9 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from mdm_jax.eval.uniform_likelihood import exact_uniform_bound, uniform_batch
+from mdm_jax.eval.uniform_likelihood import continuation_nelbo, uniform_batch
 from mdm_jax.model import Encoder, ModelArgs
-from mdm_jax.objectives import ObjectiveArgs, uniform_loss
+from mdm_jax.objectives import ObjectiveArgs, uniform_alpha, uniform_loss
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -26,6 +27,43 @@ MC_EPS = 0.05
 CONTEXT, CONTINUATION = [1, 5, 2], [3, 6]
 ARGS = ModelArgs(n_layer=1, n_head=2, d_model=32, head_dim=16, mlp_dim=64, vocab_size=K,
                  max_seq_len=32, family="uniform", cond_dim=16, scan_layers=False)
+
+
+_enumerated_nelbo = jax.jit(continuation_nelbo, static_argnames=("model", "eps"))
+
+
+def exact_uniform_bound(model: Encoder, params, context: list[int], continuation: list[int],
+                        eps: float = 1e-3, nodes: int = 32) -> float:
+    """The expectation of `uniform_batch` without Monte Carlo (for tests on tiny models):
+    E_u = (1 / (1 - eps)) * integral over t in [eps, 1], by Gauss-Legendre in log t (a model
+    sure that a clean token is wrong makes the integrand ~ 1/t near eps, flat in log t) and,
+    at each node, every noisy continuation z in K^m weighted by its probability
+    q_t(z | x) = prod_l (alpha [z_l = x_l] + (1 - alpha) / K)."""
+    k, c, m = model.args.vocab_size, len(context), len(continuation)
+    n = c + m
+    width = 8 * math.ceil(n / 8)  # a few shapes, a few compiles
+    s_N, w_N = np.polynomial.legendre.leggauss(nodes)
+    lo = math.log(eps)  # s = log t in [log eps, 0]; dt = t ds
+    t_N = np.exp(lo / 2.0 * (1.0 - s_N))
+    w_N = w_N * (-lo / 2.0) * t_N / (1.0 - eps)
+    alpha_N = np.asarray(uniform_alpha(t_N, eps), np.float64)
+    z_ZxM = np.array(list(itertools.product(range(k), repeat=m)), np.int32).reshape(-1, m)
+    same_ZxM = z_ZxM == np.asarray(continuation, np.int32)[None, :]
+    a_Nx1x1 = alpha_N[:, None, None]
+    q_NxZ = np.prod(np.where(same_ZxM[None], a_Nx1x1 + (1 - a_Nx1x1) / k, (1 - a_Nx1x1) / k),
+                    axis=-1)
+    row_L = np.zeros(width, np.int32)
+    row_L[:n] = context + continuation
+    z_ZxL = np.repeat(row_L[None], len(z_ZxM), axis=0)
+    z_ZxL[:, c:n] = z_ZxM
+    z_RxL = np.tile(z_ZxL, (nodes, 1))  # row r: node r // K^m, noisy continuation r % K^m
+    alpha_R = np.repeat(alpha_N, len(z_ZxM)).astype(np.float32)
+    x_RxL = np.broadcast_to(row_L, z_RxL.shape)
+    nelbo_R = _enumerated_nelbo(model, params, jnp.asarray(x_RxL), jnp.asarray(z_RxL), c, n,
+                                jnp.asarray(alpha_R), eps)
+    nelbo_NxZ = np.asarray(nelbo_R, np.float64).reshape(nodes, -1)
+    return -float(np.sum(w_N[:, None] * q_NxZ * nelbo_NxZ))
+
 
 
 @pytest.fixture(scope="module")

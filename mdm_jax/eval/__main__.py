@@ -5,28 +5,27 @@
     python -m mdm_jax.eval harness --model mdm_jax --model_args workdir=RUN --tasks ...
 """
 
-from __future__ import annotations
-
+import importlib
 import sys
 
-COMMANDS = {"text": "mdm_jax.eval.text:cli", "tasks": "mdm_jax.eval.tasks:cli",
-            "harness": "mdm_jax.eval.harness:main"}
+COMMANDS = {"text": "text:cli", "tasks": "tasks:cli", "harness": "harness:main"}
+
+
+def _dispatch(argv: list[str]) -> None:
+    from mdm_jax.errors import UserError
+
+    if not argv or argv[0] in ("-h", "--help"):
+        return print(__doc__.strip())
+    if argv[0] not in COMMANDS:
+        raise UserError(f"unknown command {argv[0]!r}; choose one of {', '.join(COMMANDS)}")
+    module, function = COMMANDS[argv[0]].split(":")
+    getattr(importlib.import_module(f"mdm_jax.eval.{module}"), function)(argv[1:])
 
 
 def cli(argv=None) -> None:
-    import importlib
+    from mdm_jax.errors import run_main
 
-    from mdm_jax.errors import fail
-
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__.strip())
-        return
-    if argv[0] not in COMMANDS:
-        fail(f"unknown command {argv[0]!r}; choose one of {', '.join(COMMANDS)} "
-             f"(python -m mdm_jax.eval --help)")
-    module, function = COMMANDS[argv[0]].split(":")
-    getattr(importlib.import_module(module), function)(argv[1:])
+    run_main(_dispatch, sys.argv[1:] if argv is None else list(argv))
 
 
 if __name__ == "__main__":

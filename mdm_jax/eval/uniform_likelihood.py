@@ -21,18 +21,15 @@ log K); more for a model sure that a clean token is wrong (its integrand grows l
 from __future__ import annotations
 
 import functools
-import itertools
-import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from mdm_jax.model import Encoder
 from mdm_jax.objectives import uniform_alpha, uniform_nelbo
 
 
-def _continuation_nelbo(model, params, x_BxL, z_BxL, context_len, length, alpha_B, eps):
+def continuation_nelbo(model, params, x_BxL, z_BxL, context_len, length, alpha_B, eps):
     """[B] NELBO integrand at (alpha, z) summed over the continuation [context_len, length)."""
     b, width = z_BxL.shape
     pos_1xL = jnp.arange(width)[None, :]
@@ -64,41 +61,5 @@ def uniform_batch(model: Encoder, params, tokens, context_len, length, key, offs
     move_BxL = target_1xL & (jax.random.uniform(k_move, (b, width)) < (1.0 - alpha_B)[:, None])
     noise_BxL = jax.random.randint(k_tok, (b, width), 0, model.args.vocab_size)
     z_BxL = jnp.where(move_BxL, noise_BxL, tokens_BxL)
-    return -_continuation_nelbo(model, params, tokens_BxL, z_BxL, context_len, length, alpha_B,
+    return -continuation_nelbo(model, params, tokens_BxL, z_BxL, context_len, length, alpha_B,
                                 eps)
-
-
-_enumerated_nelbo = jax.jit(_continuation_nelbo, static_argnames=("model", "eps"))
-
-
-def exact_uniform_bound(model: Encoder, params, context: list[int], continuation: list[int],
-                        eps: float = 1e-3, nodes: int = 32) -> float:
-    """The expectation of `uniform_batch` without Monte Carlo (for tests on tiny models):
-    E_u = (1 / (1 - eps)) * integral over t in [eps, 1], by Gauss-Legendre in log t (a model
-    sure that a clean token is wrong makes the integrand ~ 1/t near eps, flat in log t) and,
-    at each node, every noisy continuation z in K^m weighted by its probability
-    q_t(z | x) = prod_l (alpha [z_l = x_l] + (1 - alpha) / K)."""
-    k, c, m = model.args.vocab_size, len(context), len(continuation)
-    n = c + m
-    width = 8 * math.ceil(n / 8)  # a few shapes, a few compiles
-    s_N, w_N = np.polynomial.legendre.leggauss(nodes)
-    lo = math.log(eps)  # s = log t in [log eps, 0]; dt = t ds
-    t_N = np.exp(lo / 2.0 * (1.0 - s_N))
-    w_N = w_N * (-lo / 2.0) * t_N / (1.0 - eps)
-    alpha_N = np.asarray(uniform_alpha(t_N, eps), np.float64)
-    z_ZxM = np.array(list(itertools.product(range(k), repeat=m)), np.int32).reshape(-1, m)
-    same_ZxM = z_ZxM == np.asarray(continuation, np.int32)[None, :]
-    a_Nx1x1 = alpha_N[:, None, None]
-    q_NxZ = np.prod(np.where(same_ZxM[None], a_Nx1x1 + (1 - a_Nx1x1) / k, (1 - a_Nx1x1) / k),
-                    axis=-1)
-    row_L = np.zeros(width, np.int32)
-    row_L[:n] = context + continuation
-    z_ZxL = np.repeat(row_L[None], len(z_ZxM), axis=0)
-    z_ZxL[:, c:n] = z_ZxM
-    z_RxL = np.tile(z_ZxL, (nodes, 1))  # row r: node r // K^m, noisy continuation r % K^m
-    alpha_R = np.repeat(alpha_N, len(z_ZxM)).astype(np.float32)
-    x_RxL = np.broadcast_to(row_L, z_RxL.shape)
-    nelbo_R = _enumerated_nelbo(model, params, jnp.asarray(x_RxL), jnp.asarray(z_RxL), c, n,
-                                jnp.asarray(alpha_R), eps)
-    nelbo_NxZ = np.asarray(nelbo_R, np.float64).reshape(nodes, -1)
-    return -float(np.sum(w_N[:, None] * q_NxZ * nelbo_NxZ))

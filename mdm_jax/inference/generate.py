@@ -55,8 +55,6 @@ def check_request(model: Encoder, prompts: list[list[int]], gen_length: int,
     if problems:
         flag, message = problems[0]
         raise SamplingError(f"{flag} {message}")
-    if family.causal and min(len(p) for p in prompts) < 1:
-        raise SamplingError("an ARM needs at least one prompt token (e.g. BOS) per prompt")
     longest = max(len(p) for p in prompts)
     limit = max_length or model.args.max_seq_len
     if longest + gen_length > limit:
@@ -77,6 +75,8 @@ def _uniform(model, params, canvas, lens, key, sampler, gen_length, kv_cache):
 
 
 def _autoregressive(model, params, canvas, lens, key, sampler, gen_length, kv_cache):
+    if int(lens.min()) < 1:
+        raise SamplingError("an ARM needs at least one prompt token (e.g. BOS) per prompt")
     fn = arm.sample_cached if kv_cache else arm.sample_full
     return fn(model, params, canvas, lens, key, prefill=int(lens.min()),
               temperature=sampler.temperature, top_k=sampler.top_k, top_p=sampler.top_p)

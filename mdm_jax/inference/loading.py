@@ -24,6 +24,7 @@ import ml_collections
 import numpy as np
 
 from mdm_jax import sharding, storage
+from mdm_jax.config import resolve_mesh_shape
 from mdm_jax.errors import UserError
 from mdm_jax.model import Encoder, ModelArgs
 
@@ -64,7 +65,7 @@ def forward(model: Encoder, params, tokens, lengths=None) -> jax.Array:
 def _placement(args: ModelArgs, seq_len: int, mesh_shape, devices):
     """(mesh, abstract params with their shardings) for a model on a mesh."""
     devices = list(devices if devices is not None else jax.devices()[:1])
-    mesh = sharding.make_mesh(sharding.resolve_mesh_shape(*mesh_shape, len(devices)), devices)
+    mesh = sharding.make_mesh(resolve_mesh_shape(*mesh_shape, len(devices)), devices)
     model = Encoder(args)
     boxed = jax.eval_shape(lambda k: model.init(k, jnp.zeros((1, seq_len), jnp.int32))["params"],
                            jax.random.PRNGKey(0))

@@ -19,7 +19,7 @@ import sys
 import ml_collections
 
 from mdm_jax import flops
-from mdm_jax.errors import UserError, config_flags_parser, run_main
+from mdm_jax.errors import UserError, run_absl
 from mdm_jax.families import FAMILIES
 from mdm_jax.presets import get_preset
 
@@ -237,11 +237,9 @@ def _flags():
     return config
 
 
-def _main(argv) -> None:
+def _main(study) -> None:
     from absl import flags
 
-    del argv
-    study = _CONFIG.value
     check_study(study)
     accelerator = flags.FLAGS.accelerator or study.accelerator
     if flops.peak_flops(accelerator) is None:
@@ -260,15 +258,8 @@ def _main(argv) -> None:
           else table(runs, accelerator, mfu, fits, target or ""))
 
 
-_CONFIG = None  # defined by cli(): plan and sweep both own a --config flag
-
-
 def cli() -> None:
-    global _CONFIG
-    from absl import app
-
-    _CONFIG = _flags()
-    app.run(lambda argv: run_main(_main, argv), flags_parser=config_flags_parser)
+    run_absl(_flags, _main)
 
 
 if __name__ == "__main__":

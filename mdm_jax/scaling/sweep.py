@@ -38,7 +38,7 @@ import time
 import ml_collections
 
 from mdm_jax import storage
-from mdm_jax.errors import config_flags_parser, run_main
+from mdm_jax.errors import run_absl
 from mdm_jax.scaling.plan import Run, StudyError, check_study, expand, fit_on_target, train_args
 
 RESULT_COLUMNS = ("family", "preset", "non_embedding_params", "budget", "steps", "tokens", "loss")
@@ -400,13 +400,11 @@ def _flags():
     return config
 
 
-def _main(argv) -> None:
+def _main(study) -> None:
     from absl import flags
 
-    del argv
     f = flags.FLAGS
     dry_run, collect_only = f["dry-run"].value, f["collect-only"].value
-    study = _CONFIG.value
     if not collect_only and f.parallel < 1:
         raise StudyError(f"--parallel={f.parallel}; give 1 or more")
     check_study(study)
@@ -477,15 +475,8 @@ def diverged_path(results: str) -> str:
     return str(storage.as_path(results).parent / DIVERGED_FILE)
 
 
-_CONFIG = None  # defined by cli(): plan and sweep both own a --config flag
-
-
 def cli() -> None:
-    global _CONFIG
-    from absl import app
-
-    _CONFIG = _flags()
-    app.run(lambda argv: run_main(_main, argv), flags_parser=config_flags_parser)
+    run_absl(_flags, _main)
 
 
 if __name__ == "__main__":
