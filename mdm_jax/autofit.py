@@ -127,7 +127,8 @@ def search(c: ml_collections.ConfigDict, devices, memory_bytes: int, trainer_cls
            headroom: float = DEFAULT_HEADROOM, log: Callable = print) -> tuple[Trial, list]:
     """The chosen (micro_batch, remat) trial and every trial compiled on the way."""
     budget = memory_bytes * (1.0 - headroom)
-    data, fsdp, _ = config_lib.resolve_mesh_shape(c.mesh.data, c.mesh.fsdp, c.mesh.tensor, len(devices))
+    data, fsdp, _ = config_lib.resolve_mesh_shape(c.mesh.data, c.mesh.fsdp, c.mesh.tensor,
+                                                  len(devices))
     batches = (micro_batch_candidates(c, data * fsdp) if c.micro_batch == config_lib.AUTO
                else [config_lib.micro_batch(c)])
     remats = REMAT_ORDER if c.model.remat == config_lib.AUTO else (c.model.remat,)
