@@ -1,22 +1,13 @@
 """Fit a run into accelerator memory by compiling it: `micro_batch=auto`, `model.remat=auto`.
 
-XLA knows a compiled step's memory exactly (`compiled.memory_analysis()`: arguments, outputs,
-aliased donations, temporaries), on a real accelerator and on the compile-only devices of a
-target (mdm_jax.targets). The search compiles the exact train step:
-  - remat policies from the least recomputation to the most (none, dots, dots_no_batch, full),
-    and for each, a search over the micro-batches (divisors of the global batch that the batch
-    shards divide) for the largest whose peak fits within (1 - headroom) of the memory: the
-    smallest and the whole batch first, then where a line through the compiled peaks crosses
-    the budget, narrowing like a bisection until the largest that fits is next to one that
-    does not (3-4 compiles for SMDM's 7 candidates);
-  - the first policy with any micro-batch that fits wins: recomputation costs FLOPs on every
-    step, while a smaller micro-batch only costs efficiency once a device's share of it is a
-    few thousand tokens (SMDM: at least one 2048-token sequence per device).
-Peak = arguments + outputs - aliased + temporaries (+ generated code).
-
-The trainer runs the same search at start-up on a real accelerator and caches the answer in
-the workdir (`autofit.json`, keyed by the config and the devices), so a restart does not search
-again. The Trainer class is passed in, which keeps this module free of the trainer's imports.
+XLA knows a compiled step's memory exactly (`compiled.memory_analysis()`), on a real
+accelerator and on a target's compile-only devices (mdm_jax.targets). The search compiles the
+exact train step for each remat policy from the least recomputation to the most, and for each
+bisects the micro-batches (divisors of the global batch that the batch shards divide) for the
+largest whose peak (arguments + outputs - aliased + temporaries) fits in (1 - headroom) of the
+memory; the first policy with a fit wins (recomputation costs every step; a smaller
+micro-batch costs little once a device holds a few thousand tokens). The answer is cached in
+the workdir (`autofit.json`). The Trainer class is passed in: no import of the trainer here.
 """
 
 from __future__ import annotations

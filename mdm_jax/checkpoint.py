@@ -79,11 +79,14 @@ def _space_note(directory: str, state_bytes: int) -> str:
 class _OrbaxErrorsToDebug(logging.Filter):
     """Orbax logs a failed background save from each of its threads (tracebacks included)
     before the error reaches the trainer, which then reports it once as an `error:` line; its
-    error records are kept at DEBUG level unless MDM_JAX_DEBUG is set."""
+    error records are kept at DEBUG level unless MDM_JAX_DEBUG is set. So is its warning that
+    an item has no `_CHECKPOINT_METADATA` when its layout is read: the manager writes that file
+    per step, not per item, so it is said of every healthy checkpoint."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if (record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname
-                and not debug()):
+        noise = (record.levelno >= logging.ERROR
+                 or record.getMessage().startswith("Metadata file does not exist"))
+        if noise and f"{os.sep}orbax{os.sep}" in record.pathname and not debug():
             record.levelno, record.levelname = logging.DEBUG, "DEBUG"
             return logging.getLogger("absl").isEnabledFor(logging.DEBUG)
         return True
@@ -365,14 +368,11 @@ class StepReader:
         self.directory, self.step, self.steps, self.error = ckpt.directory, step, steps, error
         self.config, self.meta = ckpt.restore_config(step), ckpt._meta(step)
         self.state_dir = storage.join(ckpt.directory, str(step), "state")
-
-    @functools.cached_property
-    def param_meta(self):
-        """The params' layout (shapes), read on first use: only a leaf-wise reader needs it."""
+        # The params' layout: every path refuses a step whose layout does not read.
         tree = ocp.PyTreeCheckpointer().metadata(self.state_dir).item_metadata
         if tree is None:
             raise ValueError(f"the layout of the arrays in {self.state_dir} does not read")
-        return getattr(tree, "tree", tree)["params"]
+        self.param_meta = getattr(tree, "tree", tree)["params"]
 
     def params(self, abstract=None, path: tuple = ()):
         """The params (or their subtree at `path`) onto the shardings of `abstract`, or, without
@@ -421,7 +421,7 @@ def read_step(workdir: str, step: int | None = None, read=None, error=Checkpoint
 
         def attempt(s):
             reader = StepReader(ckpt, s, steps, error)
-            return (read or (lambda r: r.param_meta))(reader), reader
+            return (read(reader) if read else None), reader
 
         found, _ = _first_that_reads(directory, steps, attempt, step, error)
     finally:

@@ -1,21 +1,14 @@
 """Generate text from a trained model (a run's workdir or an export folder).
 
     python -m mdm_jax.sample --workdir runs/tiny_mdm --num 4                      # unconditional
-    python -m mdm_jax.sample --workdir runs/tiny_mdm --prompt "KING." --steps 64 \\
+    python -m mdm_jax.sample --workdir runs/tiny_mdm --prompt "KING." --steps 64 \
         --block-length 32 --remasking low_confidence --temperature 0
-    python -m mdm_jax.sample --workdir exports/tiny_lit --prompts prompts.jsonl \\
+    python -m mdm_jax.sample --workdir exports/tiny_lit --prompts prompts.jsonl \
         --out answers.jsonl --gen-length 64 --cfg 0.5 --batch-size 16
-    python -m mdm_jax.sample --workdir runs/tiny_arm --prompt "KING." --top-p 0.9 --temperature 1
 
-MDMs: `--steps` reverse steps, split over `--block-length` blocks (semi-autoregressive; 0 = one
-block), `--remasking low_confidence|random`, `--cfg W` unsupervised guidance, `--cache` (skip
-the network when a step revealed nothing). Uniform-state models sample ancestrally
-(`--steps`). ARMs: a KV cache (`--no-kv-cache` recomputes everything). All: `--temperature`
-(0 = greedy), `--top-k`, `--top-p`. `--prompts FILE.jsonl` holds one {"prompt": ...} per line;
-`--out FILE.jsonl` gets one {"prompt", "completion", "tokens", "nfe", "seconds"} per sample,
-nfe and seconds being those of the batch it was generated in. `--num` samples per prompt.
-Each prompt starts with the tokenizer's BOS. Every option is checked before the model is
-loaded; a bad one is one `error:` line and exit code 2.
+Each prompt starts with the tokenizer's BOS; the family's sampler runs with the options its
+record takes (README "Sampling"). Every option is checked before the model is loaded; a bad one
+is one `error:` line and exit code 2.
 """
 
 from __future__ import annotations

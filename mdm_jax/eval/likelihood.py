@@ -1,25 +1,14 @@
 """Log-likelihoods of a continuation given a context, for every family (jitted, batched).
 
 `SCORERS` and `GREEDY` are the family tables: each family's estimators and its greedy check.
-MDM estimators of log p(continuation | context), all lower bounds in expectation (the ELBO):
-  - "mc" (SMDM): draw t stratified over the batch, mask each continuation token w.p.
-    p = (1 - eps) t + eps, and take -sum_{masked} CE / p; averaged over `mc_num` draws.
-  - "llada" (LLaDA's lower-variance form): draw l uniform in 1..m (m continuation tokens), mask
-    exactly l of them, and take -(m / l) sum_{masked} CE.
-  - "chain" (SMDM's exact left-to-right decomposition): m passes, pass k seeing the context and
-    the first k continuation tokens with the rest masked, scoring token k; sum of the m terms.
-With a time-independent model both Monte Carlo forms estimate the same number: grouping masks
-by their size k, E = sum_k w_k A_k, A_k the mean over masks of size k of the summed CE of the
-masked tokens and w_k = 1/k (for eps = 0; `exact_elbo` integrates the eps schedule). On a model
-small enough to enumerate every mask this is computed exactly and the tests compare.
-
-Unsupervised classifier-free guidance (SMDM): the logits are cond + w (cond - uncond), uncond
-being the same input with the context replaced by mask tokens (one batched call); w = 0 is no
-guidance. Uniform-state diffusion: its continuous-time NELBO with the context clean
-(`uniform_likelihood`). ARMs: the exact log-likelihood from one causal pass. `is_greedy`: whether
-the continuation is what the model would produce greedily (ARM: argmax at every position;
-diffusion: the family's sampler at temperature 0 with one token per step, as LLaDA's harness
-model does).
+MDMs (lower bounds in expectation): "mc" (SMDM: t stratified over the draws, each continuation
+token masked w.p. (1 - eps) t + eps, -sum of masked CE / p), "llada" (exactly l of the m
+tokens masked, l uniform in 1..m, weight m / l) and "chain" (SMDM's left-to-right chain rule,
+m passes); with our time-independent model both Monte Carlo forms estimate the same number,
+checked against enumerating every mask in the tests. Unsupervised guidance: cond + w (cond -
+uncond), uncond with the context masked, one batched call. Uniform-state diffusion: its NELBO
+with the context clean (`uniform_likelihood`). ARMs: exact, one causal pass. `is_greedy`:
+the ARM's argmax, or the family's sampler at temperature 0, one token per step.
 """
 
 from __future__ import annotations

@@ -241,15 +241,15 @@ def plot(rows: list[dict], result: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    families = list(result["families"])
-    cols = max(len(families), 2)
+    names = list(result["families"])
+    cols = max(len(names), 2)
     fig, grid = plt.subplots(2, cols, figsize=(4.2 * cols, 8.4), squeeze=False)
     for ax in grid[1, 2:]:
         ax.set_visible(False)
     loss_ax, n_ax = grid[1, 0], grid[1, 1]
     budgets = sorted({r["budget"] for r in rows})
     colors = {b: plt.cm.viridis(i / max(len(budgets) - 1, 1)) for i, b in enumerate(budgets)}
-    for ax, family in zip(grid[0], families, strict=False):
+    for ax, family in zip(grid[0], names, strict=False):
         d = result["families"][family]
         marker, line = families.get(family).plot_style
         for m in d["_minima"]:

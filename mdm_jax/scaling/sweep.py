@@ -2,24 +2,12 @@
 
     python -m mdm_jax.scaling.sweep --config=experiments/isoflop.py:micro --backend local
     python -m mdm_jax.scaling.sweep --config=experiments/isoflop.py --backend slurm --dry-run
-    python -m mdm_jax.scaling.sweep --config=experiments/isoflop.py --backend tpu
     python -m mdm_jax.scaling.sweep --config=experiments/isoflop.py --collect-only
 
-Every run has a stable id (`mdm-170M-1e+19`) and workdir (`sweep_dir/ID`). A run is finished
-when its metrics.jsonl holds the validation loss at its last step; finished runs are skipped,
-and a run with checkpoints but no final loss resumes from its latest checkpoint (the trainer
-does that on its own when pointed at the same workdir). Every run evaluates the same batches
-of the same validation split with the same masks, so losses compare across runs.
-
-A run whose final validation loss is NaN or infinite diverged: it counts as done (it would
-diverge again), stays out of results.csv and is listed with the reason in diverged.csv beside
-it and on the console; delete its workdir to train it afresh. A malformed metrics.jsonl row is
-skipped with a warning naming its file and line (a last line cut short by a kill, silently).
-
-Backends: `local` runs `python -m mdm_jax.train` here, one after another or `--parallel N` at a
-time; `slurm` submits `launch/slurm.sbatch` per run with sbatch; `tpu` submits an xpk workload
-per run through `launch/tpu.sh xpk`. Dry runs print exactly the commands they would execute.
-Collection reads the workdirs, so it needs them on a filesystem this machine sees.
+Every run has a stable id (`mdm-170M-1e+19`) and workdir (`sweep_dir/ID`); it is finished when
+its metrics.jsonl holds the validation loss at its last step (else the trainer resumes it). A
+NaN/inf final loss counts as diverged: done, kept out of results.csv, listed in diverged.csv.
+Backends (`local`, `slurm`, `tpu`) and the rest: README "Scaling studies".
 """
 
 from __future__ import annotations
