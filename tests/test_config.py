@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import nano_config
+from conftest import REPO, nano_config
 
 from mdm_jax.config import ConfigError, validate
 
@@ -49,3 +49,15 @@ def test_cli_rejects_unknown_override():
         [sys.executable, "-m", "mdm_jax.train", "--config=experiments/tiny.py",
          "--config.model.presett=170M"], capture_output=True, text=True, timeout=120)
     assert out.returncode != 0 and "presett" in out.stderr
+
+
+def test_loading_a_config_imports_no_jax():
+    """config.py and every experiment config load without the jax stack (instant planning);
+    tests/test_architecture.py checks the imports statically, this checks them running."""
+    code = ("import sys\nsys.path.insert(0, 'experiments')\nimport mdm_jax.config, isoflop, smdm\n"
+            "isoflop.get_config('micro'); smdm.get_config('170M')\n"
+            "heavy = sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('jax', 'jaxlib', 'flax', 'optax', 'orbax'))\nprint(heavy)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
