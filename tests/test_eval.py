@@ -215,7 +215,10 @@ def _tasks(folder) -> None:
         "metric_list:\n  - metric: exact_match\n")
 
 
-@pytest.mark.parametrize("kind,args", [("mdm", "estimator=chain,cfg=0.5"), ("arm", "")])
+# lm-eval's CLI passes its own --batch_size to the model beside model_args: `batch_size` in
+# model_args (the older name of mc_batch_size) must not clash with it.
+@pytest.mark.parametrize("kind,args", [("mdm", "estimator=chain,cfg=0.5,batch_size=16"),
+                                       ("arm", "mc_batch_size=8")])
 def test_harness_cli_runs_the_registered_model_and_agrees_with_the_estimators(
         runs, tmp_path, kind, args, monkeypatch):
     pytest.importorskip("lm_eval", reason="the `eval` extra (bash launch/setup.sh eval)")
@@ -229,7 +232,7 @@ def test_harness_cli_runs_the_registered_model_and_agrees_with_the_estimators(
     model_args = ",".join(x for x in (f"workdir={runs[kind]}", args) if x)
     harness.main(["--model", "mdm_jax", "--model_args", model_args, "--tasks",
                   "tiny_mc,tiny_gen", "--include_path", str(tmp_path), "--output_path",
-                  str(tmp_path / "out"), "--log_samples"])
+                  str(tmp_path / "out"), "--log_samples", "--batch_size", "4"])
     results = json.loads(open(next(
         os.path.join(d, f) for d, _, fs in os.walk(tmp_path / "out") for f in fs
         if f.startswith("results"))).read())["results"]

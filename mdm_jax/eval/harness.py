@@ -1,12 +1,13 @@
 """An lm-evaluation-harness model, `mdm_jax`, and the harness's own CLI with it registered.
 
     python -m mdm_jax.eval.harness --model mdm_jax \\
-        --model_args workdir=runs/tiny_mdm,cfg=0.5,mc_num=64,batch_size=32 \\
+        --model_args workdir=runs/tiny_mdm,cfg=0.5,mc_num=64,mc_batch_size=32 \\
         --tasks my_task --include_path tasks/ --output_path results/
 
 `model_args`: `workdir` (a run's workdir or an export folder; `path` is the same), `step`,
 `estimator` (the family's: mc | llada | chain for MDMs, mc for uniform-state diffusion, exact
-for the ARM; default its first), `mc_num`, `batch_size` (Monte Carlo draws per call), `cfg`,
+for the ARM; default its first), `mc_num`, `mc_batch_size` (Monte Carlo draws per call;
+`batch_size` in model_args is its old name), `cfg`,
 `seed`, `greedy_check` (false skips the is-greedy flag of loglikelihood requests, which
 costs an MDM one sampler run per request; multiple-choice accuracy does not use it), and for
 generate_until the sampler: `steps` (default: one per token), `block_length`,
@@ -30,9 +31,10 @@ from mdm_jax.eval.likelihood import Estimator, EvalError, check_estimator, is_gr
 @register_model("mdm_jax")
 class MDMJaxLM(LM):
     def __init__(self, workdir: str | None = None, path: str | None = None, step=None,
-                 estimator: str = "", mc_num=128, batch_size=32, cfg=0.0, seed=0, steps=0,
+                 estimator: str = "", mc_num=128, mc_batch_size=32, cfg=0.0, seed=0, steps=0,
                  block_length=0, remasking: str = "low_confidence", temperature=0.0,
-                 max_gen_toks=64, greedy_check=True, tokenizer: str | None = None, **unused):
+                 max_gen_toks=64, greedy_check=True, tokenizer: str | None = None,
+                 batch_size=None, **unused):
         super().__init__()
         from mdm_jax.data.tokenizer import Tokenizer
         from mdm_jax.inference import load
@@ -41,16 +43,35 @@ class MDMJaxLM(LM):
         if not where:
             raise EvalError("model_args needs workdir=RUN_OR_EXPORT_FOLDER")
         self.m = load(str(where), None if step in (None, "") else int(step))
-        batch_size = 32 if batch_size in (None, "auto", "") else int(batch_size)
+        del batch_size  # lm-eval's requests per batch: requests are scored one at a time
         self.estimator = check_estimator(
-            Estimator(kind=str(estimator or ""), mc_num=int(mc_num), batch_size=batch_size,
-                      cfg=float(cfg)), families.get(self.m.args.family))
+            Estimator(kind=str(estimator or ""), mc_num=int(mc_num),
+                      batch_size=int(mc_batch_size), cfg=float(cfg)),
+            families.get(self.m.args.family))
         self.seed, self.steps, self.block_length = int(seed), int(steps), int(block_length)
         self.remasking, self.temperature = str(remasking), float(temperature)
         self.max_gen_toks = int(max_gen_toks)
         self.greedy_check = str(greedy_check).lower() not in ("0", "false", "no")
         self.tok = Tokenizer.load(tokenizer or self.m.tokenizer_path)
         self.max_length = int(self.m.config.seq_len)
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None):
+        """lm-eval passes its own `--batch_size` beside `model_args`; a `batch_size` inside
+        model_args is the older name of `mc_batch_size` (draws per call) and is read as such."""
+        args = dict(arg_dict)
+        if "batch_size" in args:
+            print("note: model_args batch_size is now mc_batch_size (Monte Carlo draws per "
+                  "call); the old name is read as the new one", file=sys.stderr)
+            args.setdefault("mc_batch_size", args.pop("batch_size"))
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None}
+        return cls(**args, **extra)
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
+        from lm_eval.utils import simple_parse_args_string
+
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
 
     # -- tokens -----------------------------------------------------------------------------
     def _split(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
