@@ -18,6 +18,7 @@ import json
 import math
 import sys
 
+from mdm_jax import families
 from mdm_jax.inference.generate import SamplingError
 from mdm_jax.inference.mdm import REMASKING, MDMSampler
 
@@ -42,16 +43,20 @@ def _parser():
     p.add_argument("--allow-longer", action="store_true",
                    help="allow samples beyond the trained seq_len (RoPE positions the model "
                         "never saw: expect degraded samples)")
-    p.add_argument("--steps", type=int, default=64, help="MDM reverse steps")
+    p.add_argument("--steps", type=int, default=None,
+                   help="reverse steps of the diffusion samplers (default: the run's "
+                        "samples.steps, a multiple of the blocks)")
     p.add_argument("--block-length", type=int, default=0,
                    help="MDM semi-autoregressive block length (0: one block)")
-    p.add_argument("--remasking", choices=REMASKING, default="low_confidence")
+    p.add_argument("--remasking", choices=REMASKING, default=None,
+                   help="MDM (default: the run's samples.remasking)")
     p.add_argument("--cfg", type=float, default=0.0, help="MDM guidance weight w (0: off)")
     p.add_argument("--cache", action="store_true",
                    help="MDM: skip the network call when the previous step revealed nothing "
                         "(pays when --steps is large for the length and the batch small)")
     p.add_argument("--no-kv-cache", action="store_true", help="ARM: recompute every token")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="0 = greedy (default: the run's samples.temperature)")
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--batch-size", type=int, default=32)
@@ -70,7 +75,7 @@ def _check_numbers(a) -> None:
     if not 0 <= a.seed < 2 ** 32:
         raise SamplingError(f"--seed {a.seed}: give an integer in [0, 2**32)")
     for flag, value in (("--temperature", a.temperature), ("--cfg", a.cfg)):
-        if not (math.isfinite(value) and value >= 0):
+        if value is not None and not (math.isfinite(value) and value >= 0):
             raise SamplingError(f"{flag} {value}: give 0 (off/greedy) or a positive number")
     if not 0 < a.top_p <= 1:
         raise SamplingError(f"--top-p {a.top_p}: give a number in (0, 1]")
@@ -78,6 +83,9 @@ def _check_numbers(a) -> None:
         raise SamplingError("--prompt and --prompts: give one of them")
     if a.gen_length and a.length:
         raise SamplingError("--gen-length and --length: give one of them")
+    if a.block_length and a.gen_length % a.block_length:
+        raise SamplingError(f"--block-length {a.block_length} does not divide --gen-length "
+                            f"{a.gen_length}; give a divisor of it (or 0)")
 
 
 def read_prompts(path: str) -> list[str]:
@@ -117,12 +125,9 @@ def _main(argv=None) -> None:
     _check_numbers(a)
     texts = read_prompts(a.prompts) if a.prompts else [a.prompt or ""]
     num = a.num or (1 if (a.prompts or a.prompt) else 4)
-    sampler = MDMSampler(steps=a.steps, block_length=a.block_length, remasking=a.remasking,
-                         temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, cfg=a.cfg,
-                         cache=a.cache)
     absl_logging.set_verbosity(absl_logging.WARNING)
     m = load(a.workdir, a.step)
-    seq_len = m.config.seq_len
+    seq_len, run = m.config.seq_len, m.config.samples
     try:
         tok = Tokenizer.load(a.tokenizer or m.tokenizer_path)
     except (UserError, FileNotFoundError, ValueError) as e:
@@ -133,6 +138,12 @@ def _main(argv=None) -> None:
     prompts = [[tok.bos_id] + (tok.encode(t) if t else []) for t in texts]
     longest = max(len(p) for p in prompts)
     gen_length = a.gen_length or (a.length - longest if a.length else seq_len - longest)
+    if a.block_length and not a.gen_length and gen_length > 0:
+        # The default length, cut to whole blocks (as many as --steps divides into).
+        n = gen_length // a.block_length
+        while n > 1 and a.steps and a.steps % n:
+            n -= 1
+        gen_length = n * a.block_length
     if a.length and gen_length < 1:
         raise SamplingError(f"the prompt has {longest} tokens; --length {a.length} leaves no "
                             f"room to generate")
@@ -143,7 +154,20 @@ def _main(argv=None) -> None:
             f"never saw); shorten the prompt, lower --gen-length/--length, or add "
             f"--allow-longer")
     limit = longest + gen_length if a.allow_longer else seq_len
+    # Unset options follow the run's own end-of-run samples (what its training printed).
+    blocks = gen_length // a.block_length if a.block_length and gen_length > 0 else 1
+    steps = a.steps or max(blocks, run.steps - run.steps % blocks)
+    remasking = a.remasking or (run.remasking if "--remasking" in
+                                families.get(m.args.family).sampler_options else
+                                "low_confidence")
+    temperature = run.temperature if a.temperature is None else a.temperature
+    sampler = MDMSampler(steps=steps, block_length=a.block_length, remasking=remasking,
+                         temperature=temperature, top_k=a.top_k, top_p=a.top_p, cfg=a.cfg,
+                         cache=a.cache)
     check_request(m.model, prompts, gen_length, sampler, limit, kv_cache=not a.no_kv_cache)
+    if num > 1 and temperature == 0:
+        print(f"note: --temperature 0 is greedy, so the {num} samples of a prompt may be "
+              f"identical; give --temperature > 0 for varied ones", file=sys.stderr)
 
     jobs = [(text, p) for text, p in zip(texts, prompts, strict=True) for _ in range(num)]
     out = open(a.out, "w", encoding="utf-8") if a.out else None
@@ -154,6 +178,10 @@ def _main(argv=None) -> None:
         for k, batch in enumerate(bar):
             g = generate(m.model, m.params, [p for _, p in batch], gen_length, sampler,
                          seed=a.seed + k, max_length=limit, kv_cache=not a.no_kv_cache)
+            tqdm.write(f"[sample] batch {k + 1}: {len(batch)} x {gen_length} tokens, {g.nfe} "
+                       f"network calls, {g.seconds:.2f} s, "
+                       f"{len(batch) * gen_length / max(g.seconds, 1e-9):,.0f} tokens/s",
+                       file=sys.stderr)
             for (text, _), answer in zip(batch, g.answers(), strict=True):
                 completion = tok.decode([t for t in answer if t < tok.vocab_size])
                 tqdm.write(f"--- sample {i} ---\n{(text + completion).strip()}\n",

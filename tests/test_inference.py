@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -286,6 +287,25 @@ def test_sample_cli_writes_jsonl_for_prompts_of_a_file(run_dir, tmp_path, capsys
         assert len(r["tokens"]) == 16 and r["nfe"] >= 1 and r["seconds"] > 0
         assert isinstance(r["completion"], str)
     assert capsys.readouterr().out.count("--- sample ") == 4
+
+
+def test_sample_cli_defaults_fit_the_blocks_and_report_speed(run_dir, tmp_path, capsys):
+    from mdm_jax import sample
+
+    out = tmp_path / "out.jsonl"
+    # No --gen-length: the default fills the canvas with whole blocks that --steps divides.
+    sample.cli(["--workdir", run_dir, "--prompt", "the", "--steps", "8", "--block-length", "16",
+                "--num", "2", "--temperature", "0", "--out", str(out)])
+    lengths = {len(json.loads(line)["tokens"]) for line in out.read_text().splitlines()}
+    assert lengths == {32}  # 3 blocks would fit, but 8 steps do not split into 3
+    err = capsys.readouterr().err
+    assert "note: --temperature 0 is greedy" in err
+    assert re.search(r"\[sample\] batch 1: 2 x 32 tokens, \d+ network calls, .* tokens/s", err)
+    # A length the blocks do not divide is refused before any model is loaded.
+    with pytest.raises(SystemExit):
+        sample.cli(["--workdir", str(tmp_path / "nowhere"), "--gen-length", "10",
+                    "--block-length", "4"])
+    assert "--block-length 4 does not divide --gen-length 10" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("args,needle", [
