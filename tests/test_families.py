@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import types
 
 import jax
@@ -129,6 +130,12 @@ def test_exports_and_imports_back_or_refuses_by_name(run, tmp_path):
         return
     fmt = family.export_formats[0]
     export(workdir, fmt, str(tmp_path / "out"))
+    # A folder like any other (not mkdtemp's 0700), holding no path of this machine.
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(tmp_path / "out").st_mode & 0o777 == 0o777 & ~umask
+    record = json.loads((tmp_path / "out" / "mdm_jax.json").read_text())
+    assert not [v for v in record.values() if isinstance(v, str) and os.path.isabs(v)], record
     import_checkpoint(fmt, str(tmp_path / "out"), str(tmp_path / "back"))
     original, back = load(workdir), load(str(tmp_path / "back"))
     assert back.args.family == family.name  # the export records its family

@@ -32,7 +32,8 @@ class CheckpointParams:
     def __init__(self, path: str, step: int | None = None):
         from mdm_jax.checkpoint import read_step
 
-        self.reader = read_step(*resolve(path, step), error=ExportError)[1]
+        self.workdir, step = resolve(path, step)
+        self.reader = read_step(self.workdir, step, error=ExportError)[1]
         self.step, self.state_dir = self.reader.step, self.reader.state_dir
         self.config = ml_collections.ConfigDict(self.reader.config)
         self.scanned = "blocks" in self.reader.param_meta

@@ -25,7 +25,7 @@ import shutil
 import sys
 import tempfile
 
-from mdm_jax import families
+from mdm_jax import families, storage
 from mdm_jax.export.layouts import FORMATS, METADATA_FILE, Dims, tensor_names
 from mdm_jax.export.tensor_io import DTYPES, ExportError, write_safetensors, write_sharded
 
@@ -46,7 +46,8 @@ def _metadata(src, args, fmt: str, dtype: str, tokenizer_path: str | None) -> di
         "tokenizer": "tokenizer.model" if tokenizer_path else None,  # shipped beside
         "tokenizer_sha256": file_sha256(tokenizer_path) if tokenizer_path else None,
         "dtype": dtype,
-        "source_checkpoint": src.state_dir,
+        # the run's folder name and step, never this machine's path
+        "source_checkpoint": f"{storage.as_path(src.workdir).name}/checkpoints/{src.step}",
     }
 
 
@@ -153,6 +154,9 @@ def export(checkpoint: str, fmt: str, out: str, step: int | None = None,
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.partial-", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)  # a folder like any other, not mkdtemp's private 0700
     try:
         files = _export_into(checkpoint, fmt, staging, step, dtype, max_shard_bytes, tokenizer)
         _replace_folder(staging, out)
