@@ -12,6 +12,7 @@ own (`loop.add_hook(Hook(fn, every=100))`).
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -330,6 +331,9 @@ class TrainLoop:
                             keep_period=c.checkpoint_keep_period,
                             every_minutes=c.checkpoint_minutes)
         state = _restore_or_init(c, trainer, ckpt, train_iter, config_json)
+        if pindex == 0:  # a readable copy of what the checkpoints hold
+            (storage.as_path(c.workdir) / "config.json").write_text(
+                json.dumps(config_json, indent=1) + "\n")
         meta = {"preset": c.model.preset, "mesh": dict(trainer.mesh.shape),
                 "process_count": jax.process_count(), "devices": trainer.mesh.size,
                 "device_kind": jax.devices()[0].device_kind}
@@ -520,6 +524,7 @@ class SampleHook:
 
 
 def _main(config) -> None:
+    from absl import flags
     from absl import logging as absl_logging
 
     from mdm_jax import distributed
@@ -528,6 +533,10 @@ def _main(config) -> None:
 
     # Orbax and Grain log every file operation at INFO; keep the console for training progress.
     absl_logging.set_verbosity(absl_logging.WARNING)
+    if flags.FLAGS.print_config:
+        config_lib.validate(config, jax.device_count())
+        print(json.dumps(resolved_config(config), indent=1))
+        return
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         distributed.initialize(config)
@@ -545,9 +554,17 @@ def _main(config) -> None:
         raise SystemExit(config.preemption_exit_code)
 
 
+def _flags():
+    from absl import flags
+
+    flags.DEFINE_bool("print_config", False, "print the resolved config as JSON and exit "
+                      "(nothing is compiled, read or written)")
+    return config_flags.DEFINE_config_file("config", None, "experiment config (.py)",
+                                           lock_config=True)
+
+
 def cli() -> None:
-    errors.run_absl(lambda: config_flags.DEFINE_config_file(
-        "config", None, "experiment config (.py)", lock_config=True), _main)
+    errors.run_absl(_flags, _main)
 
 
 if __name__ == "__main__":

@@ -207,8 +207,8 @@ def evaluate(trainer: Trainer, state: TrainState, batches: list[jax.Array], seed
     return float(np.mean(jax.device_get(losses)))
 
 
-def resolved_config(c: ml_collections.ConfigDict, trainer: Trainer) -> dict:
+def resolved_config(c: ml_collections.ConfigDict, trainer: Trainer | None = None) -> dict:
     """The config as saved in checkpoints, with defaults that depend on the preset resolved."""
     out = json.loads(c.to_json_best_effort())
-    out["model"]["vocab_size"] = trainer.args.vocab_size
+    out["model"]["vocab_size"] = (trainer.args if trainer else ModelArgs.from_config(c)).vocab_size
     return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -61,3 +62,19 @@ def test_loading_a_config_imports_no_jax():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_print_config_shows_the_resolved_config_and_runs_nothing(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "mdm_jax.train", "--config=experiments/tiny.py",
+                          "--print_config", f"--config.workdir={tmp_path / 'run'}",
+                          "--config.model.vocab_size=0"],
+                         capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    c = json.loads(out.stdout)
+    assert c["model"]["vocab_size"] == 2048  # the tiny preset's, resolved from 0
+    assert not (tmp_path / "run").exists()
+    bad = subprocess.run([sys.executable, "-m", "mdm_jax.train", "--config=experiments/tiny.py",
+                          "--print_config", "--config.seq_len=0"],
+                         capture_output=True, text=True, cwd=REPO)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith(
+        "error: config.seq_len=0")

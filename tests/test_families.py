@@ -61,6 +61,9 @@ def test_trains_with_hooks_for_validation_task_accuracy_and_samples(run):
     # a hook of the caller's runs every step on the live state (not at step 0: no at_start)
     assert [e.get("eval_probe") for e in result.eval_history] == [None, 1.0, 2.0]
     assert len(result.samples) == 1 and isinstance(result.samples[0], str)
+    # a readable copy of the resolved config the checkpoints hold, at the workdir's root
+    saved = json.loads(open(os.path.join(run[1], "config.json")).read())
+    assert saved["objective"]["kind"] == family.name and saved["model"]["vocab_size"] == 512
 
 
 def test_samples_from_the_cli_and_refuses_what_its_sampler_lacks(run, capsys):
