@@ -10,6 +10,25 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                                + " --xla_force_host_platform_device_count=8").strip()
 
+# One XLA compilation cache for the session and every trainer subprocess it starts (they inherit
+# the environment): each train() builds a new Trainer whose jitted step would otherwise be
+# compiled again, the same nano step dozens of times.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
+    os.environ.get("TMPDIR", "/tmp"), f"mdm_jax_test_xla_cache_{os.getpid()}"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+_XLA_CACHE_IS_OURS = os.environ["JAX_COMPILATION_CACHE_DIR"].endswith(f"_{os.getpid()}")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The session's own compilation cache goes with it (one set by the caller stays)."""
+    if _XLA_CACHE_IS_OURS:
+        import shutil
+
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+
+
 # Shard checksums verified by the tests are remembered here, not in the user's ~/.cache.
 os.environ.setdefault("MDM_JAX_CACHE_DIR", os.path.join(
     os.environ.get("TMPDIR", "/tmp"), f"mdm_jax_test_cache_{os.getpid()}"))
