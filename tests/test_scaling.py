@@ -165,6 +165,8 @@ def test_fit_flags_minima_at_the_edge_of_the_grid(tmp_path):
     result = fit.fit(rows)
     assert not any(m.bracketed for m in result["families"]["mdm"]["_minima"])
     assert "not bracketed" in fit.report(result)
+    with pytest.raises(plan.StudyError, match=r"mdm: 2 budget\(s\); the scaling fits need 3"):
+        fit.fit([r for r in rows if r["budget"] < 1e12])
 
 
 def test_results_with_missing_columns_are_rejected(tmp_path):

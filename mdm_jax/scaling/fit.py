@@ -151,9 +151,10 @@ def fit(rows: list[dict]) -> dict:
                          key=lambda r: r["non_embedding_params"])
             minima.append(isoflop_minimum(np.array([r["non_embedding_params"] for r in pts]),
                                           np.array([r["loss"] for r in pts]), budget))
-        if len(minima) < 2:
-            raise StudyError(f"{family}: {len(minima)} budget(s); the scaling fits need 2 or "
-                             f"more (3+ for uncertainties)")
+        if len(minima) < 3:  # two points fix a line exactly: an exponent without an error
+            raise StudyError(f"{family}: {len(minima)} budget(s); the scaling fits need 3 or "
+                             f"more (two points fit any power law exactly, with no error to "
+                             f"report); add budgets to the grid")
         cs = np.array([m.budget for m in minima])
         loss_law = power_law(cs, np.array([m.loss_opt for m in minima]))
         n_law = power_law(cs, np.array([m.n_opt for m in minima]))
