@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import sys
 import time
 from collections.abc import Callable
 
@@ -377,8 +378,11 @@ class TrainLoop:
                           flush=True)
                 if start == 0:  # the untrained baseline, for progress
                     run_hooks(0, [h for h in self.hooks if h.at_start])
+                # A log file (sweeps, Slurm, xpk) gets the metric lines with a time, not a
+                # progress bar's redraws.
+                terminal = sys.stderr.isatty()
                 bar = tqdm(range(start, c.steps), initial=start, total=c.steps, desc="train",
-                           disable=pindex != 0, dynamic_ncols=True)
+                           disable=pindex != 0 or not terminal, dynamic_ncols=True)
                 t_last, steps_since = time.perf_counter(), 0
                 for step in bar:
                     with profiler.step(step + 1):
@@ -406,9 +410,11 @@ class TrainLoop:
                         writer.write(done, metrics)
                         bar.set_postfix(loss=f"{metrics['loss']:.3f}")
                         if pindex == 0:
-                            bar.write(format_metrics(done, {k: metrics[k] for k in (
+                            line = format_metrics(done, {k: metrics[k] for k in (
                                 "loss", "lr", "grad_norm", "tokens_per_s", "flops_per_s",
-                                "mfu")}))
+                                "mfu")})
+                            bar.write(line if terminal else f"{line} | of {c.steps} | "
+                                      f"{time.strftime('%Y-%m-%d %H:%M:%S')}")
                         skipped = int(metrics["skipped"])  # fetched with the metrics: one sync
                         if skipped and pindex == 0:
                             bar.write(f"[mdm_jax] warning: {skipped} step(s) so far had a "

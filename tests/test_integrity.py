@@ -309,3 +309,7 @@ def test_a_full_disk_stops_at_the_failed_save_with_one_line_and_no_partial_save(
     # It stopped at the failed save: no step after the next log line was trained.
     logged = [int(m) for m in re.findall(r"^step\s+(\d+) \| loss", done.stdout, re.M)]
     assert max(logged) <= 6, logged
+    # Not a terminal: metric lines with the step total and a time, no progress-bar redraws.
+    assert re.search(r"^step\s+2 \| loss .* \| of 12 \| \d{4}-\d\d-\d\d \d\d:\d\d:\d\d$",
+                     done.stdout, re.M), done.stdout
+    assert "\r" not in done.stderr
