@@ -106,7 +106,7 @@ def test_harness_request_scores_with_the_familys_estimator(run):
     from mdm_jax.eval.likelihood import Estimator, loglikelihood
 
     family, workdir, _ = run
-    lm = MDMJaxLM(workdir=workdir, mc_num=8, batch_size=8, greedy_check=False)
+    lm = MDMJaxLM(workdir=workdir, mc_num=8, mc_batch_size=8, greedy_check=False)
     [(logprob, greedy)] = lm.loglikelihood([types.SimpleNamespace(args=("the king", " said"))])
     ctx, cont = lm._split("the king", " said")
     direct = loglikelihood(lm.m.model, lm.m.params, ctx, cont,
