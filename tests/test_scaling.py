@@ -210,6 +210,8 @@ def test_sweep_runs_skips_finished_and_resumes_interrupted(tiny_data, tmp_path):
     out = _cli("mdm_jax.scaling.sweep", f"--config={config}", "--results", str(results))
     assert out.returncode == 0, out.stdout + out.stderr
     assert "2 runs, 0 finished, 2 to launch" in out.stdout
+    assert re.search(r"\[1/2\] done  mdm-13K-.*; ETA \d+ min for 1 more", out.stdout), out.stdout
+    assert re.search(r"\[2/2\] done  mdm-27K-[^;]*$", out.stdout, re.M), out.stdout
     with open(os.path.join(big.workdir, "train.log")) as f:
         assert f"resumed from {os.path.abspath(big.workdir)}/checkpoints/2" in f.read()
     rows = list(csv.DictReader(open(results)))

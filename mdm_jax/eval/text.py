@@ -18,13 +18,20 @@ import math
 
 
 def text_nll(model, params, tokens: list[int], bos: int, seq_len: int, estimator,
-             seed: int = 0) -> tuple[float, float, int]:
-    """(NLL in nats, its variance, windows) of `tokens` in windows of seq_len - 1 after BOS."""
+             seed: int = 0, progress: bool = False) -> tuple[float, float, int]:
+    """(NLL in nats, its variance, windows) of `tokens` in windows of seq_len - 1 after BOS;
+    `progress`: a bar over the windows on a terminal."""
+    import sys
+
+    from tqdm import tqdm
+
     from mdm_jax.eval.likelihood import loglikelihood
 
     nll, var, width = 0.0, 0.0, seq_len - 1
     starts = range(0, len(tokens), width)
-    for k, start in enumerate(starts):
+    bar = tqdm(starts, desc="windows", file=sys.stderr,
+               disable=not (progress and sys.stderr.isatty() and len(starts) > 1))
+    for k, start in enumerate(bar):
         s = loglikelihood(model, params, [bos], tokens[start:start + width], estimator,
                           seed=seed + k, max_length=seq_len)
         nll, var = nll - s.logprob, var + s.stderr ** 2
@@ -68,7 +75,7 @@ def _main(argv=None) -> None:
     tok = Tokenizer.load(m.tokenizer_path)
     tokens = tok.encode(text)
     nll, var, windows = text_nll(m.model, m.params, tokens, tok.bos_id, m.config.seq_len,
-                                 estimator, a.seed)
+                                 estimator, a.seed, progress=True)
     exact = family.exact_likelihood
     result = {"workdir": a.workdir, "step": m.step, "family": family.name,
               "tokens": len(tokens), "bytes": len(raw), "windows": windows, "nll_nats": nll,

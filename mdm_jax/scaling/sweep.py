@@ -314,12 +314,16 @@ def launch_local(study, todo: list[Run], parallel: int) -> list[Run]:
     if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # started in the background
         signal.signal(signal.SIGINT, _interrupt)
     pending, active, failed = list(todo), {}, []
+    # [k/N] on every line, and after each run an ETA from the steps done so far.
+    n, started, finished, steps_done = len(todo), 0, 0, 0
+    steps_total, t_start = sum(r.steps for r in todo), time.perf_counter()
     while pending or active:
         while pending and len(active) < parallel:
             run = pending.pop(0)
             log = open(_local_log(study, run), "a")
-            print(f"[sweep] start {run.run_id} ({status(run)}, {run.steps} steps); log: "
-                  f"{log.name}", flush=True)
+            started += 1
+            print(f"[sweep] [{started}/{n}] start {run.run_id} ({status(run)}, {run.steps} "
+                  f"steps); log: {log.name}", flush=True)
             proc = subprocess.Popen(command(study, run, "local"), stdout=log,
                                     stderr=subprocess.STDOUT)
             active[proc] = (run, log, time.perf_counter())
@@ -338,13 +342,16 @@ def launch_local(study, todo: list[Run], parallel: int) -> list[Run]:
         run, log, t0 = active.pop(proc)
         log.close()
         loss = final_loss(run)
+        finished, steps_done = finished + 1, steps_done + run.steps
+        left = (time.perf_counter() - t_start) / steps_done * (steps_total - steps_done)
+        eta = f"; ETA {left / 60:.0f} min for {n - finished} more" if finished < n else ""
         if proc.returncode == 0 and loss is not None:
-            print(f"[sweep] done  {run.run_id}: loss {loss:.4f} in "
-                  f"{time.perf_counter() - t0:.0f}s", flush=True)
+            print(f"[sweep] [{finished}/{n}] done  {run.run_id}: loss {loss:.4f} in "
+                  f"{time.perf_counter() - t0:.0f}s{eta}", flush=True)
         else:
             failed.append(run)
-            print(f"[sweep] FAILED {run.run_id} (exit {proc.returncode}); see "
-                  f"{_local_log(study, run)}; rerun the sweep to resume it", flush=True)
+            print(f"[sweep] [{finished}/{n}] FAILED {run.run_id} (exit {proc.returncode}); see "
+                  f"{_local_log(study, run)}; rerun the sweep to resume it{eta}", flush=True)
     return failed
 
 
