@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import nano_config
+from conftest import REPO, nano_config
 from flax import linen as nn
 from scipy import integrate
 
@@ -213,6 +213,32 @@ def _tasks(folder) -> None:
         "doc_to_target: '{{target}}'\n"
         "generation_kwargs:\n  until: ['\\n']\n  max_gen_toks: 4\n"
         "metric_list:\n  - metric: exact_match\n")
+
+
+def test_text_cli_shows_progress_on_a_terminal_only(runs, tmp_path):
+    import pty
+    import subprocess
+    import sys
+
+    text = tmp_path / "t.txt"
+    text.write_text("the cat sat on the mat. " * 30)
+    cmd = [sys.executable, "-m", "mdm_jax.eval", "text", "--workdir", runs["arm"], "--text",
+           str(text), "--json"]
+    terminal, child_end = pty.openpty()
+    on_tty = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=child_end, cwd=REPO,
+                            timeout=300)
+    os.close(child_end)
+    shown = b""
+    try:
+        while chunk := os.read(terminal, 65536):
+            shown += chunk
+    except OSError:  # the pty reports EIO once everything written was read
+        pass
+    os.close(terminal)
+    assert on_tty.returncode == 0 and b"windows" in shown
+    in_file = subprocess.run(cmd, capture_output=True, cwd=REPO, timeout=300)
+    assert in_file.returncode == 0 and b"windows" not in in_file.stderr
+    assert json.loads(in_file.stdout)["windows"] >= 2
 
 
 # lm-eval's CLI passes its own --batch_size to the model beside model_args: `batch_size` in
