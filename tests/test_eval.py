@@ -216,15 +216,20 @@ def _tasks(folder) -> None:
 
 
 def test_text_cli_shows_progress_on_a_terminal_only(runs, tmp_path):
+    import fcntl
     import pty
+    import struct
     import subprocess
     import sys
+    import termios
 
     text = tmp_path / "t.txt"
     text.write_text("the cat sat on the mat. " * 30)
     cmd = [sys.executable, "-m", "mdm_jax.eval", "text", "--workdir", runs["arm"], "--text",
            str(text), "--json"]
     terminal, child_end = pty.openpty()
+    # a terminal 80 columns wide (a bare pty has no size, and tqdm draws nothing in 0 columns)
+    fcntl.ioctl(child_end, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
     on_tty = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=child_end, cwd=REPO,
                             timeout=300)
     os.close(child_end)
