@@ -6,7 +6,7 @@
 The compiled step lives in the trainer core (`mdm_jax.trainer`). Everything the loop runs on the
 live state besides training (validation loss, task accuracies, end-of-run samples) is a `Hook`
 registered on it; `train()` registers the ones the config asks for, and a notebook may add its
-own (`loop.add_hook(Hook(fn, every=100))`).
+own (`train(config, hooks=(Hook(fn, every=100),))`).
 """
 
 from __future__ import annotations
