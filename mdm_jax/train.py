@@ -512,7 +512,8 @@ class SampleHook:
         tok = Tokenizer.load(c.data.tokenizer) if c.data.tokenizer else None
         bos = tok.bos_id if tok is not None else 1
         sampler = MDMSampler(steps=c.samples.steps, temperature=c.samples.temperature,
-                             remasking=c.samples.remasking if trainer.family.mask_token
+                             remasking=c.samples.remasking
+                             if "--remasking" in trainer.family.sampler_options
                              else "low_confidence")
         tokens = generate(trainer.model, params, [[bos]] * c.samples.count, length - 1,
                           sampler, seed=c.seed, max_length=length).tokens

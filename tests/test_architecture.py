@@ -163,6 +163,16 @@ class _ImportVisitor(ast.NodeVisitor):
         self.generic_visit(node)
 
 
+def from_source(mod, node: ast.ImportFrom) -> str:
+    """The module a `from ... import` names (a relative one from the module's package, up
+    level - 1)."""
+    if not node.level:
+        return node.module or ""
+    base = mod.package.split(".")
+    base = base[: len(base) - (node.level - 1)]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
 def build_graph(root: Path = REPO) -> Graph:
     graph = Graph(root, discover(root))
     modules = graph.modules
@@ -192,12 +202,7 @@ def build_graph(root: Path = REPO) -> Graph:
                         else:  # `import mdm_jax.a.b` binds `mdm_jax`
                             bindings[PACKAGE] = PACKAGE
                 continue
-            if node.level:  # relative: from the module's package, up level - 1
-                base = mod.package.split(".")
-                base = base[: len(base) - (node.level - 1)]
-                source = ".".join(base + ([node.module] if node.module else []))
-            else:
-                source = node.module or ""
+            source = from_source(mod, node)
             if not graph.is_internal(source):
                 edge(source.split(".")[0])
                 continue
@@ -206,8 +211,10 @@ def build_graph(root: Path = REPO) -> Graph:
                 continue
             for alias in node.names:
                 sub = f"{source}.{alias.name}"
-                if sub in modules:  # `from mdm_jax import storage`: the submodule
-                    edge(sub)
+                if sub in modules:  # `from mdm_jax import storage`: the submodule, and the
+                    edge(sub)  # package too, whose __init__ the `from` statement names
+                    if source != mod.name:  # (a package's own __init__ is no cycle)
+                        edge(source)
                     bindings[alias.asname or alias.name] = sub
                 else:  # a name of the module (or `*`)
                     edge(source)
@@ -278,8 +285,10 @@ def find_cycles(graph: Graph) -> list[str]:
     (mdm_jax.inference) would otherwise form a "cycle" with every submodule that imports a
     sibling, which Python resolves fine (the package is in sys.modules, partly initialised,
     before its submodules run): such cycles are harmless and their fix (empty `__init__`s) would
-    cost the package its API. A submodule that explicitly imports its own package
-    (`from mdm_jax.inference import load` in mdm_jax.inference.mdm) is an edge and is counted.
+    cost the package its API. A submodule that names its own package in an import is an edge
+    and is counted, for a name (`from mdm_jax.inference import load`) or a sibling (`from
+    mdm_jax.inference import arm`: the `from` runs the package's `__init__` first); siblings are
+    imported by their own module path (`from mdm_jax.inference.arm import sample_cached`).
     """
     succ = internal_successors(graph)
     index: dict[str, int] = {}
@@ -386,12 +395,14 @@ def find_forbidden(graph: Graph, rules=FORBIDDEN) -> list[str]:
         for name in sorted(graph.modules):
             if not matches(name, sources):
                 continue
+            reported: set[int] = set()  # one report per import statement
             for e in runtime_successors(graph, name):
                 if matches(e.dst, sources) and not matches(e.dst, targets):
                     continue  # a module of the same side: reported at its own import, if at all
                 chain = shortest_chain(graph, e.dst, targets, reach)
-                if chain is None:
-                    continue
+                if chain is None or (e.line and e.line in reported):
+                    continue  # (`from pkg import sub` is an edge to pkg.sub and to pkg)
+                reported.add(e.line)
                 at = graph.where(name, e.line) if e.line else graph.where(name, 0)[:-2]
                 how = " -> ".join([describe(graph, e)] + [describe(graph, c) for c in chain])
                 messages.append(f"[{label}] {reason}\n    {at}: {how}")
@@ -519,12 +530,7 @@ def resolve_function(graph: Graph, module: str, name: str, seen=()) -> tuple[str
             for alias in node.names:
                 if (alias.asname or alias.name) != name:
                     continue
-                if node.level:
-                    base = mod.package.split(".")
-                    base = base[: len(base) - (node.level - 1)]
-                    source = ".".join(base + ([node.module] if node.module else []))
-                else:
-                    source = node.module or ""
+                source = from_source(mod, node)
                 if not graph.is_internal(source):
                     found = f"{module}.{name} is imported from {source}, outside mdm_jax"
                 else:
@@ -671,7 +677,7 @@ SYNTHETIC = {
     "config.py": "def load():\n    if True:\n        from mdm_jax import model\n",
     "model.py": "import jax.numpy as jnp\nfrom mdm_jax.data import loader\n",
     "data/__init__.py": "from mdm_jax.data.loader import load\n",  # re-export: no cycle
-    "data/loader.py": ("from mdm_jax.data import tokenizer\nfrom .. import tools\n\n"
+    "data/loader.py": ("from mdm_jax.data.tokenizer import encode\nfrom .. import tools\n\n"
                        "def load():\n    pass\n"),
     "data/tokenizer.py": "import mdm_jax.helpers\n",  # data -> the loop, through helpers
     "helpers.py": ("from mdm_jax.train import loop\nimport importlib\n\n"
@@ -704,6 +710,19 @@ def test_self_check_cycles(synthetic):
     assert ("mdm_jax.data.loader", "mdm_jax.data") not in edges
     assert ("mdm_jax.data.loader", "mdm_jax.tools") in edges  # `from .. import tools`
     assert Edge("mdm_jax.helpers", "mdm_jax.tools", 5, lazy=True) in synthetic.edges
+
+
+def test_self_check_a_sibling_imported_through_its_package_is_a_cycle(tmp_path):
+    files = {"__init__.py": "",
+             "inference/__init__.py": "from mdm_jax.inference.generate import generate\n",
+             "inference/generate.py": "from mdm_jax.inference import arm\n",
+             "inference/arm.py": ""}
+    for rel, text in files.items():
+        (tmp_path / PACKAGE / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / PACKAGE / rel).write_text(text)
+    cycles = find_cycles(build_graph(tmp_path))
+    assert [c.split("  [")[0] for c in cycles] == [
+        "import cycle mdm_jax.inference -> mdm_jax.inference.generate -> mdm_jax.inference"]
 
 
 def test_self_check_private_names(synthetic):

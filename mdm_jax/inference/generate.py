@@ -12,7 +12,10 @@ import numpy as np
 
 from mdm_jax import families
 from mdm_jax.errors import UserError
-from mdm_jax.inference import arm, mdm, uniform
+from mdm_jax.inference.arm import sample_cached, sample_full
+from mdm_jax.inference.mdm import MDMSampler, denoise
+from mdm_jax.inference.mdm import check as check_settings
+from mdm_jax.inference.uniform import ancestral
 from mdm_jax.model import Encoder
 
 
@@ -38,7 +41,7 @@ COMMON_FLAGS = ("--gen-length", "--steps", "--temperature", "--top-k", "--top-p"
 
 
 def check_request(model: Encoder, prompts: list[list[int]], gen_length: int,
-                  sampler: mdm.MDMSampler, max_length: int | None = None,
+                  sampler: MDMSampler, max_length: int | None = None,
                   kv_cache: bool = True) -> None:
     """Raise SamplingError (naming the flag and the fix) for a request that cannot work, and
     the family's FamilyError for an option its sampler does not take."""
@@ -50,7 +53,7 @@ def check_request(model: Encoder, prompts: list[list[int]], gen_length: int,
               "--cache": sampler.cache, "--no-kv-cache": not kv_cache}
     for flag in (f for f, on in chosen.items() if on):
         family.check_sampler_option(flag)
-    problems = [(f, m) for f, m in mdm.check(sampler, gen_length)
+    problems = [(f, m) for f, m in check_settings(sampler, gen_length)
                 if f in COMMON_FLAGS or f in family.sampler_options]
     if problems:
         flag, message = problems[0]
@@ -65,11 +68,11 @@ def check_request(model: Encoder, prompts: list[list[int]], gen_length: int,
 
 
 def _masked(model, params, canvas, lens, key, sampler, gen_length, kv_cache):
-    return mdm.denoise(model, params, canvas, lens, key, sampler=sampler, gen_length=gen_length)
+    return denoise(model, params, canvas, lens, key, sampler=sampler, gen_length=gen_length)
 
 
 def _uniform(model, params, canvas, lens, key, sampler, gen_length, kv_cache):
-    return uniform.ancestral(model, params, canvas, lens, key, steps=sampler.steps,
+    return ancestral(model, params, canvas, lens, key, steps=sampler.steps,
                              gen_length=gen_length, temperature=sampler.temperature,
                              top_k=sampler.top_k, top_p=sampler.top_p)
 
@@ -77,7 +80,7 @@ def _uniform(model, params, canvas, lens, key, sampler, gen_length, kv_cache):
 def _autoregressive(model, params, canvas, lens, key, sampler, gen_length, kv_cache):
     if int(lens.min()) < 1:
         raise SamplingError("an ARM needs at least one prompt token (e.g. BOS) per prompt")
-    fn = arm.sample_cached if kv_cache else arm.sample_full
+    fn = sample_cached if kv_cache else sample_full
     return fn(model, params, canvas, lens, key, prefill=int(lens.min()),
               temperature=sampler.temperature, top_k=sampler.top_k, top_p=sampler.top_p)
 
@@ -88,11 +91,11 @@ SAMPLERS = {"mdm": _masked, "mdm-ce": _masked, "uniform": _uniform, "arm": _auto
 
 
 def generate(model: Encoder, params, prompts: list[list[int]], gen_length: int,
-             sampler: mdm.MDMSampler | None = None, seed: int = 0,
+             sampler: MDMSampler | None = None, seed: int = 0,
              max_length: int | None = None, kv_cache: bool = True) -> Generation:
     """Answers of `gen_length` tokens after each prompt (token lists of any lengths), with the
     family's sampler under the settings `sampler` (temperature/top-k/top-p drive them all)."""
-    sampler = sampler or mdm.MDMSampler()
+    sampler = sampler or MDMSampler()
     check_request(model, prompts, gen_length, sampler, max_length, kv_cache)
     family = families.get(model.args.family)
     lens = np.array([len(p) for p in prompts], np.int32)
