@@ -1,7 +1,7 @@
 """Unsupervised classifier-free guidance at micro scale: the bundled tasks' accuracy for
 several guidance weights w, through the lm-evaluation-harness (SMDM section 5).
 
-    python experiments/cfg_micro.py --workdir runs/tiny_mdm --arm runs/tiny_arm
+    python experiments/cfg_micro.py --model runs/tiny_mdm --arm runs/tiny_arm
 
 Builds the bundled tasks from the demo corpus (`python -m mdm_jax.eval.tasks`), then runs
 `python -m mdm_jax.eval.harness` once per w in `--weights` with the chain-rule estimator
@@ -38,7 +38,8 @@ def harness(workdir: str, extra: str, tasks_dir: str, out: str) -> dict:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workdir", default="runs/tiny_mdm", help="the MDM run (or export)")
+    p.add_argument("--model", "--workdir", default="runs/tiny_mdm",
+                   help="the MDM run (or export); --workdir is its old name")
     p.add_argument("--arm", default="", help="an ARM run of the same size, for reference")
     p.add_argument("--weights", default="0,0.5,1,2")
     p.add_argument("--corpus", default="data_cache/demo_corpus")
@@ -52,7 +53,7 @@ def main(argv=None) -> None:
     work = os.path.join(REPO, "runs", "cfg_micro_harness")
     rows = []
     for w in a.weights.split(","):
-        acc = harness(a.workdir, f"estimator=chain,cfg={w}", tasks_dir, work)
+        acc = harness(a.model, f"estimator=chain,cfg={w}", tasks_dir, work)
         rows.append({"model": "MDM", "cfg": float(w), **acc})
         print(json.dumps(rows[-1]), flush=True)
     if a.arm:

@@ -28,7 +28,7 @@ targets.quiet_compile_only_environment()  # before jax is imported
 with targets.native_logs_captured():  # the accelerator plugins log as jax loads them
     import ml_collections
 
-    from mdm_jax import autofit, flops
+    from mdm_jax import autofit
     from mdm_jax import config as config_lib
     from mdm_jax.errors import UserError, run_absl
 
@@ -62,6 +62,7 @@ class Report:
     xla_attention: dict | None = None  # --compare-attention: the same step with attention=xla
     refused: bool = False  # the compiler refused the step (out of memory): peak is a lower bound
     kernels: list = dataclasses.field(default_factory=list)  # fused kernels in the compiled step
+    micro_steps: int = 1  # forward/backward passes per optimizer step (gradient accumulation)
 
 
 def _gib(n: int | float) -> float:
@@ -87,10 +88,10 @@ def roofline(step_flops: float, target: targets.Target, memory: autofit.Memory,
     """Seconds per step: the larger of the FLOPs at `mfu` of the chips' peak and a lower
     bound on HBM traffic (the state read and written once, the parameters read once per
     micro-batch and the temporaries written and read once each) at full bandwidth."""
-    compute = step_flops / (target.chips * flops.PEAK_FLOPS[target.accelerator] * mfu)
+    compute = step_flops / (target.chips * target.chip.peak_flops * mfu)
     traffic = (memory.arguments + memory.outputs + micro_steps * memory.arguments / 3
                + 2 * memory.temporaries)
-    memory_time = traffic / flops.HBM_BANDWIDTH[target.accelerator]
+    memory_time = traffic / target.chip.hbm_bandwidth
     return (compute, "compute") if compute >= memory_time else (memory_time, "memory")
 
 
@@ -150,7 +151,7 @@ def analyse(c: ml_collections.ConfigDict, target: targets.Target, headroom: floa
                     "peak_saved_gib": _gib(other.peak - memory.peak)}
     return Report(
         target=target.name, devices=len(devices), hosts=target.hosts,
-        hbm_gib=_gib(target.hbm_bytes), micro_batch=config_lib.micro_batch(c),
+        hbm_gib=_gib(target.hbm_bytes), micro_batch=trainer.micro_batch,
         remat=c.model.remat, attention=c.model.attention, mesh=dict(trainer.mesh.shape),
         arguments_gib=_gib(memory.arguments), outputs_gib=_gib(memory.outputs),
         aliased_gib=_gib(memory.aliased), temporaries_gib=_gib(memory.temporaries),
@@ -160,7 +161,8 @@ def analyse(c: ml_collections.ConfigDict, target: targets.Target, headroom: floa
         step_seconds=step_seconds, assumed_mfu=mfu, bound=bound,
         trials=[{"micro_batch": t.micro_batch, "remat": t.remat,
                  "peak_gib": _gib(t.memory.peak), "fits": t.fits} for t in trials],
-        xla_attention=baseline, refused=compiled is None, kernels=kernels_in(compiled))
+        xla_attention=baseline, refused=compiled is None, kernels=kernels_in(compiled),
+        micro_steps=trainer.micro_steps)
 
 
 def load_run_config(args: list[str]) -> ml_collections.ConfigDict:
@@ -184,7 +186,9 @@ def format_report(r: Report) -> str:
     lines = [
         f"target {r.target}: {r.devices} devices on {r.hosts} host(s), {r.hbm_gib:g} GiB each; "
         f"mesh {r.mesh}",
-        f"micro_batch {r.micro_batch}, remat {r.remat}, attention {r.attention}"
+        f"micro_batch {r.micro_batch} ({r.micro_batch // (r.mesh['data'] * r.mesh['fsdp'])} "
+        f"per device, {r.micro_steps} accumulation step{'s' * (r.micro_steps > 1)}), "
+        f"remat {r.remat}, attention {r.attention}"
         + (f" (kernel in the step: {', '.join(r.kernels)})" if r.kernels else ""),
         "per device:",
         f"  arguments    {r.arguments_gib:10.3f} GiB",

@@ -121,7 +121,7 @@ def search(c: ml_collections.ConfigDict, devices, memory_bytes: int, trainer_cls
     data, fsdp, _ = config_lib.resolve_mesh_shape(c.mesh.data, c.mesh.fsdp, c.mesh.tensor,
                                                   len(devices))
     batches = (micro_batch_candidates(c, data * fsdp) if c.micro_batch == config_lib.AUTO
-               else [config_lib.micro_batch(c)])
+               else [config_lib.micro_batch(c, data * fsdp)])
     remats = REMAT_ORDER if c.model.remat == config_lib.AUTO else (c.model.remat,)
     trials: list[Trial] = []
     memo: dict[tuple[int, str], Trial] = {}
@@ -207,8 +207,10 @@ def resolve(c: ml_collections.ConfigDict, devices, trainer_cls: Callable,
     if memory is None:
         chosen = with_choice(c, 0 if c.micro_batch == config_lib.AUTO else c.micro_batch,
                              "none" if c.model.remat == config_lib.AUTO else c.model.remat)
+        data, fsdp, _ = config_lib.resolve_mesh_shape(c.mesh.data, c.mesh.fsdp, c.mesh.tensor,
+                                                      len(devices))
         log(f"[autofit] {devices[0].platform} reports no memory limit: micro_batch "
-            f"{config_lib.micro_batch(chosen)}, remat {chosen.model.remat}")
+            f"{config_lib.micro_batch(chosen, data * fsdp)}, remat {chosen.model.remat}")
         return chosen
     key = cache_key(c, devices)
     path = storage.as_path(storage.join(c.workdir, CACHE_FILE))

@@ -25,97 +25,106 @@ class ConfigError(UserError, ValueError):
     """A configuration value that cannot work; the message names the field and the fix."""
 
 
+# Every field of the run config: (dotted name, default, one line of help). `base_config()` is
+# built from this table and `train --help` prints it, so a field and its help cannot drift apart.
+FIELDS = (
+    ("workdir", "runs/default", "checkpoints, metrics, config.json (gs:// ok)"),
+    ("seed", 3407, "initialisation, data order and noise"),
+    ("steps", 1000, "optimizer steps"),
+    ("global_batch", 256, "sequences per optimizer step"),
+    ("micro_batch", 0, "per forward/backward (0: global_batch; auto: fit)"),
+    ("micro_batch_per_device", 0, "if micro_batch is 0: at most this many a device"),
+    ("seq_len", 2048, "tokens per sequence"),
+    ("compile_cache_dir", "", "XLA cache for restarts ('': WORKDIR/xla_cache; none)"),
+    ("model.preset", "170M", "SMDM model size by name (mdm_jax/presets.py)"),
+    ("model.vocab_size", 0, "0: the preset's (32000 for SMDM presets)"),
+    ("model.dtype", "bfloat16", "compute: float32 | bfloat16 (params float32)"),
+    ("model.remat", "none", "none | full | dots | dots_no_batch | auto"),
+    ("model.scan_layers", True, "scan over layers (one compiled block)"),
+    ("model.attention", "xla", "xla | jax | cudnn (GPU) | splash (TPU)"),
+    ("objective.kind", "mdm", "the family: " + " | ".join(families.FAMILIES)),
+    ("objective.eps", 1e-3, "smallest noise level t"),
+    ("objective.variable_length_prob", 0.01, "share cut to a random length"),
+    ("objective.weighting", "elbo", "elbo (1/t) | unweighted"),
+    ("objective.t_sampling", "uniform", "uniform | stratified (over the batch)"),
+    ("objective.loss_chunk", 256, "tokens per chunk of the fused head + loss"),
+    ("optim.lr", 2e-4, "peak learning rate (AdamW, cosine decay)"),
+    ("optim.min_lr", 2e-5, "learning rate at the end of the decay"),
+    ("optim.b1", 0.9, "Adam beta1"),
+    ("optim.b2", 0.95, "Adam beta2"),
+    ("optim.weight_decay", 0.1, "AdamW weight decay"),
+    ("optim.grad_clip", 1.0, "global gradient-norm clip (0: off)"),
+    ("optim.warmup_steps", -1, "-1: fraction * steps, or max(100, steps / 100)"),
+    ("optim.warmup_fraction", 0.0, "e.g. 0.1 for short runs"),
+    ("mesh.data", -1, "data-parallel axis (-1: devices left)"),
+    ("mesh.fsdp", 1, "fully sharded data-parallel axis"),
+    ("mesh.tensor", 1, "tensor-parallel axis"),
+    ("data.train_dir", "", "shards written by python -m mdm_jax.data.prepare"),
+    ("data.eval_dir", "", "validation shards ('': no validation)"),
+    ("data.tokenizer", "", "SentencePiece model (samples, vocab check)"),
+    ("data.worker_count", 0, "Grain worker processes (0: in the main process)"),
+    ("data.eval_batches", 4, "batches per validation"),
+    ("data.restart_data_order", False, "resume on other data (restarts its order)"),
+    ("data.verify_shards", True, "check shards' sha256 (cached)"),
+    ("data.eval_tasks", "", "comma list of task files scored at eval"),
+    ("data.eval_tasks_limit", 50, "questions per task and evaluation (0: all)"),
+    ("nonfinite", "skip", "NaN/Inf loss or grads: skip the update (counted) | stop"),
+    ("preemption_exit_code", 0, "after a preemption save (pods: 42)"),
+    ("distributed.coordinator", "", "host:port of process 0 ('': from env)"),
+    ("distributed.num_processes", 0, "0: from the environment"),
+    ("distributed.process_id", -1, "-1: from the environment"),
+    ("log_every", 10, "steps between metric lines"),
+    ("eval_every", 200, "steps between evaluations"),
+    ("checkpoint_every", 500, "steps between checkpoints (0: only the last)"),
+    ("checkpoint_keep", 3, "the last K checkpoints are kept..."),
+    ("checkpoint_keep_period", 0, "...plus every M-th step for good (0: none)"),
+    ("checkpoint_minutes", 0.0, "also save when this many minutes passed (0: off)"),
+    ("profile.steps", "", "'N,M': trace steps N..M into the workdir"),
+    ("samples.count", 0, "samples printed at the end of training"),
+    ("samples.steps", 64, "sampler steps"),
+    ("samples.length", 0, "0: seq_len"),
+    ("samples.temperature", 0.0, "0: greedy; > 0: Gumbel-max sampling"),
+    ("samples.remasking", "low_confidence", "low_confidence | random (MDM samplers)"),
+)
+# Fields that also take the string "auto" (answered by the memory fit, mdm_jax/autofit.py).
+_AUTO_FIELDS = ("micro_batch",)
+
+
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.workdir = "runs/default"
-    c.seed = 3407
-    c.steps = 1000
-    c.global_batch = 256  # sequences per optimizer step
-    # sequences per forward/backward; 0 = global_batch (no accumulation); "auto" = the largest
-    # that fits the accelerator's memory, found by compiling (mdm_jax/autofit.py)
-    c.micro_batch = ml_collections.FieldReference(0, field_type=object)
-    c.seq_len = 2048
-
-    c.model = ml_collections.ConfigDict()
-    c.model.preset = "170M"
-    c.model.vocab_size = 0  # 0 = the preset's (32000 for SMDM presets)
-    c.model.dtype = "bfloat16"  # compute dtype; parameters are float32
-    c.model.remat = "none"  # none | full | dots | dots_no_batch | auto (cheapest that fits)
-    c.model.scan_layers = True
-    c.model.attention = "xla"  # xla | jax | cudnn (GPU) | splash (TPU Pallas kernel)
-
-    c.objective = ml_collections.ConfigDict()
-    # mdm (SMDM ELBO) | mdm-ce (plain masked CE) | uniform (uniform-state diffusion) | arm
-    c.objective.kind = "mdm"
-    c.objective.eps = 1e-3
-    c.objective.variable_length_prob = 0.01
-    c.objective.weighting = "elbo"
-    c.objective.t_sampling = "uniform"
-    c.objective.loss_chunk = 256
-
-    c.optim = ml_collections.ConfigDict()
-    c.optim.lr = 2e-4
-    c.optim.min_lr = 2e-5
-    c.optim.b1 = 0.9
-    c.optim.b2 = 0.95
-    c.optim.weight_decay = 0.1
-    c.optim.grad_clip = 1.0
-    c.optim.warmup_steps = -1  # -1: warmup_fraction * steps if set, else max(100, steps / 100)
-    c.optim.warmup_fraction = 0.0  # e.g. 0.1 for runs too short for SMDM's 100-step minimum
-
-    c.mesh = ml_collections.ConfigDict()
-    c.mesh.data = -1  # -1 = all devices left after fsdp and tensor
-    c.mesh.fsdp = 1
-    c.mesh.tensor = 1
-
-    c.data = ml_collections.ConfigDict()
-    c.data.train_dir = ""  # a directory written by `python -m mdm_jax.data.prepare`
-    c.data.eval_dir = ""  # validation split; "" = no validation
-    c.data.tokenizer = ""  # SentencePiece model, for samples and the vocabulary check
-    c.data.worker_count = 0  # Grain worker processes (0 = in the main process)
-    c.data.eval_batches = 4
-    # Resuming on other training data (another train_dir or mixture) is refused; True allows it
-    # on purpose and restarts the data order (the saved position means nothing there).
-    c.data.restart_data_order = False
-    c.data.verify_shards = True  # each shard's sha256 against its manifest (cached per file)
-    # Multiple-choice task files (comma list of demo_cloze-style JSONL, see mdm_jax.eval.tasks)
-    # whose accuracy is logged at every evaluation as eval_acc_<file name>; "" = none.
-    c.data.eval_tasks = ""
-    c.data.eval_tasks_limit = 50  # questions per task and evaluation (0 = all)
-
-    c.nonfinite = "skip"  # NaN/Inf loss or grads: "skip" the update (counted) or "stop"
-    # Exit code after a preemption save (SIGTERM): 0 here; the pod launchers pass 42 so that xpk
-    # restarts the workload and launch/slurm.sbatch requeues the job.
-    c.preemption_exit_code = 0
-
-    c.distributed = ml_collections.ConfigDict()  # multi-host; empty = from the environment
-    c.distributed.coordinator = ""  # host:port of process 0
-    c.distributed.num_processes = 0
-    c.distributed.process_id = -1
-
-    c.log_every = 10
-    c.eval_every = 200
-    c.checkpoint_every = 500
-    c.checkpoint_keep = 3  # the last K checkpoints...
-    c.checkpoint_keep_period = 0  # ...plus every M-th step kept for good (0 = none)
-    c.checkpoint_minutes = 0.0  # also save when this many minutes passed (0 = off)
-    c.profile = ml_collections.ConfigDict()
-    c.profile.steps = ""  # "N,M": jax.profiler trace of steps N..M into the workdir
-
-    c.samples = ml_collections.ConfigDict()
-    c.samples.count = 0  # samples printed at the end of training
-    c.samples.steps = 64
-    c.samples.length = 0  # 0 = seq_len
-    c.samples.temperature = 0.0  # 0 = greedy; > 0 = Gumbel-max sampling
-    c.samples.remasking = "low_confidence"  # low_confidence | random (MDM samplers)
+    for dotted, default, _ in FIELDS:
+        *parents, leaf = dotted.split(".")
+        node = c
+        for name in parents:
+            if name not in node:
+                node[name] = ml_collections.ConfigDict()
+            node = node[name]
+        node[leaf] = (ml_collections.FieldReference(default, field_type=object)
+                      if dotted in _AUTO_FIELDS else default)
     return c
+
+
+def fields_help() -> str:
+    """One line per config field, for `--help`."""
+    return "\n".join(f"{dotted} = {default!r}: {text}" for dotted, default, text in FIELDS)
 
 
 AUTO = "auto"
 
 
-def micro_batch(c: ml_collections.ConfigDict) -> int:
-    return c.micro_batch or c.global_batch
+def micro_batch(c: ml_collections.ConfigDict, batch_shards: int):
+    """Sequences per forward/backward over all devices ("auto" until the fit replaces it):
+    config.micro_batch where set; else, under config.micro_batch_per_device (SMDM's launchers
+    give the micro-batch per device), the largest divisor of the global batch that gives each
+    of the batch_shards (data * fsdp devices) at most that many; else the global batch."""
+    if c.micro_batch:
+        return c.micro_batch
+    per_device = c.get("micro_batch_per_device", 0)
+    if per_device and batch_shards and per_device * batch_shards < c.global_batch:
+        for share in range(per_device, 0, -1):
+            if c.global_batch % (share * batch_shards) == 0:
+                return share * batch_shards
+    return c.global_batch  # (shards that do not divide the global batch: validate says so)
 
 
 def with_fit(c: ml_collections.ConfigDict, micro_batch, remat: str) -> ml_collections.ConfigDict:
@@ -137,7 +146,8 @@ _INF = float("inf")
 RANGES = (
     ("log_every", 1, _INF), ("eval_every", 1, _INF), ("checkpoint_every", 0, _INF),
     ("checkpoint_keep", 0, _INF), ("checkpoint_keep_period", 0, _INF),
-    ("checkpoint_minutes", 0, _INF), ("micro_batch", 0, _INF), ("seq_len", 1, _INF),
+    ("checkpoint_minutes", 0, _INF), ("micro_batch", 0, _INF),
+    ("micro_batch_per_device", 0, _INF), ("seq_len", 1, _INF),
     ("data.eval_batches", 0, _INF), ("data.worker_count", 0, 1024),
     ("samples.count", 0, _INF), ("data.eval_tasks_limit", 0, _INF),
     ("samples.steps", 1, _INF), ("samples.length", 0, _INF),
@@ -201,6 +211,9 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, process_count: int 
     _require(0 <= c.preemption_exit_code <= 255,
              f"config.preemption_exit_code={c.preemption_exit_code} must be in 0..255.")
     _require(c.optim.lr > 0, f"config.optim.lr={c.optim.lr} must be > 0.")
+    _require(isinstance(c.compile_cache_dir, str),
+             f"config.compile_cache_dir={c.compile_cache_dir!r}: give a folder, '' for "
+             f"WORKDIR/xla_cache or 'none' for no cache.")
     try:
         window = parse_steps(c.profile.steps)
     except ValueError as e:
@@ -225,8 +238,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, process_count: int 
     except ValueError as e:
         raise ConfigError(str(e)) from None
     batch_shards = data * fsdp
-    mb = micro_batch(c)
     _require(c.global_batch >= 1, f"config.global_batch={c.global_batch} must be >= 1.")
+    mb = micro_batch(c, batch_shards)
     _require(c.global_batch % mb == 0,
              f"config.global_batch={c.global_batch} is not divisible by config.micro_batch={mb}; "
              f"set config.micro_batch to a divisor of the global batch.")

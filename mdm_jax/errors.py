@@ -5,15 +5,23 @@ argument) is a `UserError` (or a subclass owned by the module that detects it) w
 names the culprit and the fix. Entry points run through `run_main`, which prints
 `error: <message>` and exits 2 for those, and lets anything else raise. `MDM_JAX_DEBUG=1` shows
 the traceback for user errors too.
+
+A message names an option as its caller typed it. Library code names an option by its keyword
+(`option("mc_num", 7)`: the Python spelling, which lm-eval's `model_args` share) and a command
+line declares its own spelling around its work (`with spelling(flags=True): ...`), so one
+message reads `mc_num=7` from Python or the harness and `--mc-num 7` on the command line.
+Every command names the model it reads `--model PATH` (`ArgumentParser.add_model_argument`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import contextvars
 import os
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 DEBUG_ENV = "MDM_JAX_DEBUG"
 
@@ -170,12 +178,110 @@ def _config_error(argv: list[str], e: BaseException) -> str:
     return message
 
 
+# ---- options, spelled as the caller typed them ------------------------------------------------
+
+_SPELLING: contextvars.ContextVar[tuple[bool, dict[str, str]]] = contextvars.ContextVar(
+    "mdm_jax_option_spelling", default=(False, {}))
+_NO_VALUE = object()
+
+
+def option(name: str, value: object = _NO_VALUE) -> str:
+    """Option `name` (a keyword: `mc_num`), with `value` if given, as the caller spells it:
+    `mc_num` / `mc_num=7` by default (Python, lm-eval model_args), `--mc-num` / `--mc-num 7`
+    inside `spelling(flags=True)`, or the name `spelling` renamed it to. Library messages name
+    their options through this, never as hard-coded flags."""
+    flags, renamed = _SPELLING.get()
+    typed = renamed.get(name) or (f"--{name.replace('_', '-')}" if flags else name)
+    if value is _NO_VALUE:
+        return typed
+    return f"{typed} {value}" if typed.startswith("-") else f"{typed}={value}"
+
+
+@contextlib.contextmanager
+def spelling(flags: bool = False, **renamed: str) -> Iterator[None]:
+    """Inside, `option()` spells keywords as command-line flags (`flags`: `block_length` ->
+    `--block-length`) and each keyword in `renamed` as given (`kv_cache="--no-kv-cache"`,
+    `batch_size="mc_batch_size"`)."""
+    token = _SPELLING.set((flags, renamed))
+    try:
+        yield
+    finally:
+        _SPELLING.reset(token)
+
+
+# ---- argparse ----------------------------------------------------------------------------------
+
+MODEL_HELP = "a run's workdir or an export folder"
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse whose usage errors are one ``error:`` line and exit code 2, like a UserError
-    under ``run_main`` (argparse's own prints the usage too)."""
+    under ``run_main`` (argparse's own prints the usage too), and whose renamed options keep
+    their old names for one release (`add_model_argument`)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._renamed: list[tuple[argparse.Action, tuple[str, ...]]] = []  # (new, old flags)
+        self._typed: dict[str, str] = {}
 
     def error(self, message: str):
         fail(f"{message} (see --help)")
+
+    def add_model_argument(self, *old: str, help: str = MODEL_HELP) -> None:
+        """`--model PATH` (required), the one name of the model a command reads; `old` are
+        the names it had, accepted until the next release with a one-line note on stderr.
+        Giving two of them is an error. The value is `args.model`."""
+        # Shown as required in --help; parse_known_args checks it (an old name will do).
+        action = self.add_argument("--model", metavar="PATH", help=help)
+        for flag in old:
+            self.add_argument(flag, dest=_old_dest(flag), metavar="PATH", help=argparse.SUPPRESS)
+        self._renamed.append((action, old))
+
+    def typed(self, dest: str) -> str:
+        """The flag the user typed for a renamed option (its new name unless an old one)."""
+        return self._typed[dest]
+
+    def format_usage(self) -> str:
+        with self._renamed_required():
+            return super().format_usage()
+
+    def format_help(self) -> str:
+        with self._renamed_required():
+            return super().format_help()
+
+    @contextlib.contextmanager
+    def _renamed_required(self) -> Iterator[None]:
+        for action, _ in self._renamed:
+            action.required = True
+        try:
+            yield
+        finally:
+            for action, _ in self._renamed:
+                action.required = False
+
+    def parse_known_args(self, args=None, namespace=None):
+        ns, rest = super().parse_known_args(args, namespace)
+        for action, old in self._renamed:
+            dest, flag = action.dest, action.option_strings[0]
+            given = [(f, v) for f in old if (v := vars(ns).pop(_old_dest(f), None)) is not None]
+            if getattr(ns, dest) is not None:
+                given.insert(0, (flag, getattr(ns, dest)))
+            if len(given) > 1:
+                typed = " and ".join(f for f, _ in given)
+                self.error(f"{typed} name the same option ({', '.join(old)}: the old name of "
+                           f"{flag}); give only {flag}")
+            if not given:
+                self.error(f"the following arguments are required: {flag}")
+            self._typed[dest], value = given[0]
+            if self._typed[dest] != flag:
+                print(f"note: {self._typed[dest]} is now {flag}; the old name works until the "
+                      f"next release", file=sys.stderr, flush=True)
+            setattr(ns, dest, value)
+        return ns, rest
+
+
+def _old_dest(flag: str) -> str:
+    return "_old_" + flag.lstrip("-").replace("-", "_")
 
 
 def positive_int(text: str) -> int:

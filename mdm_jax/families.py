@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from mdm_jax.errors import UserError
+from mdm_jax.errors import UserError, option
 
 BASELINE = "arm"  # the family every other one's compute multiplier is measured against
 
@@ -30,9 +30,13 @@ class Family:
     mask_token: bool  # the embedding has a mask-token row (id = vocab_size)
     objective: str  # what it trains on; validation always reports the true bound
     sampler: str  # how it generates
-    sampler_options: tuple[str, ...]  # generation flags beyond --steps/temperature/top-k/top-p
+    # Options (keywords, shown as the caller spells them: errors.option) beyond those every
+    # family takes: its sampler's beyond gen_length/temperature/top_k/top_p (generate's
+    # COMMON_OPTIONS), its likelihood's beyond the estimator's kind (Estimator's fields).
+    sampler_options: tuple[str, ...]
     guidance: bool  # unsupervised classifier-free guidance (it masks the context)
     estimators: tuple[str, ...]  # likelihood estimators, the default first
+    estimator_options: tuple[str, ...]
     exact_likelihood: bool  # the estimators give log p itself, not a lower bound
     export_formats: tuple[str, ...]
     compare_with: tuple[str, ...]  # families the scaling fit measures its compute against
@@ -62,16 +66,25 @@ class Family:
         self.require("export format", fmt, self.export_formats)
 
     def check_guidance(self) -> None:
-        self.require("guidance", "cfg", ("cfg",) if self.guidance else ())
+        self.require("guidance", option("cfg"), (option("cfg"),) if self.guidance else ())
 
-    def check_sampler_option(self, flag: str) -> None:
-        self.require(f"option for its sampler ({self.sampler})", flag, self.sampler_options)
+    def check_sampler_option(self, name: str) -> None:
+        """Refuse sampler option `name` (a keyword) unless this family's sampler takes it."""
+        self.require(f"option for its sampler ({self.sampler})", option(name),
+                     tuple(map(option, self.sampler_options)))
+
+    def check_estimator_option(self, name: str) -> None:
+        """Refuse likelihood option `name` (a keyword) unless this family's estimators use it."""
+        kinds = ", ".join(self.estimators)
+        self.require(f"option for its likelihood estimator{'s' * (len(self.estimators) > 1)} "
+                     f"({kinds})", option(name), tuple(map(option, self.estimator_options)))
 
 
 _MASKED = dict(causal=False, time_conditioned=False, mask_token=True,
                sampler="masked diffusion: low-confidence or random remasking",
-               sampler_options=("--remasking", "--block-length", "--cfg", "--cache"),
-               guidance=True, estimators=("mc", "llada", "chain"), exact_likelihood=False,
+               sampler_options=("steps", "remasking", "block_length", "cfg", "cache"),
+               guidance=True, estimators=("mc", "llada", "chain"),
+               estimator_options=("mc_num", "batch_size", "cfg"), exact_likelihood=False,
                export_formats=("litgpt", "llada-hf"))
 
 RECORDS = (
@@ -82,13 +95,15 @@ RECORDS = (
            compare_with=(BASELINE, "mdm"), plot_style=("^", "-."), **_MASKED),
     Family(name="uniform", summary="uniform-state diffusion", causal=False,
            time_conditioned=True, mask_token=False, objective="continuous-time NELBO",
-           sampler="ancestral (every step may change any answer token)", sampler_options=(),
-           guidance=False, estimators=("mc",), exact_likelihood=False, export_formats=(),
+           sampler="ancestral (every step may change any answer token)",
+           sampler_options=("steps",), guidance=False, estimators=("mc",),
+           estimator_options=("mc_num", "batch_size"), exact_likelihood=False,
+           export_formats=(),
            compare_with=(BASELINE,), plot_style=("D", ":")),
     Family(name="arm", summary="autoregressive baseline", causal=True, time_conditioned=False,
            mask_token=False, objective="next-token cross-entropy",
-           sampler="left to right with a KV cache", sampler_options=("--no-kv-cache",),
-           guidance=False, estimators=("exact",), exact_likelihood=True,
+           sampler="left to right with a KV cache", sampler_options=("kv_cache",),
+           guidance=False, estimators=("exact",), estimator_options=(), exact_likelihood=True,
            export_formats=("llama-hf",),
            compare_with=(), plot_style=("s", "--")),
 )

@@ -2,7 +2,9 @@
 
 SMDM convention: C = 6 * N * D with N the non-embedding parameters (no attention, no head), and
 steps = int(C / (6 N B L)). The detailed count adds attention and the head, for MFU and for the
-3 * F_fwd convention of the Duo study. Everything that plans compute imports from here.
+3 * F_fwd convention of the Duo study. Everything that plans compute imports from here,
+including the one table of accelerator chips (`CHIPS`: peak bf16 FLOP/s, HBM bytes and
+bandwidth per device) that MFU, `scaling.plan`, the `aot` roofline and `targets` read.
 
     python -m mdm_jax.flops --preset 170M --budget 1e19 --json
 """
@@ -13,6 +15,7 @@ import argparse
 import dataclasses
 import json
 import math
+import re
 
 from mdm_jax import families
 from mdm_jax.presets import Preset, get_preset
@@ -20,31 +23,48 @@ from mdm_jax.presets import Preset, get_preset
 SMDM_BATCH = 256
 SMDM_SEQ_LEN = 2048
 
-# Dense bf16 peak FLOP/s per device, by substring of jax's `device_kind` (lower-case).
-PEAK_FLOPS = {
-    "h200": 989e12,
-    "h100": 989e12,
-    "a100": 312e12,
-    "l4": 121e12,
-    "tpu v6": 918e12,
-    "tpu v5p": 459e12,
-    "tpu v5 lite": 197e12,
-    "tpu v5e": 197e12,
-    "tpu v5": 459e12,
-    "tpu v4": 275e12,
-}
+GIB = 1024**3
 
 
-# HBM bandwidth per device, bytes/s (public specifications), for the roofline's memory term.
-HBM_BANDWIDTH = {
-    "h200": 4.8e12,
-    "h100": 3.35e12,
-    "a100": 2.0e12,
-    "tpu v6": 1.64e12,
-    "tpu v5p": 2.765e12,
-    "tpu v5e": 8.19e11,
-    "tpu v4": 1.2e12,
-}
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    """One accelerator chip (one jax device), from its public specification: the one table of
+    hardware numbers. FLOPs planning and MFU (here, `scaling.plan`), the roofline (`aot`) and the
+    compile-only targets (`targets`: HBM, the GPU compiler's description) all read it."""
+    name: str  # the key: `--accelerator`, study.accelerator, targets.Target.accelerator
+    peak_flops: float  # dense bf16 FLOP/s per device
+    hbm_bytes: int  # memory per device, as the runtime reports it where known
+    hbm_bandwidth: float  # bytes/s per device
+    device_kinds: tuple[str, ...]  # lower-case substrings of jax's `device_kind` that name it
+
+
+# Order matters: a device_kind is matched against each chip's substrings in turn ("TPU v5 lite"
+# is a v5e, the v5p reports "TPU v5").
+CHIPS = {c.name: c for c in (
+    # H100 SXM 80 GB: jax reports "NVIDIA H100 80GB HBM3" and 84,942,979,072 bytes.
+    Chip("h100", 989e12, 84_942_979_072, 3.35232e12, ("h100",)),
+    # H200 SXM 141 GB: 143,771 MiB reported.
+    Chip("h200", 989e12, 143_771 * 1024**2, 4.8e12, ("h200",)),
+    # A100 SXM 80 GB (the 40 GB part has the same peak, 40 GiB and 1.56 TB/s).
+    Chip("a100", 312e12, 80 * GIB, 2.039e12, ("a100",)),
+    Chip("l4", 121e12, 24 * GIB, 3.0e11, ("l4",)),  # GDDR6, not HBM
+    Chip("tpu v6e", 918e12, 32 * GIB, 1.64e12, ("tpu v6",)),  # jax: "TPU v6 lite"
+    Chip("tpu v5e", 197e12, 16 * GIB, 8.19e11, ("tpu v5 lite", "tpu v5e")),
+    Chip("tpu v5p", 459e12, 95 * GIB, 2.765e12, ("tpu v5p", "tpu v5")),  # jax: "TPU v5"
+    Chip("tpu v4", 275e12, 32 * GIB, 1.2e12, ("tpu v4",)),
+)}
+
+
+def chip(name_or_device_kind: str) -> Chip | None:
+    """The chip a table key or a jax `device_kind` names; None (e.g. CPU) if none does. A
+    substring must end a word ("l4" is not the L40S)."""
+    kind = name_or_device_kind.lower()
+    if kind in CHIPS:
+        return CHIPS[kind]
+    for c in CHIPS.values():
+        if any(re.search(re.escape(s) + "(?![0-9a-z])", kind) for s in c.device_kinds):
+            return c
+    return None
 
 
 def non_embedding_params(preset: Preset) -> int:
@@ -123,11 +143,8 @@ def steps_for_budget(preset: Preset, budget: float, batch: int = SMDM_BATCH,
 
 def peak_flops(device_kind: str) -> float | None:
     """Per-device dense bf16 peak for a known accelerator; None (e.g. CPU) if unknown."""
-    kind = device_kind.lower()
-    for key, value in PEAK_FLOPS.items():
-        if key in kind:
-            return value
-    return None
+    found = chip(device_kind)
+    return None if found is None else found.peak_flops
 
 
 def mfu(achieved_flops_per_s: float, device_kind: str, num_devices: int) -> float | None:

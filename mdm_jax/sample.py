@@ -1,14 +1,16 @@
 """Generate text from a trained model (a run's workdir or an export folder).
 
-    python -m mdm_jax.sample --workdir runs/tiny_mdm --num 4                      # unconditional
-    python -m mdm_jax.sample --workdir runs/tiny_mdm --prompt "KING." --steps 64 \
+    python -m mdm_jax.sample --model runs/tiny_mdm --num 4                        # unconditional
+    python -m mdm_jax.sample --model runs/tiny_mdm --prompt "KING." --steps 64 \\
         --block-length 32 --remasking low_confidence --temperature 0
-    python -m mdm_jax.sample --workdir exports/tiny_lit --prompts prompts.jsonl \
+    python -m mdm_jax.sample --model exports/tiny_lit --prompts prompts.jsonl \\
         --out answers.jsonl --gen-length 64 --cfg 0.5 --batch-size 16
 
 Each prompt starts with the tokenizer's BOS; the family's sampler runs with the options its
-record takes (README "Sampling"). Every option is checked before the model is loaded; a bad one
-is one `error:` line and exit code 2.
+record takes (README "Sampling"): an option its sampler has no use for (--remasking, --cache,
+--block-length, --steps or --cfg on an ARM), if given, is refused by name. Every option is
+checked before the model is loaded where it can be; a bad one is one `error:` line and exit
+code 2. `--workdir` is the old name of `--model` (until the next release).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ def _parser():
 
     p = ArgumentParser(prog="python -m mdm_jax.sample", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workdir", required=True, help="a run's workdir or an export folder")
+    p.add_model_argument("--workdir")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     p.add_argument("--prompt", default=None, help="one prompt (text)")
     p.add_argument("--prompts", default=None, help='JSONL file, one {"prompt": ...} per line')
@@ -46,11 +48,12 @@ def _parser():
     p.add_argument("--steps", type=int, default=None,
                    help="reverse steps of the diffusion samplers (default: the run's "
                         "samples.steps, a multiple of the blocks)")
-    p.add_argument("--block-length", type=int, default=0,
-                   help="MDM semi-autoregressive block length (0: one block)")
+    p.add_argument("--block-length", type=int, default=None,
+                   help="MDM semi-autoregressive block length (default 0: one block)")
     p.add_argument("--remasking", choices=REMASKING, default=None,
                    help="MDM (default: the run's samples.remasking)")
-    p.add_argument("--cfg", type=float, default=0.0, help="MDM guidance weight w (0: off)")
+    p.add_argument("--cfg", type=float, default=None,
+                   help="MDM guidance weight w (default 0: off)")
     p.add_argument("--cache", action="store_true",
                    help="MDM: skip the network call when the previous step revealed nothing "
                         "(pays when --steps is large for the length and the batch small)")
@@ -112,22 +115,40 @@ def read_prompts(path: str) -> list[str]:
     return prompts
 
 
+def given_options(a) -> list[str]:
+    """The sampler options (keywords) set on this command line; defaults are not refused."""
+    return [name for name, value in (("steps", a.steps), ("remasking", a.remasking),
+                                     ("block_length", a.block_length), ("cfg", a.cfg))
+            if value is not None] + ["cache"] * a.cache + ["kv_cache"] * a.no_kv_cache
+
+
 def _main(argv=None) -> None:
+    from mdm_jax.errors import spelling
+
+    a = _parser().parse_args(argv)
+    with spelling(flags=True, kv_cache="--no-kv-cache"):  # library errors name these flags
+        _sample(a)
+
+
+def _sample(a) -> None:
     from absl import logging as absl_logging
     from tqdm import tqdm
 
     from mdm_jax.data.tokenizer import Tokenizer
     from mdm_jax.errors import UserError
     from mdm_jax.inference import generate, load
-    from mdm_jax.inference.generate import batches, check_request, n_batches
+    from mdm_jax.inference.generate import batches, check_options, check_request, n_batches
 
-    a = _parser().parse_args(argv)
     _check_numbers(a)
     texts = read_prompts(a.prompts) if a.prompts else [a.prompt or ""]
     num = a.num or (1 if (a.prompts or a.prompt) else 4)
     absl_logging.set_verbosity(absl_logging.WARNING)
-    m = load(a.workdir, a.step)
+    m = load(a.model, a.step)
+    family = families.get(m.args.family)
+    given = given_options(a)
+    check_options(family, given)  # an option its sampler has no use for, before anything else
     seq_len, run = m.config.seq_len, m.config.samples
+    block_length, cfg = a.block_length or 0, a.cfg or 0.0
     try:
         tok = Tokenizer.load(a.tokenizer or m.tokenizer_path)
     except (UserError, FileNotFoundError, ValueError) as e:
@@ -138,33 +159,33 @@ def _main(argv=None) -> None:
     prompts = [[tok.bos_id] + (tok.encode(t) if t else []) for t in texts]
     longest = max(len(p) for p in prompts)
     gen_length = a.gen_length or (a.length - longest if a.length else seq_len - longest)
-    if a.block_length and not a.gen_length and gen_length > 0:
+    if block_length and not a.gen_length and gen_length > 0:
         # The default length, cut to whole blocks (as many as --steps divides into).
-        n = gen_length // a.block_length
+        n = gen_length // block_length
         while n > 1 and a.steps and a.steps % n:
             n -= 1
-        gen_length = n * a.block_length
+        gen_length = n * block_length
     if a.length and gen_length < 1:
         raise SamplingError(f"the prompt has {longest} tokens; --length {a.length} leaves no "
                             f"room to generate")
     if longest + gen_length > seq_len and not a.allow_longer:
         raise SamplingError(
             f"a prompt of {longest} tokens plus {gen_length} generated is {longest + gen_length} "
-            f"tokens, beyond the trained seq_len {seq_len} of {a.workdir} (positions the model "
+            f"tokens, beyond the trained seq_len {seq_len} of {a.model} (positions the model "
             f"never saw); shorten the prompt, lower --gen-length/--length, or add "
             f"--allow-longer")
     limit = longest + gen_length if a.allow_longer else seq_len
     # Unset options follow the run's own end-of-run samples (what its training printed).
-    blocks = gen_length // a.block_length if a.block_length and gen_length > 0 else 1
+    blocks = gen_length // block_length if block_length and gen_length > 0 else 1
     steps = a.steps or max(blocks, run.steps - run.steps % blocks)
-    remasking = a.remasking or (run.remasking if "--remasking" in
-                                families.get(m.args.family).sampler_options else
-                                "low_confidence")
+    remasking = a.remasking or (run.remasking if "remasking" in family.sampler_options
+                                else "low_confidence")
     temperature = run.temperature if a.temperature is None else a.temperature
-    sampler = MDMSampler(steps=steps, block_length=a.block_length, remasking=remasking,
-                         temperature=temperature, top_k=a.top_k, top_p=a.top_p, cfg=a.cfg,
+    sampler = MDMSampler(steps=steps, block_length=block_length, remasking=remasking,
+                         temperature=temperature, top_k=a.top_k, top_p=a.top_p, cfg=cfg,
                          cache=a.cache)
-    check_request(m.model, prompts, gen_length, sampler, limit, kv_cache=not a.no_kv_cache)
+    check_request(m.model, prompts, gen_length, sampler, limit, kv_cache=not a.no_kv_cache,
+                  given=given)
     if num > 1 and temperature == 0:
         print(f"note: --temperature 0 is greedy, so the {num} samples of a prompt may be "
               f"identical; give --temperature > 0 for varied ones", file=sys.stderr)

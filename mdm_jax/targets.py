@@ -4,8 +4,9 @@ A target names its chips (topology), their memory and how to get compile-only de
 libtpu describes any TPU slice without one (`jax.experimental.topologies.get_topology_desc`),
 and the CUDA PJRT plugin compiles for a GPU described by a GpuTargetConfigProto, written here
 from the GPU's public specification. Both come with the `accelerators` extra (`bash
-launch/setup.sh accelerators`, its own .venv-accelerators). Peak FLOP/s and memory bandwidth for
-the roofline live in `mdm_jax.flops`.
+launch/setup.sh accelerators`, its own .venv-accelerators). What a chip is (peak FLOP/s, HBM
+bytes and bandwidth) lives once, in `mdm_jax.flops.CHIPS`; a target adds how many and how they
+are wired.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import os
 import sys
 import tempfile
 
-GIB = 1024**3
+from mdm_jax import flops
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,36 +26,43 @@ class Target:
     platform: str  # "tpu" | "cuda"
     topology: str  # libtpu's "v5p:2x2x1", or the CUDA plugin's "slices x hosts x gpus per host"
     chips: int  # devices the program runs on (TPU v4/v5p: megacore chips)
-    hbm_bytes: int  # per device
-    accelerator: str  # key of flops.PEAK_FLOPS / flops.HBM_BANDWIDTH
+    accelerator: str  # the chip: a key of flops.CHIPS
     hosts: int = 1
     megacore: bool = False  # v4 and v5p pair their two TensorCores into one device
 
+    @property
+    def chip(self) -> flops.Chip:
+        return flops.CHIPS[self.accelerator]
+
+    @property
+    def hbm_bytes(self) -> int:
+        """Per device, from the chip's record."""
+        return self.chip.hbm_bytes
+
 
 TARGETS = {t.name: t for t in (
-    Target("v4-8", "tpu", "v4:2x2x1", 4, 32 * GIB, "tpu v4", megacore=True),
-    Target("v5p-8", "tpu", "v5p:2x2x1", 4, 95 * GIB, "tpu v5p", megacore=True),
-    Target("v5p-128", "tpu", "v5p:4x4x4", 64, 95 * GIB, "tpu v5p", hosts=16, megacore=True),
-    Target("v5e-16", "tpu", "v5e:4x4", 16, 16 * GIB, "tpu v5e", hosts=4),
-    Target("v6e-8", "tpu", "v6e:2x4", 8, 32 * GIB, "tpu v6", hosts=2),
-    # H100 SXM 80 GB reports 84,942,979,072 bytes; H200 SXM 141 GB reports 143,771 MiB.
-    Target("h100x8", "cuda", "1x1x8", 8, 84_942_979_072, "h100"),
-    Target("h100x64", "cuda", "1x8x8", 64, 84_942_979_072, "h100", hosts=8),
-    Target("h200x8", "cuda", "1x1x8", 8, 143_771 * 1024**2, "h200"),
+    Target("v4-8", "tpu", "v4:2x2x1", 4, "tpu v4", megacore=True),
+    Target("v5p-8", "tpu", "v5p:2x2x1", 4, "tpu v5p", megacore=True),
+    Target("v5p-64", "tpu", "v5p:2x4x4", 32, "tpu v5p", hosts=8, megacore=True),
+    Target("v5p-128", "tpu", "v5p:4x4x4", 64, "tpu v5p", hosts=16, megacore=True),
+    Target("v5e-16", "tpu", "v5e:4x4", 16, "tpu v5e", hosts=4),
+    Target("v6e-8", "tpu", "v6e:2x4", 8, "tpu v6e", hosts=2),
+    Target("h100x8", "cuda", "1x1x8", 8, "h100"),
+    Target("h100x32", "cuda", "1x4x8", 32, "h100", hosts=4),
+    Target("h100x64", "cuda", "1x8x8", 64, "h100", hosts=8),
+    Target("h200x8", "cuda", "1x1x8", 8, "h200"),
 )}
 
 # What XLA's GPU compiler needs to know about the chip (GpuTargetConfigProto): facts from the
 # public H100/H200 SXM specifications (132 SMs of compute capability 9.0, 50 MiB of L2, 228 KiB
 # of shared memory per SM, 1.98 GHz boost clock), plus the cuDNN version the cuDNN attention
-# kernel is compiled against.
-_GPU_SPECS = {
-    "h100": {"name": "NVIDIA H100 80GB HBM3", "bandwidth": 3_352_320_000_000},
-    "h200": {"name": "NVIDIA H200", "bandwidth": 4_800_000_000_000},
-}
+# kernel is compiled against. Memory size and bandwidth come from the chip's record in
+# flops.CHIPS; the name is the device_kind jax reports for it.
+_GPU_NAMES = {"h100": "NVIDIA H100 80GB HBM3", "h200": "NVIDIA H200"}
 
 
 def gpu_target_config(target: Target) -> str:
-    spec = _GPU_SPECS[target.accelerator]
+    chip = target.chip
     return f"""gpu_device_info {{
   threads_per_block_limit: 1024
   threads_per_warp: 32
@@ -67,17 +75,17 @@ def gpu_target_config(target: Target) -> str:
   block_dim_limit_x: 2147483647
   block_dim_limit_y: 65535
   block_dim_limit_z: 65535
-  memory_bandwidth: {spec["bandwidth"]}
+  memory_bandwidth: {int(chip.hbm_bandwidth)}
   l2_cache_size: 52428800
   clock_rate_ghz: 1.98
-  device_memory_size: {target.hbm_bytes}
+  device_memory_size: {chip.hbm_bytes}
   cuda_compute_capability {{ major: 9 minor: 0 }}
   registers_per_core_limit: 65536
   registers_per_block_limit: 65536
 }}
 platform_name: "CUDA"
 dnn_version_info {{ major: 9 minor: 8 patch: 0 }}
-device_description_str: "{spec["name"]}"
+device_description_str: "{_GPU_NAMES[target.accelerator]}"
 """
 
 

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_flags
 
-from mdm_jax import autofit, errors, flops, storage
+from mdm_jax import autofit, compile_cache, errors, flops, storage
 from mdm_jax import config as config_lib
 from mdm_jax.checkpoint import Checkpointer, CheckpointError, abstract_with_shardings
 from mdm_jax.presets import get_preset
@@ -271,6 +271,8 @@ def train(c: ml_collections.ConfigDict, stop_at: int | None = None,
     """
     from mdm_jax.run_lock import WorkdirLock
 
+    config_lib.validate(c, jax.device_count(), jax.process_count())
+    compile_cache.use(c.compile_cache_dir, c.workdir)  # before the first compile
     c = autofit.resolve(c, jax.devices(), Trainer)  # micro_batch / remat "auto"
     trainer = Trainer(c)
     storage.check_shared_workdir(c.workdir)
@@ -371,11 +373,12 @@ class TrainLoop:
         profiler = StepProfiler(c.profile.steps, c.workdir)
         try:
             with trainer.context():
-                t0 = time.perf_counter()
+                t0, hits = time.perf_counter(), compile_cache.hits()
                 step_fn = trainer.step.lower(state, trainer.abstract_step_inputs()[1]).compile()
                 if pindex == 0 and start < c.steps:
-                    print(f"[mdm_jax] train step compiled in {time.perf_counter() - t0:.1f}s",
-                          flush=True)
+                    cached = " (from the compile cache)" if compile_cache.hits() > hits else ""
+                    print(f"[mdm_jax] train step compiled in {time.perf_counter() - t0:.1f}s"
+                          f"{cached}", flush=True)
                 if start == 0:  # the untrained baseline, for progress
                     run_hooks(0, [h for h in self.hooks if h.at_start])
                 # A log file (sweeps, Slurm, xpk) gets the metric lines with a time, not a
@@ -513,7 +516,7 @@ class SampleHook:
         bos = tok.bos_id if tok is not None else 1
         sampler = MDMSampler(steps=c.samples.steps, temperature=c.samples.temperature,
                              remasking=c.samples.remasking
-                             if "--remasking" in trainer.family.sampler_options
+                             if "remasking" in trainer.family.sampler_options
                              else "low_confidence")
         tokens = generate(trainer.model, params, [[bos]] * c.samples.count, length - 1,
                           sampler, seed=c.seed, max_length=length).tokens
@@ -566,8 +569,9 @@ def _flags():
 
     flags.DEFINE_bool("print_config", False, "print the resolved config as JSON and exit "
                       "(nothing is compiled, read or written)")
-    return config_flags.DEFINE_config_file("config", None, "experiment config (.py)",
-                                           lock_config=True)
+    return config_flags.DEFINE_config_file(
+        "config", None, "experiment config (.py[:ARG]); then --config.FIELD=VALUE sets any of "
+        "these fields (FIELD = default: meaning):\n" + config_lib.fields_help(), lock_config=True)
 
 
 def cli() -> None:

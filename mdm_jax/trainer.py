@@ -77,11 +77,12 @@ class Trainer:
         self.args = ModelArgs.from_config(c)
         self.objective_args = ObjectiveArgs.from_config(c)
         self.model = Encoder(self.args)
-        self.mesh = sharding.make_mesh(
-            config_lib.resolve_mesh_shape(c.mesh.data, c.mesh.fsdp, c.mesh.tensor, len(devices)),
-            devices)
+        data, fsdp, tensor = config_lib.resolve_mesh_shape(c.mesh.data, c.mesh.fsdp,
+                                                           c.mesh.tensor, len(devices))
+        self.mesh = sharding.make_mesh((data, fsdp, tensor), devices)
         self.tx, self.schedule = make_optimizer(c)
-        self.micro_steps = c.global_batch // config_lib.micro_batch(c)
+        self.micro_batch = config_lib.micro_batch(c, data * fsdp)  # sequences per micro-step
+        self.micro_steps = c.global_batch // self.micro_batch
         self.inputs_len = c.seq_len + self.family.inputs_extra
 
         boxed = jax.eval_shape(self._init_boxed, jax.ShapeDtypeStruct((2,), jnp.uint32))

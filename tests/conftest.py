@@ -21,6 +21,17 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 _XLA_CACHE_IS_OURS = os.environ["JAX_COMPILATION_CACHE_DIR"].endswith(f"_{os.getpid()}")
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tiers (pyproject.toml markers): a test that needs the prepared corpus (`tiny_data`) runs
+    the real pipeline end to end, so it is `e2e` unless marked `slow`; the rest are unit tests,
+    which `bash launch/test.sh --fast` runs alone."""
+    import pytest
+
+    for item in items:
+        if "slow" not in item.keywords and "tiny_data" in item.fixturenames:
+            item.add_marker(pytest.mark.e2e)
+
+
 def pytest_sessionfinish(session, exitstatus):
     """The session's own compilation cache goes with it (one set by the caller stays)."""
     if _XLA_CACHE_IS_OURS:

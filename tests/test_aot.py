@@ -1,4 +1,4 @@
-"""Compiling for other machines (issue 18): the memory fit by compiling (on this CPU's devices),
+"""Compiling for other machines: the memory fit by compiling (on this CPU's devices),
 and the AOT tool on TPU and H100 compile-only devices (in .venv-accelerators, which
 `bash launch/setup.sh accelerators` makes; those tests skip, saying so, where it is absent)."""
 
@@ -7,21 +7,29 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 
 import jax
 import pytest
 from conftest import nano_config
 
-from mdm_jax import autofit
-from mdm_jax.config import ConfigError, validate
+from mdm_jax import autofit, families
+from mdm_jax.config import ConfigError, micro_batch, validate
+from mdm_jax.presets import SMDM_PRESETS
 from mdm_jax.trainer import Trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ACCELERATORS_PY = os.path.join(REPO, ".venv-accelerators", "bin", "python")
-needs_accelerators = pytest.mark.skipif(
+_skip_without_accelerators = pytest.mark.skipif(
     not os.path.exists(ACCELERATORS_PY),
     reason="no .venv-accelerators (bash launch/setup.sh accelerators installs libtpu and the "
            "CUDA PJRT plugin)")
+
+
+def needs_accelerators(test):
+    """Compiles in .venv-accelerators: slow, and on one pytest worker (libtpu takes a
+    machine-wide lock file, so two at once would fail)."""
+    return _skip_without_accelerators(pytest.mark.slow(pytest.mark.xdist_group("libtpu")(test)))
 
 
 def _peak(c, devices):
@@ -96,6 +104,99 @@ def test_auto_is_validated_like_its_first_candidate():
         validate(nano_config(micro_batch="big"), 8)
     with pytest.raises(ValueError, match="must be resolved"):
         Trainer(nano_config(micro_batch="auto"))
+
+
+def _smdm_config(arg):
+    sys.path.insert(0, os.path.join(REPO, "experiments"))
+    try:
+        import smdm
+    finally:
+        sys.path.pop(0)
+    return smdm.get_config(arg)
+
+
+def _smdm_micro_batch(model: int, causal: bool) -> int:
+    """SMDM's rule as its launchers write it (github.com/ML-GSAI/SMDM pretrain/train_mdm.py and
+    pretrain/train_ar.py: `micro_batch_size` by `--model`, the size in millions)."""
+    if model <= 20:
+        return 32
+    if model <= 50:
+        return 16
+    if causal:
+        return 8 if model <= 1028 else 4 if model <= 2000 else 2
+    return 8 if model <= 1000 else 4
+
+
+def test_smdm_configs_take_smdms_micro_batch_per_device():
+    for preset in SMDM_PRESETS:
+        for kind in families.FAMILIES:
+            c = _smdm_config(f"{preset},{kind}")
+            expected = _smdm_micro_batch(int(preset.rstrip("M")), families.get(kind).causal)
+            assert (c.micro_batch, c.micro_batch_per_device) == (0, expected), (preset, kind)
+            assert (c.mesh.data, c.mesh.fsdp, c.mesh.tensor) == (1, -1, 1)  # SMDM's FSDP
+    # The README's pod commands: 1028M MDM at 4 per device on v5p-8 with fsdp=4 (16 sequences,
+    # 16 accumulation steps), on 8 GPUs (32) and on 4 nodes of 8 (128: 2 steps); 64 chips at 4
+    # per device hold the whole global batch of 256.
+    c = _smdm_config("1028M")
+    assert [micro_batch(c, shards) for shards in (4, 8, 32, 64)] == [16, 32, 128, 256]
+    assert micro_batch(_smdm_config("1028M,arm"), 8) == 64
+    assert micro_batch(_smdm_config("2121M,arm"), 8) == 16
+    # A set micro_batch wins; shards that leave no whole share fall back to the global batch,
+    # which validation then refuses with the divisibility it needs.
+    c.micro_batch = 32
+    assert micro_batch(c, 4) == 32
+    c.micro_batch = 0
+    assert micro_batch(c, 6) == 256
+    with pytest.raises(ConfigError, match=r"micro_batch=256 .* not divisible by the batch shards"):
+        validate(c, 6)
+
+
+def test_micro_batch_per_device_sets_the_accumulation_steps():
+    devices = jax.devices()[:2]
+    c = nano_config(**{"mesh.data": 2, "micro_batch_per_device": 2})
+    trainer = Trainer(c, devices=devices)
+    assert (trainer.micro_batch, trainer.micro_steps) == (4, 4)  # 2 devices x 2, of 16
+    c.micro_batch_per_device = 16  # more than a device's share: no accumulation
+    assert Trainer(c, devices=devices).micro_steps == 1
+    c.micro_batch_per_device, c.micro_batch = 2, 8  # an explicit micro_batch wins
+    assert Trainer(c, devices=devices).micro_steps == 2
+    with pytest.raises(ConfigError, match=r"micro_batch_per_device=-1 must be a number"):
+        validate(nano_config(micro_batch_per_device=-1), 8)
+
+
+def test_the_roofline_reads_the_chip_table():
+    from mdm_jax import aot, flops, targets
+
+    memory = autofit.Memory(arguments=2**30, outputs=2**30, aliased=2**30, temporaries=2**30,
+                            code=0)
+    for target in targets.TARGETS.values():
+        chip = flops.CHIPS[target.accelerator]
+        seconds, bound = aot.roofline(1e18, target, memory, micro_steps=1, mfu=0.4)
+        assert (seconds, bound) == (1e18 / (target.chips * chip.peak_flops * 0.4), "compute")
+        seconds, bound = aot.roofline(1.0, target, memory, micro_steps=3, mfu=0.4)
+        assert bound == "memory"
+        assert seconds == pytest.approx((2 + 3 / 3 + 2) * 2**30 / chip.hbm_bandwidth)
+
+
+@needs_accelerators
+def test_every_target_compiles_for_the_chip_its_table_row_names():
+    """jax's device_kind of each target's compile-only devices is its chip's, so MFU at train
+    time (flops.peak_flops(device_kind)) and the target's plan read the same row."""
+    code = ("import json\n"
+            "from mdm_jax import targets\n"
+            "targets.quiet_compile_only_environment()\n"
+            "print(json.dumps({n: [d.device_kind for d in targets.compile_only_devices(t)]\n"
+            "                  for n, t in targets.TARGETS.items()}))\n")
+    out = subprocess.run([ACCELERATORS_PY, "-c", code], cwd=REPO, capture_output=True, text=True,
+                         timeout=900, env={k: v for k, v in os.environ.items()
+                                           if k != "XLA_FLAGS"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    from mdm_jax import flops, targets
+
+    kinds = json.loads(out.stdout.strip().splitlines()[-1])
+    for name, target in targets.TARGETS.items():
+        assert len(kinds[name]) == target.chips
+        assert {flops.chip(kind) for kind in kinds[name]} == {target.chip}, (name, kinds[name])
 
 
 def _aot(*args, timeout=900):

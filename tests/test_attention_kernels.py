@@ -1,4 +1,4 @@
-"""Attention kernels for the targets (issue 18): splash attention (TPU Pallas) against the XLA
+"""Attention kernels for the targets: splash attention (TPU Pallas) against the XLA
 attention in Pallas's interpret mode on this CPU, alone and inside a sharded train step; both
 kernels compiled for their real targets in tests/test_aot.py."""
 
@@ -13,6 +13,8 @@ from conftest import nano_config
 from mdm_jax.attention_kernels import splash_attention
 from mdm_jax.model import xla_attention
 from mdm_jax.trainer import Trainer
+
+pytestmark = pytest.mark.slow
 
 
 @pytest.mark.parametrize("causal", [False, True])

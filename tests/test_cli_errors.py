@@ -1,5 +1,5 @@
-"""User mistakes at the command line (issue 12): one `error:` line and exit code 2, and the
-collection, import and sampling fixes of items 6, 11 and 12.
+"""User mistakes at the command line: one `error:` line and exit code 2; one `--model` flag
+with its old names; diverged or malformed sweep results, legacy imports, sampling limits.
 
 One tiny checkpoint serves the whole module (random weights saved by the trainer's own
 Checkpointer with the run's config and tokenizer: the CLIs read it exactly as a trained run's).
@@ -160,7 +160,7 @@ def test_legacy_pth_imports_through_export_load(run_dir, tmp_path, capsys):
     torch.save(state_dict, pth, _use_new_zipfile_serialization=False)
     with open(pth, "rb") as f:
         assert f.read(2) != b"PK"  # not a zip: the format mmap cannot read
-    load.cli(["--format", "litgpt", "--src", str(pth), "--preset", "nano",
+    load.cli(["--format", "litgpt", "--model", str(pth), "--preset", "nano",
               "--out", str(tmp_path / "back")])
     assert "wrote an mdm_jax checkpoint" in capsys.readouterr().out
     original, back = load_model(run_dir), load_model(str(tmp_path / "back"))
@@ -179,7 +179,7 @@ def test_legacy_pth_imports_through_export_load(run_dir, tmp_path, capsys):
     torch.save({"transformer.wte.weight": Payload()}, evil,
                _use_new_zipfile_serialization=False)
     with pytest.raises(SystemExit) as e:
-        load.cli(["--format", "litgpt", "--src", str(evil), "--preset", "nano",
+        load.cli(["--format", "litgpt", "--model", str(evil), "--preset", "nano",
                   "--out", str(tmp_path / "evil_back")])
     assert e.value.code == 2
     assert "not a plain state dict" in capsys.readouterr().err
@@ -193,7 +193,7 @@ def test_sampling_validates_its_numbers_and_refuses_untrained_lengths(run_dir, t
 
     def error(*args):
         with pytest.raises(SystemExit) as e:
-            sampling.cli(["--workdir", run_dir, *args])
+            sampling.cli(["--model", run_dir, *args])
         err = capsys.readouterr().err.strip()
         assert e.value.code == 2 and err.startswith("error: ") and "\n" not in err, err
         return err
@@ -206,13 +206,102 @@ def test_sampling_validates_its_numbers_and_refuses_untrained_lengths(run_dir, t
     assert "available: 5" in error("--step", "3")
     nowhere = str(tmp_path / "nowhere")
     with pytest.raises(SystemExit):
-        sampling.cli(["--workdir", nowhere])
+        sampling.cli(["--model", nowhere])
     assert "no checkpoint under" in capsys.readouterr().err
     assert not os.path.exists(nowhere)  # looking for a checkpoint creates nothing
 
-    sampling.cli(["--workdir", run_dir, "--length", str(2 * SEQ_LEN), "--allow-longer",
+    sampling.cli(["--model", run_dir, "--length", str(2 * SEQ_LEN), "--allow-longer",
                   "--num", "1", "--steps", "2"])
     assert capsys.readouterr().out.count("--- sample ") == 1
+
+
+# ---- one name for the model: --model on every command, the old names for one release ------
+
+MODEL_COMMANDS = [  # (module, arguments it requires besides the model, the model's old flag)
+    ("mdm_jax.sample", [], "--workdir"),
+    ("mdm_jax.eval.text", ["--text", "t.txt"], "--workdir"),
+    ("mdm_jax.export.__main__", ["--format", "litgpt", "--out", "o"], "--checkpoint"),
+    ("mdm_jax.export.load", ["--format", "litgpt", "--out", "o"], "--src"),
+]
+
+
+@pytest.mark.parametrize(("module", "required", "old"), MODEL_COMMANDS,
+                         ids=[m for m, _, _ in MODEL_COMMANDS])
+def test_every_command_takes_model_and_refuses_two_names(module, required, old, capsys):
+    import importlib
+
+    cli = importlib.import_module(module).cli
+
+    def error(*args):
+        with pytest.raises(SystemExit) as e:
+            cli([*args, *required])
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and err.startswith("error: ") and "\n" not in err, err
+        return err
+
+    assert error("--model", "a", old, "b") == (
+        f"error: --model and {old} name the same option ({old}: the old name of --model); give "
+        f"only --model (see --help)")
+    assert "the following arguments are required: --model" in error()
+    with pytest.raises(SystemExit) as e:
+        cli(["--help"])
+    usage = capsys.readouterr().out.split("\n\n")[0]
+    assert e.value.code == 0 and "--model PATH" in usage and old not in usage, usage
+
+
+def test_old_model_flags_still_work_with_a_one_line_note(run_dir, tmp_path, capsys):
+    """export --checkpoint, import --src, sample and eval text --workdir: each works as
+    --model does, with one note naming the new flag."""
+    from mdm_jax import sample
+    from mdm_jax.eval import text
+    from mdm_jax.export import __main__ as export_cli
+    from mdm_jax.export import load
+
+    def note(old):
+        out, err = capsys.readouterr()
+        assert err.count(f"note: {old} is now --model; the old name works until the next "
+                         f"release\n") == 1, err
+        return out
+
+    lit, back = str(tmp_path / "lit"), str(tmp_path / "back")
+    export_cli.cli(["--checkpoint", run_dir, "--format", "litgpt", "--out", lit])
+    assert f"wrote litgpt export to {lit}" in note("--checkpoint")
+    load.cli(["--format", "litgpt", "--src", lit, "--out", back])
+    assert f"sample with `python -m mdm_jax.sample --model {back}`" in note("--src")
+    sample.cli(["--workdir", back, "--prompt", "the", "--gen-length", "4", "--steps", "2",
+                "--num", "1"])
+    assert "--- sample 0 ---" in note("--workdir")
+    (tmp_path / "t.txt").write_text("the king said to the queen")
+    text.cli(["--workdir", run_dir, "--text", str(tmp_path / "t.txt"), "--mc-num", "2",
+              "--batch-size", "2", "--json"])
+    assert json.loads(note("--workdir"))["model"] == run_dir
+
+    # Errors name the flag as typed: the old one while it lasts.
+    for flag in ("--checkpoint", "--model"):
+        with pytest.raises(SystemExit):
+            export_cli.cli([flag, lit, "--format", "litgpt", "--out", str(tmp_path / "again")])
+        assert f"is a litgpt export folder; export reads a training run: give {flag} " in (
+            capsys.readouterr().err)
+    for flag in ("--src", "--model"):
+        with pytest.raises(SystemExit):
+            load.cli(["--format", "litgpt", flag, str(tmp_path / "nope"), "--out", back])
+        assert f"error: {flag} {tmp_path / 'nope'} does not exist" in capsys.readouterr().err
+
+
+def test_eval_text_errors_name_the_flags_typed(run_dir, tmp_path, capsys):
+    from mdm_jax.eval import text
+
+    (tmp_path / "t.txt").write_text("the king")
+    for args, needle in ((["--mc-num", "0"], "argument --mc-num: must be a positive integer"),
+                         (["--batch-size", "x"], "argument --batch-size: expected a positive "
+                                                 "integer, got 'x'"),
+                         (["--mc-num", "6", "--batch-size", "4"],
+                          "--mc-num 6 is not divisible by --batch-size 4"),
+                         (["--step", "9"], "available: 5")):
+        with pytest.raises(SystemExit) as e:
+            text.cli(["--model", run_dir, "--text", str(tmp_path / "t.txt"), *args])
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and err.startswith("error: ") and needle in err, err
 
 
 # ---- every CLI: one `error:` line, exit code 2 ---------------------------------------------
@@ -256,25 +345,25 @@ CASES = [
     (["mdm_jax.flops", "--preset", "170M", "--budget", "lots"], "invalid float value: 'lots'"),
     (["mdm_jax.flops", "--preset", "170M", "--budget", "1e10"], "less than one step"),
     # sampling
-    (["mdm_jax.sample", "--workdir", "{run}", "--steps", "0"], "--steps 0"),
-    (["mdm_jax.sample", "--workdir", "{run}", "--num", "-2"], "--num -2"),
-    (["mdm_jax.sample", "--workdir", "{run}", "--length", "999"], "trained seq_len 64"),
-    (["mdm_jax.sample", "--workdir", "{run}", "--step", "3"], "available: 5"),
-    (["mdm_jax.sample", "--workdir", "{run}", "--seed", "-1"], "--seed -1"),
-    (["mdm_jax.sample", "--workdir", "{run}", "--temperature", "-1"], "--temperature -1"),
-    (["mdm_jax.sample", "--workdir", "{run}", "--num", "x"], "invalid int value: 'x'"),
-    (["mdm_jax.sample", "--workdir", "{run}", "--tokenizer", "{tmp}/none.model"], "none.model"),
-    (["mdm_jax.sample", "--workdir", "{tmp}/nowhere"], "no checkpoint under"),
+    (["mdm_jax.sample", "--model", "{run}", "--steps", "0"], "--steps 0"),
+    (["mdm_jax.sample", "--model", "{run}", "--num", "-2"], "--num -2"),
+    (["mdm_jax.sample", "--model", "{run}", "--length", "999"], "trained seq_len 64"),
+    (["mdm_jax.sample", "--model", "{run}", "--step", "3"], "available: 5"),
+    (["mdm_jax.sample", "--model", "{run}", "--seed", "-1"], "--seed -1"),
+    (["mdm_jax.sample", "--model", "{run}", "--temperature", "-1"], "--temperature -1"),
+    (["mdm_jax.sample", "--model", "{run}", "--num", "x"], "invalid int value: 'x'"),
+    (["mdm_jax.sample", "--model", "{run}", "--tokenizer", "{tmp}/none.model"], "none.model"),
+    (["mdm_jax.sample", "--model", "{tmp}/nowhere"], "no checkpoint under"),
     # export.load
-    (["mdm_jax.export.load", "--format", "litgpt", "--src", "{tmp}/nope.pth", "--out",
+    (["mdm_jax.export.load", "--format", "litgpt", "--model", "{tmp}/nope.pth", "--out",
       "{tmp}/o"], "nope.pth does not exist"),
-    (["mdm_jax.export.load", "--format", "gpt2", "--src", "x", "--out", "y"],
+    (["mdm_jax.export.load", "--format", "gpt2", "--model", "x", "--out", "y"],
      "invalid choice: 'gpt2'"),
-    (["mdm_jax.export.load", "--format", "litgpt", "--src", "{run}", "--out", "{tmp}/o",
+    (["mdm_jax.export.load", "--format", "litgpt", "--model", "{run}", "--out", "{tmp}/o",
       "--step", "-1"], "--step -1"),
-    (["mdm_jax.export.load", "--format", "litgpt", "--src", "{tmp}", "--out", "{tmp}/o"],
+    (["mdm_jax.export.load", "--format", "litgpt", "--model", "{tmp}", "--out", "{tmp}/o"],
      "holds neither lit_model"),
-    (["mdm_jax.export.load", "--format", "litgpt", "--src", "{tmp}/garbage.safetensors",
+    (["mdm_jax.export.load", "--format", "litgpt", "--model", "{tmp}/garbage.safetensors",
       "--out", "{tmp}/o"], "not a readable safetensors file"),
 ]
 

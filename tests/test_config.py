@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -78,3 +79,28 @@ def test_print_config_shows_the_resolved_config_and_runs_nothing(tmp_path):
                          capture_output=True, text=True, cwd=REPO)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith(
         "error: config.seq_len=0")
+
+
+def test_compile_cache_folder_follows_the_config_then_the_environment(monkeypatch, tmp_path):
+    from mdm_jax import compile_cache
+
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+    assert compile_cache.folder("", str(tmp_path)) == f"{tmp_path}/xla_cache"
+    assert compile_cache.folder("", "gs://b/run") == "gs://b/run/xla_cache"
+    assert compile_cache.folder("none", str(tmp_path)) is None
+    assert compile_cache.folder("gs://b/cache", str(tmp_path)) == "gs://b/cache"
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "/site/cache")
+    assert compile_cache.folder("", str(tmp_path)) == "/site/cache"  # a site-wide cache wins
+    assert compile_cache.folder(str(tmp_path / "mine"), "x") == str(tmp_path / "mine")
+
+
+def test_train_help_lists_every_config_field_on_one_line():
+    from mdm_jax.config import FIELDS
+
+    done = subprocess.run([sys.executable, "-m", "mdm_jax.train", "--help"],
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "COLUMNS": "80"})
+    lines = [line.strip() for line in done.stdout.splitlines()]
+    at = [next(i for i, line in enumerate(lines) if line.startswith(f"{dotted} = {default!r}: "))
+          for dotted, default, _ in FIELDS]
+    assert at == list(range(at[0], at[0] + len(FIELDS))), done.stdout  # none wrapped

@@ -1,6 +1,6 @@
 """User mistakes in data preparation: bad files, records without a source, nothing kept, bad
 options. Library calls raise a UserError naming the input; the CLIs print one `error:` line and
-exit 2 (issue 12, items 8 and 9)."""
+exit 2."""
 
 from __future__ import annotations
 

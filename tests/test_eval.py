@@ -1,5 +1,6 @@
 """Evaluation: likelihood estimators against exact enumeration, guidance, greedy checks, the
-text ELBO / bits-per-byte CLI and the lm-evaluation-harness model through the harness's CLI."""
+text ELBO / bits-per-byte CLI and task accuracy during training (the lm-evaluation-harness
+model: tests/test_harness.py)."""
 
 from __future__ import annotations
 
@@ -157,7 +158,7 @@ def test_bad_estimator_settings_name_the_fix(mdm):
     assert check_estimator(Estimator(), get("arm")).kind == "exact"
 
 
-# ---- on a trained run: the text CLI and the harness ------------------------------------------
+# ---- on a trained run: the text CLI ---------------------------------------------------
 
 @pytest.fixture(scope="module")
 def runs(tiny_data, tmp_path_factory):
@@ -179,17 +180,18 @@ def test_text_elbo_and_bits_per_byte(runs, tmp_path, capsys):
 
     text = tmp_path / "text.txt"
     text.write_text("the cat sat on the mat. " * 30)
-    for kind in ("mdm", "arm"):
-        evaluate.cli(["--workdir", runs[kind], "--text", str(text), "--mc-num", "16",
-                      "--batch-size", "16", "--json"])
+    for kind in ("mdm", "arm"):  # the ARM's exact likelihood takes no --mc-num/--batch-size
+        draws = ["--mc-num", "16", "--batch-size", "16"] if kind == "mdm" else []
+        evaluate.cli(["--model", runs[kind], "--text", str(text), *draws, "--json"])
         r = json.loads(capsys.readouterr().out)
         assert r["tokens"] > 64 and r["bytes"] == len(text.read_bytes())  # several windows
         assert r["nll_per_token"] > 0 and math.isfinite(r["nll_per_token"])
         assert abs(r["bits_per_byte"] - r["nll_nats"] / math.log(2) / r["bytes"]) < 1e-9
         assert r["windows"] >= 2
     with pytest.raises(SystemExit) as e:
-        evaluate.cli(["--workdir", runs["arm"], "--text", str(text), "--cfg", "1"])
-    assert e.value.code == 2 and "has no guidance" in capsys.readouterr().err
+        evaluate.cli(["--model", runs["arm"], "--text", str(text), "--cfg", "1"])
+    assert e.value.code == 2 and "the arm family" in (err := capsys.readouterr().err)
+    assert "has no option for its likelihood estimator (exact) '--cfg'; it has: none" in err
 
 
 def _tasks(folder) -> None:
@@ -225,7 +227,7 @@ def test_text_cli_shows_progress_on_a_terminal_only(runs, tmp_path):
 
     text = tmp_path / "t.txt"
     text.write_text("the cat sat on the mat. " * 30)
-    cmd = [sys.executable, "-m", "mdm_jax.eval", "text", "--workdir", runs["arm"], "--text",
+    cmd = [sys.executable, "-m", "mdm_jax.eval", "text", "--model", runs["arm"], "--text",
            str(text), "--json"]
     terminal, child_end = pty.openpty()
     # a terminal 80 columns wide (a bare pty has no size, and tqdm draws nothing in 0 columns)
@@ -244,58 +246,6 @@ def test_text_cli_shows_progress_on_a_terminal_only(runs, tmp_path):
     in_file = subprocess.run(cmd, capture_output=True, cwd=REPO, timeout=300)
     assert in_file.returncode == 0 and b"windows" not in in_file.stderr
     assert json.loads(in_file.stdout)["windows"] >= 2
-
-
-# lm-eval's CLI passes its own --batch_size to the model beside model_args: `batch_size` in
-# model_args (the older name of mc_batch_size) must not clash with it.
-@pytest.mark.parametrize("kind,args", [("mdm", "estimator=chain,cfg=0.5,batch_size=16"),
-                                       ("arm", "mc_batch_size=8")])
-def test_harness_cli_runs_the_registered_model_and_agrees_with_the_estimators(
-        runs, tmp_path, kind, args, monkeypatch):
-    pytest.importorskip("lm_eval", reason="the `eval` extra (bash launch/setup.sh eval)")
-    from mdm_jax.data.tokenizer import Tokenizer
-    from mdm_jax.eval import harness
-    from mdm_jax.inference import load
-
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    _tasks(tmp_path)
-    model_args = ",".join(x for x in (f"workdir={runs[kind]}", args) if x)
-    harness.main(["--model", "mdm_jax", "--model_args", model_args, "--tasks",
-                  "tiny_mc,tiny_gen", "--include_path", str(tmp_path), "--output_path",
-                  str(tmp_path / "out"), "--log_samples", "--batch_size", "4"])
-    results = json.loads(open(next(
-        os.path.join(d, f) for d, _, fs in os.walk(tmp_path / "out") for f in fs
-        if f.startswith("results"))).read())["results"]
-    # The harness's accuracy equals what the estimator gives directly for each question.
-    m = load(runs[kind])
-    tok = Tokenizer.load(m.tokenizer_path)
-    est = Estimator(kind="chain", cfg=0.5) if kind == "mdm" else Estimator()
-    correct = 0
-    for r in [json.loads(line) for line in (tmp_path / "mc.jsonl").read_text().splitlines()]:
-        scores = []
-        for choice in r["choices"]:
-            whole = tok.encode(r["context"] + choice)
-            ctx = tok.encode(r["context"])
-            if whole[:len(ctx)] != ctx:
-                ctx = ctx[:-1]
-            scores.append(loglikelihood(m.model, m.params, [tok.bos_id] + ctx,
-                                        whole[len(ctx):], est).logprob)
-        correct += int(np.argmax(scores) == r["answer"])
-    assert results["tiny_mc"]["acc,none"] == pytest.approx(correct / 3)
-    assert 0.0 <= results["tiny_gen"]["exact_match,none"] <= 1.0
-
-
-def test_harness_cli_unknown_task_is_one_line(runs, tmp_path, capsys, monkeypatch):
-    pytest.importorskip("lm_eval", reason="the `eval` extra (bash launch/setup.sh eval)")
-    from mdm_jax.eval import harness
-
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    with pytest.raises(SystemExit) as e:
-        harness.main(["--model", "mdm_jax", "--model_args", f"workdir={runs['mdm']}",
-                      "--tasks", "no_such_task_xyz", "--include_path", str(tmp_path)])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert e.value.code == 2 and err[-1].startswith("error: ") and "no_such_task_xyz" in err[-1]
 
 
 def test_task_accuracy_is_logged_during_training(tiny_data, tmp_path):

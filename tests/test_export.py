@@ -1,4 +1,4 @@
-"""PyTorch export and import (issue 6): parity of logits in float32, exact round trips, errors.
+"""PyTorch export and import: parity of logits in float32, exact round trips, errors.
 
 MDMs go through the plain-PyTorch reference encoder (litgpt export and LLaDA-style folder);
 ARMs through transformers' stock LlamaForCausalLM. Needs the `torch` extra.

@@ -66,21 +66,44 @@ def test_trains_with_hooks_for_validation_task_accuracy_and_samples(run):
     assert saved["objective"]["kind"] == family.name and saved["model"]["vocab_size"] == 512
 
 
+# Sampler flags beyond the common ones, each with the value its default has: a flag given on
+# the command line is refused by name when the family's sampler has no use for it, even at
+# its default value (only flags left out are never refused).
+SAMPLER_FLAGS = {"steps": ["--steps", "8"], "remasking": ["--remasking", "low_confidence"],
+                 "block_length": ["--block-length", "0"], "cfg": ["--cfg", "0"],
+                 "cache": ["--cache"], "kv_cache": ["--no-kv-cache"]}
+ESTIMATOR_FLAGS = {"mc_num": ["--mc-num", "8"], "batch_size": ["--batch-size", "8"],
+                   "cfg": ["--cfg", "0"]}
+
+
+def test_every_flag_is_an_option_of_some_family():
+    for table, field in ((SAMPLER_FLAGS, "sampler_options"),
+                         (ESTIMATOR_FLAGS, "estimator_options")):
+        offered = {o for f in families.RECORDS for o in getattr(f, field)}
+        assert offered == set(table), field
+
+
 def test_samples_from_the_cli_and_refuses_what_its_sampler_lacks(run, capsys):
     from mdm_jax import sample
 
     family, workdir, _ = run
-    sample.cli(["--workdir", workdir, "--prompt", "the king", "--gen-length", "8", "--steps",
-                "8", "--num", "1"])
+    takes = [a for name, a in SAMPLER_FLAGS.items()
+             if name in family.sampler_options and name != "cache"]
+    sample.cli(["--model", workdir, "--prompt", "the king", "--gen-length", "8", "--num", "1",
+                *[arg for a in takes for arg in a]])
     assert "--- sample 0 ---" in capsys.readouterr().out
-    lacking = [(flag, extra) for flag, extra in (("--cfg", ["0.5"]), ("--remasking", ["random"]),
-                                                 ("--no-kv-cache", []))
-               if flag not in family.sampler_options]
-    flag, extra = lacking[0]
-    with pytest.raises(SystemExit) as e:
-        sample.cli(["--workdir", workdir, "--gen-length", "8", "--steps", "8", flag, *extra])
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and f"the {family.name} family" in err and repr(flag) in err
+    lacking = [name for name in SAMPLER_FLAGS if name not in family.sampler_options]
+    assert lacking  # every family lacks some (the ARM the diffusion ones, and vice versa)
+    for name in lacking:
+        flag = SAMPLER_FLAGS[name]
+        with pytest.raises(SystemExit) as e:
+            sample.cli(["--model", workdir, "--gen-length", "8", *flag])
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and err.startswith(f"error: the {family.name} family ("), err
+        assert f"has no option for its sampler ({family.sampler}) {flag[0]!r}; it has: " in err
+        assert "\n" not in err and "_" not in err.split("it has: ")[1], err  # flags, not keywords
+    if family.name == "arm":
+        assert "it has: --no-kv-cache" in err
 
 
 def test_text_evaluation_reports_the_familys_own_bound(run, tmp_path, capsys):
@@ -89,12 +112,25 @@ def test_text_evaluation_reports_the_familys_own_bound(run, tmp_path, capsys):
     family, workdir, _ = run
     path = tmp_path / "t.txt"
     path.write_text("The king said to the queen. Good night, sweet lady. " * 4)
-    cli(["text", "--workdir", workdir, "--text", str(path), "--mc-num", "8", "--batch-size", "8",
-         "--json"])
+    uses = [arg for name, a in ESTIMATOR_FLAGS.items() if name in family.estimator_options
+            for arg in a]
+    cli(["text", "--model", workdir, "--text", str(path), *uses, "--json"])
     r = json.loads(capsys.readouterr().out)
     assert r["family"] == family.name and r["estimator"] == family.estimators[0]
-    assert r["bound"] is not family.exact_likelihood
+    assert r["bound"] is not family.exact_likelihood and r["model"] == workdir
     assert r["nll_per_token"] > 0 and math.isfinite(r["nll_per_token"])
+    for name in (n for n in ESTIMATOR_FLAGS if n not in family.estimator_options):
+        flag = ESTIMATOR_FLAGS[name]
+        with pytest.raises(SystemExit) as e:
+            cli(["text", "--model", workdir, "--text", str(path), *flag])
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and err.startswith(f"error: the {family.name} family ("), err
+        assert "has no option for its likelihood estimator" in err and repr(flag[0]) in err
+    if family.name == "arm":  # --mc-num, --batch-size and --cfg: the exact likelihood has none
+        assert err.endswith("it has: none")
+        with pytest.raises(SystemExit):
+            cli(["text", "--model", workdir, "--text", str(path), "--estimator", "mc"])
+        assert "has no likelihood estimator 'mc'; it has: exact" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         cli(["texts"])
     assert e.value.code == 2 and "choose one of text, tasks, harness" in capsys.readouterr().err
@@ -106,13 +142,15 @@ def test_harness_request_scores_with_the_familys_estimator(run):
     from mdm_jax.eval.likelihood import Estimator, loglikelihood
 
     family, workdir, _ = run
-    lm = MDMJaxLM(workdir=workdir, mc_num=8, mc_batch_size=8, greedy_check=False)
+    # the draws as model_args, where the family's estimator uses them (the ARM's has none)
+    draws = {k: 8 for k in ("mc_num", "batch_size") if k in family.estimator_options}
+    lm = MDMJaxLM(model=workdir, greedy_check="never",
+                  **{"mc_batch_size" if k == "batch_size" else k: v for k, v in draws.items()})
     [(logprob, greedy)] = lm.loglikelihood([types.SimpleNamespace(args=("the king", " said"))])
-    ctx, cont = lm._split("the king", " said")
-    direct = loglikelihood(lm.m.model, lm.m.params, ctx, cont,
-                           Estimator(kind=family.estimators[0], mc_num=8, batch_size=8))
+    direct = loglikelihood(lm.m.model, lm.m.params, *lm.pair("the king", " said"),
+                           Estimator(kind=family.estimators[0], **draws))
     assert logprob == pytest.approx(direct.logprob, rel=1e-5) and logprob < 0
-    assert greedy is False  # greedy_check=false skips the sampler run
+    assert greedy is False  # greedy_check=never skips the sampler run
 
 
 def test_exports_and_imports_back_or_refuses_by_name(run, tmp_path):

@@ -53,6 +53,43 @@ def test_mfu_uses_peak_table():
     assert flops.mfu(1e9, "cpu", 1) is None
 
 
+def test_one_hardware_table_serves_every_target_and_plan():
+    """Peak FLOP/s, HBM bytes and bandwidth live in flops.CHIPS only: the compile targets, the
+    study configs' accelerators and jax's device kinds all resolve to its rows."""
+    import dataclasses
+    import os
+    import sys
+
+    from mdm_jax import targets
+
+    assert not hasattr(flops, "PEAK_FLOPS") and not hasattr(flops, "HBM_BANDWIDTH")
+    assert "hbm_bytes" not in {f.name for f in dataclasses.fields(targets.Target)}
+    for target in targets.TARGETS.values():
+        chip = flops.CHIPS[target.accelerator]
+        assert target.chip is chip and target.hbm_bytes == chip.hbm_bytes
+        if target.platform == "cuda":  # what the GPU compiler is told is the same row
+            proto = targets.gpu_target_config(target)
+            assert f"device_memory_size: {chip.hbm_bytes}\n" in proto
+            assert f"memory_bandwidth: {int(chip.hbm_bandwidth)}\n" in proto
+    for chip in flops.CHIPS.values():
+        assert chip.peak_flops > 0 and chip.hbm_bytes > 0 and chip.hbm_bandwidth > 0
+        assert flops.chip(chip.name) is chip and flops.peak_flops(chip.name) == chip.peak_flops
+    # The device kinds jax reports (checked against the compile-only devices in test_aot).
+    for kind, name in (("TPU v4", "tpu v4"), ("TPU v5", "tpu v5p"), ("TPU v5 lite", "tpu v5e"),
+                       ("TPU v6 lite", "tpu v6e"), ("NVIDIA H100 80GB HBM3", "h100"),
+                       ("NVIDIA H200", "h200"), ("NVIDIA A100-SXM4-80GB", "a100")):
+        assert flops.chip(kind) is flops.CHIPS[name], kind
+    assert flops.chip("NVIDIA L40S") is None and flops.chip("cpu") is None
+    # Every study's plan prices on a row of the table.
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "experiments"))
+    try:
+        import isoflop
+    finally:
+        sys.path.pop(0)
+    for arg in ("smdm", "micro", "micro_families"):
+        assert flops.chip(isoflop.get_config(arg).accelerator) in flops.CHIPS.values()
+
+
 def test_time_conditioning_count_matches_the_model_weights():
     """flops.time_conditioning_weights is every conditioning kernel of a real time-conditioned
     encoder (noise MLP, per-block and final adaLN), which run once per sequence."""

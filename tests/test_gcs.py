@@ -134,7 +134,7 @@ def _losses(text: str) -> dict[int, float]:
 
 
 def _export(env, checkpoint, out):
-    done = subprocess.run([sys.executable, "-m", "mdm_jax.export", "--checkpoint", checkpoint,
+    done = subprocess.run([sys.executable, "-m", "mdm_jax.export", "--model", checkpoint,
                            "--format", "litgpt", "--out", str(out)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]

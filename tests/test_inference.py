@@ -203,21 +203,33 @@ def test_top_k_and_top_p_keep_only_their_tokens():
     assert set(np.unique(np.asarray(tokens))) == {0, 1, 2}
 
 
-def test_requests_that_cannot_work_name_the_flag(mdm, arm):
+def test_requests_that_cannot_work_name_the_option_as_the_caller_spells_it(mdm, arm):
+    """One message, two spellings: the keyword from Python (and lm-eval's model_args), the
+    flag inside a command line's `spelling(flags=True)`."""
+    from mdm_jax.errors import spelling
+    from mdm_jax.families import FamilyError
+
     model, params = mdm
-    for sampler, gen, needle in [
-            (MDMSampler(steps=0), 8, "--steps 0"),
-            (MDMSampler(steps=8, block_length=3), 8, "--block-length 3 does not divide"),
-            (MDMSampler(steps=5, block_length=4), 8, "--steps 5 is not a multiple"),
-            (MDMSampler(steps=8), 0, "--gen-length 0")]:
-        with pytest.raises(SamplingError, match=needle):
+    for sampler, gen, keyword, flag in [
+            (MDMSampler(steps=0), 8, "steps=0", "--steps 0"),
+            (MDMSampler(steps=8, block_length=3), 8, "block_length=3 does not divide gen_length=8",
+             "--block-length 3 does not divide --gen-length 8"),
+            (MDMSampler(steps=5, block_length=4), 8, "steps=5 is not a multiple",
+             "--steps 5 is not a multiple"),
+            (MDMSampler(steps=8), 0, "gen_length=0", "--gen-length 0")]:
+        with pytest.raises(SamplingError, match=keyword):
+            generate(model, params, PROMPTS, gen, sampler)
+        with spelling(flags=True), pytest.raises(SamplingError, match=flag):
             generate(model, params, PROMPTS, gen, sampler)
     with pytest.raises(SamplingError, match="beyond the canvas"):
         generate(model, params, [[1] * 120], 16, MDMSampler(steps=8))
-    from mdm_jax.families import FamilyError
-
-    with pytest.raises(FamilyError, match="the arm family .* '--cfg'; it has: --no-kv-cache"):
+    with pytest.raises(FamilyError, match="the arm family .* 'cfg'; it has: kv_cache$"):
         generate(arm[0], arm[1], PROMPTS, 8, MDMSampler(cfg=1.0))
+    with spelling(flags=True, kv_cache="--no-kv-cache"), pytest.raises(
+            FamilyError, match="the arm family .* '--cfg'; it has: --no-kv-cache$"):
+        generate(arm[0], arm[1], PROMPTS, 8, MDMSampler(cfg=1.0))
+    # The ARM's sampler takes no steps: a number it would not use is not refused.
+    assert generate(arm[0], arm[1], PROMPTS, 10, MDMSampler(steps=0)).nfe >= 1
 
 
 # ---- loading and the CLI -------------------------------------------------------------------
@@ -278,7 +290,7 @@ def test_sample_cli_writes_jsonl_for_prompts_of_a_file(run_dir, tmp_path, capsys
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "the"}\n\n{"prompt": "a b c"}\n')
     out = tmp_path / "out.jsonl"
-    sample.cli(["--workdir", run_dir, "--prompts", str(prompts), "--out", str(out),
+    sample.cli(["--model", run_dir, "--prompts", str(prompts), "--out", str(out),
                 "--gen-length", "16", "--steps", "8", "--block-length", "8", "--cfg", "0.5",
                 "--num", "2", "--batch-size", "3"])
     records = [json.loads(line) for line in out.read_text().splitlines()]
@@ -294,7 +306,7 @@ def test_sample_cli_defaults_fit_the_blocks_and_report_speed(run_dir, tmp_path, 
 
     out = tmp_path / "out.jsonl"
     # No --gen-length: the default fills the canvas with whole blocks that --steps divides.
-    sample.cli(["--workdir", run_dir, "--prompt", "the", "--steps", "8", "--block-length", "16",
+    sample.cli(["--model", run_dir, "--prompt", "the", "--steps", "8", "--block-length", "16",
                 "--num", "2", "--temperature", "0", "--out", str(out)])
     lengths = {len(json.loads(line)["tokens"]) for line in out.read_text().splitlines()}
     assert lengths == {32}  # 3 blocks would fit, but 8 steps do not split into 3
@@ -303,7 +315,7 @@ def test_sample_cli_defaults_fit_the_blocks_and_report_speed(run_dir, tmp_path, 
     assert re.search(r"\[sample\] batch 1: 2 x 32 tokens, \d+ network calls, .* tokens/s", err)
     # A length the blocks do not divide is refused before any model is loaded.
     with pytest.raises(SystemExit):
-        sample.cli(["--workdir", str(tmp_path / "nowhere"), "--gen-length", "10",
+        sample.cli(["--model", str(tmp_path / "nowhere"), "--gen-length", "10",
                     "--block-length", "4"])
     assert "--block-length 4 does not divide --gen-length 10" in capsys.readouterr().err
 
@@ -320,7 +332,7 @@ def test_sample_cli_bad_options_are_one_line(run_dir, capsys, args, needle):
     from mdm_jax import sample
 
     with pytest.raises(SystemExit) as e:
-        sample.cli(["--workdir", run_dir, *args])
+        sample.cli(["--model", run_dir, *args])
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and err.startswith("error: ") and "\n" not in err, err
     assert needle in err

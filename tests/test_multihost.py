@@ -17,6 +17,8 @@ from conftest import nano_config
 
 from mdm_jax.train import train
 
+pytestmark = pytest.mark.slow
+
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multihost_worker.py")
 STEPS = 6
 

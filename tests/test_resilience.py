@@ -72,8 +72,8 @@ def _write_config_file(path, overrides: dict) -> str:
     return str(path)
 
 
-def _launch(config_file, *extra):
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+def _launch(config_file, *extra, env=None):
+    env = dict(env or os.environ, PYTHONUNBUFFERED="1")
     return subprocess.Popen([sys.executable, "-m", "mdm_jax.train", f"--config={config_file}",
                              *extra], cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
@@ -115,6 +115,27 @@ def test_sigterm_finishes_the_step_saves_and_exits_zero(tiny_data, tmp_path):
     assert steps == [logged[-1]] and steps[0] >= 3  # the step in flight was finished and saved
     resumed = train(_config(tiny_data, workdir, steps=steps[0] + 2, log_every=1))
     assert [h["step"] for h in resumed.history] == [steps[0] + 1, steps[0] + 2]
+
+
+def test_a_restart_loads_its_compiled_step_from_the_workdir_cache(tiny_data, tmp_path):
+    """config.compile_cache_dir "" (the default) keeps XLA's cache in WORKDIR/xla_cache, so
+    a run restarted after a preemption loads the step it compiled the first time."""
+    workdir = tmp_path / "run"
+    # (empty, not unset: the config file imports conftest, which would set the test session's)
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR="")
+    config_file = _write_config_file(tmp_path / "cfg.py", _overrides(tiny_data, workdir))
+    compiled = []
+    for _ in range(2):  # start, preempted after the compile; restart, preempted again
+        proc = _launch(config_file, env=env)
+        lines = iter(proc.stdout.readline, "")
+        compiled.append(next(x for x in lines if "train step compiled in" in x).strip())
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 0, out
+    assert "(from the compile cache)" not in compiled[0], compiled
+    assert "(from the compile cache)" in compiled[1], compiled
+    assert any((workdir / "xla_cache").iterdir())
+    print("first start / restart:", compiled)
 
 
 def test_sigkill_during_async_saves_resumes_from_a_complete_checkpoint(tiny_data, tmp_path):

@@ -25,6 +25,7 @@ STEPS = 40
 
 pytestmark = [
     pytest.mark.slow,
+    pytest.mark.xdist_group("slurm"),  # one localhost Slurm (fixed ports) for the module
     pytest.mark.skipif(not all(shutil.which(b) for b in ("slurmctld", "slurmd", "munged")),
                        reason="Slurm is not installed here (apt-get install slurm-wlm munge)"),
 ]

@@ -82,6 +82,7 @@ def _train_synthetic(kind: str, weighting: str = "elbo", steps: int = 400):
     return trainer, state, patterns[:, :8], probs
 
 
+@pytest.mark.e2e
 def test_uniform_diffusion_learns_and_samples_the_data_distribution():
     from mdm_jax.inference import MDMSampler, generate
 

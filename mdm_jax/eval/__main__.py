@@ -1,8 +1,10 @@
 """`python -m mdm_jax.eval COMMAND ...`: every evaluation from one place.
 
-    python -m mdm_jax.eval text --workdir RUN --text FILE     # NLL, perplexity, bits per byte
+    python -m mdm_jax.eval text --model RUN --text FILE       # NLL, perplexity, bits per byte
     python -m mdm_jax.eval tasks --corpus DIR --out DIR       # build the bundled tasks
-    python -m mdm_jax.eval harness --model mdm_jax --model_args workdir=RUN --tasks ...
+    python -m mdm_jax.eval harness --model mdm_jax --model_args model=RUN --tasks ...
+
+RUN is a run's workdir or an export folder (`--workdir`, `workdir=`: the old names).
 """
 
 import importlib

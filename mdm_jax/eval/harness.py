@@ -1,71 +1,151 @@
 """An lm-evaluation-harness model, `mdm_jax`, and the harness's own CLI with it registered.
 
     python -m mdm_jax.eval.harness --model mdm_jax \\
-        --model_args workdir=runs/tiny_mdm,cfg=0.5,mc_num=64,mc_batch_size=32 \\
+        --model_args model=runs/tiny_mdm,cfg=0.5,mc_num=64,mc_batch_size=32 \\
         --tasks my_task --include_path tasks/ --output_path results/
 
-`model_args`: `workdir` (a run's workdir or an export folder; `path` is the same), `step`,
-`estimator` (the family's: mc | llada | chain for MDMs, mc for uniform-state diffusion, exact
-for the ARM; default its first), `mc_num`, `mc_batch_size` (Monte Carlo draws per call;
-`batch_size` in model_args is its old name), `cfg`,
-`seed`, `greedy_check` (false skips the is-greedy flag of loglikelihood requests, which
-costs an MDM one sampler run per request; multiple-choice accuracy does not use it), and for
-generate_until the sampler: `steps` (default: one per token), `block_length`,
-`remasking`, `temperature`, `max_gen_toks` (when the task gives none). ARMs score exactly and
-generate with the KV cache. Every request's text is tokenized as context + continuation
+`model_args`: `model` (a run's workdir or an export folder; `workdir` is its old name),
+`step`, `estimator` (the family's: mc | llada | chain for MDMs, mc for uniform-state
+diffusion, exact for the ARM; default its first), `mc_num` (draws per request),
+`mc_batch_size` (draws per chunk: with the seed it fixes the draws; `batch_size` in model_args
+is its old name), `cfg`, `seed`, `request_batch` (work per network call, from as many
+requests: request_batch chunks of mc_batch_size draws, or request_batch prompts of a sampler;
+1 is one at a time, the old way; default 16), `greedy_check` (auto | always | never: the
+is-greedy flag of loglikelihood requests, which costs an MDM a sampler run; auto skips it for
+multiple-choice tasks, whose accuracy does not read it), and for generate_until the sampler:
+`steps` (default: one per token), `block_length`, `remasking`, `temperature`, `max_gen_toks`
+(when the task gives none). An option the family has no use for (mc_num on the ARM's exact
+likelihood, remasking on its sampler), if given, is refused by name, as is a key the model
+does not have. lm-eval's own `--batch_size` is not used.
+
+Requests are scored together: all loglikelihood requests of a run in calls of request_batch
+chunks grouped by length (likelihood.loglikelihoods), greedy checks and greedy MDM generation
+(temperature 0, low-confidence remasking: it draws nothing) request_batch prompts per call;
+request i draws from seed + i, so a request scores the same in any batch. ARMs score exactly
+and generate with the KV cache. Every request's text is tokenized as context + continuation
 together and split at the context's tokens (so a leading space stays with the continuation,
 as the harness's own models do), after a BOS.
 """
 
 from __future__ import annotations
 
+import inspect
 import sys
 
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
 from mdm_jax import families
-from mdm_jax.eval.likelihood import Estimator, EvalError, check_estimator, is_greedy, loglikelihood
+from mdm_jax.errors import option, spelling
+from mdm_jax.eval.likelihood import (
+    Estimator,
+    EvalError,
+    check_estimator,
+    greedy_flags,
+    loglikelihoods,
+    masked_answers,
+)
+
+GREEDY_CHECK = {"auto": "auto", "always": "always", "true": "always", "1": "always",
+                "yes": "always", "never": "never", "false": "never", "0": "never",
+                "no": "never"}
+# Old model_args names, read as the new ones with a note on stderr until the next release.
+OLD_NAMES = {"workdir": "model", "path": "model", "batch_size": "mc_batch_size"}
+
+
+def _number(key: str, value, kind: type):
+    """A model_args value as `kind` (int or float), or an error naming the key as typed."""
+    try:
+        if kind is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError
+        return kind(value)
+    except (TypeError, ValueError):
+        what = "a whole number" if kind is int else "a number"
+        raise EvalError(f"model_args {option(key, value)}: give {what}") from None
+
+
+def _renamed(key: str, value, **old) -> tuple[object, str]:
+    """(value, the name the caller typed) of a model_args key that had other names: an old
+    name is read as the new one, with a note on stderr; two names at once are an error."""
+    given = [(k, v) for k, v in ((key, value), *old.items()) if v is not None]
+    if len(given) > 1:
+        raise EvalError(f"model_args {' and '.join(k + '=' for k, _ in given)} name the same "
+                        f"thing; give only {key}=")
+    if not given:
+        return None, key
+    typed, value = given[0]
+    if typed != key:
+        print(f"note: model_args {typed}= is now {key}=; the old name works until the next "
+              f"release", file=sys.stderr)
+    return value, typed
 
 
 @register_model("mdm_jax")
 class MDMJaxLM(LM):
-    def __init__(self, workdir: str | None = None, path: str | None = None, step=None,
-                 estimator: str = "", mc_num=128, mc_batch_size=32, cfg=0.0, seed=0, steps=0,
-                 block_length=0, remasking: str = "low_confidence", temperature=0.0,
-                 max_gen_toks=64, greedy_check=True, tokenizer: str | None = None,
-                 batch_size=None, **unused):
+    def __init__(self, model: str | None = None, step=None, estimator: str = "", mc_num=None,
+                 mc_batch_size=None, cfg=None, seed=0, request_batch=16,
+                 greedy_check="auto", steps=None, block_length=None, remasking=None,
+                 temperature=0.0, max_gen_toks=64, tokenizer: str | None = None,
+                 workdir: str | None = None, path: str | None = None, batch_size=None):
         super().__init__()
+        model, _ = _renamed("model", model, workdir=workdir, path=path)
+        mc_batch_size, typed = _renamed("mc_batch_size", mc_batch_size, batch_size=batch_size)
+        with spelling(batch_size=typed):  # library errors name Estimator.batch_size as typed
+            self._configure(model, step, estimator, mc_num, mc_batch_size, cfg, seed,
+                            request_batch, greedy_check, steps, block_length, remasking,
+                            temperature, max_gen_toks, tokenizer)
+
+    def _configure(self, where, step, estimator, mc_num, mc_batch_size, cfg, seed,
+                   request_batch, greedy_check, steps, block_length, remasking, temperature,
+                   max_gen_toks, tokenizer) -> None:
         from mdm_jax.data.tokenizer import Tokenizer
         from mdm_jax.inference import load
 
-        where = workdir or path
         if not where:
-            raise EvalError("model_args needs workdir=RUN_OR_EXPORT_FOLDER")
-        self.m = load(str(where), None if step in (None, "") else int(step))
-        del batch_size  # lm-eval's requests per batch: requests are scored one at a time
-        self.estimator = check_estimator(
-            Estimator(kind=str(estimator or ""), mc_num=int(mc_num),
-                      batch_size=int(mc_batch_size), cfg=float(cfg)),
-            families.get(self.m.args.family))
-        self.seed, self.steps, self.block_length = int(seed), int(steps), int(block_length)
-        self.remasking, self.temperature = str(remasking), float(temperature)
-        self.max_gen_toks = int(max_gen_toks)
-        self.greedy_check = str(greedy_check).lower() not in ("0", "false", "no")
+            raise EvalError("model_args needs model=RUN_OR_EXPORT_FOLDER (a run's workdir or "
+                            "an export folder)")
+        self.m = load(str(where), None if step in (None, "") else _number("step", step, int))
+        self.family = families.get(self.m.args.family)
+        given = {"mc_num": mc_num, "batch_size": mc_batch_size, "cfg": cfg}
+        for name in (n for n, v in given.items() if v is not None):
+            self.family.check_estimator_option(name)
+        for name, value in (("steps", steps), ("block_length", block_length),
+                            ("remasking", remasking)):
+            if value is not None:
+                self.family.check_sampler_option(name)
+        self.estimator = check_estimator(Estimator(
+            kind=str(estimator or ""),
+            mc_num=_number("mc_num", 128 if mc_num is None else mc_num, int),
+            batch_size=_number("batch_size", 32 if mc_batch_size is None else mc_batch_size, int),
+            cfg=_number("cfg", cfg or 0.0, float)), self.family)
+        self.seed = _number("seed", seed, int)
+        self.request_batch = _number("request_batch", request_batch, int)
+        if self.request_batch < 1:
+            raise EvalError(f"model_args {option('request_batch', request_batch)}: give 1 or "
+                            f"more (1 scores one chunk of draws at a time)")
+        self.greedy_check = GREEDY_CHECK.get(str(greedy_check).lower())
+        if self.greedy_check is None:
+            raise EvalError(f"model_args {option('greedy_check', greedy_check)}: choose auto, "
+                            f"always or never")
+        self.steps = _number("steps", steps or 0, int)
+        self.block_length = _number("block_length", block_length or 0, int)
+        self.remasking = str(remasking or "low_confidence")
+        self.temperature = _number("temperature", temperature, float)
+        self.max_gen_toks = _number("max_gen_toks", max_gen_toks, int)
         self.tok = Tokenizer.load(tokenizer or self.m.tokenizer_path)
         self.max_length = int(self.m.config.seq_len)
 
     @classmethod
     def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None):
-        """lm-eval passes its own `--batch_size` beside `model_args`; a `batch_size` inside
-        model_args is the older name of `mc_batch_size` (draws per call) and is read as such."""
-        args = dict(arg_dict)
-        if "batch_size" in args:
-            print("note: model_args batch_size is now mc_batch_size (Monte Carlo draws per "
-                  "call); the old name is read as the new one", file=sys.stderr)
-            args.setdefault("mc_batch_size", args.pop("batch_size"))
-        extra = {k: v for k, v in (additional_config or {}).items() if v is not None}
-        return cls(**args, **extra)
+        """model_args as a dict; an unknown key is an error that lists the keys. lm-eval's own
+        settings beside them (`additional_config`: its --batch_size, --device) are not used:
+        requests are batched by `request_batch`, on the devices JAX sees."""
+        keys = [k for k in inspect.signature(cls.__init__).parameters if k != "self"]
+        unknown = [k for k in arg_dict if k not in keys]
+        if unknown:
+            raise EvalError(f"model_args {unknown[0]}=: no such key; the keys are "
+                            f"{', '.join(k for k in keys if k not in OLD_NAMES)}")
+        return cls(**arg_dict)
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
@@ -74,12 +154,15 @@ class MDMJaxLM(LM):
         return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
 
     # -- tokens -----------------------------------------------------------------------------
-    def _split(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    def pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        """(context, continuation) tokens: BOS + the context, split where the context's own
+        tokens end, its start dropped if the pair would not fit (as the harness does)."""
         whole = self.tok.encode(context + continuation)
         ctx = self.tok.encode(context) if context else []
         if whole[:len(ctx)] != ctx:  # the boundary merged into one piece: score from there
             ctx = ctx[:-1]
-        return [self.tok.bos_id] + ctx, whole[len(ctx):]
+        cont = whole[len(ctx):]
+        return self._fit([self.tok.bos_id] + ctx, cont), cont
 
     def _fit(self, context: list[int], continuation: list[int]) -> list[int]:
         """Keep the end of a context that would not fit (BOS first), as the harness does."""
@@ -90,20 +173,28 @@ class MDMJaxLM(LM):
         return context if len(context) <= room else [context[0]] + context[-(room - 1):]
 
     # -- the harness's three requests ---------------------------------------------------------
-    def loglikelihood(self, requests, disable_tqdm: bool = False):
-        from tqdm import tqdm
+    def greedy_wanted(self, requests) -> list[bool]:
+        """Which requests need the is-greedy flag. lm-eval reads it for the `acc` of
+        loglikelihood tasks (lambada's) and for the rare `exact_match` of multiple-choice
+        ones; auto skips the multiple-choice tasks, recognised by their numbered choices
+        (a request idx above 0; a loglikelihood task's are all 0)."""
+        if self.greedy_check != "auto":
+            return [self.greedy_check == "always"] * len(requests)
+        choices = {getattr(r, "task_name", None) for r in requests if getattr(r, "idx", 0)}
+        return [getattr(r, "task_name", None) not in choices for r in requests]
 
-        out = []
-        for i, request in enumerate(tqdm(requests, disable=disable_tqdm, desc="loglikelihood")):
-            context, continuation = request.args
-            ctx, cont = self._split(context, continuation)
-            ctx = self._fit(ctx, cont)
-            score = loglikelihood(self.m.model, self.m.params, ctx, cont, self.estimator,
-                                  seed=self.seed + i, max_length=self.max_length)
-            greedy = self.greedy_check and is_greedy(self.m.model, self.m.params, ctx, cont,
-                                                     self.max_length)
-            out.append((score.logprob, greedy))
-        return out
+    def loglikelihood(self, requests, disable_tqdm: bool = False):
+        pairs = [self.pair(*r.args) for r in requests]
+        scores = loglikelihoods(self.m.model, self.m.params, pairs, self.estimator,
+                                [self.seed + i for i in range(len(pairs))], self.max_length,
+                                self.request_batch, progress=not disable_tqdm)
+        wanted = [i for i, w in enumerate(self.greedy_wanted(requests)) if w]
+        greedy = [False] * len(pairs)
+        for i, flag in zip(wanted, greedy_flags(self.m.model, self.m.params,
+                                                [pairs[i] for i in wanted], self.max_length,
+                                                self.request_batch), strict=True):
+            greedy[i] = flag
+        return [(s.logprob, g) for s, g in zip(scores, greedy, strict=True)]
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
         """The whole text's log-likelihood: windows of up to seq_len - 1 tokens, each scored
@@ -115,31 +206,52 @@ class MDMJaxLM(LM):
                           self.tok.bos_id, self.max_length, self.estimator, self.seed + i)[0]
                 for i, r in enumerate(requests)]
 
+    def _sampler(self, n: int, temperature: float):
+        from mdm_jax.inference import MDMSampler
+
+        steps = self.steps or n
+        block = self.block_length if self.block_length and n % self.block_length == 0 else 0
+        blocks = 1 if not block else n // block
+        return MDMSampler(steps=max(blocks, steps - steps % blocks), block_length=block,
+                          remasking=self.remasking, temperature=temperature,
+                          cfg=self.estimator.cfg)
+
     def generate_until(self, requests, disable_tqdm: bool = False):
+        """Greedy MDM generation (temperature 0, low-confidence remasking: it draws nothing)
+        runs request_batch prompts per call; the rest one request at a time from seed + i."""
         from tqdm import tqdm
 
-        from mdm_jax.inference import MDMSampler, generate
+        from mdm_jax.inference import generate
 
-        out = []
-        for i, request in enumerate(tqdm(requests, disable=disable_tqdm, desc="generate")):
+        jobs = []  # (request, context tokens, tokens to generate, sampler, stop strings)
+        for i, request in enumerate(requests):
             context, kwargs = request.args
             kwargs = dict(kwargs or {})
             until = kwargs.get("until") or []
-            until = [until] if isinstance(until, str) else list(until)
             n = int(kwargs.get("max_gen_toks", self.max_gen_toks))
-            ctx = [self.tok.bos_id] + self.tok.encode(context)
-            ctx = self._fit(ctx, [0] * n)
-            steps = self.steps or n
-            block = self.block_length if self.block_length and n % self.block_length == 0 \
-                else 0
-            blocks = 1 if not block else n // block
-            steps = max(blocks, steps - steps % blocks)
-            sampler = MDMSampler(steps=steps, block_length=block, remasking=self.remasking,
-                                 temperature=float(kwargs.get("temperature", self.temperature)),
-                                 cfg=self.estimator.cfg)
-            g = generate(self.m.model, self.m.params, [ctx], n, sampler, seed=self.seed + i,
-                         max_length=self.max_length)
-            text = self.tok.decode([t for t in g.answers()[0] if t < self.tok.vocab_size])
+            ctx = self._fit([self.tok.bos_id] + self.tok.encode(context), [0] * n)
+            sampler = self._sampler(n, float(kwargs.get("temperature", self.temperature)))
+            jobs.append((i, ctx, n, sampler, [until] if isinstance(until, str) else until))
+        batched = {}
+        if self.family.mask_token and self.request_batch > 1:
+            for i, ctx, n, sampler, _ in jobs:
+                if sampler.temperature == 0 and sampler.remasking == "low_confidence":
+                    batched.setdefault((n, sampler), []).append((i, ctx))
+        answers = {}
+        with tqdm(total=len(jobs), disable=disable_tqdm, desc="generate") as bar:
+            for (n, sampler), group in batched.items():
+                found = masked_answers(self.m.model, self.m.params, [c for _, c in group], n,
+                                       sampler, self.max_length, self.request_batch)
+                answers.update((i, a) for (i, _), a in zip(group, found, strict=True))
+                bar.update(len(group))
+            for i, ctx, n, sampler, _ in (j for j in jobs if j[0] not in answers):
+                answers[i] = generate(self.m.model, self.m.params, [ctx], n, sampler,
+                                      seed=self.seed + i, max_length=self.max_length
+                                      ).answers()[0]
+                bar.update(1)
+        out = []
+        for i, _, _, _, until in jobs:
+            text = self.tok.decode([t for t in answers[i] if t < self.tok.vocab_size])
             for stop in until:
                 if stop and stop in text:
                     text = text[:text.index(stop)]

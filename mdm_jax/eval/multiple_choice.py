@@ -9,7 +9,7 @@ import os
 
 import numpy as np
 
-from mdm_jax.eval.likelihood import Estimator, EvalError, loglikelihood
+from mdm_jax.eval.likelihood import Estimator, EvalError, loglikelihoods
 
 
 def read_questions(path: str, limit: int = 0) -> list[dict]:
@@ -29,20 +29,24 @@ def read_questions(path: str, limit: int = 0) -> list[dict]:
 
 
 def accuracy(model, params, tokenizer, questions: list[dict], estimator: Estimator,
-             max_length: int, seed: int = 0) -> float:
+             max_length: int, seed: int = 0, request_batch: int = 16) -> float:
     """The fraction of questions whose highest-scoring choice is the answer; each choice is
-    tokenized with its context and split at the context's tokens, after a BOS."""
-    hits = 0
+    tokenized with its context and split at the context's tokens, after a BOS, and choice k
+    draws from seed + k. Every choice of every question is scored in one batched run."""
+    requests, seeds = [], []
     for q in questions:
         ctx = tokenizer.encode(q["context"])
-        scores = []
         for k, choice in enumerate(q["choices"]):
             whole = tokenizer.encode(q["context"] + choice)
             c = ctx if whole[:len(ctx)] == ctx else ctx[:-1]
-            scores.append(loglikelihood(model, params, [tokenizer.bos_id] + c, whole[len(c):],
-                                        estimator, seed=seed + k,
-                                        max_length=max_length).logprob)
-        hits += int(np.argmax(scores)) == q["answer"]
+            requests.append(([tokenizer.bos_id] + c, whole[len(c):]))
+            seeds.append(seed + k)
+    scores = iter(loglikelihoods(model, params, requests, estimator, seeds, max_length,
+                                 request_batch))
+    hits = 0
+    for q in questions:
+        logprobs = [next(scores).logprob for _ in q["choices"]]
+        hits += int(np.argmax(logprobs)) == q["answer"]
     return hits / len(questions)
 
 

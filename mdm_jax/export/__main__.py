@@ -1,8 +1,11 @@
-"""`python -m mdm_jax.export`: the command line of `mdm_jax.export.writer.export`."""
+"""`python -m mdm_jax.export`: the command line of `mdm_jax.export.writer.export`.
+
+`--model` names the run to export (`--checkpoint` is its old name, until the next release)."""
 
 from __future__ import annotations
 
 import argparse
+import os
 
 from mdm_jax.export.layouts import FORMATS
 from mdm_jax.export.tensor_io import DTYPES
@@ -34,8 +37,8 @@ def cli(argv=None) -> None:
 
     parser = ArgumentParser(prog="python -m mdm_jax.export", description=WRITER_DOC,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True,
-                        help="a training run's workdir (or its checkpoints/STEP folder)")
+    parser.add_model_argument("--checkpoint", help="a training run's workdir (or its "
+                              "checkpoints/STEP folder, or a gs:// workdir)")
     parser.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
     parser.add_argument("--format", required=True, choices=FORMATS)
     parser.add_argument("--out", required=True, help="output folder")
@@ -49,12 +52,25 @@ def cli(argv=None) -> None:
     a = parser.parse_args(argv)
     from absl import logging as absl_logging
 
-    from mdm_jax.errors import run_main
+    from mdm_jax.errors import run_main, spelling
 
     absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every file at INFO
-    files = run_main(export, a.checkpoint, a.format, a.out, a.step, a.dtype,
-                     parse_size(a.max_shard_size), a.tokenizer, a.overwrite)
+    with spelling(flags=True, checkpoint=parser.typed("model")):
+        files = run_main(_export, a, parse_size(a.max_shard_size))
     print(f"wrote {a.format} export to {a.out}: {', '.join(files)}")
+
+
+def _export(a, max_shard_bytes: int) -> list[str]:
+    from mdm_jax.errors import option
+    from mdm_jax.export.reader import detect_format
+    from mdm_jax.export.tensor_io import ExportError
+
+    if os.path.isdir(a.model) and detect_format(a.model):
+        raise ExportError(f"{a.model} is a {detect_format(a.model)} export folder; export reads "
+                          f"a training run: give {option('checkpoint')} RUN_WORKDIR (import "
+                          f"the folder first with `python -m mdm_jax.export.load` to make one)")
+    return export(a.model, a.format, a.out, a.step, a.dtype, max_shard_bytes, a.tokenizer,
+                  a.overwrite)
 
 
 if __name__ == "__main__":

@@ -1,15 +1,16 @@
 """Import a PyTorch checkpoint (litgpt, llada-hf or llama-hf) as an mdm_jax run workdir.
 
-    python -m mdm_jax.export.load --format litgpt --src exports/tiny_lit --out runs/imported
-    python -m mdm_jax.export.load --format litgpt --src smdm/mdm-170M.pth --preset 170M \
+    python -m mdm_jax.export.load --format litgpt --model exports/tiny_lit --out runs/imported
+    python -m mdm_jax.export.load --format litgpt --model smdm/mdm-170M.pth --preset 170M \\
         --out runs/smdm_170M
-    python -m mdm_jax.export.load --format llama-hf --src exports/arm --out runs/arm_back
+    python -m mdm_jax.export.load --format llama-hf --model exports/arm --out runs/arm_back
 
-The result is an ordinary run workdir: `python -m mdm_jax.sample --workdir runs/imported`
-samples from it, and training with `--config.workdir=runs/imported` (same preset, family,
-vocabulary and sequence length) continues from it. PyTorch layouts carry no optimizer state,
-so the optimizer starts fresh. Reading the files is `export/reader.py`'s; this module writes
-the workdir through the trainer core.
+`--src` is the old name of `--model` (until the next release). The result is an ordinary run
+workdir: `python -m mdm_jax.sample --model runs/imported` samples from it, and training with
+`--config.workdir=runs/imported` (same preset, family, vocabulary and sequence length)
+continues from it. PyTorch layouts carry no optimizer state, so the optimizer starts fresh.
+Reading the files is `export/reader.py`'s; this module writes the workdir through the trainer
+core.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from mdm_jax.errors import option
 from mdm_jax.export.layouts import FORMATS
 from mdm_jax.export.reader import read_export
 from mdm_jax.export.tensor_io import ExportError
@@ -32,10 +34,10 @@ def import_checkpoint(fmt: str, src: str, out: str, preset: str | None = None,
     from mdm_jax.trainer import Trainer, resolved_config
 
     if fmt not in FORMATS:
-        raise ExportError(f"--format {fmt!r}; valid: {', '.join(FORMATS)}")
+        raise ExportError(f"{option('fmt', repr(fmt))}; valid: {', '.join(FORMATS)}")
     if not os.path.exists(src):
-        raise ExportError(f"--src {src} does not exist; give an export folder, a .safetensors "
-                          f"file or a .pth state dict")
+        raise ExportError(f"{option('src', src)} does not exist; give an export folder, a "
+                          f".safetensors file or a .pth state dict")
     contents = read_export(src, fmt, preset, step, seq_len)
     c, params, step = contents.config, contents.params, contents.step
     c.workdir = out
@@ -67,7 +69,8 @@ def _main(argv=None) -> None:
     parser = ArgumentParser(prog="python -m mdm_jax.export.load", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--format", required=True, choices=FORMATS)
-    parser.add_argument("--src", required=True, help="export folder, .safetensors or .pth")
+    parser.add_model_argument("--src", help="the PyTorch checkpoint: an export folder, a "
+                              ".safetensors file or a .pth state dict")
     parser.add_argument("--out", required=True, help="workdir for the mdm_jax checkpoint")
     parser.add_argument("--preset", help="preset name when the files do not record one")
     parser.add_argument("--step", type=int, help="step to record (default: the export's)")
@@ -79,10 +82,13 @@ def _main(argv=None) -> None:
         raise ExportError(f"--seq-len {a.seq_len}: give a positive number of tokens")
     from absl import logging as absl_logging
 
+    from mdm_jax.errors import spelling
+
     absl_logging.set_verbosity(absl_logging.WARNING)
-    step = import_checkpoint(a.format, a.src, a.out, a.preset, a.step, a.seq_len)
+    with spelling(flags=True, fmt="--format", src=parser.typed("model")):
+        step = import_checkpoint(a.format, a.model, a.out, a.preset, a.step, a.seq_len)
     print(f"wrote an mdm_jax checkpoint (step {step}) to {a.out}/checkpoints; sample with "
-          f"`python -m mdm_jax.sample --workdir {a.out}`")
+          f"`python -m mdm_jax.sample --model {a.out}`")
 
 
 def cli(argv=None) -> None:

@@ -1,10 +1,10 @@
 """Write an mdm_jax checkpoint in a PyTorch layout: SMDM's lit-gpt layout, a LLaDA-style or a
 Llama Hugging Face folder (`export()`; its command line is `python -m mdm_jax.export`).
 
-    python -m mdm_jax.export --checkpoint runs/tiny_mdm --format litgpt --out exports/tiny_lit
-    python -m mdm_jax.export --checkpoint runs/smdm_mdm_170M --step 18710 --format llada-hf \
+    python -m mdm_jax.export --model runs/tiny_mdm --format litgpt --out exports/tiny_lit
+    python -m mdm_jax.export --model runs/smdm_mdm_170M --step 18710 --format llada-hf \\
         --out exports/170M_llada --dtype bfloat16
-    python -m mdm_jax.export --checkpoint runs/smdm_arm_170M --format llama-hf --out exports/arm
+    python -m mdm_jax.export --model runs/smdm_arm_170M --format llama-hf --out exports/arm
 
 Each family lists the formats it exports to (families.py). The masked families export to
 `litgpt` (lit_model.safetensors + lit_model.pth + config.json, a config that SMDM's `lit_gpt`

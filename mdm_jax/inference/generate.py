@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mdm_jax import families
-from mdm_jax.errors import UserError
+from mdm_jax.errors import UserError, option
 from mdm_jax.inference.arm import sample_cached, sample_full
 from mdm_jax.inference.mdm import MDMSampler, denoise
 from mdm_jax.inference.mdm import check as check_settings
@@ -36,35 +36,49 @@ class Generation:
                 for row, p in zip(self.tokens, self.prompt_lens, strict=True)]
 
 
-# Flags every family's sampler takes; the others are each family's own (Family.sampler_options).
-COMMON_FLAGS = ("--gen-length", "--steps", "--temperature", "--top-k", "--top-p")
+# Options every family's sampler takes; the others are each family's own (its sampler_options).
+COMMON_OPTIONS = ("gen_length", "temperature", "top_k", "top_p")
+
+
+def chosen_options(sampler: MDMSampler, kv_cache: bool = True) -> list[str]:
+    """The family-specific options whose settings differ from the defaults (what a caller who
+    cannot say which options were set explicitly is taken to have chosen)."""
+    default = MDMSampler()
+    chosen = [name for name in ("remasking", "block_length", "cfg", "cache")
+              if getattr(sampler, name) != getattr(default, name)]
+    return chosen + ([] if kv_cache else ["kv_cache"])
+
+
+def check_options(family: families.Family, given: list[str]) -> None:
+    """The family's refusal (FamilyError, by name) of the first option in `given` (keywords)
+    that its sampler does not take."""
+    for name in given:
+        if name not in COMMON_OPTIONS:
+            family.check_sampler_option(name)
 
 
 def check_request(model: Encoder, prompts: list[list[int]], gen_length: int,
                   sampler: MDMSampler, max_length: int | None = None,
-                  kv_cache: bool = True) -> None:
-    """Raise SamplingError (naming the flag and the fix) for a request that cannot work, and
-    the family's FamilyError for an option its sampler does not take."""
+                  kv_cache: bool = True, given: list[str] | None = None) -> None:
+    """Raise SamplingError (naming the option and the fix, as the caller spells it:
+    errors.option) for a request that cannot work, and the family's FamilyError for an option
+    its sampler does not take. `given`: the options the caller set (a command line's explicit
+    flags, as keywords); None: those whose settings differ from the defaults."""
     if not prompts:
-        raise SamplingError("no prompts: give --prompt TEXT or --prompts FILE.jsonl")
+        raise SamplingError("no prompts: give at least one (a prompt may be just BOS)")
     family = families.get(model.args.family)
-    chosen = {"--remasking": sampler.remasking != "low_confidence",
-              "--block-length": sampler.block_length != 0, "--cfg": sampler.cfg != 0,
-              "--cache": sampler.cache, "--no-kv-cache": not kv_cache}
-    for flag in (f for f, on in chosen.items() if on):
-        family.check_sampler_option(flag)
-    problems = [(f, m) for f, m in check_settings(sampler, gen_length)
-                if f in COMMON_FLAGS or f in family.sampler_options]
+    check_options(family, chosen_options(sampler, kv_cache) if given is None else given)
+    problems = [m for name, m in check_settings(sampler, gen_length)
+                if name in COMMON_OPTIONS or name in family.sampler_options]
     if problems:
-        flag, message = problems[0]
-        raise SamplingError(f"{flag} {message}")
+        raise SamplingError(problems[0])
     longest = max(len(p) for p in prompts)
     limit = max_length or model.args.max_seq_len
     if longest + gen_length > limit:
         raise SamplingError(
-            f"a prompt of {longest} tokens plus --gen-length {gen_length} is "
+            f"a prompt of {longest} tokens plus {option('gen_length', gen_length)} is "
             f"{longest + gen_length} tokens, beyond the canvas of {limit} (the trained "
-            f"seq_len); shorten the prompt or lower --gen-length")
+            f"seq_len); shorten the prompt or lower {option('gen_length')}")
 
 
 def _masked(model, params, canvas, lens, key, sampler, gen_length, kv_cache):

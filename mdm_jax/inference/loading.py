@@ -25,7 +25,7 @@ import numpy as np
 
 from mdm_jax import sharding, storage
 from mdm_jax.config import resolve_mesh_shape
-from mdm_jax.errors import UserError
+from mdm_jax.errors import UserError, option
 from mdm_jax.model import Encoder, ModelArgs
 
 
@@ -122,7 +122,7 @@ def load(path: str, step: int | None = None, mesh_shape=(1, 1, 1), devices=None)
 
     if not storage.is_remote(path) and os.path.isdir(path) and detect_format(path):
         if step is not None:
-            raise LoadError(f"--step {step}: {path} is an export folder (one step); drop "
-                            f"--step")
+            raise LoadError(f"{option('step', step)}: {path} is an export folder (one "
+                            f"step); drop {option('step')}")
         return load_export(path, mesh_shape, devices)
     return load_checkpoint(path, step, mesh_shape, devices)

@@ -34,6 +34,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from mdm_jax.errors import option
 from mdm_jax.inference.tokens import choose
 from mdm_jax.model import Encoder
 
@@ -58,30 +59,37 @@ class MDMSampler:
 
 
 def check(s: MDMSampler, gen_length: int) -> list[tuple[str, str]]:
-    """Problems with these settings for `gen_length` answer tokens, as (flag, message) pairs."""
+    """Problems with these settings for `gen_length` answer tokens, as (option, message) pairs:
+    the option's keyword, and a message naming it as the caller spells it (errors.option)."""
     problems = []
     if s.steps < 1:
-        problems.append(("--steps", f"{s.steps}: give 1 or more reverse steps"))
+        problems.append(("steps", f"{option('steps', s.steps)}: give 1 or more reverse steps"))
     if s.remasking not in REMASKING:
-        problems.append(("--remasking", f"{s.remasking!r}: choose one of {', '.join(REMASKING)}"))
+        problems.append(("remasking", f"{option('remasking', repr(s.remasking))}: choose one "
+                                      f"of {', '.join(REMASKING)}"))
     if gen_length < 1:
-        problems.append(("--gen-length", f"{gen_length}: give 1 or more tokens to generate"))
+        problems.append(("gen_length", f"{option('gen_length', gen_length)}: give 1 or more "
+                                       f"tokens to generate"))
     if s.block_length < 0:
-        problems.append(("--block-length", f"{s.block_length}: give 0 (one block) or more"))
+        problems.append(("block_length", f"{option('block_length', s.block_length)}: give 0 "
+                                         f"(one block) or more"))
     elif s.block_length and gen_length % s.block_length:
-        problems.append(("--block-length", f"{s.block_length} does not divide the generation "
-                         f"length {gen_length}; give a divisor of it (or 0)"))
+        problems.append(("block_length", f"{option('block_length', s.block_length)} does not "
+                                         f"divide {option('gen_length', gen_length)}; give a "
+                                         f"divisor of it (or 0)"))
     elif s.steps >= 1 and s.steps % s.blocks(max(gen_length, 1)):
-        problems.append(("--steps", f"{s.steps} is not a multiple of the {s.blocks(gen_length)} "
-                         f"blocks; give a multiple so that every block gets the same steps"))
+        problems.append(("steps", f"{option('steps', s.steps)} is not a multiple of the "
+                                  f"{s.blocks(gen_length)} blocks; give a multiple so that "
+                                  f"every block gets the same steps"))
     if not (s.temperature >= 0):
-        problems.append(("--temperature", f"{s.temperature}: give 0 (greedy) or more"))
+        problems.append(("temperature", f"{option('temperature', s.temperature)}: give 0 "
+                                        f"(greedy) or more"))
     if s.top_k < 0:
-        problems.append(("--top-k", f"{s.top_k}: give 0 (off) or more"))
+        problems.append(("top_k", f"{option('top_k', s.top_k)}: give 0 (off) or more"))
     if not (0 < s.top_p <= 1):
-        problems.append(("--top-p", f"{s.top_p}: give a number in (0, 1]"))
+        problems.append(("top_p", f"{option('top_p', s.top_p)}: give a number in (0, 1]"))
     if not (s.cfg >= 0):
-        problems.append(("--cfg", f"{s.cfg}: give 0 (off) or a positive weight"))
+        problems.append(("cfg", f"{option('cfg', s.cfg)}: give 0 (off) or a positive weight"))
     return problems
 
 

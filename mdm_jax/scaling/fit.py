@@ -19,6 +19,7 @@ import dataclasses
 import json
 import math
 import os
+import textwrap
 
 import numpy as np
 
@@ -169,11 +170,15 @@ def fit(rows: list[dict]) -> dict:
     for family, reference in COMPARISONS:
         if {family, reference} <= fams.keys():
             k = _multiplier(fams[family]["_minima"], fams[reference]["_minima"],
-                            fams[family]["_laws"][0], fams[reference]["_laws"][0])
+                            fams[family]["_laws"][0], fams[reference]["_laws"][0],
+                            (family, reference))
+            k["label"] = multiplier_label(k)
             out["multipliers"][f"{family}/{reference}"] = k
             if reference == families.BASELINE:
                 fams[family]["compute_multiplier"] = k["shared_alpha"]
                 fams[family]["compute_multiplier_log10_se"] = k["shared_alpha_log10_se"]
+                fams[family]["compute_multiplier_bound"] = k["bound"]
+                fams[family]["compute_multiplier_label"] = k["label"]
     if families.BASELINE in fams and len(fams) > 1:
         fams[families.BASELINE]["compute_multiplier"] = 1.0
     if "mdm/arm" in out["multipliers"]:
@@ -187,10 +192,10 @@ COMPARISONS = tuple((f.name, ref) for f in families.RECORDS for ref in f.compare
 
 
 def _multiplier(mdm: list[Minimum], arm: list[Minimum], mdm_law: PowerLaw,
-                arm_law: PowerLaw) -> dict:
+                arm_law: PowerLaw, names: tuple[str, str] = ("mdm", "arm")) -> dict:
     """k with L_mdm(k C) = L_arm(C) (mdm: the family, arm: its reference). Shared alpha:
     log L = c_family - alpha log C, so log k = (c_mdm - c_arm) / alpha, a constant; its error
-    by the delta method."""
+    by the delta method. Where a minimum is not bracketed, k is labelled a bound (`_bound`)."""
     lc = np.log10([m.budget for m in mdm] + [m.budget for m in arm])
     is_mdm = np.array([1.0] * len(mdm) + [0.0] * len(arm))
     design = np.stack([is_mdm, 1 - is_mdm, -lc], 1)
@@ -199,12 +204,58 @@ def _multiplier(mdm: list[Minimum], arm: list[Minimum], mdm_law: PowerLaw,
     log_k = (c_m - c_a) / alpha
     grad = np.array([1 / alpha, -1 / alpha, -log_k / alpha])
     log_k_se = math.sqrt(max(float(grad @ cov @ grad), 0.0))
+    # d log k / d y_i for every minimum: the parameters are linear in y.
+    sensitivity = grad @ np.linalg.inv(design.T @ design) @ design.T
     at_budget = {}
     for m in arm:  # separate exponents: solve a_m (k C)^-alpha_m = a_a C^-alpha_a for k
         target = float(arm_law(m.budget))
         at_budget[f"{m.budget:.3g}"] = (target / mdm_law.coef) ** (1 / mdm_law.exponent) / m.budget
     return {"shared_alpha": 10 ** log_k, "shared_alpha_log10_se": log_k_se,
-            "alpha_shared": alpha, "at_budget": at_budget}
+            "alpha_shared": alpha, "at_budget": at_budget,
+            **_bound(mdm + arm, sensitivity, [names[0]] * len(mdm) + [names[1]] * len(arm))}
+
+
+def _bound(minima: list[Minimum], sensitivity: np.ndarray, owners: list[str]) -> dict:
+    """Whether a multiplier built on these minima is a measurement, a bound, or neither.
+
+    A minimum that is not bracketed is the best run, not the optimum: the optimum at that
+    budget is at least as good, so the true log L* is the reported one less some d >= 0.
+    The fit is linear in the log losses, so to first order log k moves by -sum_i s_i d_i, with
+    s_i = d log k / d log L*_i. If every unbracketed minimum has s_i >= 0, no correction can
+    raise k: the reported k is an upper bound; if every s_i <= 0, a lower bound; mixed signs
+    give no bound. The sign is not the family's alone. A lower loss moves its family's line
+    down (for the family: less compute needed, k falls; for the reference: more, k rises) and
+    also tilts the shared slope (a lower loss at a small budget flattens it, at a large budget
+    steepens it), and log k = gap / alpha. Where the two oppose (the family's small budgets,
+    the reference's large ones) the tilt can win: at SMDM's 16x on its 5 budgets, lowering the
+    family's minimum at the smallest budget raises k."""
+    open_ = [(m, s, who) for m, s, who in zip(minima, sensitivity, owners, strict=True)
+             if not m.bracketed]
+    unbracketed: dict[str, list[float]] = {}
+    for m, _, who in open_:
+        unbracketed.setdefault(who, []).append(m.budget)
+    if not open_:
+        return {"minima_bracketed": True, "multiplier_is_bound": False, "bound": None,
+                "unbracketed": {}}
+    tol = 1e-9 * max(float(np.abs(sensitivity).max()), 1.0)
+    signs = {int(np.sign(s)) for _, s, _ in open_ if abs(s) > tol}
+    bound = {frozenset({1}): "upper", frozenset({-1}): "lower"}.get(frozenset(signs))
+    return {"minima_bracketed": False, "multiplier_is_bound": bound is not None,
+            "bound": bound, "unbracketed": unbracketed}
+
+
+def multiplier_label(k: dict, unicode: bool = False) -> str:
+    """'16.2x', '<= 16.2x' (upper bound), '>= 16.2x' (lower bound) or '16.2x?' (neither)."""
+    value = f"{k['shared_alpha']:.3g}x"
+    if k.get("minima_bracketed", True):
+        return value
+    le, ge = ("\u2264", "\u2265") if unicode else ("<=", ">=")
+    return {"upper": f"{le} {value}", "lower": f"{ge} {value}"}.get(k.get("bound"), value + "?")
+
+
+def _where(k: dict) -> str:
+    return "; ".join(f"{who.upper()} at C=" + ", ".join(f"{c:.3g}" for c in budgets)
+                     for who, budgets in k["unbracketed"].items())
 
 
 def public(result: dict) -> dict:
@@ -228,15 +279,31 @@ def report(result: dict) -> str:
         family, reference = (f.upper() for f in pair.split("/"))
         spread = 10 ** k["shared_alpha_log10_se"]
         lines.append(f"{family} compute multiplier for the {reference}'s loss: "
-                     f"{k['shared_alpha']:.3g}x (x/ {spread:.2f} one s.e.; shared alpha "
+                     f"{multiplier_label(k)} (x/ {spread:.2f} one s.e.; shared alpha "
                      f"{k['alpha_shared']:.4f}); per budget: "
                      + ", ".join(f"{c}: {v:.3g}x" for c, v in k["at_budget"].items()))
+        if k.get("minima_bracketed", True):
+            continue
+        if k["bound"] == "upper":
+            lines.append(f"  an upper bound, not a measurement: minima not bracketed "
+                         f"({_where(k)}); their true minima are lower, which can only lower "
+                         f"it (to first order)")
+        elif k["bound"] == "lower":
+            lines.append(f"  a lower bound, not a measurement: minima not bracketed "
+                         f"({_where(k)}); their true minima are lower, which can only raise "
+                         f"it (to first order)")
+        else:
+            lines.append(f"  neither a measurement nor a bound: minima not bracketed "
+                         f"({_where(k)}) would move it in opposite directions; widen the grid")
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], result: dict, path: str) -> None:
+PLOT_DPI = 110
+
+
+def figure(rows: list[dict], result: dict):
     """Top row: one IsoFLOP panel per family (losses compare within a family only); bottom
-    row: L*(C) and N*(C) of every family."""
+    row: L*(C) and N*(C) of every family. A matplotlib Figure (Agg), ticks made readable."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -244,7 +311,7 @@ def plot(rows: list[dict], result: dict, path: str) -> None:
 
     names = list(result["families"])
     cols = max(len(names), 2)
-    fig, grid = plt.subplots(2, cols, figsize=(4.2 * cols, 8.4), squeeze=False)
+    fig, grid = plt.subplots(2, cols, figsize=(4.2 * cols, 8.4), squeeze=False, dpi=PLOT_DPI)
     for ax in grid[1, 2:]:
         ax.set_visible(False)
     loss_ax, n_ax = grid[1, 0], grid[1, 1]
@@ -277,22 +344,149 @@ def plot(rows: list[dict], result: dict, path: str) -> None:
                 title="Optimal loss vs compute")
     n_ax.set(xscale="log", yscale="log", xlabel="training FLOPs C", ylabel="optimal N*",
              title="Optimal size vs compute")
-    needs = [f"{pair.split('/')[0].upper()} {k['shared_alpha']:.3g}x"
-             for pair, k in result.get("multipliers", {}).items() if pair.endswith("/arm")]
-    if needs:
-        loss_ax.set_title("Optimal loss vs compute (vs ARM: " + ", ".join(needs) + ")",
-                          fontsize=9)
+    pairs = [(pair.split("/")[0].upper(), k) for pair, k in result.get("multipliers", {}).items()
+             if pair.endswith("/arm")]
+    if pairs:  # wrapped to the panel's width (about 50 characters at this size)
+        needs = ", ".join(f"{name} {multiplier_label(k, unicode=True)}".replace(" ", "\u00a0")
+                          for name, k in pairs)  # (no break inside one family's figure)
+        lines = ["Optimal loss vs compute",
+                 *textwrap.wrap(f"compute for the ARM's loss: {needs}", 50, break_on_hyphens=False)]
+        if any(not k.get("minima_bracketed", True) for _, k in pairs):
+            lines.append("\u2264 / \u2265: a bound; ?: no bound (minima not bracketed)")
+        loss_ax.set_title("\n".join(lines), fontsize=9)
     for ax in grid.flat:
         if ax.get_visible() and ax.has_data():
             ax.legend(fontsize=7)
             ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
+    readable_log_ticks(fig)
+    return fig
+
+
+def plot(rows: list[dict], result: dict, path: str) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = figure(rows, result)
     try:
-        fig.savefig(path, dpi=110)
+        fig.savefig(path, dpi=fig.dpi)
     except OSError as e:
         raise StudyError(f"cannot write --plot {path}: {e.strerror or e}") from None
     finally:
         plt.close(fig)
+
+
+# Log-axis tick labels, most wanted first: decades, then 5s, 2s, 3s, the other digits, halves.
+_MANTISSA_LEVELS = ((1,), (5,), (2,), (3,), (4, 6, 7, 8, 9), (1.5, 2.5, 3.5, 4.5))
+
+
+def tick_text(value: float, scientific: bool | None = None) -> str:
+    """A short tick label: 4, 3.5, 0.25 as numbers; 2x10^11 and 10^12 in mathtext (also
+    5x10^3 where `scientific`, so that one axis keeps one style)."""
+    if scientific is None:
+        scientific = not 1e-2 <= abs(value) < 1e4
+    if not scientific:
+        return f"{value:g}"
+    exponent = math.floor(math.log10(abs(value)) + 1e-9)
+    mantissa = f"{value / 10 ** exponent:.3g}"
+    return (f"$10^{{{exponent}}}$" if mantissa == "1"
+            else f"${mantissa}\\times10^{{{exponent}}}$")
+
+
+def _log_candidates(lo: float, hi: float, base: float = 10) -> list[tuple[int, float]]:
+    """(level, value) of every labelled-tick candidate inside [lo, hi]: on a base-10 axis by
+    `_MANTISSA_LEVELS`, on another base its powers."""
+    if base != 10:
+        powers = range(math.floor(math.log(lo, base)) - 1, math.ceil(math.log(hi, base)) + 2)
+        return [(0, float(f"{base ** k:.6g}")) for k in powers if lo <= base ** k <= hi]
+    out = []
+    for exponent in range(math.floor(math.log10(lo)) - 1, math.ceil(math.log10(hi)) + 1):
+        for level, mantissas in enumerate(_MANTISSA_LEVELS):
+            for m in mantissas:
+                v = float(f"{m * 10.0 ** exponent:.6g}")
+                if lo <= v <= hi:
+                    out.append((level, v))
+    return sorted(out)
+
+
+def _kept_labels(axis, values: list[tuple[int, float]], renderer, pad: float) -> set:
+    """Values whose labels do not overlap a label kept before them (in level order)."""
+    extents = {}
+    for tick, loc in zip(axis.get_major_ticks(), axis.get_majorticklocs(), strict=False):
+        label = tick.label1
+        if label.get_visible() and label.get_text():
+            extents[float(f"{loc:.6g}")] = label.get_window_extent(renderer).padded(pad)
+    kept, boxes = set(), []
+    for _, v in values:  # sorted by level, then value
+        box = extents.get(v)
+        if box is not None and not any(box.overlaps(b) for b in boxes):
+            kept.add(v)
+            boxes.append(box)
+    return kept
+
+
+def readable_log_ticks(fig, pad: float = 2.0) -> None:
+    """Label each log axis of fig with round values whose labels never overprint.
+
+    Matplotlib labels minor ticks on a log axis spanning less than about a decade, and
+    those labels (2x10^11, 3x10^11, 4x10^11 ...) run into each other. Here the candidates are
+    decades, then 5s, 2s, 3s, the other digits and halves (on a base-2 axis, its powers of 2;
+    on an axis too short for any of these, round linear values), added level by level until an
+    axis has 2 labels (3 on an axis spanning under 1.5 decades); each label is kept only if its
+    box (padded by `pad` pixels) meets no label kept before it, measured on fig's own renderer
+    after layout. Unlabelled minor ticks stay for the grid. Call after tight_layout; save at
+    fig.dpi."""
+    from matplotlib import ticker
+
+    axes = [axis for ax in fig.axes if ax.get_visible() for axis in (ax.xaxis, ax.yaxis)
+            if axis.get_scale() == "log"]
+    candidates, level, want, scientific = [], [0] * len(axes), [], []
+    for axis in axes:
+        lo, hi = sorted(axis.get_view_interval())
+        base = getattr(axis.get_transform(), "base", 10)
+        found = _log_candidates(lo, hi, base) or [
+            (0, float(f"{v:.6g}")) for v in ticker.MaxNLocator(nbins=3).tick_values(lo, hi)
+            if lo <= v <= hi]
+        candidates.append(found)
+        want.append(2 if math.log10(hi / lo) >= 1.5 else 3)
+        scientific.append(not 1e-2 <= lo <= hi < 1e4)
+        if base == 10:
+            axis.set_minor_locator(ticker.LogLocator(subs=tuple(range(2, 10)), numticks=100))
+        axis.set_minor_formatter(ticker.NullFormatter())
+
+    def show(i: int, values: list, labelled: set) -> None:
+        axes[i].set_major_locator(ticker.FixedLocator([v for _, v in values]))
+        axes[i].set_major_formatter(ticker.FuncFormatter(
+            lambda v, _pos: (tick_text(v, scientific[i]) if float(f"{v:.6g}") in labelled
+                             else "")))
+
+    def upto(i: int) -> list:
+        return [c for c in candidates[i] if c[0] <= level[i]]
+
+    pending = [i for i in range(len(axes)) if candidates[i]]
+    for i in pending:
+        show(i, upto(i), {v for _, v in upto(i)})
+    while pending:  # add a level where an axis has too few labels; at most one draw per level
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        still = []
+        for i in pending:
+            kept = _kept_labels(axes[i], upto(i), renderer, pad)
+            if len(kept) >= want[i] or level[i] >= max(lv for lv, _ in candidates[i]):
+                show(i, [c for c in upto(i) if c[1] in kept], kept)
+            else:
+                level[i] += 1
+                show(i, upto(i), {v for _, v in upto(i)})
+                still.append(i)
+        pending = still
+    # Fewer labels may let the layout grow the axes; check once more on the final layout.
+    fig.tight_layout()
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    for i, axis in enumerate(axes):
+        shown = {float(f"{v:.6g}") for v in axis.get_majorticklocs()}
+        values = [c for c in candidates[i] if c[1] in shown]
+        kept = _kept_labels(axis, values, renderer, pad)
+        show(i, [c for c in values if c[1] in kept], kept)
 
 
 def _main(argv=None) -> None:

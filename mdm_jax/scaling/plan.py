@@ -227,8 +227,8 @@ def _flags():
     config = config_flags.DEFINE_config_file("config", None, "study config, e.g. "
                                              "experiments/isoflop.py[:micro]")
     flags.DEFINE_bool("json", False, "print JSON instead of a table")
-    flags.DEFINE_string("accelerator", None, "price the runs on this accelerator (a key of "
-                        f"mdm_jax.flops.PEAK_FLOPS: {', '.join(flops.PEAK_FLOPS)})")
+    flags.DEFINE_string("accelerator", None, "price the runs on this accelerator (a chip of "
+                        f"mdm_jax.flops.CHIPS: {', '.join(flops.CHIPS)})")
     flags.DEFINE_float("mfu", None, "assumed model FLOPs utilisation, e.g. 0.4")
     flags.DEFINE_string("target", None, "also compile every run for this target (mdm_jax.aot; "
                         "needs .venv-accelerators): fits, peak, micro-batch, roofline hours")
@@ -242,10 +242,10 @@ def _main(study) -> None:
 
     check_study(study)
     accelerator = flags.FLAGS.accelerator or study.accelerator
-    if flops.peak_flops(accelerator) is None:
+    if flops.chip(accelerator) is None:
         source = "--accelerator" if flags.FLAGS.accelerator else "study.accelerator"
         raise StudyError(f"{source}={accelerator!r} is not a known accelerator; valid: "
-                         f"{', '.join(flops.PEAK_FLOPS)}")
+                         f"{', '.join(flops.CHIPS)}")
     if flags.FLAGS.mfu is None:
         mfu = check_mfu(study.assumed_mfu, "study.assumed_mfu")
     else:

@@ -1,5 +1,6 @@
-"""Issue 13: corruption and mix-ups are detected before they do harm (the parts done so far:
-TensorBoard events after SIGKILL, resuming on other data)."""
+"""Corruption and mix-ups are detected before they do harm: TensorBoard events after SIGKILL,
+resuming on other data, interrupted exports, swapped shards, changed checkpoint bytes, a full
+disk."""
 
 from __future__ import annotations
 

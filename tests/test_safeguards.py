@@ -1,5 +1,6 @@
-"""Issue 12, the trainer and export side: each case lost data, went silently wrong, or crashed
-late before; each now does the right thing or stops with one line naming the fix."""
+"""Safeguards of the trainer and export: damaged checkpoints set aside, folders never
+overwritten by surprise, mismatched resumes refused, one trainer per workdir, non-finite steps
+kept out of the saved state, and command-line mistakes as one line naming the fix."""
 
 from __future__ import annotations
 
@@ -213,13 +214,13 @@ def test_train_cli_errors_are_one_line(args, needle, tmp_path):
 def test_export_cli_errors_are_one_line(tmp_path):
     (tmp_path / "a_file").write_text("x")
     for args, needle in (
-            (["--checkpoint", str(tmp_path / "none"), "--format", "litgpt", "--out",
+            (["--model", str(tmp_path / "none"), "--format", "litgpt", "--out",
               str(tmp_path / "o")], "is not an mdm_jax run"),
-            (["--checkpoint", str(tmp_path), "--format", "litgpt", "--out", str(tmp_path / "o"),
+            (["--model", str(tmp_path), "--format", "litgpt", "--out", str(tmp_path / "o"),
               "--max-shard-size", "lots"], "--max-shard-size 'lots'"),
-            (["--checkpoint", str(tmp_path), "--format", "litgpt", "--out",
+            (["--model", str(tmp_path), "--format", "litgpt", "--out",
               str(tmp_path / "a_file")], "is a file; give a folder"),
-            (["--checkpoint", str(tmp_path), "--format", "gguf", "--out", str(tmp_path / "o")],
+            (["--model", str(tmp_path), "--format", "gguf", "--out", str(tmp_path / "o")],
              "--format")):
         out = subprocess.run([sys.executable, "-m", "mdm_jax.export", *args], cwd=REPO,
                              capture_output=True, text=True, timeout=120)
