@@ -8,18 +8,17 @@ each, 400 in all) with the tiny MDM.
 
 It prepares what is missing the way `launch/demo.sh` does (demo corpus, tokenizer, shards, the
 tiny MDM in runs/tiny_mdm; then the bundled tasks in data_cache/tasks) and runs the harness
-(`lm_eval.simple_evaluate`, the tasks' own metrics) twice on the same questions, same seeds:
+(`lm_eval.simple_evaluate`, the tasks' own metrics) on the same questions, same seeds:
   - before: `--before REV` (default: the commit before batching) is that commit's harness,
-    extracted with `git archive` and run in a child process: every request alone, each chunk
-    of draws in its own network call, a greedy check (a sampler run) for every loglikelihood
-    request; `--before current` is this tree's harness one at a time
-    (`request_batch=1,greedy_check=always`);
+    extracted with `git archive`: every request alone, each chunk of draws in its own network
+    call, a greedy check (a sampler run) for every loglikelihood request; `--before current`
+    is this tree's harness one at a time (`request_batch=1,greedy_check=always`);
   - after: this tree's harness with its defaults: all requests together, grouped by length,
     each distinct mask scored once, the greedy check only where a metric reads it.
-Each runs in a fresh process (compiles included, as in a user's run), in the order after,
-before, after (the load of a shared machine drifts: the two afters are averaged), and is timed
-whole (the evaluation from a task index built beforehand) and in the model's request methods.
-It prints seconds per question for each, the ratio (target >= 10) and the tasks' scores, and
+Each evaluation runs in a fresh process (compiles included, as in a user's run), in the order
+after, before, after (the load of a shared machine drifts: the two afters are averaged), and
+is timed whole (from a task index and imports made beforehand) and inside the model's request
+methods. It prints seconds per question, the ratio (target >= 10) and the tasks' scores, and
 exits non-zero unless the scores are identical and every request's log-likelihood agrees to
 float rounding (the batched draws are the old ones).
 """
@@ -43,16 +42,18 @@ BEFORE = "eb26ea6"  # the last commit that scored requests one at a time
 
 def evaluate(model_args: dict, tasks: str, limit: int | None) -> dict:
     """{"seconds", "model_seconds", "scores", "logprobs"} of one harness run over the bundled
-    tasks (seconds: the whole evaluation, from a task index built beforehand; model_seconds:
-    in the model's request methods), with the mdm_jax that Python imports (a child process
-    puts an old commit's first)."""
+    tasks (seconds: the whole evaluation, from a task index and imports made beforehand;
+    model_seconds: in the model's request methods), with the mdm_jax that Python imports (a
+    child process puts an old commit's first)."""
     import logging
 
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import datasets
-    import lm_eval
+    import torch  # noqa: F401  (lm-eval's own imports: before the clock)
+    import transformers  # noqa: F401
     from absl import logging as absl_logging
+    from lm_eval import evaluator
     from lm_eval.tasks import TaskManager
 
     from mdm_jax.eval.harness import MDMJaxLM
@@ -80,7 +81,8 @@ def evaluate(model_args: dict, tasks: str, limit: int | None) -> dict:
     timed("generate_until")
     manager = TaskManager(include_path=tasks, include_defaults=False)
     t0 = time.perf_counter()
-    r = lm_eval.simple_evaluate(model=lm, tasks=list(TASKS), limit=limit, task_manager=manager)
+    r = evaluator.simple_evaluate(model=lm, tasks=list(TASKS), limit=limit,
+                                  task_manager=manager)
     seconds = time.perf_counter() - t0
     scores = {f"{t} {k.split(',')[0]}": float(v) for t in TASKS
               for k, v in r["results"][t].items() if k.split(",")[0] in ("acc", "exact_match")}

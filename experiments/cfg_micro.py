@@ -24,7 +24,7 @@ METRIC = {"demo_cloze": "acc,none", "demo_next_word": "exact_match,first_word"}
 
 
 def harness(workdir: str, extra: str, tasks_dir: str, out: str) -> dict:
-    args = f"workdir={workdir},greedy_check=false" + (f",{extra}" if extra else "")
+    args = f"model={workdir},greedy_check=never" + (f",{extra}" if extra else "")
     subprocess.run([sys.executable, "-m", "mdm_jax.eval.harness", "--model", "mdm_jax",
                     "--model_args", args, "--tasks", ",".join(TASKS), "--include_path",
                     tasks_dir, "--output_path", out], check=True, cwd=REPO,

@@ -98,7 +98,7 @@ COMMANDS: dict[str, Run | NotHere] = {
     "--mc-num 128": Run(),
     ".venv/bin/python -m mdm_jax.eval.tasks": Run(),
     ".venv/bin/python -m mdm_jax.eval.harness --model mdm_jax --model_args "
-    "workdir=runs/tiny_mdm,estimator=mc,mc_num=128,mc_batch_size=32,cfg=0.5 "
+    "model=runs/tiny_mdm,estimator=mc,mc_num=128,mc_batch_size=32,cfg=0.5 "
     "--tasks demo_cloze,demo_next_word --include_path data_cache/tasks --output_path results/":
         Run("--limit 20"),
     ".venv/bin/python experiments/reverse_curse.py --seeds 0,1,2":

@@ -405,8 +405,10 @@ def loglikelihood(model: Encoder, params, context: list[int], continuation: list
 def masked_answers(model: Encoder, params, prompts: list[list[int]], gen_length: int,
                    sampler, max_length: int, batch: int) -> list[list[int]]:
     """The MDM sampler's answers of `gen_length` tokens after each prompt, `batch` prompts per
-    call on canvases padded to `call_width`. Only for settings that draw nothing (temperature
-    0, low-confidence remasking): their answers do not depend on what shares a call."""
+    call on canvases padded to a multiple of 32 (`draw_width`: coarser than a likelihood
+    call's, as a sampler run compiles slowly and computes little). Only for settings that draw
+    nothing (temperature 0, low-confidence remasking): their answers do not depend on what
+    shares a call."""
     from mdm_jax.inference import SAMPLERS
 
     assert sampler.temperature == 0 and sampler.remasking == "low_confidence", sampler
@@ -422,7 +424,7 @@ def masked_answers(model: Encoder, params, prompts: list[list[int]], gen_length:
         return [row[len(p):len(p) + gen_length].tolist()
                 for row, p in zip(np.asarray(out), rows, strict=True)]
 
-    return in_calls(prompts, lambda p: call_width(len(p) + gen_length, max_length), batch, call)
+    return in_calls(prompts, lambda p: draw_width(len(p) + gen_length, max_length), batch, call)
 
 
 def _sampler_greedy(model, params, reqs: Requests, batch: int) -> list[bool]:
