@@ -86,6 +86,23 @@ def tiny_data(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def runs(tiny_data, tmp_path_factory):
+    """{"mdm": workdir, "arm": workdir}: nano runs of 30 steps on the tiny corpus, trained once
+    for the evaluation and harness tests."""
+    from mdm_jax.train import train
+
+    out = {}
+    for kind in ("mdm", "arm"):
+        workdir = tmp_path_factory.mktemp(f"run_{kind}")
+        train(nano_config(**{"data.train_dir": tiny_data["train"], "data.eval_dir": "",
+                             "data.tokenizer": tiny_data["tokenizer"], "workdir": str(workdir),
+                             "objective.kind": kind, "steps": 30, "checkpoint_every": 30,
+                             "samples.count": 0}))
+        out[kind] = str(workdir)
+    return out
+
+
 def nano_config(**overrides):
     """A < 1M-parameter float32 config for fast CPU tests."""
     from mdm_jax.config import base_config

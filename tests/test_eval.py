@@ -160,20 +160,7 @@ def test_bad_estimator_settings_name_the_fix(mdm):
 
 # ---- on a trained run: the text CLI ---------------------------------------------------
 
-@pytest.fixture(scope="module")
-def runs(tiny_data, tmp_path_factory):
-    from mdm_jax.train import train
-
-    out = {}
-    for kind in ("mdm", "arm"):
-        workdir = tmp_path_factory.mktemp(f"eval_{kind}")
-        train(nano_config(**{"data.train_dir": tiny_data["train"], "data.eval_dir": "",
-                             "data.tokenizer": tiny_data["tokenizer"], "workdir": str(workdir),
-                             "objective.kind": kind, "steps": 30, "checkpoint_every": 30,
-                             "samples.count": 0}))
-        out[kind] = str(workdir)
-    return out
-
+# (`runs`: a trained MDM and ARM, from conftest)
 
 def test_text_elbo_and_bits_per_byte(runs, tmp_path, capsys):
     from mdm_jax.eval import text as evaluate

@@ -13,7 +13,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import nano_config
 from flax import linen as nn
 
 from mdm_jax.eval.likelihood import (
@@ -103,20 +102,7 @@ def test_greedy_checks_batched_give_every_answer_of_the_one_at_a_time_check(fami
 
 # ---- the harness model on trained runs ------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def runs(tiny_data, tmp_path_factory):
-    from mdm_jax.train import train
-
-    out = {}
-    for kind in ("mdm", "arm"):
-        workdir = tmp_path_factory.mktemp(f"harness_{kind}")
-        train(nano_config(**{"data.train_dir": tiny_data["train"], "data.eval_dir": "",
-                             "data.tokenizer": tiny_data["tokenizer"], "workdir": str(workdir),
-                             "objective.kind": kind, "steps": 10, "checkpoint_every": 10,
-                             "samples.count": 0}))
-        out[kind] = str(workdir)
-    return out
-
+# (`runs`: a trained MDM and ARM, shared with tests/test_eval.py, from conftest)
 
 def _instance(context, continuation, task="t", idx=0):
     """What lm-eval passes: args, the task's name and the choice's index (multiple choice)."""
