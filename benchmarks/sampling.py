@@ -8,18 +8,18 @@ and the uniform-state study's speed-quality frontier).
 On the demo corpus (prepared by `bash launch/demo.sh`; this script runs the same data steps if
 they are missing) it trains, or reuses when already trained:
   - the `tiny` ARM and a `tiny` model of each diffusion family in `--families` (mdm, mdm-ce,
-    uniform) from `experiments/tiny.py` (same data, steps, tokenizer),
+    uniform, eso) from `experiments/tiny.py` (same data, steps, tokenizer),
   - a larger ARM scorer (`small` preset, `--scorer-steps`) on the same corpus and tokenizer.
 Then it generates `--num` unconditional samples of `seq_len - 1` tokens after BOS with the ARM
 (KV cache; also full recompute) and with each diffusion model at each of `--steps` (MDMs:
-random remasking, the exact reverse process; uniform: ancestral; temperature 1), each after one
-untimed
-warm-up call of the same shape, and reports for each: seconds, tokens/s, network calls (NFE),
-the generative perplexity of the samples under the scorer (exp of the mean NLL of the generated
-tokens), and the mean per-sample unigram entropy in bits (degenerate repetition shows as a low
-entropy). The validation data's own perplexity under the scorer is printed for reference. It
+random remasking, the exact reverse process; uniform: ancestral; eso: its diffusion phase at
+alpha0 = 1 with the KV cache, and once recomputing at the largest step count; temperature 1),
+each after one untimed warm-up call of the same shape, and reports for each: seconds,
+tokens/s, network calls (NFE), the generative perplexity of the samples under the scorer
+(exp of the mean NLL of the generated tokens), and the mean per-sample unigram entropy in
+bits (degenerate repetition shows as a low entropy). The validation data's own perplexity under the scorer is printed for reference. It
 prints the table, marks the Pareto front (faster and better than nothing else), and writes
-`results.json`, `pareto.png` (generative perplexity vs seconds) and `frontier.png` (generative
+`results.json`, `pareto.png` (generative perplexity vs tokens/s) and `frontier.png` (generative
 perplexity vs sampling steps, one line per family, the ARM at its one step per token) into
 `--out`. Generative perplexity compares across families (one scorer judges every sample), unlike
 the families' validation bounds. Caching is
@@ -37,6 +37,7 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DIFFUSION = ("mdm", "mdm-ce", "uniform", "eso")
 DATA = os.path.join(REPO, "data_cache")
 
 
@@ -125,14 +126,14 @@ def plot(rows, path: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for family, marker in FAMILY_MARKERS.items():
         pts = [r for r in rows if r["sampler"].split(" ", 1)[0] == family]
-        ax.scatter([r["seconds"] for r in pts], [r["gen_ppl"] for r in pts], marker=marker,
-                   label=family)
+        ax.scatter([r["tokens_per_s"] for r in pts], [r["gen_ppl"] for r in pts],
+                   marker=marker, label=family)
         for r in pts:
-            ax.annotate(r["sampler"].split(" ", 1)[-1], (r["seconds"], r["gen_ppl"]),
+            ax.annotate(r["sampler"].split(" ", 1)[-1], (r["tokens_per_s"], r["gen_ppl"]),
                         fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("seconds for the batch (log)")
+    ax.set_xlabel("generated tokens per second (log; faster to the right)")
     ax.set_ylabel("generative perplexity (scorer ARM, log)")
     ax.set_title("Sampling speed vs quality, tiny models on the demo corpus")
     ax.legend()
@@ -141,7 +142,7 @@ def plot(rows, path: str) -> None:
     plt.close(fig)
 
 
-FAMILY_MARKERS = {"ARM": "s", "MDM": "o", "MDM-CE": "^", "UNIFORM": "D"}
+FAMILY_MARKERS = {"ARM": "s", "MDM": "o", "MDM-CE": "^", "UNIFORM": "D", "ESO": "v"}
 
 
 def plot_frontier(rows, path: str) -> None:
@@ -176,7 +177,7 @@ def main(argv=None) -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--num", type=int, default=32, help="samples per sampler (one batch)")
     p.add_argument("--steps", default="8,16,32,64,128", help="diffusion step counts")
-    p.add_argument("--families", default="mdm,mdm-ce,uniform",
+    p.add_argument("--families", default="mdm,mdm-ce,uniform,eso",
                    help="diffusion families to compare with the ARM")
     p.add_argument("--cache-steps", default="128,512",
                    help="step counts of the caching comparison (one sample, as RADD's)")
@@ -197,10 +198,10 @@ def main(argv=None) -> None:
 
     ensure_data()
     families = [f.strip() for f in args.families.split(",") if f.strip()]
-    bad = [f for f in families if f not in ("mdm", "mdm-ce", "uniform")]
+    bad = [f for f in families if f not in DIFFUSION]
     if bad or not families:
-        p.error(f"--families {args.families!r}: give diffusion families among mdm, mdm-ce, "
-                f"uniform")
+        p.error(f"--families {args.families!r}: give diffusion families among "
+                f"{', '.join(DIFFUSION)}")
     runs = {f: os.path.join(args.runs, f"tiny_{f}") for f in [*families, "arm"]}
     runs["scorer"] = os.path.join(args.runs, "scorer_arm_small")
     for family in [*families, "arm"]:
@@ -225,12 +226,18 @@ def main(argv=None) -> None:
                                                   MDMSampler(temperature=1.0), seed=args.seed,
                                                   kv_cache=False), scorer, 1, vocab),
     ]
+    step_counts = [int(s) for s in args.steps.split(",")]
     for family in families:
         m = models[family]
-        for steps in (int(s) for s in args.steps.split(",")):
+        for steps in step_counts:
             s = MDMSampler(steps=steps, remasking="random", temperature=1.0)
             rows.append(measure(f"{family.upper()} {steps} steps", lambda s=s, m=m: generate(
                 m.model, m.params, prompts, gen_length, s, seed=args.seed), scorer, 1, vocab))
+        if family == "eso":  # the same samples without the KV cache: what the cache buys
+            s = MDMSampler(steps=max(step_counts), temperature=1.0)
+            rows.append(measure(f"ESO {s.steps} steps recompute", lambda s=s, m=m: generate(
+                m.model, m.params, prompts, gen_length, s, seed=args.seed, kv_cache=False),
+                scorer, 1, vocab))
     # Caching: one sample, steps >= its tokens (RADD's setting): steps that reveal nothing are
     # common there, and each one skipped is a network call saved.
     caching = []

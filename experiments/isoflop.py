@@ -10,11 +10,15 @@ Config argument: "smdm" (default; shared/REFERENCE.md sections 1 and 3), "micro"
 MDM + ARM micro study) or "micro_families" (four families, budgets that bracket every minimum).
 Fields:
   families      comma-separated objective kinds: mdm (SMDM's ELBO), mdm-ce (masked CE), uniform
-                (uniform-state diffusion), arm. All share the grid, so their curves meet budget
-                by budget; SMDM's own study is --config.families=mdm,arm
+                (uniform-state diffusion), eso (interpolating diffusion, Eso-LM at alpha0 = 1
+                with the low-variance loss, as the scaling study trains it), arm. All share the
+                grid, so their curves meet budget by budget; SMDM's own study is
+                --config.families=mdm,arm
   grid          "BUDGET: PRESET,..." entries; the presets bracket each budget's optimum
   batch/seq_len the global batch of every run (SMDM: 256 x 2048)
-  convention    "6n" (SMDM's C = 6 N D) or "3fwd" (the Duo study's 3 x F_fwd per token)
+  convention    "6n" (SMDM's C = 6 N D), "3fwd" (the Duo study's 3 x F_fwd per token) or
+                "3fwd-matmul" (3 x F_fwd without attention scores: the uniform/interpolating
+                scaling study's count)
   base          the run config each run starts from, given "PRESET,FAMILY" as its argument
   overrides     extra "key=value" config overrides for every run (data paths, mesh, ...)
   sweep_dir     each run's workdir is sweep_dir/RUN_ID; results.csv lands here by default;
@@ -57,7 +61,7 @@ MICRO_FAMILIES_GRID = (
     "7.5e12: 4K,13K,27K,56K,107K,214K,443K",
 )
 
-ALL_FAMILIES = "mdm,mdm-ce,uniform,arm"
+ALL_FAMILIES = "mdm,mdm-ce,uniform,eso,arm"
 
 
 def get_config(arg: str = "smdm"):

@@ -29,6 +29,8 @@ def get_config(arg: str = "107K,mdm"):
     c.optim.lr = 1e-2
     c.optim.min_lr = 1e-3
     c.optim.warmup_fraction = 0.1
+    if kind == "eso":  # as the scaling study trains it (s-sahoo/scaling-dllms, esolm.yaml):
+        c.objective.weighting = "unweighted"  # alpha0 = 1, low-variance loss
     c.data.train_dir = f"{DATA}/micro_prepared_128/train"
     c.data.eval_dir = f"{DATA}/micro_prepared_128/validation"
     c.data.tokenizer = f"{DATA}/micro_tokenizer.model"

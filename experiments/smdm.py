@@ -55,6 +55,8 @@ def get_config(arg: str = "170M"):
     c.micro_batch_per_device = smdm_micro_batch_per_device(preset, kind)
     c.mesh.data, c.mesh.fsdp = 1, -1  # FSDP over every device, as SMDM
     c.model.remat = "dots"
+    if kind == "eso":  # as the scaling study trains it (s-sahoo/scaling-dllms, esolm.yaml):
+        c.objective.weighting = "unweighted"  # alpha0 = 1, low-variance loss
     c.data.train_dir = "data/slimpajama_2048/train"
     c.data.eval_dir = "data/slimpajama_2048/validation"
     c.data.tokenizer = "data/tokenizer.model"  # Llama-2's SentencePiece model (vocab 32000)

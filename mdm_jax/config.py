@@ -19,6 +19,10 @@ from mdm_jax.presets import get_preset
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ATTENTION_IMPLS = ("xla", "jax", "cudnn", "splash")
 MESH_AXES = ("data", "fsdp", "tensor")
+# How the noise levels t of a batch are drawn: i.i.d.; stratified with one shared offset,
+# t_i = (u + i/B) mod 1; antithetic as Eso-LM/MDLM draw them, t_i = (u_i + i)/B, one u_i per
+# stratum (mdm_jax.objectives.sample_t).
+T_SAMPLING = ("uniform", "stratified", "antithetic")
 
 
 class ConfigError(UserError, ValueError):
@@ -46,8 +50,11 @@ FIELDS = (
     ("objective.eps", 1e-3, "smallest noise level t"),
     ("objective.variable_length_prob", 0.01, "share cut to a random length"),
     ("objective.weighting", "elbo", "elbo (1/t) | unweighted"),
-    ("objective.t_sampling", "uniform", "uniform | stratified (over the batch)"),
+    ("objective.t_sampling", "uniform", "uniform | stratified | antithetic (README)"),
     ("objective.loss_chunk", 256, "tokens per chunk of the fused head + loss"),
+    ("eso.alpha0", 1.0, "eso: share of tokens made by diffusion (0: AR)"),
+    ("eso.batch_split", -1.0, "eso: rows on the diffusion term (-1: by alpha0)"),
+    ("eso.shuffle", True, "eso: random order in clean/masked (variant B)"),
     ("optim.lr", 2e-4, "peak learning rate (AdamW, cosine decay)"),
     ("optim.min_lr", 2e-5, "learning rate at the end of the decay"),
     ("optim.b1", 0.9, "Adam beta1"),
@@ -192,8 +199,9 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, process_count: int 
              f"config.model.attention={c.model.attention!r}; valid: {', '.join(ATTENTION_IMPLS)}.")
     _require(c.objective.weighting in ("elbo", "unweighted"),
              f"config.objective.weighting={c.objective.weighting!r}; valid: elbo, unweighted.")
-    _require(c.objective.t_sampling in ("uniform", "stratified"),
-             f"config.objective.t_sampling={c.objective.t_sampling!r}; valid: uniform, stratified.")
+    _require(c.objective.t_sampling in T_SAMPLING,
+             f"config.objective.t_sampling={c.objective.t_sampling!r}; valid: "
+             f"{', '.join(T_SAMPLING)}.")
     _require(c.samples.remasking in ("low_confidence", "random"),
              f"config.samples.remasking={c.samples.remasking!r}; valid: low_confidence, random.")
     _require(0 < c.objective.eps < 1, f"config.objective.eps={c.objective.eps} must be in (0, 1).")
@@ -247,6 +255,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, process_count: int 
              f"config.micro_batch={mb} (global_batch when 0) is not divisible by the batch "
              f"shards data*fsdp={data}*{fsdp}={batch_shards}; use a multiple of {batch_shards} "
              f"or change config.mesh.")
+    if c.objective.kind == "eso":
+        _validate_eso(c, mb)
     _require(c.global_batch % process_count == 0,
              f"config.global_batch={c.global_batch} is not divisible by the {process_count} "
              f"processes; use a multiple of {process_count}.")
@@ -264,6 +274,28 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, process_count: int 
              f"preset {c.model.preset!r} d_model {preset.d_model} is not divisible by "
              f"config.mesh.fsdp={fsdp}; FSDP splits the embed dimension, so choose fsdp from "
              f"the divisors of {preset.d_model} (e.g. {math.gcd(preset.d_model, fsdp)}).")
+
+
+def _validate_eso(c: ml_collections.ConfigDict, rows: int) -> None:
+    """The interpolating family's options: alpha0, and a batch split that leaves rows for each
+    term it trains (of `rows` per forward pass)."""
+    alpha0, split = c.eso.alpha0, c.eso.batch_split
+    _require(0 <= alpha0 <= 1, f"config.eso.alpha0={alpha0} must be in [0, 1] (1: masked "
+                               f"diffusion in a random order, 0: left to right).")
+    _require(split == -1 or 0 <= split <= 1,
+             f"config.eso.batch_split={split} must be in [0, 1], or -1 (chosen by alpha0).")
+    split = families.eso_batch_split(alpha0, split)
+    diffusion_rows = int(split * rows)
+    _require(alpha0 == 0 or diffusion_rows >= 1,
+             f"config.eso.batch_split={split} leaves none of the {rows} rows of a forward pass "
+             f"to the diffusion term (alpha0={alpha0} > 0); raise it (or -1).")
+    _require(alpha0 == 1 or diffusion_rows < rows,
+             f"config.eso.batch_split={split} leaves none of the {rows} rows of a forward pass "
+             f"to the left-to-right term (alpha0={alpha0} < 1); lower it (or -1).")
+    _require(alpha0 == 1 or c.model.attention == "xla",
+             f"config.model.attention={c.model.attention}: the left-to-right term of eso "
+             f"(alpha0={alpha0} < 1) needs an explicit 2L attention mask, which only the xla "
+             f"attention takes; use model.attention=xla (or eso.alpha0=1).")
 
 
 def resolve_mesh_shape(data: int, fsdp: int, tensor: int, num_devices: int) -> tuple[int, ...]:

@@ -25,7 +25,10 @@ class FamilyError(UserError, ValueError):
 class Family:
     name: str
     summary: str
-    causal: bool  # attends left to right (no mask token: the ARM)
+    # Who attends to whom: "bidirectional" (every token to every token), "causal" (left to
+    # right, predicting the next token: the ARM) or "order" (causal along a per-token order
+    # with clean tokens first, each token keeping its own position: Eso-LM; mdm_jax/orders.py)
+    attention: str
     time_conditioned: bool  # the model reads the noise level (adaLN), not a mask count
     mask_token: bool  # the embedding has a mask-token row (id = vocab_size)
     objective: str  # what it trains on; validation always reports the true bound
@@ -41,6 +44,11 @@ class Family:
     export_formats: tuple[str, ...]
     compare_with: tuple[str, ...]  # families the scaling fit measures its compute against
     plot_style: tuple[str, str]  # matplotlib marker, line style
+
+    @property
+    def causal(self) -> bool:
+        """Next-token prediction: inputs and targets are shifted by one (the ARM)."""
+        return self.attention == "causal"
 
     @property
     def inputs_extra(self) -> int:
@@ -80,7 +88,7 @@ class Family:
                      f"({kinds})", option(name), tuple(map(option, self.estimator_options)))
 
 
-_MASKED = dict(causal=False, time_conditioned=False, mask_token=True,
+_MASKED = dict(attention="bidirectional", time_conditioned=False, mask_token=True,
                sampler="masked diffusion: low-confidence or random remasking",
                sampler_options=("steps", "remasking", "block_length", "cfg", "cache"),
                guidance=True, estimators=("mc", "llada", "chain"),
@@ -93,14 +101,23 @@ RECORDS = (
     Family(name="mdm-ce", summary="masked diffusion on the plain masked cross-entropy",
            objective="masked cross-entropy (validation: the ELBO)",
            compare_with=(BASELINE, "mdm"), plot_style=("^", "-."), **_MASKED),
-    Family(name="uniform", summary="uniform-state diffusion", causal=False,
+    Family(name="uniform", summary="uniform-state diffusion", attention="bidirectional",
            time_conditioned=True, mask_token=False, objective="continuous-time NELBO",
            sampler="ancestral (every step may change any answer token)",
            sampler_options=("steps",), guidance=False, estimators=("mc",),
            estimator_options=("mc_num", "batch_size"), exact_likelihood=False,
            export_formats=(),
            compare_with=(BASELINE,), plot_style=("D", ":")),
-    Family(name="arm", summary="autoregressive baseline", causal=True, time_conditioned=False,
+    Family(name="eso", summary="interpolating diffusion, Eso-LM", attention="order",
+           time_conditioned=False, mask_token=True,
+           objective="NELBO: masked diffusion in a random order + left-to-right term",
+           sampler="diffusion over a random order, then left to right, with a KV cache",
+           sampler_options=("steps", "alpha0", "kv_cache"), guidance=False,
+           estimators=("mc",), estimator_options=("mc_num", "batch_size"),
+           exact_likelihood=False, export_formats=(),
+           compare_with=(BASELINE, "mdm"), plot_style=("v", (0, (5, 1, 1, 1)))),
+    Family(name="arm", summary="autoregressive baseline", attention="causal",
+           time_conditioned=False,
            mask_token=False, objective="next-token cross-entropy",
            sampler="left to right with a KV cache", sampler_options=("kv_cache",),
            guidance=False, estimators=("exact",), estimator_options=(), exact_likelihood=True,
@@ -108,7 +125,18 @@ RECORDS = (
            compare_with=(), plot_style=("s", "--")),
 )
 BY_NAME = {f.name: f for f in RECORDS}
+ATTENTION = ("bidirectional", "causal", "order")
+assert all(f.attention in ATTENTION for f in RECORDS)
 FAMILIES = tuple(BY_NAME)
+
+
+def eso_batch_split(alpha0: float, batch_split: float) -> float:
+    """The interpolating family's share of a batch on the diffusion term (the rest trains the
+    left-to-right term): as given, or for -1 the Eso-LM scripts' choice (1 at alpha0 = 1, 0 at
+    alpha0 = 0, else 1/2)."""
+    if batch_split >= 0:
+        return batch_split
+    return 1.0 if alpha0 == 1 else 0.0 if alpha0 == 0 else 0.5
 
 
 def get(name: str) -> Family:

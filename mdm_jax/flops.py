@@ -92,23 +92,37 @@ def time_conditioning_weights(preset: Preset) -> int:
             + preset.n_layer * COND_DIM * 6 * preset.d_model + COND_DIM * 2 * preset.d_model)
 
 
+def sequential_share(family: str, alpha0: float = 1.0, batch_split: float = -1.0) -> float:
+    """The share of a batch's rows that run the interpolating family's 2L left-to-right pass
+    (eso at alpha0 < 1: the rows off the diffusion term); 0 for every other family."""
+    if family != "eso" or alpha0 == 1:
+        return 0.0
+    return 1.0 - families.eso_batch_split(alpha0, batch_split)
+
+
 def flops_per_token_6n(preset: Preset, seq_len: int = SMDM_SEQ_LEN,
-                       family: str = "mdm") -> float:
+                       family: str = "mdm", sequential: float = 0.0) -> float:
     """Training FLOPs per token, SMDM convention: 6 N (plus 6 x the time conditioning's
-    weights / L for a time-conditioned model: they run once per sequence)."""
+    weights / L for a time-conditioned model: they run once per sequence); a row on the 2L
+    sequential pass (a `sequential` share of them) reads twice the tokens."""
     conditioned = families.get(family).time_conditioned
     extra = 6.0 * time_conditioning_weights(preset) / seq_len if conditioned else 0.0
-    return 6.0 * preset.non_embedding_params + extra
+    return (6.0 * preset.non_embedding_params + extra) * (1.0 + sequential)
 
 
 def forward_flops_per_token(preset: Preset, seq_len: int, vocab_size: int | None = None,
-                            family: str = "mdm") -> float:
+                            family: str = "mdm", sequential: float = 0.0,
+                            attention_scores: bool = True) -> float:
     """Forward matmul FLOPs per token including attention scores/values and the head.
 
     A bidirectional encoder attends to all L keys; a causal model's useful work is half of that
     (the family's attention_fraction).
     A time-conditioned model adds its conditioning matmuls, which run once per sequence, so
     they cost 1/L of their weights' 2 FLOPs per token.
+    A `sequential` share of rows runs eso's 2L pass: twice the weight matmuls, four times the
+    attention scores (2L x 2L, all computed under the explicit mask), the head on L.
+    attention_scores=False leaves out QK^T and AV, as the uniform/interpolating scaling study
+    counts (s-sahoo/scaling-dllms `configs/flops`: calflops does not see its attention).
     """
     v = vocab_size or preset.vocab_size
     d_attn = preset.n_head * preset.head_dim
@@ -116,29 +130,46 @@ def forward_flops_per_token(preset: Preset, seq_len: int, vocab_size: int | None
                    - preset.d_model)  # weights only, norms excluded
     f = families.get(family)
     attn = 2.0 * 2.0 * seq_len * d_attn * preset.n_layer * f.attention_fraction
+    attn = attn if attention_scores else 0.0
     head = 2.0 * preset.d_model * v
     conditioning = 2.0 * time_conditioning_weights(preset) / seq_len if f.time_conditioned else 0.0
-    return dense + attn + head + conditioning
+    return (dense * (1.0 + sequential) + attn * (1.0 + 3.0 * sequential) + head
+            + conditioning)
 
 
 def train_flops_per_token(preset: Preset, seq_len: int, vocab_size: int | None = None,
-                          family: str = "mdm") -> float:
+                          family: str = "mdm", sequential: float = 0.0,
+                          attention_scores: bool = True) -> float:
     """Detailed training FLOPs per token: 3 x forward (forward + backward)."""
-    return 3.0 * forward_flops_per_token(preset, seq_len, vocab_size, family)
+    return 3.0 * forward_flops_per_token(preset, seq_len, vocab_size, family, sequential,
+                                         attention_scores)
+
+
+# FLOP conventions: SMDM's C = 6 N D; the Duo study's 3 x F_fwd (our detailed forward count);
+# the uniform/interpolating scaling study's 3 x F_fwd without attention scores.
+CONVENTIONS = ("6n", "3fwd", "3fwd-matmul")
+
+
+def per_token_flops(preset: Preset, seq_len: int, convention: str,
+                    vocab_size: int | None = None, family: str = "mdm",
+                    sequential: float = 0.0) -> float:
+    """Training FLOPs per token under `convention` (one of CONVENTIONS)."""
+    if convention == "6n":
+        return flops_per_token_6n(preset, seq_len, family, sequential)
+    if convention in ("3fwd", "3fwd-matmul"):
+        return train_flops_per_token(preset, seq_len, vocab_size, family, sequential,
+                                     attention_scores=convention == "3fwd")
+    raise ValueError(f"convention={convention!r}; valid: '6n' (SMDM), '3fwd' (Duo) or "
+                     f"'3fwd-matmul' (the uniform/interpolating scaling study)")
 
 
 def steps_for_budget(preset: Preset, budget: float, batch: int = SMDM_BATCH,
                      seq_len: int = SMDM_SEQ_LEN, convention: str = "6n",
-                     vocab_size: int | None = None, family: str = "mdm") -> int:
-    """Optimizer steps that spend `budget` FLOPs: SMDM's 6N (default) or Duo's 3 F_fwd."""
-    tokens_per_step = batch * seq_len
-    if convention == "6n":
-        per_token = flops_per_token_6n(preset, seq_len, family)
-    elif convention == "3fwd":
-        per_token = train_flops_per_token(preset, seq_len, vocab_size, family)
-    else:
-        raise ValueError(f"convention={convention!r}; valid: '6n' (SMDM) or '3fwd' (Duo)")
-    return int(budget / (per_token * tokens_per_step))
+                     vocab_size: int | None = None, family: str = "mdm",
+                     sequential: float = 0.0) -> int:
+    """Optimizer steps that spend `budget` FLOPs under `convention` (CONVENTIONS)."""
+    per_token = per_token_flops(preset, seq_len, convention, vocab_size, family, sequential)
+    return int(budget / (per_token * batch * seq_len))
 
 
 def peak_flops(device_kind: str) -> float | None:
@@ -169,11 +200,12 @@ class Plan:
 
 
 def plan(name: str, budget: float, batch: int = SMDM_BATCH, seq_len: int = SMDM_SEQ_LEN,
-         convention: str = "6n", family: str = "mdm") -> Plan:
+         convention: str = "6n", family: str = "mdm", sequential: float = 0.0) -> Plan:
     preset = get_preset(name)
     if budget <= 0:
         raise ValueError(f"--budget must be a positive number of FLOPs, got {budget}")
-    steps = steps_for_budget(preset, budget, batch, seq_len, convention, family=family)
+    steps = steps_for_budget(preset, budget, batch, seq_len, convention, family=family,
+                             sequential=sequential)
     if steps < 1:
         one_step = flops_per_token_6n(preset) * batch * seq_len
         raise ValueError(
@@ -187,8 +219,9 @@ def plan(name: str, budget: float, batch: int = SMDM_BATCH, seq_len: int = SMDM_
         total_params=total_params(preset, family=family), budget=budget, batch=batch,
         seq_len=seq_len, steps=steps, tokens=tokens,
         tokens_per_param=tokens / preset.non_embedding_params,
-        flops_per_token_6n=flops_per_token_6n(preset, seq_len, family),
-        flops_per_token_detailed=train_flops_per_token(preset, seq_len, family=family),
+        flops_per_token_6n=flops_per_token_6n(preset, seq_len, family, sequential),
+        flops_per_token_detailed=train_flops_per_token(preset, seq_len, family=family,
+                                                       sequential=sequential),
         convention=convention,
     )
 
@@ -202,9 +235,15 @@ def _main(argv=None) -> None:
     parser.add_argument("--budget", type=float, required=True, help="training FLOPs, e.g. 1e19")
     parser.add_argument("--batch", type=int, default=SMDM_BATCH, help="sequences per step")
     parser.add_argument("--seq-len", type=int, default=SMDM_SEQ_LEN)
-    parser.add_argument("--convention", choices=("6n", "3fwd"), default="6n")
+    parser.add_argument("--convention", choices=CONVENTIONS, default="6n",
+                        help="6n: SMDM; 3fwd: Duo (3 x forward); 3fwd-matmul: without "
+                             "attention scores (the uniform/interpolating scaling study)")
     parser.add_argument("--family", choices=families.FAMILIES, default="mdm",
                         help="what it counts: mask-token row, causal attention, conditioning")
+    parser.add_argument("--alpha0", type=float, default=1.0,
+                        help="eso: below 1, part of each batch runs the 2L left-to-right pass")
+    parser.add_argument("--batch-split", type=float, default=-1.0,
+                        help="eso: share of rows on the diffusion term (-1: by --alpha0)")
     parser.add_argument("--json", action="store_true", help="print JSON")
     args = parser.parse_args(argv)
     if not (math.isfinite(args.budget) and args.budget > 0):
@@ -215,7 +254,8 @@ def _main(argv=None) -> None:
             raise UserError(f"{flag} {value}: give a positive integer")
     try:
         result = plan(args.preset, args.budget, args.batch, args.seq_len, args.convention,
-                      family=args.family)
+                      family=args.family, sequential=sequential_share(
+                          args.family, args.alpha0, args.batch_split))
     except ValueError as e:  # an unknown preset, or a budget below one step: named in e
         raise UserError(str(e)) from None
     if args.json:

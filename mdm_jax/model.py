@@ -44,6 +44,8 @@ class ModelArgs:
     scan_layers: bool = True
     attention: str = "xla"
     cond_dim: int = 128  # width of the noise-level embedding when time-conditioned
+    alpha0: float = 1.0  # interpolating family: share of tokens made by diffusion (its default
+    # for sampling and likelihoods; the other families ignore it)
     rope_base: float = 10000.0
     norm_eps: float = 1e-5
 
@@ -67,11 +69,20 @@ class ModelArgs:
         return cls.from_preset(
             get_preset(c.model.preset), vocab_size=c.model.vocab_size or None,
             family=c.objective.kind, dtype=c.model.dtype, remat=c.model.remat,
-            scan_layers=c.model.scan_layers, attention=c.model.attention)
+            scan_layers=c.model.scan_layers, attention=c.model.attention,
+            alpha0=c.eso.alpha0 if "eso" in c else 1.0)
 
     @property
     def causal(self) -> bool:
+        """Next-token prediction (the ARM): inputs shifted against targets."""
         return families.get(self.family).causal
+
+    @property
+    def causal_attention(self) -> bool:
+        """Each token attends to itself and the tokens before it: in sequence order (the ARM)
+        or in a per-token order the caller lays the tokens out in (the interpolating family:
+        mdm_jax/orders.py)."""
+        return families.get(self.family).attention in ("causal", "order")
 
     @property
     def time_conditioning(self) -> bool:
@@ -109,12 +120,24 @@ def rope_tables(seq_len: int, head_dim: int, base: float) -> tuple[jax.Array, ja
     return jnp.cos(angles), jnp.sin(angles)
 
 
+def rope_at(positions: jax.Array, head_dim: int, base: float) -> tuple[jax.Array, jax.Array]:
+    """cos/sin [B, L, head_dim] for explicit per-token positions [B, L] (a token keeps its
+    own position wherever the caller lays it out)."""
+    inv_freq = 1.0 / (base ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotate [B, L, H, D] by position: x*cos + rotate_half(x)*sin, in float32."""
+    """Rotate [B, L, H, D] by position: x*cos + rotate_half(x)*sin, in float32. cos/sin are
+    [L, D] (shared by the batch) or [B, L, D] (per-token positions)."""
     xf = x.astype(jnp.float32)
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
-    out = xf * cos[None, :, None, :] + rotated * sin[None, :, None, :]
+    if cos.ndim == 2:
+        cos, sin = cos[None], sin[None]
+    out = xf * cos[:, :, None, :] + rotated * sin[:, :, None, :]
     return out.astype(x.dtype)
 
 
@@ -145,20 +168,24 @@ def _key_mask(seq_len: int, causal: bool, lengths: jax.Array | None) -> jax.Arra
     return mask
 
 
-def xla_attention(q, k, v, *, causal: bool, lengths: jax.Array | None):
-    """Reference attention: fp32 scores and softmax, matmuls in the compute dtype."""
+def xla_attention(q, k, v, *, causal: bool, lengths: jax.Array | None, mask=None):
+    """Reference attention: fp32 scores and softmax, matmuls in the compute dtype. `mask`
+    (bool [B, 1, Lq, Lk], True = may attend) replaces `causal` and `lengths` when given."""
     scale = 1.0 / math.sqrt(q.shape[-1])
     scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
-    mask = _key_mask(q.shape[1], causal, lengths)
+    if mask is None:
+        mask = _key_mask(q.shape[1], causal, lengths)
     if mask is not None:
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
 
 
-def attention(q, k, v, *, impl: str, causal: bool, lengths: jax.Array | None):
+def attention(q, k, v, *, impl: str, causal: bool, lengths: jax.Array | None, mask=None):
+    if mask is not None and impl != "xla":  # config.validate refuses such runs by name
+        raise ValueError(f"attention={impl!r} takes no explicit mask; only 'xla' does")
     if impl == "xla":
-        return xla_attention(q, k, v, causal=causal, lengths=lengths)
+        return xla_attention(q, k, v, causal=causal, lengths=lengths, mask=mask)
     if impl == "splash":  # TPU Pallas kernel (mdm_jax/attention_kernels.py)
         return splash_attention(q, k, v, causal=causal, lengths=lengths)
     # jax.nn.dot_product_attention: "jax" lets XLA choose, "cudnn" demands the fused GPU kernel.
@@ -202,32 +229,38 @@ def _modulation(module: nn.Module, cond, n: int, d: int, name: str):
     return jnp.split(out, n, axis=-1)
 
 
-def cached_attention(q, k, v, cache, start):
+def cached_attention(q, k, v, cache, start, key_start=None):
     """Causal attention of T new positions [start, start + T) over a fixed-size KV cache.
 
     cache = (keys, values), each [B, C, H, D]: the new k, v are written at `start` and every
-    query attends to the cached keys at or before its own position. Returns (out, cache)."""
+    query attends to the cached keys at or before its own position (and, with `key_start`
+    [B], not before key_start[b]: row b's padding). Returns (out, cache)."""
     keys = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype), start, 1)
     values = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), start, 1)
     scale = 1.0 / math.sqrt(q.shape[-1])
     scores = jnp.einsum("bqhd,bkhd->bhqk", q, keys.astype(q.dtype),
                         preferred_element_type=jnp.float32) * scale
     query_pos = start + jnp.arange(q.shape[1])
-    allowed = jnp.arange(keys.shape[1])[None, :] <= query_pos[:, None]
-    scores = jnp.where(allowed[None, None], scores, jnp.finfo(jnp.float32).min)
+    key_pos = jnp.arange(keys.shape[1])
+    allowed = (key_pos[None, :] <= query_pos[:, None])[None, None]
+    if key_start is not None:
+        allowed = allowed & (key_pos >= key_start[:, None])[:, None, None, :]
+    scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     return jnp.einsum("bhqk,bkhd->bqhd", probs, values.astype(v.dtype)), (keys, values)
 
 
 class Block(nn.Module):
     """Pre-norm transformer block; signature (carry, broadcast..., per-layer) -> (carry, out)
-    for nn.scan. `cache` (ARM decoding only): this layer's (keys, values) [B, C, H, D] and the
-    position of x's first token; the block then returns the updated cache as its output."""
+    for nn.scan. `cache` (decoding only): this layer's (keys, values) [B, C, H, D] and the
+    position of x's first token; the block then returns the updated cache as its output.
+    `mask`: an explicit attention mask (Encoder's); `key_start`: the cached keys' padding."""
 
     args: ModelArgs
 
     @nn.compact
-    def __call__(self, x, cos, sin, lengths, cache=None, start=None, cond=None):
+    def __call__(self, x, cos, sin, lengths, cache=None, start=None, cond=None, mask=None,
+                 key_start=None):
         a = self.args
         dt = a.compute_dtype
         std = math.sqrt(2.0 / (5.0 * a.d_model))
@@ -253,9 +286,10 @@ class Block(nn.Module):
         q, k, v = (act(t, head_axes) for t in (q, k, v))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is None:
-            o = attention(q, k, v, impl=a.attention, causal=a.causal, lengths=lengths)
+            o = attention(q, k, v, impl=a.attention, causal=a.causal_attention,
+                          lengths=lengths, mask=mask)
         else:
-            o, cache = cached_attention(q, k, v, cache, start)
+            o, cache = cached_attention(q, k, v, cache, start, key_start)
         wo = _param(self, "wo", (a.n_head, a.head_dim, a.d_model), out_std,
                     ("heads", "head_dim", "embed"))
         o = o.reshape(*o.shape[:2], -1)  # [B, L, H * K]
@@ -283,11 +317,16 @@ class Encoder(nn.Module):
 
     @nn.compact
     def __call__(self, tokens, lengths=None, return_logits: bool = False, cache=None,
-                 start=None, sigma=None):
+                 start=None, sigma=None, positions=None, mask=None, key_start=None):
         """With `cache` (keys, values) [n_layer, B, C, H, D] and `start`, tokens are the
         positions [start, start + T) of a causal decode: returns (logits, updated cache).
         `sigma` [B]: the noise level of a time-conditioned model (only used by one with
-        args.time_conditioning; None there means sigma = 0, e.g. for init)."""
+        args.time_conditioning; None there means sigma = 0, e.g. for init).
+        `positions` [B, T]: each token's RoPE position (default: its index, or start + index
+        when decoding); `mask` [B, 1, T, T] bool: who may attend to whom, replacing the
+        family's causal/bidirectional rule and `lengths` (XLA attention only); `key_start`
+        [B] (decoding): cached keys before it are row b's padding. The interpolating family
+        lays tokens out in its order with these (mdm_jax/orders.py)."""
         a = self.args
         cond = None
         if a.time_conditioning:
@@ -306,7 +345,9 @@ class Encoder(nn.Module):
         table = nn.with_logical_constraint(table.astype(dt), ("embed_vocab", "act_embed"))
         x = jnp.take(table, tokens, axis=0)
         x = nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
-        if cache is None:
+        if positions is not None:
+            cos, sin = rope_at(positions, a.head_dim, a.rope_base)
+        elif cache is None:
             cos, sin = rope_tables(tokens.shape[1], a.head_dim, a.rope_base)
         else:
             cos, sin = (jax.lax.dynamic_slice_in_dim(t, start, tokens.shape[1]) for t in
@@ -319,15 +360,17 @@ class Encoder(nn.Module):
             stack = nn.scan(
                 block, variable_axes={"params": 0}, split_rngs={"params": True},
                 in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast,
-                         nn.broadcast),
+                         nn.broadcast, nn.broadcast, nn.broadcast),
                 length=a.n_layer, metadata_params={nn.PARTITION_NAME: "layers"},
             )
-            x, cache = stack(a, name="blocks")(x, cos, sin, lengths, cache, start, cond)
+            x, cache = stack(a, name="blocks")(x, cos, sin, lengths, cache, start, cond, mask,
+                                               key_start)
         else:
             layers = []
             for i in range(a.n_layer):
                 mine = None if cache is None else (cache[0][i], cache[1][i])
-                x, mine = block(a, name=f"block_{i}")(x, cos, sin, lengths, mine, start, cond)
+                x, mine = block(a, name=f"block_{i}")(x, cos, sin, lengths, mine, start, cond,
+                                                      mask, key_start)
                 layers.append(mine)
             if cache is not None:
                 cache = tuple(jnp.stack([layer[j] for layer in layers]) for j in range(2))

@@ -15,6 +15,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from mdm_jax import families, orders
 from mdm_jax.model import head_kernel, logits_from_hidden
 
 
@@ -24,14 +25,22 @@ class ObjectiveArgs:
     eps: float = 1e-3  # mask probability p = (1 - eps) * t + eps
     variable_length_prob: float = 0.01  # chance that a batch is truncated to U{1..L}
     weighting: str = "elbo"  # "elbo": CE / p summed over masked, / (B*L); "unweighted": mean CE
-    t_sampling: str = "uniform"  # "uniform" | "stratified" (t_i = (u + i/B) mod 1)
+    t_sampling: str = "uniform"  # a name in config.T_SAMPLING
     loss_chunk: int = 256  # sequence positions per cross-entropy chunk
+    alpha0: float = 1.0  # eso: share of tokens made by diffusion
+    batch_split: float = 1.0  # eso: share of rows on the diffusion term (resolved, not -1)
+    shuffle: bool = True  # eso: random order within the clean and the masked tokens
 
     @classmethod
     def from_config(cls, c) -> ObjectiveArgs:
         o = c.objective
+        eso = {}
+        if "eso" in c:
+            eso = dict(alpha0=c.eso.alpha0, shuffle=c.eso.shuffle,
+                       batch_split=families.eso_batch_split(c.eso.alpha0, c.eso.batch_split))
         return cls(kind=o.kind, eps=o.eps, variable_length_prob=o.variable_length_prob,
-                   weighting=o.weighting, t_sampling=o.t_sampling, loss_chunk=o.loss_chunk)
+                   weighting=o.weighting, t_sampling=o.t_sampling, loss_chunk=o.loss_chunk,
+                   **eso)
 
 
 def chunked_token_loss(hidden, head, token_loss: Callable, per_token: tuple, weights,
@@ -84,9 +93,15 @@ def naive_cross_entropy(logits, targets, weights) -> jax.Array:
 
 
 def sample_t(key, batch: int, how: str) -> jax.Array:
+    """t [batch] in [0, 1): i.i.d. ("uniform"), one shared offset ("stratified":
+    t_i = (u + i/B) mod 1) or one draw per stratum ("antithetic", MDLM/Eso-LM's
+    `_sample_t`: t_i = (u_i + i)/B)."""
+    strata = jnp.arange(batch, dtype=jnp.float32)
     if how == "stratified":
         u = jax.random.uniform(key, ())
-        return jnp.mod(u + jnp.arange(batch, dtype=jnp.float32) / batch, 1.0)
+        return jnp.mod(u + strata / batch, 1.0)
+    if how == "antithetic":
+        return (jax.random.uniform(key, (batch,)) + strata) / batch
     return jax.random.uniform(key, (batch,))
 
 
@@ -221,6 +236,85 @@ def uniform_loss(apply_fn: Callable, params, tokens, key, args: ObjectiveArgs, m
     return loss, {"loss": loss, "noise_rate": jnp.mean(z != x0), "length": valid_len}
 
 
+def eso_alpha(t: jax.Array, alpha0: float, eps: float) -> jax.Array:
+    """Eso-LM's log-linear schedule: alpha_t = alpha0 (1 - (1 - eps) t), the probability that
+    a token is still clean at time t; at t = 0 a share 1 - alpha0 is masked (left for the
+    left-to-right phase). d alpha / dt = -alpha0 (1 - eps)."""
+    return alpha0 * (1.0 - (1.0 - eps) * t)
+
+
+def eso_diffusion_term(apply_fn, params, x0, valid, key, args: ObjectiveArgs, mask_id: int,
+                       weighted: bool):
+    """Sum over the masked tokens of w(t) CE (weighted) or CE (the low-variance form) under
+    the order-aware causal attention: t drawn per row as args.t_sampling says and floored at
+    eps, each token masked w.p. 1 - alpha_t, w(t) = -alpha'_t / (1 - alpha_t) (1/t at
+    alpha0 = 1). Returns (sum, mask rate)."""
+    b, _ = x0.shape
+    k_t, k_mask, k_order = jax.random.split(key, 3)
+    t = (1.0 - args.eps) * sample_t(k_t, b, args.t_sampling) + args.eps
+    alpha = eso_alpha(t, args.alpha0, args.eps)
+    masked = (jax.random.uniform(k_mask, x0.shape) < (1.0 - alpha)[:, None]) & valid
+    shuffle = jax.random.uniform(k_order, x0.shape) if args.shuffle else None
+    order = orders.order_of(orders.sort_keys(masked, valid, shuffle))
+    hidden = orders.diffusion_hidden(apply_fn, params, jnp.where(masked, mask_id, x0), order)
+    weight = args.alpha0 * (1.0 - args.eps) / (1.0 - alpha) if weighted else jnp.ones_like(t)
+    weights = orders.in_order(masked, order) * weight[:, None]
+    total = chunked_cross_entropy(hidden, head_kernel(params), orders.in_order(x0, order),
+                                  weights, args.loss_chunk)
+    return total, jnp.mean(masked)
+
+
+def eso_sequential_term(apply_fn, params, x0, valid, key, args: ObjectiveArgs, mask_id: int):
+    """Sum over the tokens still masked at t = 0 (each w.p. 1 - alpha0) of CE from the 2L
+    sequential pass: clean tokens in random order, then the masked ones left to right."""
+    k_mask, k_order = jax.random.split(key)
+    masked = (jax.random.uniform(k_mask, x0.shape) < 1.0 - args.alpha0) & valid
+    shuffle = jax.random.uniform(k_order, x0.shape) if args.shuffle else None
+    keys = orders.sort_keys(masked, valid, shuffle, masks_left_to_right=True)
+    order = orders.order_of(keys)
+    hidden = orders.sequential_hidden(apply_fn, params, jnp.where(masked, mask_id, x0), x0,
+                                      order)
+    return chunked_cross_entropy(hidden, head_kernel(params), orders.in_order(x0, order),
+                                 orders.in_order(masked, order).astype(jnp.float32),
+                                 args.loss_chunk)
+
+
+def eso_loss(apply_fn: Callable, params, tokens, key, args: ObjectiveArgs, mask_id: int,
+             train: bool = True):
+    """Eso-LM's NELBO in nats per token: the masked-diffusion term (order-aware attention,
+    weight -alpha'_t / (1 - alpha_t)) on the first batch_split share of the rows, plus the
+    left-to-right term on the rest; each term's sum is divided by its own rows' valid tokens
+    (s-sahoo/Eso-LMs `EsoLM._loss`). alpha0 = 1 trains only the first, alpha0 = 0 only the
+    second. weighting="unweighted" (training only): the low-variance form, plain CE on the
+    masked tokens, still / valid tokens. Evaluation (train=False): the weighted NELBO with
+    both terms on every row (same expectation, less variance)."""
+    x0 = tokens
+    b, length = x0.shape
+    k_diff, k_seq, k_len = jax.random.split(key, 3)
+    valid_len = jnp.asarray(length)
+    if train and args.variable_length_prob > 0:
+        valid_len = sample_length(k_len, length, args.variable_length_prob)
+    valid = jnp.broadcast_to(jnp.arange(length)[None, :] < valid_len, (b, length))
+    split = int(args.batch_split * b) if train else b
+    diff_rows = slice(0, split if args.alpha0 > 0 else 0)
+    seq_rows = slice(split if train else 0, b if args.alpha0 < 1 else 0)
+    per_row = valid_len.astype(jnp.float32)
+    diffusion = sequential = mask_rate = jnp.zeros((), jnp.float32)
+    if args.alpha0 > 0:
+        weighted = not (train and args.weighting == "unweighted")
+        total, mask_rate = eso_diffusion_term(apply_fn, params, x0[diff_rows], valid[diff_rows],
+                                              k_diff, args, mask_id, weighted)
+        diffusion = total / (per_row * (diff_rows.stop - diff_rows.start))
+    if args.alpha0 < 1:
+        total = eso_sequential_term(apply_fn, params, x0[seq_rows], valid[seq_rows], k_seq,
+                                    args, mask_id)
+        sequential = total / (per_row * (seq_rows.stop - seq_rows.start))
+    loss = diffusion + sequential
+    return loss, {"loss": loss, "diffusion_term": diffusion, "sequential_term": sequential,
+                  "mask_rate": mask_rate, "length": valid_len}
+
+
 # The family table of losses: (apply_fn, params, tokens [B, L + family.inputs_extra], key,
 # args, mask_id, train) -> (loss, metrics).
-OBJECTIVES = {"mdm": mdm_loss, "mdm-ce": mdm_ce_loss, "uniform": uniform_loss, "arm": arm_loss}
+OBJECTIVES = {"mdm": mdm_loss, "mdm-ce": mdm_ce_loss, "uniform": uniform_loss, "eso": eso_loss,
+              "arm": arm_loss}

@@ -57,7 +57,11 @@ def _parser():
     p.add_argument("--cache", action="store_true",
                    help="MDM: skip the network call when the previous step revealed nothing "
                         "(pays when --steps is large for the length and the batch small)")
-    p.add_argument("--no-kv-cache", action="store_true", help="ARM: recompute every token")
+    p.add_argument("--alpha0", type=float, default=None,
+                   help="eso: share of the answer made by diffusion, the rest left to right "
+                        "(default: the trained eso.alpha0)")
+    p.add_argument("--no-kv-cache", action="store_true",
+                   help="ARM, eso: recompute the whole sequence every call (the reference)")
     p.add_argument("--temperature", type=float, default=None,
                    help="0 = greedy (default: the run's samples.temperature)")
     p.add_argument("--top-k", type=int, default=0)
@@ -118,7 +122,8 @@ def read_prompts(path: str) -> list[str]:
 def given_options(a) -> list[str]:
     """The sampler options (keywords) set on this command line; defaults are not refused."""
     return [name for name, value in (("steps", a.steps), ("remasking", a.remasking),
-                                     ("block_length", a.block_length), ("cfg", a.cfg))
+                                     ("block_length", a.block_length), ("cfg", a.cfg),
+                                     ("alpha0", a.alpha0))
             if value is not None] + ["cache"] * a.cache + ["kv_cache"] * a.no_kv_cache
 
 
@@ -183,7 +188,7 @@ def _sample(a) -> None:
     temperature = run.temperature if a.temperature is None else a.temperature
     sampler = MDMSampler(steps=steps, block_length=block_length, remasking=remasking,
                          temperature=temperature, top_k=a.top_k, top_p=a.top_p, cfg=cfg,
-                         cache=a.cache)
+                         cache=a.cache, alpha0=a.alpha0)
     check_request(m.model, prompts, gen_length, sampler, limit, kv_cache=not a.no_kv_cache,
                   given=given)
     if num > 1 and temperature == 0:

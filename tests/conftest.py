@@ -130,6 +130,45 @@ def nano_config(**overrides):
     return c
 
 
+def train_on_patterns(kind: str, steps: int = 400, bos: bool = False, **overrides):
+    """A nano model of family `kind` trained on 4 fixed 8-token patterns drawn with
+    probabilities .4/.3/.2/.1: (trainer, state, patterns [4, 8], probabilities). bos: every
+    pattern starts with token 1."""
+    import numpy as np
+
+    from mdm_jax.trainer import Trainer
+
+    c = nano_config(**{"objective.kind": kind, "seq_len": 8, "global_batch": 64,
+                       "steps": steps, "optim.lr": 3e-3, "optim.warmup_steps": 20,
+                       "objective.variable_length_prob": 0.0, "objective.loss_chunk": 8,
+                       **overrides})
+    trainer = Trainer(c)
+    rng = np.random.default_rng(0)
+    patterns = rng.integers(3, 500, (4, 9)).astype(np.int32)
+    if bos:
+        patterns[:, 0] = 1
+    probs = np.array([0.4, 0.3, 0.2, 0.1])
+    state = trainer.create_state(0)
+    with trainer.context():
+        for _ in range(steps):
+            batch = patterns[rng.choice(4, size=64, p=probs)]
+            state, _ = trainer.step(state, trainer.to_global(batch))
+    return trainer, state, patterns[:, :8], probs
+
+
+def assert_samples_patterns(rows, patterns, probs) -> None:
+    """Over 80% of the sampled rows are one of the patterns, drawn at their probabilities
+    (within 0.1)."""
+    import numpy as np
+
+    matches = [next((i for i, p in enumerate(patterns) if (row == p).all()), None)
+               for row in rows]
+    hit = [m for m in matches if m is not None]
+    assert len(hit) / len(matches) > 0.8, len(hit)
+    freq = np.bincount(hit, minlength=len(patterns)) / len(hit)
+    assert np.abs(freq - probs).max() < 0.1, freq
+
+
 def write_study(path, fields: dict) -> str:
     """A study config file at `path`: experiments/isoflop.py's micro study, MDM only, with the
     dotted `fields` set (e.g. {"grid": ("2e11: 13K",), "slurm.gpus_per_node": 0})."""

@@ -41,8 +41,8 @@ def _cli(module, *args, cwd=ROOT):
 def test_plan_matches_the_reference():
     # Every preset's N against REFERENCE is tests/test_model.py's; the plan carries it through.
     runs = plan.expand(_study())
-    assert {r.family for r in runs} == {"mdm", "mdm-ce", "uniform", "arm"}
-    assert len(runs) == 4 * sum(len(g.split(":")[1].split(",")) for g in _study().grid)
+    assert {r.family for r in runs} == {"mdm", "mdm-ce", "uniform", "eso", "arm"}
+    assert len(runs) == 5 * sum(len(g.split(":")[1].split(",")) for g in _study().grid)
     run = next(r for r in runs if (r.family, r.preset, r.budget) == ("mdm", "170M", 1e19))
     assert run.steps == 18_710 and run.tokens == 18_710 * 256 * 2048
     assert run.run_id == "mdm-170M-1e+19" and run.workdir.endswith("isoflop_smdm/mdm-170M-1e+19")

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import assert_samples_patterns, train_on_patterns
 
 from mdm_jax.objectives import chunked_token_loss, uniform_alpha, uniform_nelbo
 
@@ -60,42 +61,15 @@ def test_chunked_nelbo_equals_unchunked_with_gradients():
             np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
 
 
-def _train_synthetic(kind: str, weighting: str = "elbo", steps: int = 400):
-    """A nano model trained on 4 fixed 8-token patterns drawn with probabilities .4/.3/.2/.1."""
-    from conftest import nano_config
-
-    from mdm_jax.trainer import Trainer
-
-    c = nano_config(**{"objective.kind": kind, "objective.weighting": weighting, "seq_len": 8,
-                       "global_batch": 64, "steps": steps, "optim.lr": 3e-3,
-                       "optim.warmup_steps": 20, "objective.variable_length_prob": 0.0,
-                       "objective.loss_chunk": 8})
-    trainer = Trainer(c)
-    rng = np.random.default_rng(0)
-    patterns = rng.integers(3, 500, (4, 9)).astype(np.int32)
-    probs = np.array([0.4, 0.3, 0.2, 0.1])
-    state = trainer.create_state(0)
-    with trainer.context():
-        for _ in range(steps):
-            batch = patterns[rng.choice(4, size=64, p=probs)]
-            state, metrics = trainer.step(state, trainer.to_global(batch))
-    return trainer, state, patterns[:, :8], probs
-
-
 @pytest.mark.e2e
 def test_uniform_diffusion_learns_and_samples_the_data_distribution():
     from mdm_jax.inference import MDMSampler, generate
 
-    trainer, state, patterns, probs = _train_synthetic("uniform")
+    trainer, state, patterns, probs = train_on_patterns("uniform")
     assert trainer.args.time_conditioning and "time_in" in state.params
     g = generate(trainer.model, jax.device_get(state.params), [[]] * 400, 8,
                  MDMSampler(steps=16, temperature=1.0), seed=1)
-    matches = [next((i for i, p in enumerate(patterns) if (row == p).all()), None)
-               for row in g.tokens]
-    hit = [m for m in matches if m is not None]
-    assert len(hit) / len(matches) > 0.8, len(hit)
-    freq = np.bincount(hit, minlength=4) / len(hit)
-    assert np.abs(freq - probs).max() < 0.1, freq
+    assert_samples_patterns(g.tokens, patterns, probs)
     # The validation bound of the trained model: nats per token, below the untrained log K.
     loss = trainer.eval_step(state.params, trainer.to_global(np.concatenate(
         [patterns, patterns[:, :1]], axis=1)[np.arange(64) % 4]), jax.random.PRNGKey(0))

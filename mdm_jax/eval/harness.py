@@ -233,7 +233,9 @@ class MDMJaxLM(LM):
             sampler = self._sampler(n, float(kwargs.get("temperature", self.temperature)))
             jobs.append((i, ctx, n, sampler, [until] if isinstance(until, str) else until))
         batched = {}
-        if self.family.mask_token and self.request_batch > 1:
+        # batched only where temperature 0 draws nothing: low-confidence remasking (eso's
+        # random order, the uniform family's noise and the ARM's one-at-a-time loop do draw)
+        if "remasking" in self.family.sampler_options and self.request_batch > 1:
             for i, ctx, n, sampler, _ in jobs:
                 if sampler.temperature == 0 and sampler.remasking == "low_confidence":
                     batched.setdefault((n, sampler), []).append((i, ctx))

@@ -8,7 +8,8 @@ tokens masked, l uniform in 1..m, weight m / l) and "chain" (SMDM's left-to-righ
 m passes); with our time-independent model both Monte Carlo forms estimate the same number,
 checked against enumerating every mask in the tests. Unsupervised guidance: cond + w (cond -
 uncond), uncond with the context masked, one batched call. Uniform-state diffusion: its NELBO
-with the context clean (`uniform_likelihood`). ARMs: exact, one causal pass. `is_greedy`:
+with the context clean (`uniform_likelihood`); interpolating diffusion likewise
+(`eso_likelihood`). ARMs: exact, one causal pass. `is_greedy`:
 the ARM's argmax, or the family's sampler at temperature 0, one token per step.
 
 Batching (`loglikelihoods`, `greedy_flags`): every request of a run is scored together.
@@ -37,6 +38,7 @@ import numpy as np
 
 from mdm_jax import families
 from mdm_jax.errors import UserError, option
+from mdm_jax.eval.eso_likelihood import eso_chunks
 from mdm_jax.eval.uniform_likelihood import uniform_chunks
 from mdm_jax.model import Encoder, head_kernel, logits_from_hidden
 
@@ -318,22 +320,20 @@ def _mean(draws: np.ndarray) -> Score:
     return Score(float(draws.mean()), stderr, draws)
 
 
-def _uniform_scores(model, params, reqs: Requests, seeds, e: Estimator, request_batch: int,
-                    bar) -> list[Score]:
-    """Uniform-state diffusion: chunks of e.batch_size draws (uniform_chunks); every draw
-    has its own noise level, so no two rows are alike."""
+def _drawn_scores(reqs: Requests, seeds, e: Estimator, request_batch: int, bar,
+                  estimate: Callable) -> list[Score]:
+    """Families whose every draw has its own noise level (no two rows alike): chunks of
+    e.batch_size draws per request, estimate((width, span), tokens, context_len, length,
+    seeds, chunks) -> [N, draws] per call of request_batch chunks."""
     b = e.batch_size
     chunks = [(r, j) for r, (_, x) in enumerate(reqs.requests) if x
               for j in range(e.mc_num // b)]
 
     def call(shape, batch):
-        width, span = shape
-        tokens, context_len, length = reqs.arrays([r for r, _ in batch], width)
-        return np.asarray(uniform_chunks(
-            model, params, tokens, context_len, length,
-            jnp.asarray([seeds[r] for r, _ in batch], jnp.int32),
-            jnp.asarray([j for _, j in batch], jnp.int32), eps=e.eps, draws=b,
-            total=e.mc_num, draw_width=draw_width(width, reqs.limit), span=span))
+        tokens, context_len, length = reqs.arrays([r for r, _ in batch], shape[0])
+        return np.asarray(estimate(shape, tokens, context_len, length,
+                                   jnp.asarray([seeds[r] for r, _ in batch], jnp.int32),
+                                   jnp.asarray([j for _, j in batch], jnp.int32)))
 
     values = iter(in_calls(chunks, lambda chunk: reqs.shape(chunk[0]), request_batch, call, bar))
     scores = []
@@ -343,6 +343,28 @@ def _uniform_scores(model, params, reqs: Requests, seeds, e: Estimator, request_
             continue
         scores.append(_mean(np.concatenate([next(values) for _ in range(e.mc_num // b)])))
     return scores
+
+
+def _uniform_scores(model, params, reqs: Requests, seeds, e: Estimator, request_batch: int,
+                    bar) -> list[Score]:
+    """Uniform-state diffusion: its NELBO with the context clean (uniform_chunks)."""
+    def estimate(shape, *arrays):
+        width, span = shape
+        return uniform_chunks(model, params, *arrays, eps=e.eps, draws=e.batch_size,
+                              total=e.mc_num, draw_width=draw_width(width, reqs.limit),
+                              span=span)
+
+    return _drawn_scores(reqs, seeds, e, request_batch, bar, estimate)
+
+
+def _eso_scores(model, params, reqs: Requests, seeds, e: Estimator, request_batch: int,
+                bar) -> list[Score]:
+    """Interpolating diffusion: its NELBO with the context clean (eso_chunks)."""
+    def estimate(shape, *arrays):
+        return eso_chunks(model, params, *arrays, eps=e.eps, draws=e.batch_size,
+                          total=e.mc_num, draw_width=draw_width(shape[0], reqs.limit))
+
+    return _drawn_scores(reqs, seeds, e, request_batch, bar, estimate)
 
 
 def _arm_passes(model, params, reqs: Requests, size: int, bar=None) -> list:
@@ -370,7 +392,7 @@ def _arm_scores(model, params, reqs: Requests, seeds, e: Estimator, request_batc
 # The family table of likelihoods: (model, params, Requests, seeds, resolved Estimator,
 # request_batch, progress bar) -> [Score].
 SCORERS = {"mdm": _masked_scores, "mdm-ce": _masked_scores, "uniform": _uniform_scores,
-           "arm": _arm_scores}
+           "eso": _eso_scores, "arm": _arm_scores}
 
 
 def loglikelihoods(model: Encoder, params, requests: list[tuple[list[int], list[int]]],
@@ -427,8 +449,11 @@ def masked_answers(model: Encoder, params, prompts: list[list[int]], gen_length:
     return in_calls(prompts, lambda p: draw_width(len(p) + gen_length, max_length), batch, call)
 
 
-def _sampler_greedy(model, params, reqs: Requests, batch: int) -> list[bool]:
-    """The MDM sampler at temperature 0, one token per step, batched by continuation length."""
+def _sampler_greedy(model, params, reqs: Requests, batch: int,
+                    alpha0: float | None = None) -> list[bool]:
+    """The family's sampler at temperature 0, one token per step, batched by continuation
+    length (for eso at alpha0 = 0, its left-to-right phase alone: deterministic, where the
+    diffusion phase's random order is not)."""
     from mdm_jax.inference import MDMSampler
 
     flags = [True] * len(reqs.requests)
@@ -436,7 +461,8 @@ def _sampler_greedy(model, params, reqs: Requests, batch: int) -> list[bool]:
     for m, group in itertools.groupby(by_length, key=lambda item: item[0]):
         rs = [r for _, r in group]
         answers = masked_answers(model, params, [reqs.requests[r][0] for r in rs], m,
-                                 MDMSampler(steps=m, temperature=0.0), reqs.limit, batch)
+                                 MDMSampler(steps=m, temperature=0.0, alpha0=alpha0),
+                                 reqs.limit, batch)
         for r, answer in zip(rs, answers, strict=True):
             flags[r] = answer == list(reqs.requests[r][1])
     return flags
@@ -460,7 +486,7 @@ def _arm_greedy(model, params, reqs: Requests, batch: int) -> list[bool]:
 # The family table of greedy checks: (model, params, Requests, requests per network call)
 # -> [bool].
 GREEDY = {"mdm": _sampler_greedy, "mdm-ce": _sampler_greedy, "uniform": _uniform_greedy,
-          "arm": _arm_greedy}
+          "eso": functools.partial(_sampler_greedy, alpha0=0.0), "arm": _arm_greedy}
 
 
 def greedy_flags(model: Encoder, params, requests: list[tuple[list[int], list[int]]],

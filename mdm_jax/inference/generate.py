@@ -13,6 +13,7 @@ import numpy as np
 from mdm_jax import families
 from mdm_jax.errors import UserError, option
 from mdm_jax.inference.arm import sample_cached, sample_full
+from mdm_jax.inference.eso import generate_eso
 from mdm_jax.inference.mdm import MDMSampler, denoise
 from mdm_jax.inference.mdm import check as check_settings
 from mdm_jax.inference.uniform import ancestral
@@ -44,7 +45,7 @@ def chosen_options(sampler: MDMSampler, kv_cache: bool = True) -> list[str]:
     """The family-specific options whose settings differ from the defaults (what a caller who
     cannot say which options were set explicitly is taken to have chosen)."""
     default = MDMSampler()
-    chosen = [name for name in ("remasking", "block_length", "cfg", "cache")
+    chosen = [name for name in ("remasking", "block_length", "cfg", "cache", "alpha0")
               if getattr(sampler, name) != getattr(default, name)]
     return chosen + ([] if kv_cache else ["kv_cache"])
 
@@ -91,6 +92,14 @@ def _uniform(model, params, canvas, lens, key, sampler, gen_length, kv_cache):
                              top_k=sampler.top_k, top_p=sampler.top_p)
 
 
+def _interpolating(model, params, canvas, lens, key, sampler, gen_length, kv_cache):
+    alpha0 = model.args.alpha0 if sampler.alpha0 is None else sampler.alpha0
+    return generate_eso(model, params, canvas, lens, key, steps=sampler.steps, alpha0=alpha0,
+                        gen_length=gen_length, kv_cache=kv_cache,
+                        temperature=sampler.temperature, top_k=sampler.top_k,
+                        top_p=sampler.top_p)
+
+
 def _autoregressive(model, params, canvas, lens, key, sampler, gen_length, kv_cache):
     if int(lens.min()) < 1:
         raise SamplingError("an ARM needs at least one prompt token (e.g. BOS) per prompt")
@@ -101,7 +110,8 @@ def _autoregressive(model, params, canvas, lens, key, sampler, gen_length, kv_ca
 
 # The family table of samplers: (model, params, canvas [B, L] (prompts in, the rest filled),
 # prompt lengths [B], key, MDMSampler settings, gen_length, kv_cache) -> (tokens, NFE).
-SAMPLERS = {"mdm": _masked, "mdm-ce": _masked, "uniform": _uniform, "arm": _autoregressive}
+SAMPLERS = {"mdm": _masked, "mdm-ce": _masked, "uniform": _uniform, "eso": _interpolating,
+            "arm": _autoregressive}
 
 
 def generate(model: Encoder, params, prompts: list[list[int]], gen_length: int,

@@ -53,6 +53,7 @@ class MDMSampler:
     top_p: float = 1.0
     cfg: float = 0.0  # unsupervised classifier-free guidance weight w
     cache: bool = False  # reuse the logits when a step revealed nothing (see BUILD_NOTES)
+    alpha0: float | None = None  # eso: share of the answer made by diffusion (None: trained)
 
     def blocks(self, gen_length: int) -> int:
         return 1 if self.block_length <= 0 else gen_length // self.block_length
@@ -67,6 +68,9 @@ def check(s: MDMSampler, gen_length: int) -> list[tuple[str, str]]:
     if s.remasking not in REMASKING:
         problems.append(("remasking", f"{option('remasking', repr(s.remasking))}: choose one "
                                       f"of {', '.join(REMASKING)}"))
+    if s.alpha0 is not None and not 0 <= s.alpha0 <= 1:
+        problems.append(("alpha0", f"{option('alpha0', s.alpha0)}: give a share in [0, 1] "
+                                   f"(1: all by diffusion, 0: left to right)"))
     if gen_length < 1:
         problems.append(("gen_length", f"{option('gen_length', gen_length)}: give 1 or more "
                                        f"tokens to generate"))
