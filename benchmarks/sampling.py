@@ -14,16 +14,16 @@ Then it generates `--num` unconditional samples of `seq_len - 1` tokens after BO
 (KV cache; also full recompute) and with each diffusion model at each of `--steps` (MDMs:
 random remasking, the exact reverse process; uniform: ancestral; eso: its diffusion phase at
 alpha0 = 1 with the KV cache, and once recomputing at the largest step count; temperature 1),
-each after one untimed warm-up call of the same shape, and reports for each: seconds,
-tokens/s, network calls (NFE), the generative perplexity of the samples under the scorer
-(exp of the mean NLL of the generated tokens), and the mean per-sample unigram entropy in
-bits (degenerate repetition shows as a low entropy). The validation data's own perplexity under the scorer is printed for reference. It
-prints the table, marks the Pareto front (faster and better than nothing else), and writes
-`results.json`, `pareto.png` (generative perplexity vs tokens/s) and `frontier.png` (generative
-perplexity vs sampling steps, one line per family, the ARM at its one step per token) into
-`--out`. Generative perplexity compares across families (one scorer judges every sample), unlike
-the families' validation bounds. Caching is
-compared separately on one sample at `--cache-steps` (steps >= tokens, as RADD measures it).
+each after one untimed warm-up call of the same shape, and reports for each: seconds, tokens/s,
+network calls (NFE), the generative perplexity of the samples under the scorer (exp of the mean
+NLL of the generated tokens), and the mean per-sample unigram entropy in bits (degenerate
+repetition shows as a low entropy). The validation data's own perplexity under the scorer is
+printed for reference. It prints the table, marks the Pareto front (faster and better than
+nothing else), and writes `results.json`, `pareto.png` (generative perplexity vs tokens/s) and
+`frontier.png` (generative perplexity vs sampling steps, one line per family, the ARM at its
+one step per token) into `--out`. Generative perplexity compares across families (one scorer
+judges every sample), unlike the families' validation bounds. Caching is compared separately on
+one sample at `--cache-steps` (steps >= tokens, as RADD measures it).
 """
 
 from __future__ import annotations
