@@ -28,7 +28,7 @@ class ObjectiveArgs:
     t_sampling: str = "uniform"  # a name in config.T_SAMPLING
     loss_chunk: int = 256  # sequence positions per cross-entropy chunk
     alpha0: float = 1.0  # eso: share of tokens made by diffusion
-    batch_split: float = 1.0  # eso: share of rows on the diffusion term (resolved, not -1)
+    batch_split: float = -1.0  # eso: share of rows on the diffusion term (-1: by alpha0)
     shuffle: bool = True  # eso: random order within the clean and the masked tokens
 
     @classmethod
@@ -36,8 +36,7 @@ class ObjectiveArgs:
         o = c.objective
         eso = {}
         if "eso" in c:
-            eso = dict(alpha0=c.eso.alpha0, shuffle=c.eso.shuffle,
-                       batch_split=families.eso_batch_split(c.eso.alpha0, c.eso.batch_split))
+            eso = dict(alpha0=c.eso.alpha0, shuffle=c.eso.shuffle, batch_split=c.eso.batch_split)
         return cls(kind=o.kind, eps=o.eps, variable_length_prob=o.variable_length_prob,
                    weighting=o.weighting, t_sampling=o.t_sampling, loss_chunk=o.loss_chunk,
                    **eso)
@@ -295,7 +294,7 @@ def eso_loss(apply_fn: Callable, params, tokens, key, args: ObjectiveArgs, mask_
     if train and args.variable_length_prob > 0:
         valid_len = sample_length(k_len, length, args.variable_length_prob)
     valid = jnp.broadcast_to(jnp.arange(length)[None, :] < valid_len, (b, length))
-    split = int(args.batch_split * b) if train else b
+    split = int(families.eso_batch_split(args.alpha0, args.batch_split) * b) if train else b
     diff_rows = slice(0, split if args.alpha0 > 0 else 0)
     seq_rows = slice(split if train else 0, b if args.alpha0 < 1 else 0)
     per_row = valid_len.astype(jnp.float32)

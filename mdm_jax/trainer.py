@@ -195,7 +195,7 @@ class Trainer:
         o = self.objective_args
         per_token = flops.train_flops_per_token(
             get_preset(c.model.preset), c.seq_len, self.args.vocab_size, c.objective.kind,
-            flops.sequential_share(c.objective.kind, o.alpha0, o.batch_split))
+            flops.sequential_share(c.objective.kind, o.alpha0, o.batch_split))  # -1 resolved there
         return per_token * c.global_batch * c.seq_len
 
 

@@ -41,7 +41,7 @@ def test_splash_matches_xla_attention_values_and_gradients(causal, with_lengths)
                                    a, atol=2e-6)
 
 
-@pytest.mark.parametrize("kind", ["mdm", "arm"])
+@pytest.mark.parametrize("kind", ["mdm", "arm", "eso"])  # eso: causal along its order
 def test_a_sharded_step_with_splash_equals_the_xla_step(kind):
     """Inside the trainer's (data, fsdp, tensor) mesh the kernel runs per shard (shard_map
     over batch and heads); the training loss and gradient norm match the XLA attention's."""

@@ -59,8 +59,7 @@ def test_gather_causal_scatter_equals_the_order_key_mask():
 
 
 def _objective(alpha0: float, **kw) -> ObjectiveArgs:
-    return ObjectiveArgs(kind="eso", alpha0=alpha0, variable_length_prob=0.0,
-                         batch_split=1.0 if alpha0 == 1 else 0.0, **kw)
+    return ObjectiveArgs(kind="eso", alpha0=alpha0, variable_length_prob=0.0, **kw)
 
 
 def test_alpha0_one_is_the_mdm_elbo_under_the_order_mask():
@@ -182,6 +181,24 @@ def test_likelihood_is_minus_the_evaluation_loss_in_expectation():
                                  train=False)[0]) for k in range(4)]
         expected = -np.mean(losses) * len(x)
         assert score.logprob == pytest.approx(expected, abs=4 * score.stderr + 0.05 * abs(expected))
+
+
+def test_a_sharded_step_with_both_terms_equals_the_single_device_step():
+    from mdm_jax.trainer import Trainer
+
+    results = []
+    for mesh in ((1, 1, 1), (2, 2, 2)):
+        c = nano_config(**{"objective.kind": "eso", "eso.alpha0": 0.5, "mesh.data": mesh[0],
+                           "mesh.fsdp": mesh[1], "mesh.tensor": mesh[2]})
+        trainer = Trainer(c)
+        state = trainer.create_state(0)
+        batch = np.random.default_rng(0).integers(0, 256, (16, 65)).astype(np.int32)
+        with trainer.context():
+            _, metrics = trainer.step(state, trainer.to_global(batch))
+        results.append(jax.device_get(metrics))
+    for key in ("loss", "diffusion_term", "sequential_term", "grad_norm"):
+        assert float(results[1][key]) == pytest.approx(float(results[0][key]), rel=2e-5), key
+    assert float(results[0]["sequential_term"]) > 0 and float(results[0]["diffusion_term"]) > 0
 
 
 def test_config_refuses_what_cannot_train():
