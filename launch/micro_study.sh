@@ -3,7 +3,7 @@
 # 512-piece tokenizer, prepare 128-token shards, run the MDM + ARM sweep (experiments/isoflop.py
 # :micro), collect results.csv, fit and plot. Idempotent: finished runs are skipped, interrupted
 # ones resume from their checkpoints. Extra arguments go to the sweep, e.g. `--parallel 2`.
-# MICRO_STUDY=micro_families runs the four-family study (experiments/isoflop.py:micro_families).
+# MICRO_STUDY=micro_families runs the five-family study (experiments/isoflop.py:micro_families).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/setup.sh

@@ -115,7 +115,7 @@ RECORDS = (
            sampler_options=("steps", "alpha0", "kv_cache"), guidance=False,
            estimators=("mc",), estimator_options=("mc_num", "batch_size"),
            exact_likelihood=False, export_formats=(),
-           compare_with=(BASELINE, "mdm"), plot_style=("v", (0, (5, 1, 1, 1)))),
+           compare_with=(BASELINE, "mdm", "mdm-ce"), plot_style=("v", (0, (5, 1, 1, 1)))),
     Family(name="arm", summary="autoregressive baseline", attention="causal",
            time_conditioned=False,
            mask_token=False, objective="next-token cross-entropy",

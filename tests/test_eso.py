@@ -269,3 +269,16 @@ def test_flops_cli_plans_eso_under_the_studys_convention(capsys):
                                                    family="eso", sequential=0.5)
     assert plan["steps"] < flops.steps_for_budget(p, 1e19, convention="3fwd-matmul",
                                                   family="eso")  # the 2L rows cost more
+
+
+def test_sampling_alpha0_is_checked_and_refused_by_other_families():
+    from mdm_jax.families import FamilyError
+    from mdm_jax.inference import MDMSampler, SamplingError, generate
+
+    model, params = _model()
+    with pytest.raises(SamplingError, match=r"alpha0=1\.5: give a share in \[0, 1\]"):
+        generate(model, params, [[1]], 4, MDMSampler(alpha0=1.5))
+    mdm = Encoder(dataclasses.replace(model.args, family="mdm"))
+    with pytest.raises(FamilyError, match="the mdm family .* has no option for its sampler "
+                                          r".* 'alpha0'; it has: steps, "):
+        generate(mdm, params, [[1]], 4, MDMSampler(alpha0=0.5))
