@@ -123,14 +123,17 @@ def plot(rows, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    from mdm_jax.scaling.fit import readable_log_ticks
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     for family, marker in FAMILY_MARKERS.items():
         pts = [r for r in rows if r["sampler"].split(" ", 1)[0] == family]
         ax.scatter([r["tokens_per_s"] for r in pts], [r["gen_ppl"] for r in pts],
                    marker=marker, label=family)
-        for r in pts:
-            ax.annotate(r["sampler"].split(" ", 1)[-1], (r["tokens_per_s"], r["gen_ppl"]),
-                        fontsize=7, xytext=(3, 3), textcoords="offset points")
+        for r in pts:  # the step count (or the ARM's path), small: points crowd
+            label = r["sampler"].split(" ", 1)[-1].replace(" steps", "")
+            ax.annotate(label, (r["tokens_per_s"], r["gen_ppl"]), fontsize=6, xytext=(2, 2),
+                        textcoords="offset points")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("generated tokens per second (log; faster to the right)")
@@ -138,7 +141,8 @@ def plot(rows, path: str) -> None:
     ax.set_title("Sampling speed vs quality, tiny models on the demo corpus")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    readable_log_ticks(fig)
+    fig.savefig(path, dpi=fig.dpi)
     plt.close(fig)
 
 
@@ -152,7 +156,9 @@ def plot_frontier(rows, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    from mdm_jax.scaling.fit import readable_log_ticks
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     for family, marker in FAMILY_MARKERS.items():
         pts = sorted((r for r in rows if r["sampler"].split(" ", 1)[0] == family
                       and "recompute" not in r["sampler"]), key=lambda r: r["nfe"])
@@ -168,7 +174,8 @@ def plot_frontier(rows, path: str) -> None:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    readable_log_ticks(fig)
+    fig.savefig(path, dpi=fig.dpi)
     plt.close(fig)
 
 
@@ -193,6 +200,7 @@ def main(argv=None) -> None:
     absl_logging.set_verbosity(absl_logging.WARNING)
     import numpy as np
 
+    from mdm_jax import families as fams
     from mdm_jax.data import loader
     from mdm_jax.inference import MDMSampler, generate, load
 
@@ -229,8 +237,10 @@ def main(argv=None) -> None:
     step_counts = [int(s) for s in args.steps.split(",")]
     for family in families:
         m = models[family]
+        takes_remasking = "remasking" in fams.get(family).sampler_options
         for steps in step_counts:
-            s = MDMSampler(steps=steps, remasking="random", temperature=1.0)
+            s = MDMSampler(steps=steps, temperature=1.0,
+                           **({"remasking": "random"} if takes_remasking else {}))
             rows.append(measure(f"{family.upper()} {steps} steps", lambda s=s, m=m: generate(
                 m.model, m.params, prompts, gen_length, s, seed=args.seed), scorer, 1, vocab))
         if family == "eso":  # the same samples without the KV cache: what the cache buys
