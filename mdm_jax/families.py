@@ -43,7 +43,7 @@ class Family:
     exact_likelihood: bool  # the estimators give log p itself, not a lower bound
     export_formats: tuple[str, ...]
     compare_with: tuple[str, ...]  # families the scaling fit measures its compute against
-    plot_style: tuple[str, str]  # matplotlib marker, line style
+    plot_style: tuple  # matplotlib marker and line style (a name or a dash pattern)
 
     @property
     def causal(self) -> bool:

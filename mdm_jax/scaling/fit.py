@@ -326,7 +326,7 @@ def figure(rows: list[dict], result: dict):
             n = np.array([r["non_embedding_params"] for r in pts])
             ax.plot(n, [r["loss"] for r in pts], marker, color=colors[m.budget])
             xs = np.linspace(*m.fit_range, 50)
-            ax.plot(10 ** xs, np.polyval(m.coeffs, xs), line, color=colors[m.budget],
+            ax.plot(10 ** xs, np.polyval(m.coeffs, xs), linestyle=line, color=colors[m.budget],
                     label=f"C={m.budget:.2g}")
             ax.plot(m.n_opt, m.loss_opt, "*" if m.bracketed else "x", ms=14,
                     color=colors[m.budget], mec="k")
@@ -336,10 +336,11 @@ def figure(rows: list[dict], result: dict):
         cs = np.array([m.budget for m in d["_minima"]])
         span = np.geomspace(cs.min() / 1.5, cs.max() * 1.5, 50)
         loss_ax.plot(cs, [m.loss_opt for m in d["_minima"]], marker, color="k")
-        loss_ax.plot(span, loss_law(span), line,
+        loss_ax.plot(span, loss_law(span), linestyle=line,
                      label=f"{family.upper()}: L* ~ C^-{d['alpha']:.3f}")
         n_ax.plot(cs, [m.n_opt for m in d["_minima"]], marker, color="k")
-        n_ax.plot(span, n_law(span), line, label=f"{family.upper()}: N* ~ C^{d['beta']:.2f}")
+        n_ax.plot(span, n_law(span), linestyle=line,
+                  label=f"{family.upper()}: N* ~ C^{d['beta']:.2f}")
     loss_ax.set(xscale="log", yscale="log", xlabel="training FLOPs C", ylabel="optimal loss L*",
                 title="Optimal loss vs compute")
     n_ax.set(xscale="log", yscale="log", xlabel="training FLOPs C", ylabel="optimal N*",
