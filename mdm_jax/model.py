@@ -182,9 +182,9 @@ def xla_attention(q, k, v, *, causal: bool, lengths: jax.Array | None, mask=None
 
 
 def attention(q, k, v, *, impl: str, causal: bool, lengths: jax.Array | None, mask=None):
-    if mask is not None and impl != "xla":  # config.validate refuses such runs by name
-        raise ValueError(f"attention={impl!r} takes no explicit mask; only 'xla' does")
-    if impl == "xla":
+    if impl == "xla" or mask is not None:  # the fused kernels take no explicit mask: the same
+        # function in XLA (eso's 2L pass and recomputing sampler); training with such a mask on
+        # a kernel is refused by config.validate, as it would cost the kernel's memory savings
         return xla_attention(q, k, v, causal=causal, lengths=lengths, mask=mask)
     if impl == "splash":  # TPU Pallas kernel (mdm_jax/attention_kernels.py)
         return splash_attention(q, k, v, causal=causal, lengths=lengths)

@@ -282,3 +282,19 @@ def test_sampling_alpha0_is_checked_and_refused_by_other_families():
     with pytest.raises(FamilyError, match="the mdm family .* has no option for its sampler "
                                           r".* 'alpha0'; it has: steps, "):
         generate(mdm, params, [[1]], 4, MDMSampler(alpha0=0.5))
+
+
+def test_an_explicit_mask_runs_in_xla_whatever_the_configured_kernel():
+    """A model configured with a fused kernel (here `jax`, which runs on CPU) still runs the 2L
+    pass and the recomputing sampler: explicit masks go to the XLA attention."""
+    model, params = _model()
+    fused = Encoder(dataclasses.replace(model.args, attention="jax"))
+    x = jax.random.randint(jax.random.PRNGKey(9), (2, 12), 0, 512)
+    order = jnp.broadcast_to(jnp.arange(12)[::-1], (2, 12))
+    z = jnp.where(jnp.arange(12) % 2 == 0, model.args.mask_id, x)
+    want = orders.sequential_hidden(model.apply, params, z, x, order)
+    np.testing.assert_allclose(orders.sequential_hidden(fused.apply, params, z, x, order), want,
+                               atol=1e-5)
+    # and the diffusion pass (causal along the order) goes to the kernel, with the same result
+    np.testing.assert_allclose(orders.diffusion_hidden(fused.apply, params, z, order),
+                               orders.diffusion_hidden(model.apply, params, z, order), atol=1e-5)
