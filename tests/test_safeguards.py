@@ -195,7 +195,7 @@ def test_numeric_fields_are_checked_before_compiling(field, value):
     (["--config=nope.py"], "--config=nope.py: no such file 'nope.py'"),
     (["--config=experiments/tiny.py", "--config.optim.lrr=1"], 'Did you mean "lr"'),
     (["--config=experiments/tiny.py:bogus"],
-     "config.objective.kind='bogus'; valid: mdm, mdm-ce, uniform, arm"),
+     "config.objective.kind='bogus'; valid: mdm, mdm-ce, uniform, eso, arm"),
     (["--config=experiments/tiny.py", "--config.log_every=0"], "config.log_every=0 must be"),
     (["--config=experiments/tiny.py", "--config.data.train_dir=/nonexistent"],
      "config.data.train_dir: /nonexistent is not a prepared data directory"),
