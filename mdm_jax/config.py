@@ -23,6 +23,9 @@ MESH_AXES = ("data", "fsdp", "tensor")
 # t_i = (u + i/B) mod 1; antithetic as Eso-LM/MDLM draw them, t_i = (u_i + i)/B, one u_i per
 # stratum (mdm_jax.objectives.sample_t).
 T_SAMPLING = ("uniform", "stratified", "antithetic")
+# Learning-rate schedules after the warmup: cosine to min_lr (SMDM), or constant and then a
+# linear decay to min_lr over the last optim.decay_fraction of the steps (LLaDA's SFT).
+SCHEDULES = ("cosine", "constant")
 
 
 class ConfigError(UserError, ValueError):
@@ -55,6 +58,13 @@ FIELDS = (
     ("eso.alpha0", 1.0, "eso: share of tokens made by diffusion (0: AR)"),
     ("eso.batch_split", -1.0, "eso: rows on the diffusion term (-1: by alpha0)"),
     ("eso.shuffle", True, "eso: random order in clean/masked (variant B)"),
+    ("sft.enabled", False, "fine-tune on prompt/response pairs (data.sft)"),
+    ("sft.norm", "llada", "llada (per row 1/answer) | smdm (per batch)"),
+    ("sft.prompt_drop", 0.0, "chance a batch's prompts are masked (CFG)"),
+    ("sft.mask_prompt", True, "False: whole-row pre-training loss (SMDM)"),
+    ("sft.pad", "batch", "batch (cut to longest pair) | canvas"),
+    ("init.source", "", "start from this run's workdir or an export"),
+    ("init.step", -1, "its checkpoint step (-1: the latest)"),
     ("optim.lr", 2e-4, "peak learning rate (AdamW, cosine decay)"),
     ("optim.min_lr", 2e-5, "learning rate at the end of the decay"),
     ("optim.b1", 0.9, "Adam beta1"),
@@ -63,6 +73,8 @@ FIELDS = (
     ("optim.grad_clip", 1.0, "global gradient-norm clip (0: off)"),
     ("optim.warmup_steps", -1, "-1: fraction * steps, or max(100, steps / 100)"),
     ("optim.warmup_fraction", 0.0, "e.g. 0.1 for short runs"),
+    ("optim.schedule", "cosine", "cosine | constant (LLaDA SFT: then linear)"),
+    ("optim.decay_fraction", 0.1, "constant: share of steps decaying to min_lr"),
     ("mesh.data", -1, "data-parallel axis (-1: devices left)"),
     ("mesh.fsdp", 1, "fully sharded data-parallel axis"),
     ("mesh.tensor", 1, "tensor-parallel axis"),
@@ -162,6 +174,7 @@ RANGES = (
     ("optim.min_lr", 0, _INF), ("optim.b1", 0, 1), ("optim.b2", 0, 1),
     ("optim.weight_decay", 0, _INF), ("optim.grad_clip", 0, _INF),
     ("optim.warmup_steps", -1, _INF), ("optim.warmup_fraction", 0, 1),
+    ("optim.decay_fraction", 0, 1), ("sft.prompt_drop", 0, 1), ("init.step", -1, _INF),
     ("distributed.num_processes", 0, _INF), ("distributed.process_id", -1, _INF),
 )
 
@@ -257,6 +270,10 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, process_count: int 
              f"or change config.mesh.")
     if c.objective.kind == "eso":
         _validate_eso(c, mb)
+    _require(c.optim.schedule in SCHEDULES,
+             f"config.optim.schedule={c.optim.schedule!r}; valid: {', '.join(SCHEDULES)}.")
+    if c.sft.enabled:
+        _validate_sft(c)
     _require(c.global_batch % process_count == 0,
              f"config.global_batch={c.global_batch} is not divisible by the {process_count} "
              f"processes; use a multiple of {process_count}.")
@@ -296,6 +313,21 @@ def _validate_eso(c: ml_collections.ConfigDict, rows: int) -> None:
              f"config.model.attention={c.model.attention}: the left-to-right term of eso "
              f"(alpha0={alpha0} < 1) needs an explicit 2L attention mask, which only the xla "
              f"attention takes; use model.attention=xla (or eso.alpha0=1).")
+
+
+def _validate_sft(c: ml_collections.ConfigDict) -> None:
+    family = families.get(c.objective.kind)
+    try:
+        family.check_finetuning()
+    except families.FamilyError as e:
+        raise ConfigError(f"config.sft.enabled: {e}") from None
+    _require(c.sft.norm in ("llada", "smdm"),
+             f"config.sft.norm={c.sft.norm!r}; valid: llada, smdm.")
+    _require(c.sft.pad in ("batch", "canvas"),
+             f"config.sft.pad={c.sft.pad!r}; valid: batch, canvas.")
+    _require(c.sft.prompt_drop == 0 or family.mask_token,
+             f"config.sft.prompt_drop={c.sft.prompt_drop}: prompts are dropped by masking "
+             f"them, and the {family.name} family has no mask token; set it to 0.")
 
 
 def resolve_mesh_shape(data: int, fsdp: int, tensor: int, num_devices: int) -> tuple[int, ...]:

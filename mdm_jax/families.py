@@ -3,7 +3,8 @@
 A record says what a family is (causal, time-conditioned, with a mask token) and what it has
 (objective, sampler, likelihood estimators, export formats, FLOPs terms, plot style). Each
 consumer keeps a table keyed by family name: `objectives.OBJECTIVES`, `inference.SAMPLERS`,
-`eval.likelihood.SCORERS`, `export.writer.FORMAT_FAMILIES`; `tests/test_families.py` walks every
+`eval.likelihood.SCORERS`, `export.writer.FORMAT_FAMILIES`,
+`sft_objectives.SFT_OBJECTIVES`; `tests/test_families.py` walks every
 family through all of them. A capability a family lacks is refused here, by `Family.require`.
 Kept free of jax so that config, planning and plotting can name families cheaply.
 """
@@ -42,6 +43,7 @@ class Family:
     estimator_options: tuple[str, ...]
     exact_likelihood: bool  # the estimators give log p itself, not a lower bound
     export_formats: tuple[str, ...]
+    finetuning: bool  # has a loss restricted to the response of prompt/response pairs (SFT)
     compare_with: tuple[str, ...]  # families the scaling fit measures its compute against
     plot_style: tuple  # matplotlib marker and line style (a name or a dash pattern)
 
@@ -67,6 +69,9 @@ class Family:
             raise FamilyError(f"the {self.name} family ({self.summary}) has no {what} "
                               f"{value!r}; it has: {has}")
 
+    def check_finetuning(self) -> None:
+        self.require("fine-tuning objective", "sft", ("sft",) if self.finetuning else ())
+
     def check_estimator(self, kind: str) -> None:
         self.require("likelihood estimator", kind, self.estimators)
 
@@ -90,10 +95,11 @@ class Family:
 
 _MASKED = dict(attention="bidirectional", time_conditioned=False, mask_token=True,
                sampler="masked diffusion: low-confidence or random remasking",
-               sampler_options=("steps", "remasking", "block_length", "cfg", "cache"),
+               sampler_options=("steps", "remasking", "block_length", "cfg", "cache",
+                                "reveal_order", "forbid_ids", "last_ids"),
                guidance=True, estimators=("mc", "llada", "chain"),
                estimator_options=("mc_num", "batch_size", "cfg"), exact_likelihood=False,
-               export_formats=("litgpt", "llada-hf"))
+               export_formats=("litgpt", "llada-hf"), finetuning=True)
 
 RECORDS = (
     Family(name="mdm", summary="masked diffusion, SMDM", objective="1/t-weighted ELBO",
@@ -106,7 +112,7 @@ RECORDS = (
            sampler="ancestral (every step may change any answer token)",
            sampler_options=("steps",), guidance=False, estimators=("mc",),
            estimator_options=("mc_num", "batch_size"), exact_likelihood=False,
-           export_formats=(),
+           export_formats=(), finetuning=False,
            compare_with=(BASELINE,), plot_style=("D", ":")),
     Family(name="eso", summary="interpolating diffusion, Eso-LM", attention="order",
            time_conditioned=False, mask_token=True,
@@ -114,14 +120,14 @@ RECORDS = (
            sampler="diffusion over a random order, then left to right, with a KV cache",
            sampler_options=("steps", "alpha0", "kv_cache"), guidance=False,
            estimators=("mc",), estimator_options=("mc_num", "batch_size"),
-           exact_likelihood=False, export_formats=(),
+           exact_likelihood=False, export_formats=(), finetuning=False,
            compare_with=(BASELINE, "mdm", "mdm-ce"), plot_style=("v", (0, (5, 1, 1, 1)))),
     Family(name="arm", summary="autoregressive baseline", attention="causal",
            time_conditioned=False,
            mask_token=False, objective="next-token cross-entropy",
            sampler="left to right with a KV cache", sampler_options=("kv_cache",),
            guidance=False, estimators=("exact",), estimator_options=(), exact_likelihood=True,
-           export_formats=("llama-hf",),
+           export_formats=("llama-hf",), finetuning=True,
            compare_with=(), plot_style=("s", "--")),
 )
 BY_NAME = {f.name: f for f in RECORDS}

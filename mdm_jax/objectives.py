@@ -112,11 +112,13 @@ def sample_length(key, seq_len: int, prob: float) -> jax.Array:
 
 
 def mdm_loss(apply_fn: Callable, params, tokens, key, args: ObjectiveArgs, mask_id: int,
-             train: bool = True):
+             train: bool = True, valid_len=None):
     """SMDM ELBO: mask each token w.p. p(t), CE on masked positions weighted by 1/p, / (B*L).
 
     tokens: [B, >=L] int32 where L is the model's sequence length (blocks carry one extra token
-    for the ARM shift; the MDM uses the first L). Returns (loss, metrics).
+    for the ARM shift; the MDM uses the first L). `valid_len` (a traced scalar) cuts every row
+    to that length instead of the variable-length draw (fine-tuning rows padded to their
+    micro-batch's longest pair). Returns (loss, metrics).
     """
     x0 = tokens
     b, length = x0.shape
@@ -126,10 +128,14 @@ def mdm_loss(apply_fn: Callable, params, tokens, key, args: ObjectiveArgs, mask_
     masked = jax.random.uniform(k_mask, (b, length)) < p[:, None]
 
     lengths = None
-    valid_len = jnp.asarray(length)
-    if train and args.variable_length_prob > 0:
-        valid_len = sample_length(k_len, length, args.variable_length_prob)
+    if valid_len is None:
+        valid_len = jnp.asarray(length)
+        if train and args.variable_length_prob > 0:
+            valid_len = sample_length(k_len, length, args.variable_length_prob)
+            lengths = jnp.full((b,), valid_len, jnp.int32)
+    else:
         lengths = jnp.full((b,), valid_len, jnp.int32)
+    if lengths is not None:
         masked = masked & (jnp.arange(length)[None, :] < valid_len)
 
     inputs = jnp.where(masked, mask_id, x0)
@@ -158,14 +164,14 @@ def arm_loss(apply_fn: Callable, params, tokens, key, args: ObjectiveArgs, mask_
 
 
 def mdm_ce_loss(apply_fn: Callable, params, tokens, key, args: ObjectiveArgs, mask_id: int,
-                train: bool = True):
+                train: bool = True, valid_len=None):
     """The cross-entropy MDM ("mdm-ce"): the same masking, trained on the plain mean CE over
     the masked tokens (no 1/p weight), which the uniform-vs-masked scaling study found ~12%
     more FLOPs-efficient; evaluation (train=False) still reports the 1/t-weighted ELBO, so the
     bound compares with the SMDM MDM's."""
     if train:
         args = dataclasses.replace(args, weighting="unweighted")
-    return mdm_loss(apply_fn, params, tokens, key, args, mask_id, train)
+    return mdm_loss(apply_fn, params, tokens, key, args, mask_id, train, valid_len)
 
 
 def uniform_alpha(t: jax.Array, eps: float) -> jax.Array:

@@ -5,6 +5,10 @@
         --block-length 32 --remasking low_confidence --temperature 0
     python -m mdm_jax.sample --model exports/tiny_lit --prompts prompts.jsonl \\
         --out answers.jsonl --gen-length 64 --cfg 0.5 --batch-size 16
+    python -m mdm_jax.sample --model runs/sft_mdm --chat --prompt "reverse: king lord" \\
+        --gen-length 16 --end-last --reveal-order front       # an instruct model
+    python -m mdm_jax.sample --model runs/sft_mdm --chat --gen-length 16   # a session: one
+                                                       # user turn per line of stdin
 
 Each prompt starts with the tokenizer's BOS; the family's sampler runs with the options its
 record takes (README "Sampling"): an option its sampler has no use for (--remasking, --cache,
@@ -22,7 +26,7 @@ import sys
 
 from mdm_jax import families
 from mdm_jax.inference.generate import SamplingError
-from mdm_jax.inference.mdm import REMASKING, MDMSampler
+from mdm_jax.inference.mdm import REMASKING, REVEAL_ORDERS, MDMSampler
 
 
 def _parser():
@@ -62,6 +66,21 @@ def _parser():
                         "(default: the trained eso.alpha0)")
     p.add_argument("--no-kv-cache", action="store_true",
                    help="ARM, eso: recompute the whole sequence every call (the reference)")
+    p.add_argument("--chat", action="store_true",
+                   help="instruct models: wrap each prompt in the chat template and cut the "
+                        "answer at its EOS or end-of-turn; with no --prompt/--prompts, a "
+                        "multi-turn session reading one user turn per line of stdin")
+    p.add_argument("--system", default="", help="--chat: a system message first")
+    p.add_argument("--stop-at-eos", action="store_true",
+                   help="cut each answer at its first EOS (fine-tuned models, plain template)")
+    p.add_argument("--no-eos", action="store_true",
+                   help="MDM: never generate EOS (LLaDA's logits_eos_inf)")
+    p.add_argument("--end-last", action="store_true",
+                   help="MDM: reveal EOS and end-of-turn predictions last (LLaDA's "
+                        "confidence_eos_eot_inf)")
+    p.add_argument("--reveal-order", choices=REVEAL_ORDERS, default=None,
+                   help="MDM: even (default: a block's extra reveals on its last steps) or "
+                        "front (LLaDA's: on its first steps)")
     p.add_argument("--temperature", type=float, default=None,
                    help="0 = greedy (default: the run's samples.temperature)")
     p.add_argument("--top-k", type=int, default=0)
@@ -123,15 +142,17 @@ def given_options(a) -> list[str]:
     """The sampler options (keywords) set on this command line; defaults are not refused."""
     return [name for name, value in (("steps", a.steps), ("remasking", a.remasking),
                                      ("block_length", a.block_length), ("cfg", a.cfg),
-                                     ("alpha0", a.alpha0))
-            if value is not None] + ["cache"] * a.cache + ["kv_cache"] * a.no_kv_cache
+                                     ("alpha0", a.alpha0), ("reveal_order", a.reveal_order))
+            if value is not None] + ["cache"] * a.cache + ["kv_cache"] * a.no_kv_cache + \
+        ["forbid_ids"] * a.no_eos + ["last_ids"] * a.end_last
 
 
 def _main(argv=None) -> None:
     from mdm_jax.errors import spelling
 
     a = _parser().parse_args(argv)
-    with spelling(flags=True, kv_cache="--no-kv-cache"):  # library errors name these flags
+    with spelling(flags=True, kv_cache="--no-kv-cache", forbid_ids="--no-eos",
+                  last_ids="--end-last"):  # library errors name these flags
         _sample(a)
 
 
@@ -142,6 +163,7 @@ def _sample(a) -> None:
     from mdm_jax.data.tokenizer import Tokenizer
     from mdm_jax.errors import UserError
     from mdm_jax.inference import generate, load
+    from mdm_jax.inference.chat import end_token_options
     from mdm_jax.inference.generate import batches, check_options, check_request, n_batches
 
     _check_numbers(a)
@@ -161,7 +183,19 @@ def _sample(a) -> None:
             raise SamplingError(f"--tokenizer: {e}") from None
         raise SamplingError(f"the model's tokenizer {m.tokenizer_path!r}: {e}; pass "
                             f"--tokenizer PATH") from None
-    prompts = [[tok.bos_id] + (tok.encode(t) if t else []) for t in texts]
+    if a.chat:
+        from mdm_jax.data import templates
+
+        try:
+            templates.check_template(tok, "chat")
+        except ValueError as e:
+            raise SamplingError(f"--chat: {e}") from None
+        prompts = [templates.turn_ids(tok, "chat", t, first=True, system=a.system)
+                   for t in texts]
+        stop_ids = templates.stop_ids(tok, "chat")
+    else:
+        prompts = [[tok.bos_id] + (tok.encode(t) if t else []) for t in texts]
+        stop_ids = (tok.eos_id,) if a.stop_at_eos else ()
     longest = max(len(p) for p in prompts)
     gen_length = a.gen_length or (a.length - longest if a.length else seq_len - longest)
     if block_length and not a.gen_length and gen_length > 0:
@@ -188,13 +222,17 @@ def _sample(a) -> None:
     temperature = run.temperature if a.temperature is None else a.temperature
     sampler = MDMSampler(steps=steps, block_length=block_length, remasking=remasking,
                          temperature=temperature, top_k=a.top_k, top_p=a.top_p, cfg=cfg,
-                         cache=a.cache, alpha0=a.alpha0)
+                         cache=a.cache, alpha0=a.alpha0, reveal_order=a.reveal_order or "even")
+    sampler = end_token_options(sampler, tok, a.no_eos, a.end_last)
     check_request(m.model, prompts, gen_length, sampler, limit, kv_cache=not a.no_kv_cache,
                   given=given)
     if num > 1 and temperature == 0:
         print(f"note: --temperature 0 is greedy, so the {num} samples of a prompt may be "
               f"identical; give --temperature > 0 for varied ones", file=sys.stderr)
 
+    if a.chat and a.prompt is None and not a.prompts:
+        _session(m, tok, sampler, gen_length, a)
+        return
     jobs = [(text, p) for text, p in zip(texts, prompts, strict=True) for _ in range(num)]
     out = open(a.out, "w", encoding="utf-8") if a.out else None
     try:
@@ -208,10 +246,10 @@ def _sample(a) -> None:
                        f"network calls, {g.seconds:.2f} s, "
                        f"{len(batch) * gen_length / max(g.seconds, 1e-9):,.0f} tokens/s",
                        file=sys.stderr)
-            for (text, _), answer in zip(batch, g.answers(), strict=True):
+            for (text, _), answer in zip(batch, g.answers(stop_ids), strict=True):
                 completion = tok.decode([t for t in answer if t < tok.vocab_size])
-                tqdm.write(f"--- sample {i} ---\n{(text + completion).strip()}\n",
-                           file=sys.stdout)
+                shown = f"{text}\n>>> {completion.strip()}" if a.chat else text + completion
+                tqdm.write(f"--- sample {i} ---\n{shown.strip()}\n", file=sys.stdout)
                 if out:
                     out.write(json.dumps({"prompt": text, "completion": completion,
                                           "tokens": answer, "nfe": g.nfe,
@@ -220,6 +258,18 @@ def _sample(a) -> None:
     finally:
         if out:
             out.close()
+
+
+def _session(m, tok, sampler, gen_length: int, a) -> None:
+    """A multi-turn chat: one user turn per line of stdin, each answer printed."""
+    from mdm_jax.inference.chat import ChatSession
+
+    chat = ChatSession(m, tok, "chat", gen_length, sampler, a.system, a.seed)
+    if sys.stdin.isatty():
+        print("(one message per line; end with Ctrl-D)", file=sys.stderr)
+    for line in sys.stdin:
+        if line.strip():
+            print(f">>> {chat.reply(line.rstrip(chr(10)))}", flush=True)
 
 
 def cli(argv=None) -> None:

@@ -54,8 +54,16 @@ class Hook:
 def _check_data(c: ml_collections.ConfigDict, data_dir: str, vocab_size: int) -> None:
     """The prepared data must match the model: block length and vocabulary."""
     from mdm_jax.data import loader
+    from mdm_jax.data.sft import is_sft
 
     m = loader.manifest(data_dir)
+    if is_sft(m) != bool(c.sft.enabled):
+        raise config_lib.ConfigError(
+            f"{data_dir} holds prompt/response pairs (mdm_jax.data.sft): set "
+            f"--config.sft.enabled=True to fine-tune on them" if is_sft(m) else
+            f"config.sft.enabled=True but {data_dir} holds pre-training blocks; prepare "
+            f"prompt/response pairs with `python -m mdm_jax.data.sft` (or set "
+            f"--config.sft.enabled=False)")
     if int(m["seq_len"]) != c.seq_len:
         raise config_lib.ConfigError(
             f"{data_dir} holds blocks of seq_len {m['seq_len']} but config.seq_len="
@@ -246,6 +254,14 @@ def _restore_or_init(c, trainer: Trainer, ckpt, train_iter, config_json: dict) -
         if ckpt.all_steps():
             raise CheckpointError(f"every checkpoint in {ckpt.directory} is damaged (see the "
                                   f"warnings above); move it away to start fresh")
+        if c.init.source:  # fine-tuning: pretrained weights, a fresh optimizer at step 0
+            from mdm_jax.finetune import initial_state
+
+            state = initial_state(trainer, c.init.source, None if c.init.step < 0
+                                  else c.init.step)
+            if jax.process_index() == 0:
+                print(f"[mdm_jax] starting from the weights of {c.init.source}", flush=True)
+            return state
         return trainer.create_state(c.seed)
     if jax.process_index() == 0:
         print(f"[mdm_jax] resumed from {ckpt.directory}/{step}", flush=True)

@@ -25,9 +25,11 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from mdm_jax import config as config_lib
 from mdm_jax import families, flops, sharding
+from mdm_jax.data.sft import row_width
 from mdm_jax.model import Encoder, ModelArgs
 from mdm_jax.objectives import OBJECTIVES, ObjectiveArgs
 from mdm_jax.presets import get_preset
+from mdm_jax.sft_objectives import SFT_OBJECTIVES, SFTArgs
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -50,12 +52,29 @@ def warmup_steps(c: ml_collections.ConfigDict) -> int:
     return min(w, c.steps)
 
 
-def make_optimizer(c: ml_collections.ConfigDict):
-    """AdamW with linear warmup then cosine decay to min_lr, after global-norm clipping."""
+def learning_rate_schedule(c: ml_collections.ConfigDict):
     warm = warmup_steps(c)
-    schedule = optax.warmup_cosine_decay_schedule(
+    if c.optim.get("schedule", "cosine") == "constant":
+        # LLaDA's SFT: warm up, hold the peak, decay linearly to min_lr over the last share.
+        decay = min(max(1, round(c.optim.decay_fraction * c.steps)), c.steps - warm) \
+            if c.optim.decay_fraction > 0 else 0
+        hold = max(c.steps - warm - decay, 0)
+        parts = [optax.linear_schedule(0.0, c.optim.lr, max(warm, 1)),
+                 optax.constant_schedule(c.optim.lr)]
+        bounds = [warm]
+        if decay:
+            parts.append(optax.linear_schedule(c.optim.lr, c.optim.min_lr, decay))
+            bounds.append(warm + hold)
+        return optax.join_schedules(parts, bounds)
+    return optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=c.optim.lr, warmup_steps=warm,
         decay_steps=max(c.steps, warm + 1), end_value=c.optim.min_lr)
+
+
+def make_optimizer(c: ml_collections.ConfigDict):
+    """AdamW with linear warmup then the schedule (cosine decay to min_lr, or constant and a
+    final linear decay), after global-norm clipping."""
+    schedule = learning_rate_schedule(c)
     tx = optax.chain(
         optax.clip_by_global_norm(c.optim.grad_clip),
         optax.adamw(schedule, b1=c.optim.b1, b2=c.optim.b2, weight_decay=c.optim.weight_decay),
@@ -76,6 +95,8 @@ class Trainer:
         self.family = families.get(c.objective.kind)
         self.args = ModelArgs.from_config(c)
         self.objective_args = ObjectiveArgs.from_config(c)
+        # Fine-tuning: rows carry the prompt and pair lengths (mdm_jax.data.sft)
+        self.sft = SFTArgs.from_config(c) if c.get("sft") and c.sft.enabled else None
         self.model = Encoder(self.args)
         data, fsdp, tensor = config_lib.resolve_mesh_shape(c.mesh.data, c.mesh.fsdp,
                                                            c.mesh.tensor, len(devices))
@@ -84,6 +105,7 @@ class Trainer:
         self.micro_batch = config_lib.micro_batch(c, data * fsdp)  # sequences per micro-step
         self.micro_steps = c.global_batch // self.micro_batch
         self.inputs_len = c.seq_len + self.family.inputs_extra
+        self.row_width = row_width(c.seq_len) if self.sft else c.seq_len + 1
 
         boxed = jax.eval_shape(self._init_boxed, jax.ShapeDtypeStruct((2,), jnp.uint32))
         sharding.check_divisible(boxed.params, self.mesh)
@@ -113,12 +135,21 @@ class Trainer:
                           skipped=jnp.zeros((), jnp.int32), halted=jnp.zeros((), jnp.bool_))
 
     def _loss(self, params, tokens, key, train: bool = True, objective_args=None):
+        args = objective_args or self.objective_args
+        if self.sft:
+            return SFT_OBJECTIVES[self.family.name](self.model.apply, params, tokens, key, args,
+                                                    self.sft, self.args.mask_id,
+                                                    self.config.seq_len, train)
         fn = OBJECTIVES[self.family.name]
-        return fn(self.model.apply, params, tokens, key, objective_args or self.objective_args,
-                  self.args.mask_id, train)
+        return fn(self.model.apply, params, tokens, key, args, self.args.mask_id, train)
+
+    def _rows(self, batch):
+        """What the objective reads of a batch: the family's tokens (fine-tuning: the whole
+        row, lengths included)."""
+        return batch if self.sft else batch[:, : self.inputs_len]
 
     def _train_step(self, state: TrainState, batch: jax.Array):
-        tokens = batch[:, : self.inputs_len]
+        tokens = self._rows(batch)
         m = self.micro_steps
         step_key = jax.random.fold_in(state.rng, state.step)
         grad_fn = jax.value_and_grad(self._loss, has_aux=True)
@@ -163,7 +194,7 @@ class Trainer:
     def _eval_step(self, params, batch, key):
         """The true bound for every objective: 1/t-weighted ELBO, stratified t, full length."""
         args = dataclasses.replace(self.objective_args, weighting="elbo", t_sampling="stratified")
-        loss, _ = self._loss(params, batch[:, : self.inputs_len], key, False, args)
+        loss, _ = self._loss(params, self._rows(batch), key, False, args)
         return loss
 
     # -- host-side helpers --------------------------------------------------------------------
@@ -183,7 +214,7 @@ class Trainer:
         state = jax.tree_util.tree_map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
             self.abstract_state, self.state_sharding)
-        batch = jax.ShapeDtypeStruct((self.config.global_batch, self.config.seq_len + 1),
+        batch = jax.ShapeDtypeStruct((self.config.global_batch, self.row_width),
                                      jnp.int32, sharding=self.batch_sharding)
         return state, batch
 

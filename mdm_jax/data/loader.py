@@ -29,7 +29,7 @@ import numpy as np
 from absl import flags
 
 from mdm_jax import storage
-from mdm_jax.data import litgpt
+from mdm_jax.data import litgpt, sft
 from mdm_jax.data.prepare import MANIFEST
 
 DataSpec = str | Path | Sequence[tuple[str | Path, float]]
@@ -154,11 +154,24 @@ class PackedBlocks:
         return f"PackedBlocks({str(self.data_dir)!r}, blocks={len(self)}, seq_len={self.seq_len})"
 
 
-def open_source(data_dir: str | Path) -> PackedBlocks | litgpt.LitGptBlocks:
-    """The random-access block source for a prepared or lit-gpt directory."""
+def open_source(data_dir: str | Path) -> PackedBlocks | litgpt.LitGptBlocks | sft.SFTPairs:
+    """The random-access block source for a prepared, lit-gpt or fine-tuning directory."""
     if litgpt.is_litgpt_dir(data_dir):
         return litgpt.LitGptBlocks(data_dir)
+    m = manifest(data_dir)
+    if sft.is_sft(m):
+        return sft.SFTPairs(data_dir, m)
     return PackedBlocks(data_dir)
+
+
+def _dataset(data_dir, seed: int) -> grain.MapDataset:
+    """The source, shuffled; for fine-tuning data, one pair of each dialogue drawn per pass
+    (the draw depends on the index, which carries the epoch: another pair next time)."""
+    src = open_source(data_dir)
+    ds = grain.MapDataset.source(src).shuffle(seed=seed)
+    if isinstance(src, sft.SFTPairs):
+        ds = ds.random_map(src.pick, seed=seed)
+    return ds
 
 
 def _component_seed(seed: int, k: int) -> int:
@@ -220,7 +233,7 @@ def make_train_iterator(
     """
     mix = _as_mixture(data_dir)
     if len(mix) == 1:
-        ds = grain.MapDataset.source(open_source(mix[0][0])).shuffle(seed=seed)
+        ds = _dataset(mix[0][0], seed)
         ds = _process_batches(ds, process_index, process_count, batch_size_per_process)
         ds = ds.repeat(num_epochs)
     else:
@@ -228,15 +241,18 @@ def make_train_iterator(
             raise ValueError("num_epochs is only defined for a single source; a mixture "
                              "repeats forever (stop after a number of steps instead)")
         parts = []
-        seq_lens = {}
+        seq_lens, kinds = {}, set()
         for k, (d, _) in enumerate(mix):
-            src = open_source(d)
-            seq_lens[str(d)] = src.seq_len
-            part = grain.MapDataset.source(src).shuffle(seed=_component_seed(seed, k))
+            part = _dataset(d, _component_seed(seed, k))
+            seq_lens[str(d)] = manifest(d)["seq_len"]
+            kinds.add(sft.is_sft(manifest(d)))
             parts.append(_process_slice(part, process_index, process_count, 1).repeat())
         if len(set(seq_lens.values())) > 1:
             raise ValueError(f"mixture sources have different seq_len: {seq_lens}; prepare "
                              f"them with the same --seq-len")
+        if len(kinds) > 1:
+            raise ValueError("a mixture cannot mix fine-tuning pairs (mdm_jax.data.sft) with "
+                             "pre-training blocks; give sources of one kind")
         ds = grain.MapDataset.mix(parts, weights=[w for _, w in mix])
         ds = ds.batch(batch_size_per_process, drop_remainder=True)
     it_ds = ds.to_iter_dataset(
@@ -260,7 +276,10 @@ def make_eval_batches(
 ) -> list[np.ndarray]:
     """The first ``num_batches`` unshuffled batches of this process's slice (fewer, with a
     warning, when the data is smaller): the same evaluation set every time."""
-    ds = grain.MapDataset.source(open_source(data_dir))
+    src = open_source(data_dir)
+    ds = grain.MapDataset.source(src)
+    if isinstance(src, sft.SFTPairs):
+        ds = ds.random_map(src.pick, seed=0)
     ds = _process_batches(ds, process_index, process_count, batch_size_per_process)
     if len(ds) < num_batches:
         warnings.warn(f"{data_dir} holds only {len(ds)} eval batches of {batch_size_per_process} "

@@ -28,7 +28,7 @@ from mdm_jax.data.prepare import (
     check_output_dir,
     iter_documents,
 )
-from mdm_jax.data.tokenizer import TokenizerError
+from mdm_jax.data.tokenizer import CHAT_PIECES, TokenizerError, extend
 from mdm_jax.errors import ArgumentParser, positive_int, run_main
 
 # SentencePiece skips longer "sentences"; we feed it lines, which are far shorter.
@@ -96,9 +96,11 @@ def train_tokenizer(
     model_prefix: str | Path,
     vocab_size: int,
     max_chars: int = 200_000_000,
+    chat_tokens: bool = False,
 ) -> Path:
     """Train ``{model_prefix}.model``; returns its path. Skips training when the model exists
-    and its sidecar ``{model_prefix}.json`` records the same arguments."""
+    and its sidecar ``{model_prefix}.json`` records the same arguments. ``chat_tokens``
+    reserves the chat template's pieces (ids 3, 4, 5: right after unk/bos/eos)."""
     for name, value in (("vocab_size", vocab_size), ("max_chars", max_chars)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise TokenizerError(f"{name} (--{name.replace('_', '-')}) must be a positive "
@@ -117,6 +119,7 @@ def train_tokenizer(
         "input_bytes": [p.stat().st_size for p in paths],
         "vocab_size": vocab_size,
         "max_chars": max_chars,
+        **({"chat_tokens": True} if chat_tokens else {}),
     }
     if model_path.is_file() and sidecar.is_file():
         try:
@@ -129,7 +132,8 @@ def train_tokenizer(
     model = io.BytesIO()
     stats: Counter[str] = Counter()
     try:
-        _train(_iter_lines(paths, max_chars, stats), model, vocab_size)
+        _train(_iter_lines(paths, max_chars, stats), model, vocab_size,
+               CHAT_PIECES if chat_tokens else ())
     except BadFileError as e:
         raise e.with_hint("re-download the file, or leave it out of --input") from e
     except RuntimeError as e:  # SentencePiece's own checks: "INTERNAL: file(line) [cond] msg"
@@ -166,8 +170,10 @@ def train_tokenizer(
     return model_path
 
 
-def _train(lines: Iterator[str], model: io.BytesIO, vocab_size: int) -> None:
+def _train(lines: Iterator[str], model: io.BytesIO, vocab_size: int,
+           reserved: Sequence[str] = ()) -> None:
     spm.SentencePieceTrainer.train(
+        user_defined_symbols=list(reserved),
         sentence_iterator=lines,
         model_writer=model,
         model_type="bpe",
@@ -196,13 +202,26 @@ def cli(argv: Sequence[str] | None = None) -> None:
 
 def _main(argv: Sequence[str] | None = None) -> None:
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--input", required=True, nargs="+",
+    p.add_argument("--input", nargs="+",
                    help="globs, files or directories (*.jsonl.zst or *.txt)")
     p.add_argument("--output", required=True, help="model prefix or path ending in .model")
-    p.add_argument("--vocab-size", type=positive_int, required=True)
+    p.add_argument("--vocab-size", type=positive_int)
     p.add_argument("--max-chars", type=positive_int, default=200_000_000)
+    p.add_argument("--chat-tokens", action="store_true",
+                   help="reserve the chat template's pieces " + ", ".join(CHAT_PIECES))
+    p.add_argument("--extend", metavar="MODEL",
+                   help="instead of training: append the chat pieces to MODEL after its last "
+                        "piece (no other id moves) and write the result to --output")
     a = p.parse_args(argv)
-    path = train_tokenizer(a.input, a.output, a.vocab_size, max_chars=a.max_chars)
+    if a.extend:
+        if a.input or a.vocab_size:
+            p.error("--extend takes no --input or --vocab-size: it adds pieces to MODEL")
+        path = extend(a.extend, a.output)
+    else:
+        if not a.input or not a.vocab_size:
+            p.error("give --input and --vocab-size (or --extend MODEL)")
+        path = train_tokenizer(a.input, a.output, a.vocab_size, max_chars=a.max_chars,
+                               chat_tokens=a.chat_tokens)
     sp = spm.SentencePieceProcessor(model_file=str(path))
     print(f"{path}: vocab_size={sp.GetPieceSize()} unk={sp.unk_id()} bos={sp.bos_id()} "
           f"eos={sp.eos_id()}")

@@ -9,22 +9,48 @@ encodes exactly as SentencePiece does (and as mdm_jax did when it prepared the d
   (" a" then loses a "▁"), so the normalizer here is Prepend("▁") + Replace(" ", "▁"), the
   exact SentencePiece behaviour for its identity normalisation;
 - the MDM's mask token (`<|mdm_mask|>`) as a special token whose id is the model's mask id
-  (placeholder tokens fill any gap between the tokenizer's vocabulary and the mask id).
+  (placeholder tokens fill any gap between the tokenizer's vocabulary and the mask id);
+- for a tokenizer with the chat pieces (`mdm_jax.data.tokenizer.CHAT_PIECES`): those pieces as
+  special tokens at their SentencePiece ids, matched inside the text as SentencePiece matches
+  them, and a `chat_template` that gives the ids of `mdm_jax.data.templates` ("chat").
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
 
+from mdm_jax.data.tokenizer import CHAT_PIECES, END_OF_TURN, HEADER_END, HEADER_START, Tokenizer
+
 MASK_TOKEN = "<|mdm_mask|>"
+
+# mdm_jax.data.templates' "chat" dialogue as one text. mdm_jax encodes each user turn (BOS
+# first) and each answer separately, every piece with SentencePiece's dummy prefix "▁": here a
+# turn after an answer and every answer start with a space, the "▁" of their own encode (the
+# text after BOS gets it from the tokenizer). So the rendered text tokenises to the ids the
+# model was fine-tuned on and the prompts of a chat session (multi-turn included).
+CHAT_TEMPLATE = (
+    f"{{% set hs, he, eot = '{HEADER_START}', '{HEADER_END}', '{END_OF_TURN}' %}}"
+    "{{ bos_token or '' }}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}"
+    "{{ hs + 'assistant' + he + '\\n\\n ' + (message['content'] | trim) + eot }}"
+    "{% else %}"
+    "{% if not loop.first and messages[loop.index0 - 1]['role'] == 'assistant' %}{{ ' ' }}"
+    "{% endif %}"
+    "{{ hs + message['role'] + he + '\\n\\n' + (message['content'] | trim) + eot }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ hs + 'assistant' + he + '\\n\\n' }}{% endif %}")
 
 
 def special_ids(tokenizer_path: str) -> dict[str, int | None]:
-    """bos/eos/pad/unk ids of a SentencePiece model (pad falls back to EOS)."""
+    """bos/eos/pad/unk ids of a SentencePiece model (pad falls back to EOS), and its chat
+    template's end-of-turn id (None without the chat pieces)."""
     import sentencepiece as spm
 
     sp = spm.SentencePieceProcessor(model_file=tokenizer_path)
@@ -35,7 +61,24 @@ def special_ids(tokenizer_path: str) -> dict[str, int | None]:
     eos = valid(sp.eos_id())
     return {"bos_token_id": valid(sp.bos_id()), "eos_token_id": eos,
             "pad_token_id": valid(sp.pad_id()) if sp.pad_id() >= 0 else eos,
-            "unk_token_id": valid(sp.unk_id()), "vocab_size": sp.get_piece_size()}
+            "unk_token_id": valid(sp.unk_id()), "vocab_size": sp.get_piece_size(),
+            "eot_token_id": _chat_ids(tokenizer_path).get(END_OF_TURN)}
+
+
+def _chat_ids(tokenizer_path: str) -> dict[str, int]:
+    """{chat piece: id} of a tokenizer that has all of them, else {}."""
+    tok = Tokenizer.load(tokenizer_path)
+    return {p: tok.piece_id(p) for p in CHAT_PIECES} if tok.has_chat_pieces else {}
+
+
+def generation_config(tokenizer_path: str) -> dict[str, int | list[int]]:
+    """generation_config.json: generation stops at EOS and, with the chat pieces, also at the
+    end of a turn (a chat answer ends with end-of-turn, then EOS)."""
+    ids = special_ids(tokenizer_path)
+    stop = [i for i in (ids["eos_token_id"], ids["eot_token_id"]) if i is not None]
+    config = {"bos_token_id": ids["bos_token_id"], "pad_token_id": ids["pad_token_id"],
+              "eos_token_id": stop if len(stop) > 1 else stop[0]}
+    return {k: v for k, v in config.items() if v is not None}
 
 
 def write_tokenizer(out: str, tokenizer_path: str, mask_id: int | None, hf: bool) -> list[str]:
@@ -48,7 +91,7 @@ def write_tokenizer(out: str, tokenizer_path: str, mask_id: int | None, hf: bool
 
     try:
         import transformers
-        from tokenizers import decoders, normalizers
+        from tokenizers import AddedToken, Regex, decoders, normalizers
     except ImportError:
         print("warning: transformers is not installed (the torch extra): the export ships "
               "tokenizer.model but no tokenizer.json for AutoTokenizer", file=sys.stderr)
@@ -68,11 +111,26 @@ def write_tokenizer(out: str, tokenizer_path: str, mask_id: int | None, hf: bool
             json.dump({k: v for k, v in settings.items() if v is not None}, f)
         tok = transformers.AutoTokenizer.from_pretrained(tmp)
     backend = tok.backend_tokenizer
-    backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"),
-                                               normalizers.Replace(" ", "▁")])
+    chat = _chat_ids(tokenizer_path)
+    prefix = normalizers.Prepend("▁")
+    if chat:
+        # SentencePiece matches its user-defined pieces inside the text, one dummy prefix per
+        # text. As non-normalised added tokens (transformers' conversion) they would split the
+        # text first and each part would get its own "▁"; as normalised ones they are matched
+        # in the normalised text. The normaliser also rewrites those tokens' own text, so the
+        # prefix skips a text that is exactly one chat piece (else a piece would only match
+        # after a "▁"): the one difference left, such a text alone gets no "▁".
+        pieces = "|".join(map(re.escape, chat))
+        prefix = normalizers.Replace(Regex(rf"\A(?!(?:{pieces})\z)"), "▁")
+    backend.normalizer = normalizers.Sequence([prefix, normalizers.Replace(" ", "▁")])
     backend.pre_tokenizer = None
     backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
                                          decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    if chat:
+        # special: skip_special_tokens drops them from decoded answers
+        tok.add_tokens([AddedToken(p, special=True, normalized=True) for p in chat],
+                       special_tokens=True)
+        assert [tok.convert_tokens_to_ids(p) for p in chat] == list(chat.values())
     if mask_id is not None:
         gap = mask_id - len(tok)
         if gap < 0:
@@ -87,6 +145,8 @@ def write_tokenizer(out: str, tokenizer_path: str, mask_id: int | None, hf: bool
     with open(config_path) as f:
         config = json.load(f)
     config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    if chat:
+        config["chat_template"] = CHAT_TEMPLATE
     for key in ("is_local", "local_files_only"):
         config.pop(key, None)
     with open(config_path, "w") as f:

@@ -12,8 +12,9 @@ Config accepts as is) and `llada-hf` (LLaDA's layout and config, with its modeli
 AutoModel.from_pretrained(out, trust_remote_code=True)); ARMs to `llama-hf`
 (transformers.LlamaForCausalLM, no custom code). Hugging Face folders are sharded with an index
 above --max-shard-size. Every export ships the tokenizer (tokenizer.model; HF formats also
-tokenizer.json for AutoTokenizer) and `mdm_jax.json` with the preset, step, mask id, vocabulary
-and tokenizer checksum, also kept in the safetensors metadata. Tensors are read from the
+tokenizer.json for AutoTokenizer, with the chat template of a chat tokenizer, and
+generation_config.json) and `mdm_jax.json` with the preset, step, mask id, vocabulary and
+tokenizer checksum, also kept in the safetensors metadata. Tensors are read from the
 checkpoint and written one at a time.
 """
 
@@ -230,9 +231,13 @@ def _export_into(checkpoint: str, fmt: str, out: str, step: int | None, dtype: s
                 f.write(source.read_text())
             files.append(name)
     if tokenizer_path:
-        from mdm_jax.export.tokenizer_files import write_tokenizer
+        from mdm_jax.export.tokenizer_files import generation_config, write_tokenizer
 
         files += write_tokenizer(out, tokenizer_path, meta["mask_token_id"], hf=fmt != "litgpt")
+        if fmt != "litgpt":  # where generation stops: EOS, and end-of-turn for a chat model
+            with open(os.path.join(out, "generation_config.json"), "w") as f:
+                json.dump(generation_config(tokenizer_path), f, indent=2)
+            files.append("generation_config.json")
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump(model_config, f, indent=2)
     # Every file's sha256, so an import can tell a folder whose files come from different

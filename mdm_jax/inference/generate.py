@@ -32,9 +32,19 @@ class Generation:
     nfe: int  # network calls made for the whole batch
     seconds: float
 
-    def answers(self) -> list[list[int]]:
-        return [row[p:p + self.gen_length].tolist()
+    def answers(self, stop_ids: tuple[int, ...] = ()) -> list[list[int]]:
+        """Each row's answer; with `stop_ids`, cut before the first of them (an instruct
+        model's EOS or end-of-turn: what follows is padding)."""
+        return [cut_at(row[p:p + self.gen_length].tolist(), stop_ids)
                 for row, p in zip(self.tokens, self.prompt_lens, strict=True)]
+
+
+def cut_at(tokens: list[int], stop_ids) -> list[int]:
+    """`tokens` up to (not including) the first of `stop_ids`."""
+    for i, t in enumerate(tokens):
+        if t in stop_ids:
+            return tokens[:i]
+    return tokens
 
 
 # Options every family's sampler takes; the others are each family's own (its sampler_options).
@@ -45,7 +55,8 @@ def chosen_options(sampler: MDMSampler, kv_cache: bool = True) -> list[str]:
     """The family-specific options whose settings differ from the defaults (what a caller who
     cannot say which options were set explicitly is taken to have chosen)."""
     default = MDMSampler()
-    chosen = [name for name in ("remasking", "block_length", "cfg", "cache", "alpha0")
+    chosen = [name for name in ("remasking", "block_length", "cfg", "cache", "alpha0",
+                                "reveal_order", "forbid_ids", "last_ids")
               if getattr(sampler, name) != getattr(default, name)]
     return chosen + ([] if kv_cache else ["kv_cache"])
 

@@ -10,7 +10,15 @@ s = 1 - (j+1)/n, and of the block's still-masked positions
     the linear schedule;
   - "low_confidence" reveals the floor(#masked / (n - j)) most confident predictions (SMDM,
     LLaDA: an even share per step), the confidence being the predicted token's probability.
-The last step of a block reveals what is left of it.
+The last step of a block reveals what is left of it. `reveal_order="front"` is LLaDA's
+schedule instead: a block of m masks reveals floor(m / n) each step plus one more on each of
+the first m mod n steps (10 masks in 4 steps: 3, 3, 2, 2; ours: 2, 2, 3, 3), and with "random"
+remasking it reveals that many at random (LLaDA's `generate`).
+
+End tokens (LLaDA's options for instruct models): `forbid_ids` are never generated (their
+logits are -inf: `logits_eos_inf`); a position whose prediction is one of `last_ids` gets
+confidence 0, so it is revealed only when nothing more confident is left
+(`confidence_eos_eot_inf`).
 
 Caching (RADD): our model is time-independent, so when a step revealed nothing the canvas, and
 therefore the logits, are unchanged: the previous logits are reused and no network call is
@@ -35,10 +43,11 @@ import jax
 import jax.numpy as jnp
 
 from mdm_jax.errors import option
-from mdm_jax.inference.tokens import choose
+from mdm_jax.inference.tokens import NEG_INF, choose
 from mdm_jax.model import Encoder
 
 REMASKING = ("low_confidence", "random")
+REVEAL_ORDERS = ("even", "front")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +63,9 @@ class MDMSampler:
     cfg: float = 0.0  # unsupervised classifier-free guidance weight w
     cache: bool = False  # reuse the logits when a step revealed nothing (see BUILD_NOTES)
     alpha0: float | None = None  # eso: share of the answer made by diffusion (None: trained)
+    reveal_order: str = "even"  # "front": LLaDA's, the extra reveals on a block's first steps
+    forbid_ids: tuple[int, ...] = ()  # never generated (LLaDA: the EOS logit -inf)
+    last_ids: tuple[int, ...] = ()  # revealed last (LLaDA: EOS and end-of-turn confidence 0)
 
     def blocks(self, gen_length: int) -> int:
         return 1 if self.block_length <= 0 else gen_length // self.block_length
@@ -68,6 +80,9 @@ def check(s: MDMSampler, gen_length: int) -> list[tuple[str, str]]:
     if s.remasking not in REMASKING:
         problems.append(("remasking", f"{option('remasking', repr(s.remasking))}: choose one "
                                       f"of {', '.join(REMASKING)}"))
+    if s.reveal_order not in REVEAL_ORDERS:
+        problems.append(("reveal_order", f"{option('reveal_order', repr(s.reveal_order))}: "
+                                         f"choose one of {', '.join(REVEAL_ORDERS)}"))
     if s.alpha0 is not None and not 0 <= s.alpha0 <= 1:
         problems.append(("alpha0", f"{option('alpha0', s.alpha0)}: give a share in [0, 1] "
                                    f"(1: all by diffusion, 0: left to right)"))
@@ -159,8 +174,22 @@ def _reverse_process(model: Encoder, params, x, block_of, prompt_mask, lengths, 
         # left = n - j steps of this block remaining (exact in integers below).
         left = per_block - j
         active = (x == mask_id) & (block_of == block)
-        pred, conf = choose(logits, k_choose, s.temperature, s.top_k, s.top_p)
-        if s.remasking == "random":
+        if s.forbid_ids:
+            logits_in = logits.at[..., jnp.asarray(s.forbid_ids)].set(NEG_INF)
+        else:
+            logits_in = logits
+        pred, conf = choose(logits_in, k_choose, s.temperature, s.top_k, s.top_p)
+        if s.last_ids:
+            conf = jnp.where(jnp.isin(pred, jnp.asarray(s.last_ids)), 0.0, conf)
+        if s.reveal_order == "front":
+            size = jnp.sum(block_of == block, axis=-1)  # the block's masks when it began
+            n_reveal = size // per_block + (j < size % per_block)
+            if s.remasking == "random":
+                conf = jax.random.uniform(k_coin, x.shape)
+            conf = jnp.where(active, conf, -jnp.inf)
+            rank = jnp.argsort(jnp.argsort(-conf, axis=-1), axis=-1)
+            reveal = rank < n_reveal[:, None]
+        elif s.remasking == "random":
             reveal = jax.random.uniform(k_coin, x.shape) * left < 1.0
         else:
             n_reveal = jnp.sum(active, axis=-1) // left
@@ -176,3 +205,17 @@ def _reverse_process(model: Encoder, params, x, block_of, prompt_mask, lengths, 
     init = (x, key, no_logits, jnp.asarray(False), jnp.asarray(0, jnp.int32))
     (out, _, _, _, nfe), history = jax.lax.scan(step, init, jnp.arange(s.steps))
     return (out, nfe, history) if trace else (out, nfe)
+
+
+def reveal_counts(masks: int, steps: int, reveal_order: str = "even") -> list[int]:
+    """Tokens revealed at each step of a block of `masks` masks in `steps` low-confidence
+    steps (the schedule `_reverse_process` follows), for tests and documentation."""
+    counts, left = [], masks
+    for j in range(steps):
+        if reveal_order == "front":
+            n = masks // steps + (j < masks % steps)
+        else:
+            n = left if j == steps - 1 else left // (steps - j)
+        counts.append(n)
+        left -= n
+    return counts
