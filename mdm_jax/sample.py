@@ -226,11 +226,12 @@ def _sample(a) -> None:
     sampler = end_token_options(sampler, tok, a.no_eos, a.end_last)
     check_request(m.model, prompts, gen_length, sampler, limit, kv_cache=not a.no_kv_cache,
                   given=given)
-    if num > 1 and temperature == 0:
+    session = a.chat and a.prompt is None and not a.prompts
+    if num > 1 and temperature == 0 and not session:
         print(f"note: --temperature 0 is greedy, so the {num} samples of a prompt may be "
               f"identical; give --temperature > 0 for varied ones", file=sys.stderr)
 
-    if a.chat and a.prompt is None and not a.prompts:
+    if session:
         _session(m, tok, sampler, gen_length, a)
         return
     jobs = [(text, p) for text, p in zip(texts, prompts, strict=True) for _ in range(num)]
@@ -264,6 +265,8 @@ def _session(m, tok, sampler, gen_length: int, a) -> None:
     """A multi-turn chat: one user turn per line of stdin, each answer printed."""
     from mdm_jax.inference.chat import ChatSession
 
+    if not a.gen_length:  # leave room for the turns to come
+        gen_length = min(gen_length, max(m.config.seq_len // 4, 1))
     chat = ChatSession(m, tok, "chat", gen_length, sampler, a.system, a.seed)
     if sys.stdin.isatty():
         print("(one message per line; end with Ctrl-D)", file=sys.stderr)
