@@ -26,8 +26,11 @@ def test_every_consumer_table_has_every_family():
 
     for table in (OBJECTIVES, SAMPLERS, SCORERS, GREEDY):
         assert tuple(table) == FAMILIES
+    from mdm_jax.sft_objectives import SFT_OBJECTIVES
+
     for f in families.RECORDS:
         assert set(f.export_formats) <= set(FORMATS) and f.estimators
+        assert (f.name in SFT_OBJECTIVES) == f.finetuning
         assert set(f.compare_with) <= set(FAMILIES) and f.name not in f.compare_with
     with pytest.raises(FamilyError, match="unknown family 'esolm'; the families are: mdm, "):
         families.get("esolm")
@@ -71,7 +74,9 @@ def test_trains_with_hooks_for_validation_task_accuracy_and_samples(run):
 # its default value (only flags left out are never refused).
 SAMPLER_FLAGS = {"steps": ["--steps", "8"], "remasking": ["--remasking", "low_confidence"],
                  "block_length": ["--block-length", "0"], "cfg": ["--cfg", "0"],
-                 "cache": ["--cache"], "kv_cache": ["--no-kv-cache"], "alpha0": ["--alpha0", "1"]}
+                 "cache": ["--cache"], "kv_cache": ["--no-kv-cache"], "alpha0": ["--alpha0", "1"],
+                 "reveal_order": ["--reveal-order", "front"], "forbid_ids": ["--no-eos"],
+                 "last_ids": ["--end-last"]}
 ESTIMATOR_FLAGS = {"mc_num": ["--mc-num", "8"], "batch_size": ["--batch-size", "8"],
                    "cfg": ["--cfg", "0"]}
 

@@ -49,6 +49,17 @@ COMMANDS: dict[str, Run | NotHere] = {
     "bash launch/test.sh": NotHere("the test suite itself; .ci/run runs it on a clean clone"),
     # the ARM baseline (named in the demo section's prose), for the ARM commands below
     ".venv/bin/python -m mdm_jax.train --config=experiments/tiny.py:arm": Run(DEMO_STEPS),
+    # fine-tuning the demo's MDM (README "Fine-tuning and chat")
+    "python experiments/sft_study.py --data-only --out-data data_cache/sft_tasks": Run(),
+    "python -m mdm_jax.data.train_tokenizer --extend data_cache/demo_tokenizer.model "
+    "--output data_cache/chat_tokenizer.model": Run(),
+    "python -m mdm_jax.data.sft --input data_cache/sft_tasks/reverse.jsonl --output "
+    "data_cache/sft_reverse --tokenizer data_cache/chat_tokenizer.model --template chat "
+    "--seq-len 64": Run(),
+    "python -m mdm_jax.train --config=experiments/sft.py --config.init.source=runs/tiny_mdm "
+    "--config.workdir=runs/sft_mdm": Run("--config.steps=10 --config.checkpoint_every=10"),
+    "python -m mdm_jax.sample --model runs/sft_mdm --chat --prompt \"reverse: king lord love\" "
+    "--gen-length 16 --steps 16 --end-last": Run(),
     "python -m mdm_jax.train --config=experiments/tiny.py --config.steps=300 "
     "--config.workdir=runs/t": Run("--config.steps=10"),
     "python -m mdm_jax.train --config=experiments/smdm.py:170M "

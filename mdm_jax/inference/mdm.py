@@ -18,7 +18,8 @@ remasking it reveals that many at random (LLaDA's `generate`).
 End tokens (LLaDA's options for instruct models): `forbid_ids` are never generated (their
 logits are -inf: `logits_eos_inf`); a position whose prediction is one of `last_ids` gets
 confidence 0, so it is revealed only when nothing more confident is left
-(`confidence_eos_eot_inf`).
+(`confidence_eos_eot_inf`, whose other confidences are then taken over the remaining
+vocabulary, as there).
 
 Caching (RADD): our model is time-independent, so when a step revealed nothing the canvas, and
 therefore the logits, are unchanged: the previous logits are reused and no network call is
@@ -179,8 +180,10 @@ def _reverse_process(model: Encoder, params, x, block_of, prompt_mask, lengths, 
         else:
             logits_in = logits
         pred, conf = choose(logits_in, k_choose, s.temperature, s.top_k, s.top_p)
-        if s.last_ids:
-            conf = jnp.where(jnp.isin(pred, jnp.asarray(s.last_ids)), 0.0, conf)
+        if s.last_ids:  # LLaDA: their logits -inf after the choice, confidences renormalised
+            ended = logits_in.astype(jnp.float32).at[..., jnp.asarray(s.last_ids)].set(NEG_INF)
+            conf = jnp.take_along_axis(jax.nn.softmax(ended, axis=-1),
+                                       pred[..., None], axis=-1)[..., 0]
         if s.reveal_order == "front":
             size = jnp.sum(block_of == block, axis=-1)  # the block's masks when it began
             n_reveal = size // per_block + (j < size % per_block)
