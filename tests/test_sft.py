@@ -428,3 +428,31 @@ def test_chat_session_prompt_is_the_history_then_the_new_turn(finetuned, chat_to
     assert second[:len(chat.history)] == chat.history
     assert second[len(chat.history):] == templates.turn_ids(tok, "chat", "reverse: sword",
                                                             first=False)
+
+
+def test_fine_tuning_starts_from_an_export_as_from_its_run(finetuned, tiny_data, chat_tok):
+    pytest.importorskip("torch")
+    from mdm_jax.export.writer import export
+    from mdm_jax.finetune import pretrained_params
+
+    root = finetuned["root"]
+    export(str(root / "pre"), "litgpt", str(root / "pre_lit"))
+    c = _sft_config(tiny_data, chat_tok, root / "pairs", root / "y", str(root / "pre"), 6)
+    trainer = Trainer(c, devices=jax.devices()[:1])
+    from_run = pretrained_params(trainer, str(root / "pre"), None)
+    from_export = pretrained_params(trainer, str(root / "pre_lit"), None)
+    for x, y in zip(jax.tree_util.tree_leaves(from_run), jax.tree_util.tree_leaves(from_export),
+                    strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_init_source_errors_name_the_field(finetuned, tiny_data, chat_tok):
+    from mdm_jax.train import train
+
+    root = finetuned["root"]
+    for source, kind, words in ((root / "missing", "mdm", "config.init.source=.*no checkpoint"),
+                                (root / "pre", "arm", "is a mdm model of preset nano")):
+        c = _sft_config(tiny_data, chat_tok, root / "pairs", root / f"bad_{kind}", source, 2)
+        c.objective.kind = kind
+        with pytest.raises(ConfigError, match=words):
+            train(c)
