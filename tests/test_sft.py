@@ -456,3 +456,24 @@ def test_init_source_errors_name_the_field(finetuned, tiny_data, chat_tok):
         c.objective.kind = kind
         with pytest.raises(ConfigError, match=words):
             train(c)
+
+
+@pytest.mark.parametrize("kind", ["mdm", "arm"])
+def test_a_sharded_micro_batched_fine_tuning_step_equals_the_single_device_step(kind):
+    rng = np.random.default_rng(0)
+    rows = []
+    for _ in range(16):
+        p, r = int(rng.integers(2, 20)), int(rng.integers(2, 30))
+        rows.append(sft.make_row([BOS, *rng.integers(10, 500, p - 1)],
+                                 [*rng.integers(10, 500, r - 1), EOS], 64, EOS))
+    results = []
+    for mesh in ((1, 1, 1), (2, 2, 2)):
+        c = nano_config(**{"objective.kind": kind, "sft.enabled": True, "micro_batch": 8,
+                           "mesh.data": mesh[0], "mesh.fsdp": mesh[1], "mesh.tensor": mesh[2]})
+        trainer = Trainer(c, devices=jax.devices()[:int(np.prod(mesh))])
+        state = trainer.create_state(0)
+        with trainer.context():
+            _, metrics = trainer.step(state, trainer.to_global(np.stack(rows)))
+        results.append(jax.device_get(metrics))
+    for key in ("loss", "grad_norm"):
+        assert float(results[1][key]) == pytest.approx(float(results[0][key]), rel=2e-5), key
