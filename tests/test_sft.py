@@ -477,3 +477,50 @@ def test_a_sharded_micro_batched_fine_tuning_step_equals_the_single_device_step(
         results.append(jax.device_get(metrics))
     for key in ("loss", "grad_norm"):
         assert float(results[1][key]) == pytest.approx(float(results[0][key]), rel=2e-5), key
+
+
+def _llada_reference(logits_of, prompt, gen_length, steps, block_length, mask_id,
+                     eos_logit_inf=(), end_confidence_inf=()):
+    """LLaDA's `generate` (ML-GSAI/LLaDA generate.py) at temperature 0, low confidence, for
+    one prompt, written out in numpy from its description: per block, floor(m / n) reveals a
+    step plus one on each of the first m mod n steps; the listed ids' logits -inf before the
+    argmax (logits_eos_inf), or after it (confidence_eos_eot_inf: confidence 0, the others
+    renormalised); positions past the block never revealed."""
+    x = np.array(list(prompt) + [mask_id] * gen_length)
+    p = len(prompt)
+    per_block = steps // (gen_length // block_length)
+    for b in range(gen_length // block_length):
+        lo, hi = p + b * block_length, p + (b + 1) * block_length
+        m = int((x[lo:hi] == mask_id).sum())
+        counts = [m // per_block + (i < m % per_block) for i in range(per_block)]
+        for k in counts:
+            logits = np.array(logits_of(x), np.float64)
+            logits[:, list(eos_logit_inf)] = -np.inf
+            pred = logits.argmax(-1)
+            logits[:, list(end_confidence_inf)] = -np.inf
+            probs = np.exp(logits - logits.max(-1, keepdims=True))
+            conf = (probs / probs.sum(-1, keepdims=True))[np.arange(len(x)), pred]
+            conf[hi:] = -np.inf
+            conf = np.where(x == mask_id, conf, -np.inf)
+            for i in np.argsort(-conf, kind="stable")[:k]:
+                x[i] = pred[i]
+    return x[p:]
+
+
+@pytest.mark.parametrize("steps,block,forbid,last", [
+    (4, 6, (), ()), (6, 6, (EOS,), ()), (6, 6, (), (EOS,)), (4, 3, (EOS,), (EOS,))])
+def test_llada_options_give_llada_generate_tokens(reverse_model, steps, block, forbid, last):
+    from mdm_jax.inference import MDMSampler, generate
+
+    trainer, params, items = reverse_model
+    ours = generate(trainer.model, params, [p for p, _ in items[:6]], 6, MDMSampler(
+        steps=steps, block_length=block, reveal_order="front", forbid_ids=forbid,
+        last_ids=last), max_length=16)
+    for (prompt, _), answer in zip(items[:6], ours.answers(), strict=True):
+        def logits_of(x):
+            return trainer.model.apply({"params": params}, jnp.asarray(x)[None],
+                                       return_logits=True)[0]
+
+        ref = _llada_reference(logits_of, prompt, 6, steps, block, trainer.args.mask_id,
+                               forbid, last)
+        assert answer == ref.tolist()

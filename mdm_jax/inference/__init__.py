@@ -8,12 +8,14 @@
 
 Modules: `loading` (checkpoint or export -> params on a mesh), `mdm` (reverse process,
 semi-autoregressive blocks, caching, guidance), `arm` (KV cache and full recompute), `tokens`
-(greedy, temperature, top-k, top-p), `generate` (prompts in, answers out).
+(greedy, temperature, top-k, top-p), `generate` (prompts in, answers out), `chat` (an
+instruct model's multi-turn session: `ChatSession(load(...)).reply(text)`).
 """
 
+from mdm_jax.inference.chat import ChatSession
 from mdm_jax.inference.generate import SAMPLERS, Generation, SamplingError, generate
 from mdm_jax.inference.loading import LoadedModel, LoadError, forward, load
 from mdm_jax.inference.mdm import REMASKING, MDMSampler
 
-__all__ = ["Generation", "LoadError", "LoadedModel", "MDMSampler", "REMASKING",
+__all__ = ["ChatSession", "Generation", "LoadError", "LoadedModel", "MDMSampler", "REMASKING",
            "SAMPLERS", "SamplingError", "forward", "generate", "load"]
