@@ -82,12 +82,12 @@ def write_jsonl(path: str, records: list[dict]) -> None:
         f.writelines(json.dumps(r) + "\n" for r in records)
 
 
-def write_tasks(out: str, seed: int = 0) -> dict:
+def write_tasks(out: str, seed: int = 0, arithmetic: int = 100) -> dict:
     """The three tasks' JSONL (and held-out reverse prompts) under `out`."""
     import reverse_curse
 
     rev = reverse_items(400, seed)
-    arith = arithmetic_items(300, seed)
+    arith = arithmetic_items(arithmetic, seed)
     facts = reverse_curse.make_facts(100, seed)
     write_jsonl(f"{out}/reverse.jsonl", rev[:300])
     write_jsonl(f"{out}/reverse_heldout.jsonl", rev[300:])
@@ -158,14 +158,17 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pretrain-steps", type=int, default=600)
-    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--steps", type=int, default=800)
+    p.add_argument("--arithmetic-items", type=int, default=100)
+    p.add_argument("--arithmetic-steps", type=int, default=1500,
+                   help="memorising the reasoning of every item takes the MDM longer")
     p.add_argument("--work", default=os.path.join(REPO, "runs", "sft_study"))
     p.add_argument("--out", default=os.path.join(REPO, "experiments", "results", "sft"))
     p.add_argument("--out-data", default=None)
     p.add_argument("--data-only", action="store_true")
     a = p.parse_args(argv)
     data_dir = a.out_data or os.path.join(a.work, "tasks")
-    tasks = write_tasks(data_dir)
+    tasks = write_tasks(data_dir, arithmetic=a.arithmetic_items)
     if a.data_only:
         print(f"wrote {data_dir}/{{reverse,reverse_heldout,arithmetic,facts}}.jsonl")
         return
@@ -183,12 +186,15 @@ def main(argv=None) -> None:
     chat_tok = str(extend("data_cache/demo_tokenizer.model", f"{a.work}/chat_tokenizer.model"))
     tok = Tokenizer.load(chat_tok)
     prepared = {}
+    arith = f"arithmetic{a.arithmetic_items}"
     for name, template in (("reverse", "chat"), ("arithmetic", "plain"), ("facts", "plain")):
-        prepared[name] = f"{a.work}/prepared/{name}"
+        prepared[name] = f"{a.work}/prepared/{arith if name == 'arithmetic' else name}"
         prepare_sft([f"{data_dir}/{name}.jsonl"], prepared[name], chat_tok, template, 64)
 
     results = {"command": "python experiments/sft_study.py " + " ".join(argv or sys.argv[1:]),
-               "pretrain_steps": a.pretrain_steps, "steps": a.steps, "rows": []}
+               "pretrain_steps": a.pretrain_steps, "steps": a.steps,
+               "arithmetic_items": a.arithmetic_items, "arithmetic_steps": a.arithmetic_steps,
+               "rows": []}
     for family in ("mdm", "arm"):
         c = tiny.get_config(family)
         c.steps, c.samples.count, c.eval_every = a.pretrain_steps, 0, 10_000
@@ -196,8 +202,9 @@ def main(argv=None) -> None:
         train(c)
         for task in ("reverse", "arithmetic", "facts"):
             c = sft.get_config(family)
-            c.steps, c.init.source = a.steps, f"{a.work}/pretrain_{family}"
-            c.workdir = f"{a.work}/{task}_{family}"
+            c.steps = a.arithmetic_steps if task == "arithmetic" else a.steps
+            c.init.source = f"{a.work}/pretrain_{family}"
+            c.workdir = f"{a.work}/{arith if task == 'arithmetic' else task}_{family}"
             c.data.train_dir, c.data.tokenizer = prepared[task], chat_tok
             if task == "facts":
                 c.sft.mask_prompt = False  # SMDM's reverse-curse recipe
@@ -249,9 +256,11 @@ def write_tables(results: dict, out: str) -> None:
                          f"{r['after']['exact']:.3f} | {r['before']['right_length']:.3f} | "
                          f"{r['after']['right_length']:.3f} | "
                          f"{r['heldout_after']['exact']:.3f} |")
-    lines += ["", "## Two-stage arithmetic (SMDM's GSM8K pipeline, plain template, 50 training "
-              "items)", "", "| family | thought exact before | after | answer accuracy before "
-              "| after |", "|---|---|---|---|---|"]
+    lines += ["", f"## Two-stage arithmetic (SMDM's GSM8K pipeline, plain template; "
+              f"{results['arithmetic_items']} items, {results['arithmetic_steps']} steps; 50 "
+              f"training items asked)", "",
+              "| family | thought exact before | after | answer accuracy before | after |",
+              "|---|---|---|---|---|"]
     for fam in ("mdm", "arm"):
         r = rows.get((fam, "arithmetic"))
         if r:
