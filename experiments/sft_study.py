@@ -158,10 +158,14 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pretrain-steps", type=int, default=600)
-    p.add_argument("--steps", type=int, default=800)
+    p.add_argument("--steps", type=int, default=800, help="reverse task")
+    p.add_argument("--lr", type=float, default=1e-3, help="reverse task")
     p.add_argument("--arithmetic-items", type=int, default=100)
-    p.add_argument("--arithmetic-steps", type=int, default=1500,
+    p.add_argument("--arithmetic-steps", type=int, default=2500,
                    help="memorising the reasoning of every item takes the MDM longer")
+    p.add_argument("--arithmetic-lr", type=float, default=2e-3)
+    p.add_argument("--facts-steps", type=int, default=2000, help="as the committed run")
+    p.add_argument("--facts-lr", type=float, default=2e-3, help="as the committed run")
     p.add_argument("--work", default=os.path.join(REPO, "runs", "sft_study"))
     p.add_argument("--out", default=os.path.join(REPO, "experiments", "results", "sft"))
     p.add_argument("--out-data", default=None)
@@ -194,7 +198,17 @@ def main(argv=None) -> None:
     results = {"command": "python experiments/sft_study.py " + " ".join(argv or sys.argv[1:]),
                "pretrain_steps": a.pretrain_steps, "steps": a.steps,
                "arithmetic_items": a.arithmetic_items, "arithmetic_steps": a.arithmetic_steps,
-               "rows": []}
+               "settings": {}, "rows": []}
+    settings = {"reverse": (a.steps, a.lr), "arithmetic": (a.arithmetic_steps, a.arithmetic_lr),
+                "facts": (a.facts_steps, a.facts_lr)}
+    results["settings"] = {k: {"steps": v[0], "lr": v[1]} for k, v in settings.items()}
+    # a run's folder names its settings where they are not the first round's (reverse: 800
+    # steps at 1e-3), so changed settings train anew instead of resuming a finished run
+    names = {"reverse": "reverse",
+             "arithmetic": f"{arith}_{a.arithmetic_steps}s_lr{a.arithmetic_lr:g}",
+             "facts": f"facts_{a.facts_steps}s_lr{a.facts_lr:g}"}
+    if (a.steps, a.lr) != (800, 1e-3):
+        names["reverse"] = f"reverse_{a.steps}s_lr{a.lr:g}"
     for family in ("mdm", "arm"):
         c = tiny.get_config(family)
         c.steps, c.samples.count, c.eval_every = a.pretrain_steps, 0, 10_000
@@ -202,9 +216,10 @@ def main(argv=None) -> None:
         train(c)
         for task in ("reverse", "arithmetic", "facts"):
             c = sft.get_config(family)
-            c.steps = a.arithmetic_steps if task == "arithmetic" else a.steps
+            c.steps, c.optim.lr = settings[task]
+            c.optim.min_lr = c.optim.lr / 10
             c.init.source = f"{a.work}/pretrain_{family}"
-            c.workdir = f"{a.work}/{arith if task == 'arithmetic' else task}_{family}"
+            c.workdir = f"{a.work}/{names[task]}_{family}"
             c.data.train_dir, c.data.tokenizer = prepared[task], chat_tok
             if task == "facts":
                 c.sft.mask_prompt = False  # SMDM's reverse-curse recipe
@@ -234,6 +249,11 @@ def main(argv=None) -> None:
     write_tables(results, a.out)
 
 
+def _settings(results: dict, task: str) -> str:
+    s = results["settings"][task]
+    return f"{s['steps']} steps at peak rate {s['lr']:g}"
+
+
 def write_tables(results: dict, out: str) -> None:
     rows = {(r["family"], r["task"]): r for r in results["rows"]}
     committed = {}
@@ -242,11 +262,13 @@ def write_tables(results: dict, out: str) -> None:
         committed = json.load(open(path))["mean"]
     lines = ["# Supervised fine-tuning: before and after", "",
              f"Command: `{results['command'].strip()}`", "",
-             f"Tiny preset (4 layers, d 128, ~1.6M parameters), pretrained "
-             f"{results['pretrain_steps']} steps on the demo corpus, fine-tuned "
-             f"{results['steps']} steps (batch 32, canvas 64, LLaDA's per-row normalisation and "
-             f"constant-then-linear schedule); greedy, exact match on the training prompts.", "",
-             "## Reverse the words (chat template, answers of 1-5 words)", "",
+             f"Tiny preset (4 layers, d 128, 1.38M parameters), pretrained "
+             f"{results['pretrain_steps']} steps on the demo corpus, then fine-tuned (batch 32, "
+             f"canvas 64, LLaDA's per-row normalisation and constant-then-linear schedule, the "
+             f"steps and peak rate of each task below); greedy, exact match on the training "
+             f"prompts. Before: the pretrained weights, vocabulary grown to 2051.", "",
+             f"## Reverse the words (chat template, answers of 1-5 words; "
+             f"{_settings(results, 'reverse')})", "",
              "| family | exact before | exact after | right length before | right length after "
              "| exact after, 100 held-out prompts |", "|---|---|---|---|---|---|"]
     for fam in ("mdm", "arm"):
@@ -257,7 +279,7 @@ def write_tables(results: dict, out: str) -> None:
                          f"{r['after']['right_length']:.3f} | "
                          f"{r['heldout_after']['exact']:.3f} |")
     lines += ["", f"## Two-stage arithmetic (SMDM's GSM8K pipeline, plain template; "
-              f"{results['arithmetic_items']} items, {results['arithmetic_steps']} steps; 50 "
+              f"{results['arithmetic_items']} items, {_settings(results, 'arithmetic')}; 50 "
               f"training items asked)", "",
               "| family | thought exact before | after | answer accuracy before | after |",
               "|---|---|---|---|---|"]
@@ -269,8 +291,9 @@ def write_tables(results: dict, out: str) -> None:
                          f"{r['before']['answer_accuracy']:.3f} | "
                          f"{r['after']['answer_accuracy']:.3f} |")
     lines += ["", "## Reverse curse through the fine-tuning path (SMDM's recipe: whole row, "
-              "pre-training loss)", "", "| family | run | forward | reverse (question) | "
-              "reverse (infill) |", "|---|---|---|---|---|"]
+              f"pre-training loss; {_settings(results, 'facts')})", "",
+              "| family | run | forward | reverse (question) | reverse (infill) |",
+              "|---|---|---|---|---|"]
     for fam in ("mdm", "arm"):
         r = rows.get((fam, "facts"))
         if r:
