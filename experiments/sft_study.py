@@ -166,6 +166,7 @@ def main(argv=None) -> None:
     p.add_argument("--arithmetic-lr", type=float, default=2e-3)
     p.add_argument("--facts-steps", type=int, default=2000, help="as the committed run")
     p.add_argument("--facts-lr", type=float, default=2e-3, help="as the committed run")
+    p.add_argument("--families", default="mdm,arm")
     p.add_argument("--work", default=os.path.join(REPO, "runs", "sft_study"))
     p.add_argument("--out", default=os.path.join(REPO, "experiments", "results", "sft"))
     p.add_argument("--out-data", default=None)
@@ -209,7 +210,7 @@ def main(argv=None) -> None:
              "facts": f"facts_{a.facts_steps}s_lr{a.facts_lr:g}"}
     if (a.steps, a.lr) != (800, 1e-3):
         names["reverse"] = f"reverse_{a.steps}s_lr{a.lr:g}"
-    for family in ("mdm", "arm"):
+    for family in a.families.split(","):
         c = tiny.get_config(family)
         c.steps, c.samples.count, c.eval_every = a.pretrain_steps, 0, 10_000
         c.workdir = f"{a.work}/pretrain_{family}"
