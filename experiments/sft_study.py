@@ -171,7 +171,19 @@ def main(argv=None) -> None:
     p.add_argument("--out", default=os.path.join(REPO, "experiments", "results", "sft"))
     p.add_argument("--out-data", default=None)
     p.add_argument("--data-only", action="store_true")
+    p.add_argument("--merge", nargs="+", metavar="RESULTS_JSON",
+                   help="only write the tables of these results.json files (e.g. the runs of "
+                        "--families mdm and --families arm, made side by side) into --out")
     a = p.parse_args(argv)
+    if a.merge:
+        parts = [json.load(open(path)) for path in a.merge]
+        merged = {**parts[0], "command": " && ".join(r["command"] for r in parts),
+                  "rows": [row for r in parts for row in r["rows"]]}
+        os.makedirs(a.out, exist_ok=True)
+        with open(f"{a.out}/results.json", "w") as f:
+            json.dump(merged, f, indent=2)
+        write_tables(merged, a.out)
+        return
     data_dir = a.out_data or os.path.join(a.work, "tasks")
     tasks = write_tasks(data_dir, arithmetic=a.arithmetic_items)
     if a.data_only:
