@@ -66,7 +66,10 @@ def arithmetic_pairs(items: list[dict]) -> list[dict]:
     for it in items:
         pairs.append({"prompt": f"Question: {it['question']}",
                       "response": f"Answer: {it['thought']}"})
-        pairs.append({"prompt": f"Question: {it['question']} Answer: {it['thought']}",
+        # The line break keeps the two pairs apart: without it both would read "Question: q
+        # Answer: thought" and then teach opposite next tokens (EOS, and "####"), and a model
+        # that learns the second one never ends its thought.
+        pairs.append({"prompt": f"Question: {it['question']} Answer: {it['thought']}\n",
                       "response": f"#### {it['answer']}"})
     return pairs
 
@@ -133,7 +136,7 @@ def eval_arithmetic(model, params, tok, family, items, seq_len) -> dict:
     first = [templates.turn_ids(tok, "plain", f"Question: {it['question']}", True)
              for it in items]
     thoughts, _ = answer_texts(model, params, tok, family, first, 32, stop, seq_len)
-    second = [templates.turn_ids(tok, "plain", f"Question: {it['question']} {th}", True)
+    second = [templates.turn_ids(tok, "plain", f"Question: {it['question']} {th}\n", True)
               for it, th in zip(items, thoughts, strict=True)]
     finals, _ = answer_texts(model, params, tok, family, second, 8, stop, seq_len)
     got = [(re.findall(r"####\s*(-?\d+)", f) or [None])[-1] for f in finals]
@@ -203,7 +206,7 @@ def main(argv=None) -> None:
     chat_tok = str(extend("data_cache/demo_tokenizer.model", f"{a.work}/chat_tokenizer.model"))
     tok = Tokenizer.load(chat_tok)
     prepared = {}
-    arith = f"arithmetic{a.arithmetic_items}"
+    arith = f"arithmetic{a.arithmetic_items}_v2"  # v2: the pairs kept apart (see above)
     for name, template in (("reverse", "chat"), ("arithmetic", "plain"), ("facts", "plain")):
         prepared[name] = f"{a.work}/prepared/{arith if name == 'arithmetic' else name}"
         prepare_sft([f"{data_dir}/{name}.jsonl"], prepared[name], chat_tok, template, 64)
