@@ -180,6 +180,9 @@ def main(argv=None) -> None:
     a = p.parse_args(argv)
     if a.merge:
         parts = [json.load(open(path)) for path in a.merge]
+        for part in parts:  # each row keeps the steps and rate it was trained with
+            for row in part["rows"]:
+                row.setdefault("settings", part["settings"][row["task"]])
         merged = {**parts[0], "command": " && ".join(r["command"] for r in parts),
                   "rows": [row for r in parts for row in r["rows"]]}
         os.makedirs(a.out, exist_ok=True)
@@ -242,7 +245,7 @@ def main(argv=None) -> None:
             before_model, before = before_params(c)
             train(c)
             m = load(c.workdir)
-            row = {"family": family, "task": task}
+            row = {"family": family, "task": task, "settings": results["settings"][task]}
             if task == "reverse":
                 for when, (model, params) in (("before", (before_model, before)),
                                               ("after", (m.model, m.params))):
@@ -265,9 +268,9 @@ def main(argv=None) -> None:
     write_tables(results, a.out)
 
 
-def _settings(results: dict, task: str) -> str:
-    s = results["settings"][task]
-    return f"{s['steps']} steps at peak rate {s['lr']:g}"
+def _settings(row: dict) -> str:
+    s = row["settings"]
+    return f"{s['steps']} at {s['lr']:g}"
 
 
 def write_tables(results: dict, out: str) -> None:
@@ -283,44 +286,46 @@ def write_tables(results: dict, out: str) -> None:
              f"canvas 64, LLaDA's per-row normalisation and constant-then-linear schedule, the "
              f"steps and peak rate of each task below); greedy, exact match on the training "
              f"prompts. Before: the pretrained weights, vocabulary grown to 2051.", "",
-             f"## Reverse the words (chat template, answers of 1-5 words; "
-             f"{_settings(results, 'reverse')})", "",
-             "| family | exact before | exact after | right length before | right length after "
-             "| exact after, 100 held-out prompts |", "|---|---|---|---|---|---|"]
+             "## Reverse the words (chat template, answers of 1-5 words)", "",
+             "| family | steps at peak rate | exact before | exact after | right length before "
+             "| right length after | exact after, 100 held-out prompts |",
+             "|---|---|---|---|---|---|---|"]
     for fam in ("mdm", "arm"):
         r = rows.get((fam, "reverse"))
         if r:
-            lines.append(f"| {fam.upper()} | {r['before']['exact']:.3f} | "
+            lines.append(f"| {fam.upper()} | {_settings(r)} | {r['before']['exact']:.3f} | "
                          f"{r['after']['exact']:.3f} | {r['before']['right_length']:.3f} | "
                          f"{r['after']['right_length']:.3f} | "
                          f"{r['heldout_after']['exact']:.3f} |")
     lines += ["", f"## Two-stage arithmetic (SMDM's GSM8K pipeline, plain template; "
-              f"{results['arithmetic_items']} items, {_settings(results, 'arithmetic')}; 50 "
-              f"training items asked)", "",
-              "| family | thought exact before | after | answer accuracy before | after |",
-              "|---|---|---|---|---|"]
+              f"{results['arithmetic_items']} items; 50 training items asked)", "",
+              "| family | steps at peak rate | thought exact before | after | answer accuracy "
+              "before | after |", "|---|---|---|---|---|---|"]
     for fam in ("mdm", "arm"):
         r = rows.get((fam, "arithmetic"))
         if r:
-            lines.append(f"| {fam.upper()} | {r['before']['thought_exact']:.3f} | "
+            lines.append(f"| {fam.upper()} | {_settings(r)} | "
+                         f"{r['before']['thought_exact']:.3f} | "
                          f"{r['after']['thought_exact']:.3f} | "
                          f"{r['before']['answer_accuracy']:.3f} | "
                          f"{r['after']['answer_accuracy']:.3f} |")
     lines += ["", "## Reverse curse through the fine-tuning path (SMDM's recipe: whole row, "
-              f"pre-training loss; {_settings(results, 'facts')})", "",
+              "pre-training loss)", "",
               "| family | run | forward | reverse (question) | reverse (infill) |",
               "|---|---|---|---|---|"]
     for fam in ("mdm", "arm"):
         r = rows.get((fam, "facts"))
         if r:
             x = r["after"]
-            lines.append(f"| {fam.upper()} | fine-tuned from the demo pretraining | "
+            lines.append(f"| {fam.upper()} | fine-tuned from the demo pretraining, "
+                         f"{_settings(r)} | "
                          f"{x['forward']:.3f} | {x['reverse_question']:.3f} | "
                          f"{x.get('reverse_infill', float('nan')):.3f} |".replace("nan", "n/a"))
         if fam in committed:
             x = committed[fam]
             lines.append(f"| {fam.upper()} | committed (trained from scratch, "
-                         f"experiments/results/reverse_curse) | {x['forward']:.3f} | "
+                         f"experiments/results/reverse_curse, 2000 at 0.002) | "
+                         f"{x['forward']:.3f} | "
                          f"{x['reverse_question']:.3f} | "
                          f"{x.get('reverse_infill', float('nan')):.3f} |".replace("nan", "n/a"))
     with open(os.path.join(out, "README.md"), "w") as f:
