@@ -22,6 +22,7 @@ same inputs and settings does nothing.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
@@ -218,7 +219,7 @@ class SFTPairs:
 
 def _main(argv: Sequence[str] | None = None) -> None:
     p = ArgumentParser(prog="python -m mdm_jax.data.sft", description=__doc__,
-                       formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", required=True, nargs="+", help="JSONL or .jsonl.zst files")
     p.add_argument("--output", required=True, help="directory for the shards and manifest")
     p.add_argument("--tokenizer", required=True, help="SentencePiece model")
