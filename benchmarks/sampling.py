@@ -4,6 +4,8 @@ and the uniform-state study's speed-quality frontier).
     python benchmarks/sampling.py                    # trains what is missing, then measures
     python benchmarks/sampling.py --num 64 --steps 8,16,32,64,128 --json
     python benchmarks/sampling.py --families mdm     # SMDM's comparison only
+    python benchmarks/sampling.py --llada ../references/LLaDA   # against LLaDA's generate()
+                                                     # (benchmarks/llada_sampling.py)
 
 On the demo corpus (prepared by `bash launch/demo.sh`; this script runs the same data steps if
 they are missing) it trains, or reuses when already trained:
@@ -180,6 +182,11 @@ def plot_frontier(rows, path: str) -> None:
 
 
 def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if any(a == "--llada" or a.startswith("--llada=") for a in argv):
+        from llada_sampling import main as against_llada  # LLaDA's generate(), side by side
+
+        return against_llada(argv)
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--num", type=int, default=32, help="samples per sampler (one batch)")

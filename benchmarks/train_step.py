@@ -27,6 +27,8 @@ import statistics
 import sys
 import time
 
+from references import Quiet, ratio_text
+
 # Sweep variants: name -> overrides of the command-line settings.
 SWEEP = {
     "baseline": {},
@@ -66,8 +68,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sweep", nargs="?", const=",".join(SWEEP), default=None,
                    help=f"comma list of variants to run in one process (default all): "
                         f"{', '.join(SWEEP)}")
-    p.add_argument("--no-torch", action="store_true",
-                   help="skip the PyTorch reference step (benchmarks/torch_reference.py)")
+    p.add_argument("--smdm", default="../references/SMDM",
+                   help="checkout of ML-GSAI/SMDM whose train step runs alternately with ours "
+                        "(bash benchmarks/fetch_references.sh fetches it)")
+    p.add_argument("--no-reference", action="store_true",
+                   help="skip SMDM's step (only the matmul baseline)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="PyTorch threads for SMDM's step (0: all cores, as XLA uses)")
+    p.add_argument("--force", action="store_true",
+                   help="print the ratio even when other processes were busy")
     p.add_argument("--json", action="store_true", help="print one JSON object only")
     return p.parse_args(argv)
 
@@ -88,7 +97,7 @@ def _settings(args: argparse.Namespace) -> dict:
                 micro_batch=args.micro_batch, mesh=args.mesh, dtype=args.dtype,
                 remat=args.remat, attention=args.attention, objective=args.objective,
                 loss_chunk=args.loss_chunk, scan_layers=not args.no_scan,
-                torch=not args.no_torch)
+                smdm=None if args.no_reference else args.smdm, threads=args.threads)
 
 
 def make_config(s: dict):
@@ -204,19 +213,19 @@ def bench_one(s: dict, steps: int, warmup: int, seed: int, log) -> dict:
     rng = np.random.default_rng(seed)
     host_batches = [rng.integers(0, vocab, size=batch_shape, dtype=np.int32) for _ in range(2)]
     reference = None
-    if s.get("torch") and s["dtype"] == "float32":
-        from torch_reference import TorchReference
+    if s.get("smdm") and s["dtype"] == "float32" and s["objective"] == "mdm":
+        from smdm_step import SMDMStep
 
-        reference = TorchReference(trainer.args, c.seq_len, objective=c.objective.kind,
-                                   lr=c.optim.lr, betas=(c.optim.b1, c.optim.b2),
-                                   weight_decay=c.optim.weight_decay,
-                                   grad_clip=c.optim.grad_clip, eps=c.objective.eps, seed=seed)
+        reference = SMDMStep(s["smdm"], trainer.args, c.seq_len, lr=c.optim.lr,
+                             betas=(c.optim.b1, c.optim.b2), weight_decay=c.optim.weight_decay,
+                             grad_clip=c.optim.grad_clip, eps=c.objective.eps, seed=seed,
+                             threads=s.get("threads", 0))
         for i in range(warmup):
             reference.step(host_batches[i % 2])
-    torch_times, torch_loss = [], None
+    smdm_times, smdm_loss = [], None
     step_times, step_cpu, step_sys, step_faults = [], [], [], []
     metrics = None
-    with trainer.context():
+    with trainer.context(), Quiet() as quiet:
         for i in range(warmup + steps):
             batch = trainer.to_global(host_batches[i % 2])
             jax.block_until_ready(batch)
@@ -234,8 +243,8 @@ def bench_one(s: dict, steps: int, warmup: int, seed: int, log) -> dict:
                 baseline.run_once()  # interleaved: same machine state as the step just timed
                 if reference is not None:  # alternately with the JAX step, same batches
                     t0 = time.perf_counter()
-                    torch_loss = reference.step(host_batches[i % 2])
-                    torch_times.append(time.perf_counter() - t0)
+                    smdm_loss = reference.step(host_batches[i % 2])
+                    smdm_times.append(time.perf_counter() - t0)
             log(f"  step {i + 1}/{warmup + steps}: {dt:.3f}s wall, {cpu:.2f}s cpu "
                 f"({r1.ru_stime - r0.ru_stime:.2f}s sys, {r1.ru_minflt - r0.ru_minflt:,} "
                 f"page faults)" + (" (warmup)" if i < warmup else ""))
@@ -270,14 +279,15 @@ def bench_one(s: dict, steps: int, warmup: int, seed: int, log) -> dict:
         ratio_min=(flops_step / min(step_times)) / mm_rate,
         ratio_paired=statistics.median(pair), ratio_cpu=statistics.median(pair_cpu),
         step_cpu_s=step_cpu, step_sys_s=step_sys, step_page_faults=step_faults,
-        final_loss=loss,
-        torch_step_times_s=torch_times, torch_final_loss=torch_loss,
-        torch_tokens_per_s=(tokens_per_step / statistics.median(torch_times)
-                            if torch_times else None),
-        jax_over_torch=(statistics.median(torch_times) / step_s if torch_times else None),
-        # Each JAX step against the torch step timed right after it.
-        jax_over_torch_paired=(statistics.median(tt / st for st, tt in zip(
-            step_times, torch_times, strict=True)) if torch_times else None),
+        final_loss=loss, machine=quiet.line(), busy=quiet.busy,
+        others_cores=quiet.others_cores, load_average=quiet.load_before[0],
+        smdm_step_times_s=smdm_times, smdm_final_loss=smdm_loss,
+        smdm_tokens_per_s=(tokens_per_step / statistics.median(smdm_times)
+                            if smdm_times else None),
+        ours_over_smdm=(statistics.median(smdm_times) / step_s if smdm_times else None),
+        # Each JAX step against the SMDM step timed right after it.
+        ours_over_smdm_paired=(statistics.median(tt / st for st, tt in zip(
+            step_times, smdm_times, strict=True)) if smdm_times else None),
     )
 
 
@@ -285,7 +295,7 @@ def _fmt_bytes(n) -> str:
     return "n/a" if n is None else f"{n / 2**20:,.1f} MiB"
 
 
-def report(r: dict) -> None:
+def report(r: dict, force: bool = False) -> None:
     s = r["settings"]
     print(f"preset {s['preset']} {s['objective']} | batch {s['batch']} x {s['seq_len']} "
           f"(micro {s['micro_batch'] or s['batch']}, {r['micro_steps']} micro-steps) | "
@@ -319,17 +329,20 @@ def report(r: dict) -> None:
     print(f"                    {r['ratio_min']:.3f} (fastest step)   "
           f"{r['ratio_6n']:.3f} (6N count)")
     print("                    target >= 0.65 for 19M @ 512 on CPU")
-    if r.get("jax_over_torch") is not None:
-        times = ", ".join(f"{t:.3f}" for t in r["torch_step_times_s"])
-        print(f"torch reference     step median {statistics.median(r['torch_step_times_s']):.3f}s "
-              f"[{times}], {r['torch_tokens_per_s']:,.0f} tokens/s, loss "
-              f"{r['torch_final_loss']:.3f} (mdm_jax {r['final_loss']:.3f})")
-        print(f"mdm_jax / torch     {r['jax_over_torch']:.3f} tokens/s (medians)   "
-              f"{r['jax_over_torch_paired']:.3f} (median of alternate pairs)   target >= 1.0")
+    if r.get("ours_over_smdm") is not None:
+        times = ", ".join(f"{t:.3f}" for t in r["smdm_step_times_s"])
+        print(f"SMDM's step         median {statistics.median(r['smdm_step_times_s']):.3f}s "
+              f"[{times}], {r['smdm_tokens_per_s']:,.0f} tokens/s, loss "
+              f"{r['smdm_final_loss']:.3f} (mdm_jax {r['final_loss']:.3f})")
+        print(f"mdm_jax / SMDM      "
+              f"{ratio_text(r['ours_over_smdm'], r['busy'], force)} tokens/s (medians)   "
+              f"{ratio_text(r['ours_over_smdm_paired'], r['busy'], force)} (median of "
+              f"alternate pairs)   target >= 1.2")
+    print(r["machine"])
 
 
-def report_table(rows: list[dict]) -> None:
-    head = (f"{'variant':<16}{'jax/pt':>7}{'step s':>8}{'cpu s':>7}{'tok/s':>7}"
+def report_table(rows: list[dict], args_force: bool = False) -> None:
+    head = (f"{'variant':<16}{'/SMDM':>7}{'step s':>8}{'cpu s':>7}{'tok/s':>7}"
             f"{'GFLOP/s':>9}{'mm GF/s':>9}"
             f"{'ratio':>7}{'paired':>7}{'cpu':>7}{'ratio6N':>8}{'temp MiB':>10}{'sys s':>7}")
     print(head)
@@ -339,7 +352,8 @@ def report_table(rows: list[dict]) -> None:
             print(f"{r['variant']:<16}  error: {r['error']}")
             continue
         temp = "n/a" if r["temp_bytes"] is None else f"{r['temp_bytes'] / 2**20:,.0f}"
-        vs_torch = "n/a" if r.get("jax_over_torch") is None else f"{r['jax_over_torch']:.3f}"
+        vs_torch = ("n/a" if r.get("ours_over_smdm") is None else
+                    ratio_text(r["ours_over_smdm"], r["busy"], args_force)[:6])
         print(f"{r['variant']:<16}{vs_torch:>7}{r['step_s_median']:>8.2f}"
               f"{statistics.median(r['step_cpu_s']):>7.1f}{r['tokens_per_s']:>7,.0f}"
               f"{r['flops_per_s'] / 1e9:>9.1f}{r['matmul_best_flops_per_s'] / 1e9:>9.1f}"
@@ -364,7 +378,7 @@ def main(argv=None) -> None:
         if args.json:
             print(json.dumps(result, indent=2))
         else:
-            report(result)
+            report(result, args.force)
         return
 
     names = [n.strip() for n in args.sweep.split(",") if n.strip()]
@@ -383,7 +397,7 @@ def main(argv=None) -> None:
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
-        report_table(rows)
+        report_table(rows, args.force)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ class ObjectiveArgs:
     alpha0: float = 1.0  # eso: share of tokens made by diffusion
     batch_split: float = -1.0  # eso: share of rows on the diffusion term (-1: by alpha0)
     shuffle: bool = True  # eso: random order within the clean and the masked tokens
+    batch_shards: int = 1  # devices the batch is split over (sparse_cross_entropy's groups)
 
     @classmethod
     def from_config(cls, c) -> ObjectiveArgs:
@@ -82,6 +83,43 @@ def cross_entropy(logits, targets):
 def chunked_cross_entropy(hidden, head, targets, weights, chunk: int) -> jax.Array:
     """sum_{b,l} weights[b,l] * CE(hidden[b,l] @ head, targets[b,l]) without full logits."""
     return chunked_token_loss(hidden, head, cross_entropy, (targets,), weights, chunk)
+
+
+def sparse_cross_entropy(hidden, head, targets, weights, chunk: int, groups: int = 1):
+    """chunked_cross_entropy for weights that are mostly zero (an MDM scores only its masked
+    positions, about half of them): the head runs on the scored positions only.
+
+    The rows are split into `groups` (the batch shards, so that nothing moves between
+    devices); each group's positions are flattened and stably sorted scored-first, cut into
+    chunks of `chunk` positions, and a chunk with no scored position is skipped (`lax.cond`:
+    neither its logits nor their backward are computed). The sum is the same as
+    chunked_cross_entropy's up to the order of float additions.
+    """
+    b, length, d = hidden.shape
+    groups = groups if groups > 0 and b % groups == 0 else 1
+    n_tok = (b // groups) * length
+    w = weights.astype(jnp.float32).reshape(groups, n_tok)
+    order = jnp.argsort(w == 0, axis=1, stable=True)  # scored positions first
+    w = jnp.take_along_axis(w, order, axis=1)
+    t = jnp.take_along_axis(targets.reshape(groups, n_tok), order, axis=1)
+    h = jnp.take_along_axis(hidden.reshape(groups, n_tok, d), order[..., None], axis=1)
+    pad = (-n_tok) % chunk
+    if pad:  # zero weights: these chunks hold no scored position, or share one that does
+        h = jnp.pad(h, ((0, 0), (0, pad), (0, 0)))
+        t, w = jnp.pad(t, ((0, 0), (0, pad))), jnp.pad(w, ((0, 0), (0, pad)))
+    n = (n_tok + pad) // chunk
+
+    def tiles(x):  # [G, n*c, ...] -> [n, G, c, ...]
+        return jnp.swapaxes(x.reshape(groups, n, chunk, *x.shape[2:]), 0, 1)
+
+    @jax.checkpoint
+    def chunk_loss(h, w, t):
+        def scored():
+            return jnp.sum(w * cross_entropy(logits_from_hidden(h, head), t))
+
+        return jax.lax.cond(jnp.any(w != 0), scored, lambda: jnp.zeros((), jnp.float32))
+
+    return jnp.sum(jax.lax.map(lambda xs: chunk_loss(*xs), (tiles(h), tiles(w), tiles(t))))
 
 
 def naive_cross_entropy(logits, targets, weights) -> jax.Array:
@@ -146,7 +184,8 @@ def mdm_loss(apply_fn: Callable, params, tokens, key, args: ObjectiveArgs, mask_
     else:
         weights = masked.astype(jnp.float32) / p[:, None]
         denom = b * valid_len.astype(jnp.float32)
-    total = chunked_cross_entropy(hidden, head_kernel(params), x0, weights, args.loss_chunk)
+    total = sparse_cross_entropy(hidden, head_kernel(params), x0, weights, args.loss_chunk,
+                                 args.batch_shards)
     loss = total / denom
     return loss, {"loss": loss, "mask_rate": jnp.mean(masked), "length": valid_len}
 

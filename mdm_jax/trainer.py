@@ -101,6 +101,7 @@ class Trainer:
         data, fsdp, tensor = config_lib.resolve_mesh_shape(c.mesh.data, c.mesh.fsdp,
                                                            c.mesh.tensor, len(devices))
         self.mesh = sharding.make_mesh((data, fsdp, tensor), devices)
+        self.objective_args = dataclasses.replace(self.objective_args, batch_shards=data * fsdp)
         self.tx, self.schedule = make_optimizer(c)
         self.micro_batch = config_lib.micro_batch(c, data * fsdp)  # sequences per micro-step
         self.micro_steps = c.global_batch // self.micro_batch
