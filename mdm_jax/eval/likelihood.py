@@ -13,7 +13,7 @@ with the context clean (`uniform_likelihood`); interpolating diffusion likewise
 the ARM's argmax, or the family's sampler at temperature 0, one token per step.
 
 Batching (`loglikelihoods`, `greedy_flags`): every request of a run is scored together.
-Network calls hold rows of one width (a multiple of 16 tokens) and read the head at the
+Network calls hold rows of one width (a multiple of 8 tokens) and read the head at the
 continuation's positions only (a multiple of 8 of them), so a run compiles a few shapes; a
 call holds request_batch x Estimator.batch_size rows (the ARM's: request_batch). The Monte
 Carlo draws come in chunks of Estimator.batch_size, each a function of its request's seed, its
@@ -87,8 +87,9 @@ def draw_width(n: int, limit: int) -> int:
 
 def call_width(n: int, limit: int) -> int:
     """The width of the network call that scores a request of n tokens: n rounded up to a
-    multiple of 16 (at most `limit`; so never more than `draw_width`)."""
-    return min(limit, 16 * math.ceil(n / 16))
+    multiple of 8 (at most `limit`; so never more than `draw_width`): little padding (the
+    encoder's work grows with the width), few compiled shapes."""
+    return min(limit, 8 * math.ceil(n / 8))
 
 
 def span_width(m: int, width: int) -> int:
@@ -117,9 +118,9 @@ def span_log_probs(model: Encoder, params, x_RxL, tokens_RxL, lengths_R, start_R
     if cfg:
         cond_RxSxV, uncond_RxSxV = jnp.split(logits, 2)
         logits = cond_RxSxV + cfg * (cond_RxSxV - uncond_RxSxV)
-    logp_RxSxV = jax.nn.log_softmax(logits, -1)
     tokens_RxS = jnp.take_along_axis(tokens_RxL, at_RxS, axis=1)
-    return jnp.take_along_axis(logp_RxSxV, tokens_RxS[..., None], axis=-1)[..., 0]
+    picked_RxS = jnp.take_along_axis(logits, tokens_RxS[..., None], axis=-1)[..., 0]
+    return picked_RxS - jax.nn.logsumexp(logits, axis=-1)  # no [R, S, V] log-softmax written
 
 
 @functools.partial(jax.jit, static_argnames=("kind", "eps", "draws", "total", "draw_width",
@@ -210,9 +211,9 @@ def in_calls(items: list, shape: Callable, size: int, call: Callable, bar=None) 
     order = sorted(range(len(items)), key=lambda i: (shape(items[i]), i))
     for key, group in itertools.groupby(order, key=lambda i: shape(items[i])):
         group = list(group)
-        n = _call_size(len(group), size)
-        for start in range(0, len(group), n):
-            these = group[start:start + n]
+        for start in range(0, len(group), size):
+            these = group[start:start + size]
+            n = _call_size(len(these), size)  # the last call: the next power of two
             results = call(key, [items[i] for i in these + these[-1:] * (n - len(these))])
             for i, result in zip(these, list(results)[:len(these)], strict=True):
                 out[i] = result
