@@ -26,8 +26,15 @@ import statistics
 import sys
 
 import numpy as np
-
-from llada_pair import DEFAULT_RUN, alternate, ensure, load_pair, paired_ratio, validation_windows
+from llada_pair import (
+    DEFAULT_RUN,
+    alternate,
+    default_text,
+    ensure,
+    load_pair,
+    paired_ratio,
+    text_windows,
+)
 from references import Quiet, import_llada, ratio_text
 
 
@@ -36,6 +43,8 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--llada", default="../references/LLaDA", help="checkout of ML-GSAI/LLaDA")
     p.add_argument("--model", default=DEFAULT_RUN, help="an MDM run (trained when missing)")
+    p.add_argument("--text", default=None, help="*.jsonl.zst folder the prompts come from "
+                   "(default: the demo's validation split)")
     p.add_argument("--pairs", type=int, default=12)
     p.add_argument("--context", type=int, default=25, help="context tokens per pair")
     p.add_argument("--continuation", type=int, default=10, help="continuation tokens per pair")
@@ -59,8 +68,8 @@ def main(argv=None) -> None:
     export = ensure(args.model)
     ours, theirs = load_pair(args.model, export, args.threads)
     mask_id = ours.model.args.mask_id
-    windows = validation_windows(ours.tokenizer_path, args.pairs,
-                                 args.context + args.continuation)
+    windows = text_windows(ours.tokenizer_path, args.text or default_text(), args.pairs,
+                           args.context + args.continuation)
     requests = [(w[:args.context], w[args.context:]) for w in windows]
     estimator = Estimator(kind="llada", mc_num=args.mc_num)
     results = {}

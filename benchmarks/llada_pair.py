@@ -50,19 +50,19 @@ def load_pair(run: str, export: str, threads: int):
     return ours, theirs
 
 
-def validation_windows(tokenizer_path: str, n: int, length: int) -> list[list[int]]:
-    """n windows of `length` tokens from the demo's validation documents, one per document
-    (documents shorter than that are skipped)."""
+def text_windows(tokenizer_path: str, folder: str, n: int, length: int) -> list[list[int]]:
+    """n windows of `length` tokens, the start of each document of the SlimPajama-layout
+    `folder` (*.jsonl.zst, sorted by path) long enough for one."""
+    import glob
+
     import zstandard
 
     from mdm_jax.data.tokenizer import Tokenizer
-    from sampling import DATA
 
     tok = Tokenizer.load(tokenizer_path)
-    folder = os.path.join(DATA, "demo_corpus", "validation", "chunk1")
     windows = []
-    for name in sorted(os.listdir(folder)):
-        with open(os.path.join(folder, name), "rb") as f:
+    for path in sorted(glob.glob(os.path.join(folder, "**", "*.jsonl.zst"), recursive=True)):
+        with open(path, "rb") as f:
             text = io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(f)).read()
         for line in text.splitlines():
             ids = tok.encode(json.loads(line)["text"])
@@ -70,8 +70,16 @@ def validation_windows(tokenizer_path: str, n: int, length: int) -> list[list[in
                 windows.append(ids[:length])
             if len(windows) == n:
                 return windows
-    raise SystemExit(f"error: the validation text has fewer than {n} documents of {length} "
-                     f"tokens; lower --prompts or the lengths")
+    from references import UsageError
+
+    raise UsageError(f"error: --text {folder}: fewer than {n} documents of {length} tokens; "
+                     f"give a folder of *.jsonl.zst with more text, or lower the counts")
+
+
+def default_text() -> str:
+    from sampling import DATA
+
+    return os.path.join(DATA, "demo_corpus", "validation")
 
 
 def alternate(sides: dict, reps: int) -> dict[str, list[float]]:

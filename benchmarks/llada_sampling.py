@@ -21,8 +21,15 @@ import statistics
 import sys
 
 import numpy as np
-
-from llada_pair import DEFAULT_RUN, alternate, ensure, load_pair, paired_ratio, validation_windows
+from llada_pair import (
+    DEFAULT_RUN,
+    alternate,
+    default_text,
+    ensure,
+    load_pair,
+    paired_ratio,
+    text_windows,
+)
 from references import Quiet, import_llada, ratio_text
 
 
@@ -31,6 +38,8 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--llada", default="../references/LLaDA", help="checkout of ML-GSAI/LLaDA")
     p.add_argument("--model", default=DEFAULT_RUN, help="an MDM run (trained when missing)")
+    p.add_argument("--text", default=None, help="*.jsonl.zst folder the prompts come from "
+                   "(default: the demo's validation split)")
     p.add_argument("--prompts", type=int, default=4)
     p.add_argument("--prompt-length", type=int, default=24, help="tokens per prompt (BOS "
                    "included)")
@@ -56,8 +65,9 @@ def main(argv=None) -> None:
     ours, theirs = load_pair(args.model, export, args.threads)
     mask_id = ours.model.args.mask_id
     bos = Tokenizer.load(ours.tokenizer_path).bos_id
-    prompts = [[bos] + w for w in validation_windows(ours.tokenizer_path, args.prompts,
-                                                     args.prompt_length - 1)]
+    windows = text_windows(ours.tokenizer_path, args.text or default_text(), args.prompts,
+                           args.prompt_length - 1)
+    prompts = [[bos] + w for w in windows]
     sampler = MDMSampler(steps=args.steps, block_length=args.block_length,
                          remasking="low_confidence", temperature=0.0, reveal_order="front")
     p, g = args.prompt_length, args.gen_length

@@ -33,14 +33,18 @@ from pathlib import Path
 BUSY_CORES = 0.25
 
 
-class ReferenceMissing(SystemExit):
-    pass
+class UsageError(SystemExit):
+    """One line on stderr, exit status 2 (the house rule for bad input)."""
+
+    def __init__(self, message: str):
+        print(message, file=sys.stderr)
+        super().__init__(2)
 
 
 def _checkout(path: str | os.PathLike, marker: str, name: str, flag: str) -> Path:
     root = Path(path).expanduser().resolve()
     if not (root / marker).is_file():
-        raise ReferenceMissing(
+        raise UsageError(
             f"error: {flag} {path}: no {marker} there; fetch {name} with "
             f"`bash benchmarks/fetch_references.sh ../references` and pass "
             f"{flag} ../references/{name.split('/')[-1]}")
@@ -103,7 +107,7 @@ def import_smdm(path: str | os.PathLike) -> types.ModuleType:
     try:
         return importlib.import_module("lit_gpt.diffmodel")
     except ModuleNotFoundError as e:
-        raise ReferenceMissing(
+        raise UsageError(
             f"error: SMDM's code needs {e.name!r}; install its Python deps beside the checkout "
             f"with `bash benchmarks/fetch_references.sh {root.parent}`") from None
 
@@ -124,20 +128,31 @@ def _busy_jiffies() -> int:
     return sum(fields[:8]) - idle
 
 
+def _process_jiffies(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime
+
+
 class Quiet:
-    """Measures, over a `with` block, the CPU that processes other than this one used (cores,
-    from /proc/stat less this process's own CPU time) and the load averages at both ends."""
+    """Measures, over a `with` block, the CPU that processes other than this one (and the
+    helper processes `pids` it runs) used, in cores, from /proc/stat less their own CPU time,
+    and the load averages at both ends."""
+
+    def __init__(self, pids=()):
+        self.pids = [os.getpid(), *pids]
 
     def __enter__(self):
         self.load_before = os.getloadavg()
         self._tick = os.sysconf("SC_CLK_TCK")
-        self._busy0, self._own0, self._t0 = _busy_jiffies(), time.process_time(), time.time()
+        self._busy0, self._t0 = _busy_jiffies(), time.time()
+        self._own0 = sum(map(_process_jiffies, self.pids))
         return self
 
     def __exit__(self, *exc):
         wall = max(time.time() - self._t0, 1e-9)
         busy = (_busy_jiffies() - self._busy0) / self._tick
-        own = time.process_time() - self._own0
+        own = (sum(map(_process_jiffies, self.pids)) - self._own0) / self._tick
         self.others_cores = max(busy - own, 0.0) / wall
         self.load_after = os.getloadavg()
         return False

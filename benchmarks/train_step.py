@@ -73,6 +73,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(bash benchmarks/fetch_references.sh fetches it)")
     p.add_argument("--no-reference", action="store_true",
                    help="skip SMDM's step (only the matmul baseline)")
+    p.add_argument("--smdm-malloc", default="tuned,system",
+                   help="SMDM's process allocator settings to time, comma separated: tuned "
+                        "(mdm_jax's glibc settings, as its own process has them: the like-for-"
+                        "like comparison), system (glibc's defaults, as SMDM runs)")
     p.add_argument("--threads", type=int, default=0,
                    help="PyTorch threads for SMDM's step (0: all cores, as XLA uses)")
     p.add_argument("--force", action="store_true",
@@ -97,7 +101,8 @@ def _settings(args: argparse.Namespace) -> dict:
                 micro_batch=args.micro_batch, mesh=args.mesh, dtype=args.dtype,
                 remat=args.remat, attention=args.attention, objective=args.objective,
                 loss_chunk=args.loss_chunk, scan_layers=not args.no_scan,
-                smdm=None if args.no_reference else args.smdm, threads=args.threads)
+                smdm=None if args.no_reference else args.smdm, threads=args.threads,
+                smdm_malloc=[m for m in args.smdm_malloc.split(",") if m])
 
 
 def make_config(s: dict):
@@ -212,20 +217,23 @@ def bench_one(s: dict, steps: int, warmup: int, seed: int, log) -> dict:
 
     rng = np.random.default_rng(seed)
     host_batches = [rng.integers(0, vocab, size=batch_shape, dtype=np.int32) for _ in range(2)]
-    reference = None
+    references = {}  # SMDM's step under each allocator setting, each in its own process
     if s.get("smdm") and s["dtype"] == "float32" and s["objective"] == "mdm":
-        from smdm_step import SMDMStep
+        from smdm_step import SMDMProcess
 
-        reference = SMDMStep(s["smdm"], trainer.args, c.seq_len, lr=c.optim.lr,
-                             betas=(c.optim.b1, c.optim.b2), weight_decay=c.optim.weight_decay,
-                             grad_clip=c.optim.grad_clip, eps=c.objective.eps, seed=seed,
-                             threads=s.get("threads", 0))
-        for i in range(warmup):
-            reference.step(host_batches[i % 2])
-    smdm_times, smdm_loss = [], None
+        for malloc in s["smdm_malloc"]:
+            references[malloc] = SMDMProcess(
+                s["smdm"], trainer.args, c.seq_len, malloc=malloc, lr=c.optim.lr,
+                betas=(c.optim.b1, c.optim.b2), weight_decay=c.optim.weight_decay,
+                grad_clip=c.optim.grad_clip, eps=c.objective.eps, seed=seed,
+                threads=s.get("threads", 0))
+            for i in range(warmup):
+                references[malloc].step(host_batches[i % 2])
+    smdm_times, smdm_loss = {m: [] for m in references}, {}
     step_times, step_cpu, step_sys, step_faults = [], [], [], []
     metrics = None
-    with trainer.context(), Quiet() as quiet:
+    helpers = [r.process.pid for r in references.values()]
+    with trainer.context(), Quiet(helpers) as quiet:
         for i in range(warmup + steps):
             batch = trainer.to_global(host_batches[i % 2])
             jax.block_until_ready(batch)
@@ -241,14 +249,15 @@ def bench_one(s: dict, steps: int, warmup: int, seed: int, log) -> dict:
                 step_sys.append(r1.ru_stime - r0.ru_stime)
                 step_faults.append(r1.ru_minflt - r0.ru_minflt)
                 baseline.run_once()  # interleaved: same machine state as the step just timed
-                if reference is not None:  # alternately with the JAX step, same batches
-                    t0 = time.perf_counter()
-                    smdm_loss = reference.step(host_batches[i % 2])
-                    smdm_times.append(time.perf_counter() - t0)
+                for malloc, ref in references.items():  # alternately, same batches
+                    seconds, smdm_loss[malloc] = ref.step(host_batches[i % 2])
+                    smdm_times[malloc].append(seconds)
             log(f"  step {i + 1}/{warmup + steps}: {dt:.3f}s wall, {cpu:.2f}s cpu "
                 f"({r1.ru_stime - r0.ru_stime:.2f}s sys, {r1.ru_minflt - r0.ru_minflt:,} "
                 f"page faults)" + (" (warmup)" if i < warmup else ""))
     loss = float(jax.device_get(metrics["loss"]))
+    for ref in references.values():
+        ref.close()
 
     step_s = statistics.median(step_times)
     tokens_per_step = c.global_batch * c.seq_len
@@ -281,14 +290,18 @@ def bench_one(s: dict, steps: int, warmup: int, seed: int, log) -> dict:
         step_cpu_s=step_cpu, step_sys_s=step_sys, step_page_faults=step_faults,
         final_loss=loss, machine=quiet.line(), busy=quiet.busy,
         others_cores=quiet.others_cores, load_average=quiet.load_before[0],
-        smdm_step_times_s=smdm_times, smdm_final_loss=smdm_loss,
-        smdm_tokens_per_s=(tokens_per_step / statistics.median(smdm_times)
-                            if smdm_times else None),
-        ours_over_smdm=(statistics.median(smdm_times) / step_s if smdm_times else None),
-        # Each JAX step against the SMDM step timed right after it.
-        ours_over_smdm_paired=(statistics.median(tt / st for st, tt in zip(
-            step_times, smdm_times, strict=True)) if smdm_times else None),
+        smdm={malloc: dict(
+            step_times_s=times, final_loss=smdm_loss[malloc],
+            tokens_per_s=tokens_per_step / statistics.median(times),
+            ours_over_smdm=statistics.median(times) / step_s,
+            # each JAX step against the SMDM step timed right after it
+            ours_over_smdm_paired=statistics.median(
+                tt / st for st, tt in zip(step_times, times, strict=True)))
+            for malloc, times in smdm_times.items()},
     )
+
+
+MALLOC_NAMES = {"tuned": "mdm_jax's malloc settings", "system": "glibc's defaults"}
 
 
 def _fmt_bytes(n) -> str:
@@ -329,14 +342,15 @@ def report(r: dict, force: bool = False) -> None:
     print(f"                    {r['ratio_min']:.3f} (fastest step)   "
           f"{r['ratio_6n']:.3f} (6N count)")
     print("                    target >= 0.65 for 19M @ 512 on CPU")
-    if r.get("ours_over_smdm") is not None:
-        times = ", ".join(f"{t:.3f}" for t in r["smdm_step_times_s"])
-        print(f"SMDM's step         median {statistics.median(r['smdm_step_times_s']):.3f}s "
-              f"[{times}], {r['smdm_tokens_per_s']:,.0f} tokens/s, loss "
-              f"{r['smdm_final_loss']:.3f} (mdm_jax {r['final_loss']:.3f})")
-        print(f"mdm_jax / SMDM      "
-              f"{ratio_text(r['ours_over_smdm'], r['busy'], force)} tokens/s (medians)   "
-              f"{ratio_text(r['ours_over_smdm_paired'], r['busy'], force)} (median of "
+    for malloc, m in r["smdm"].items():
+        times = ", ".join(f"{t:.3f}" for t in m["step_times_s"])
+        print(f"SMDM's step, {MALLOC_NAMES[malloc]}: median "
+              f"{statistics.median(m['step_times_s']):.3f}s [{times}], "
+              f"{m['tokens_per_s']:,.0f} tokens/s, loss {m['final_loss']:.3f} "
+              f"(mdm_jax {r['final_loss']:.3f})")
+        print(f"  mdm_jax / SMDM    "
+              f"{ratio_text(m['ours_over_smdm'], r['busy'], force)} tokens/s (medians)   "
+              f"{ratio_text(m['ours_over_smdm_paired'], r['busy'], force)} (median of "
               f"alternate pairs)   target >= 1.2")
     print(r["machine"])
 
@@ -352,8 +366,9 @@ def report_table(rows: list[dict], args_force: bool = False) -> None:
             print(f"{r['variant']:<16}  error: {r['error']}")
             continue
         temp = "n/a" if r["temp_bytes"] is None else f"{r['temp_bytes'] / 2**20:,.0f}"
-        vs_torch = ("n/a" if r.get("ours_over_smdm") is None else
-                    ratio_text(r["ours_over_smdm"], r["busy"], args_force)[:6])
+        first = next(iter(r["smdm"].values()), None)
+        vs_torch = ("n/a" if first is None else
+                    ratio_text(first["ours_over_smdm"], r["busy"], args_force)[:6])
         print(f"{r['variant']:<16}{vs_torch:>7}{r['step_s_median']:>8.2f}"
               f"{statistics.median(r['step_cpu_s']):>7.1f}{r['tokens_per_s']:>7,.0f}"
               f"{r['flops_per_s'] / 1e9:>9.1f}{r['matmul_best_flops_per_s'] / 1e9:>9.1f}"
@@ -369,6 +384,10 @@ def main(argv=None) -> None:
 
     from mdm_jax.config import ConfigError
 
+    if not args.no_reference:
+        from references import import_smdm
+
+        import_smdm(args.smdm)  # fail before compiling when the checkout is missing
     base = _settings(args)
     if args.sweep is None:
         try:
