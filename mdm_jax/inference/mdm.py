@@ -45,7 +45,7 @@ import jax.numpy as jnp
 
 from mdm_jax.errors import option
 from mdm_jax.inference.tokens import NEG_INF, choose
-from mdm_jax.model import Encoder
+from mdm_jax.model import Encoder, head_kernel, logits_from_hidden
 
 REMASKING = ("low_confidence", "random")
 REVEAL_ORDERS = ("even", "front")
@@ -113,15 +113,25 @@ def check(s: MDMSampler, gen_length: int) -> list[tuple[str, str]]:
     return problems
 
 
-def guided_logits(model: Encoder, params, x, prompt_mask, lengths, cfg: float):
+def guided_logits(model: Encoder, params, x, prompt_mask, lengths, cfg: float, at=None):
     """Logits [B, L, V] float32 for canvas x, guided with weight `cfg` (one network call, on
-    2B rows when guided; prompt_mask [B, L] marks the prompt that `uncond` masks out)."""
-    if cfg == 0:
-        return model.apply({"params": params}, x, lengths, return_logits=True)
-    uncond = jnp.where(prompt_mask, model.args.mask_id, x)
-    both = model.apply({"params": params}, jnp.concatenate([x, uncond]),
-                       jnp.concatenate([lengths, lengths]), return_logits=True)
-    cond, unc = jnp.split(both, 2)
+    2B rows when guided; prompt_mask [B, L] marks the prompt that `uncond` masks out). With
+    `at` [B, P] (positions), the logits of those positions only [B, P, V]: the head and
+    everything after it then cost P positions instead of L."""
+    rows, row_lengths = x, lengths
+    if cfg:
+        rows = jnp.concatenate([x, jnp.where(prompt_mask, model.args.mask_id, x)])
+        row_lengths = jnp.concatenate([lengths, lengths])
+    if at is None:
+        logits = model.apply({"params": params}, rows, row_lengths, return_logits=True)
+    else:
+        hidden = model.apply({"params": params}, rows, row_lengths)
+        at = jnp.concatenate([at, at]) if cfg else at
+        picked = jnp.take_along_axis(hidden, at[..., None], axis=1)
+        logits = logits_from_hidden(picked, head_kernel(params))
+    if not cfg:
+        return logits
+    cond, unc = jnp.split(logits, 2)
     return cond + cfg * (cond - unc)
 
 
@@ -138,7 +148,8 @@ def denoise(model: Encoder, params, canvas, prompt_lens, key, *, sampler: MDMSam
     block_of = jnp.where(answer, (pos - start) // (gen_length // n_blocks), -1)
     return _reverse_process(model, params, jnp.where(answer, model.args.mask_id, canvas),
                             block_of, pos < start, (prompt_lens + gen_length).astype(jnp.int32),
-                            key, sampler, n_blocks, trace)
+                            key, sampler, n_blocks, trace, answer_start=prompt_lens,
+                            block_len=gen_length // n_blocks)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "sampler"))
@@ -152,25 +163,36 @@ def infill(model: Encoder, params, canvas, key, *, sampler: MDMSampler):
 
 
 def _reverse_process(model: Encoder, params, x, block_of, prompt_mask, lengths, key,
-                     s: MDMSampler, n_blocks: int, trace: bool):
+                     s: MDMSampler, n_blocks: int, trace: bool, answer_start=None,
+                     block_len: int = 0):
     """The loop shared by `denoise` and `infill`: block_of [B, L] is each masked position's
-    block (-1 for given tokens), denoised in order with steps / n_blocks steps each."""
+    block (-1 for given tokens), denoised in order with steps / n_blocks steps each.
+    `answer_start` [B] (denoise): row b's blocks are `block_len` positions each from there."""
     mask_id = model.args.mask_id
     b, length = x.shape
     per_block = s.steps // n_blocks
+    # Greedy choices draw no noise of the logits' shape, so only the current block's positions
+    # get logits (the same numbers; the head, softmax and choice then cost a block, not the
+    # canvas). Sampling draws its noise over the whole canvas, as it always has, and the cache
+    # keeps whole-canvas logits: both take every position.
+    by_block = answer_start is not None and s.temperature == 0 and not s.cache
+    rows = jnp.arange(b)[:, None]
 
     def step(carry, i):
         x, key, cached, reuse, nfe = carry
         key, k_choose, k_coin = jax.random.split(key, 3)
+        block, j = i // per_block, i % per_block
+        at = None
+        if by_block:
+            at = answer_start[:, None] + block * block_len + jnp.arange(block_len)[None, :]
         if s.cache:
             logits = jax.lax.cond(
                 reuse, lambda: cached,
                 lambda: guided_logits(model, params, x, prompt_mask, lengths, s.cfg))
             nfe = nfe + jnp.where(reuse, 0, 1)
         else:
-            logits = guided_logits(model, params, x, prompt_mask, lengths, s.cfg)
+            logits = guided_logits(model, params, x, prompt_mask, lengths, s.cfg, at)
             nfe = nfe + 1
-        block, j = i // per_block, i % per_block
         # From t = 1 - j/n to s = t - 1/n, a masked token is revealed w.p. 1 - s/t = 1/left,
         # left = n - j steps of this block remaining (exact in integers below).
         left = per_block - j
@@ -184,6 +206,9 @@ def _reverse_process(model: Encoder, params, x, block_of, prompt_mask, lengths, 
             ended = logits_in.astype(jnp.float32).at[..., jnp.asarray(s.last_ids)].set(NEG_INF)
             conf = jnp.take_along_axis(jax.nn.softmax(ended, axis=-1),
                                        pred[..., None], axis=-1)[..., 0]
+        if by_block:  # back onto the canvas; positions outside the block are never revealed
+            pred = jnp.zeros((b, length), pred.dtype).at[rows, at].set(pred)
+            conf = jnp.zeros((b, length), conf.dtype).at[rows, at].set(conf)
         if s.reveal_order == "front":
             size = jnp.sum(block_of == block, axis=-1)  # the block's masks when it began
             n_reveal = size // per_block + (j < size % per_block)
@@ -202,9 +227,11 @@ def _reverse_process(model: Encoder, params, x, block_of, prompt_mask, lengths, 
         reveal = active & (reveal | (j == per_block - 1))  # a block's last step ends it
         new_x = jnp.where(reveal, pred, x)
         unchanged = ~jnp.any(reveal)  # the next step may reuse these logits
-        return (new_x, key, logits, unchanged, nfe), (new_x if trace else None)
+        return (new_x, key, logits if s.cache else cached, unchanged, nfe), \
+            (new_x if trace else None)
 
-    no_logits = jnp.zeros((b, length, model.args.vocab_size), jnp.float32)
+    # Only the cache carries logits from step to step.
+    no_logits = jnp.zeros((b, length, model.args.vocab_size) if s.cache else (), jnp.float32)
     init = (x, key, no_logits, jnp.asarray(False), jnp.asarray(0, jnp.int32))
     (out, _, _, _, nfe), history = jax.lax.scan(step, init, jnp.arange(s.steps))
     return (out, nfe, history) if trace else (out, nfe)
