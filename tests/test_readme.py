@@ -60,6 +60,18 @@ COMMANDS: dict[str, Run | NotHere] = {
     "--config.workdir=runs/sft_mdm": Run("--config.steps=10 --config.checkpoint_every=10"),
     "python -m mdm_jax.sample --model runs/sft_mdm --chat --prompt \"reverse: king lord love\" "
     "--gen-length 16 --steps 16 --end-last": Run(),
+    # README "Speed on CPU": the references come from github.com, which this machine cannot reach
+    "bash benchmarks/fetch_references.sh ../references": NotHere(
+        "clones ML-GSAI/SMDM and ML-GSAI/LLaDA from github.com; the script's idempotence was "
+        "checked against mirrors (SMDM_GIT, LLADA_GIT)"),
+    ".venv/bin/python benchmarks/train_step.py --smdm ../references/SMDM": NotHere(
+        "minutes at 19M; tests/test_benchmarks.py runs it at nano against ../references/SMDM"),
+    ".venv/bin/python benchmarks/sampling.py --llada ../references/LLaDA": NotHere(
+        "trains runs/tiny_mdm; tests/test_benchmarks.py runs it on a nano run against "
+        "../references/LLaDA and checks the tokens are LLaDA's"),
+    ".venv/bin/python benchmarks/likelihood.py --llada ../references/LLaDA": NotHere(
+        "trains runs/tiny_mdm; tests/test_benchmarks.py runs it on a nano run against "
+        "../references/LLaDA and checks the estimates agree"),
     "python -m mdm_jax.train --config=experiments/tiny.py --config.steps=300 "
     "--config.workdir=runs/t": Run("--config.steps=10"),
     "python -m mdm_jax.train --config=experiments/smdm.py:170M "
