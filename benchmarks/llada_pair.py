@@ -82,6 +82,18 @@ def default_text() -> str:
     return os.path.join(DATA, "demo_corpus", "validation")
 
 
+def add_common_options(p) -> None:
+    """The options both LLaDA benchmarks take (argparse parser `p`)."""
+    p.add_argument("--llada", default="../references/LLaDA", help="checkout of ML-GSAI/LLaDA")
+    p.add_argument("--model", default=DEFAULT_RUN, help="an MDM run (trained when missing)")
+    p.add_argument("--text", default=None, help="*.jsonl.zst folder the prompts come from "
+                   "(default: the demo's validation split)")
+    p.add_argument("--reps", type=int, default=3, help="timed runs of each side")
+    p.add_argument("--threads", type=int, default=0, help="PyTorch threads (0: all cores)")
+    p.add_argument("--force", action="store_true", help="print the ratio on a busy machine")
+    p.add_argument("--json", action="store_true")
+
+
 def alternate(sides: dict, reps: int) -> dict[str, list[float]]:
     """Each side's callable run `reps` times, the sides alternating (one warm-up call each,
     untimed); wall seconds per call."""

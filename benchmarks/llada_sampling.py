@@ -22,7 +22,7 @@ import sys
 
 import numpy as np
 from llada_pair import (
-    DEFAULT_RUN,
+    add_common_options,
     alternate,
     default_text,
     ensure,
@@ -36,20 +36,13 @@ from references import Quiet, import_llada, ratio_text
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--llada", default="../references/LLaDA", help="checkout of ML-GSAI/LLaDA")
-    p.add_argument("--model", default=DEFAULT_RUN, help="an MDM run (trained when missing)")
-    p.add_argument("--text", default=None, help="*.jsonl.zst folder the prompts come from "
-                   "(default: the demo's validation split)")
+    add_common_options(p)
     p.add_argument("--prompts", type=int, default=4)
     p.add_argument("--prompt-length", type=int, default=24, help="tokens per prompt (BOS "
                    "included)")
     p.add_argument("--gen-length", type=int, default=64)
     p.add_argument("--steps", type=int, default=64)
     p.add_argument("--block-length", type=int, default=16)
-    p.add_argument("--reps", type=int, default=3, help="timed runs of each side")
-    p.add_argument("--threads", type=int, default=0, help="PyTorch threads (0: all cores)")
-    p.add_argument("--force", action="store_true", help="print the ratio on a busy machine")
-    p.add_argument("--json", action="store_true")
     return p.parse_args(argv)
 
 
