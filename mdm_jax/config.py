@@ -23,6 +23,7 @@ MESH_AXES = ("data", "fsdp", "tensor")
 # t_i = (u + i/B) mod 1; antithetic as Eso-LM/MDLM draw them, t_i = (u_i + i)/B, one u_i per
 # stratum (mdm_jax.objectives.sample_t).
 T_SAMPLING = ("uniform", "stratified", "antithetic")
+CE_NORMS = ("masked", "tokens")  # objective.ce_norm: what the unweighted loss is divided by
 # Learning-rate schedules after the warmup: cosine to min_lr (SMDM), or constant and then a
 # linear decay to min_lr over the last optim.decay_fraction of the steps (LLaDA's SFT).
 SCHEDULES = ("cosine", "constant")
@@ -53,6 +54,7 @@ FIELDS = (
     ("objective.eps", 1e-3, "smallest noise level t"),
     ("objective.variable_length_prob", 0.01, "share cut to a random length"),
     ("objective.weighting", "elbo", "elbo (1/t) | unweighted"),
+    ("objective.ce_norm", "masked", "unweighted loss / masked | tokens (B*L)"),
     ("objective.t_sampling", "uniform", "uniform | stratified | antithetic (README)"),
     ("objective.loss_chunk", 256, "tokens per chunk of the fused head + loss"),
     ("eso.alpha0", 1.0, "eso: share of tokens made by diffusion (0: AR)"),
@@ -212,6 +214,9 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, process_count: int 
              f"config.model.attention={c.model.attention!r}; valid: {', '.join(ATTENTION_IMPLS)}.")
     _require(c.objective.weighting in ("elbo", "unweighted"),
              f"config.objective.weighting={c.objective.weighting!r}; valid: elbo, unweighted.")
+    _require(c.objective.get("ce_norm", "masked") in CE_NORMS,
+             f"config.objective.ce_norm={c.objective.get('ce_norm')!r}; valid: "
+             f"{', '.join(CE_NORMS)}.")
     _require(c.objective.t_sampling in T_SAMPLING,
              f"config.objective.t_sampling={c.objective.t_sampling!r}; valid: "
              f"{', '.join(T_SAMPLING)}.")

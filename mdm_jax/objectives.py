@@ -25,6 +25,7 @@ class ObjectiveArgs:
     eps: float = 1e-3  # mask probability p = (1 - eps) * t + eps
     variable_length_prob: float = 0.01  # chance that a batch is truncated to U{1..L}
     weighting: str = "elbo"  # "elbo": CE / p summed over masked, / (B*L); "unweighted": mean CE
+    ce_norm: str = "masked"  # unweighted: / masked tokens (mean CE) or / all B*L ("tokens")
     t_sampling: str = "uniform"  # a name in config.T_SAMPLING
     loss_chunk: int = 256  # sequence positions per cross-entropy chunk
     alpha0: float = 1.0  # eso: share of tokens made by diffusion
@@ -39,7 +40,8 @@ class ObjectiveArgs:
         if "eso" in c:
             eso = dict(alpha0=c.eso.alpha0, shuffle=c.eso.shuffle, batch_split=c.eso.batch_split)
         return cls(kind=o.kind, eps=o.eps, variable_length_prob=o.variable_length_prob,
-                   weighting=o.weighting, t_sampling=o.t_sampling, loss_chunk=o.loss_chunk,
+                   weighting=o.weighting, ce_norm=o.get("ce_norm", "masked"),
+                   t_sampling=o.t_sampling, loss_chunk=o.loss_chunk,
                    **eso)
 
 
@@ -180,7 +182,11 @@ def mdm_loss(apply_fn: Callable, params, tokens, key, args: ObjectiveArgs, mask_
     hidden = apply_fn({"params": params}, inputs, lengths)
     if args.weighting == "unweighted" and train:
         weights = masked.astype(jnp.float32)
-        denom = jnp.maximum(jnp.sum(weights), 1.0)
+        # "tokens": scaling-dllms' low_var loss (TrainerBase._loss): the masked tokens' CE
+        # summed over all B*L positions; under Adam it differs from the mean by a per-batch
+        # factor, the masked share.
+        denom = (b * valid_len.astype(jnp.float32) if args.ce_norm == "tokens"
+                 else jnp.maximum(jnp.sum(weights), 1.0))
     else:
         weights = masked.astype(jnp.float32) / p[:, None]
         denom = b * valid_len.astype(jnp.float32)

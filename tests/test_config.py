@@ -26,6 +26,7 @@ from mdm_jax.config import ConfigError, validate
     ({"objective.kind": "gpt"}, 1, r"config\.objective\.kind='gpt'"),
     ({"model.remat": "some"}, 1, r"config\.model\.remat='some'"),
     ({"model.dtype": "float16"}, 1, r"config\.model\.dtype"),
+    ({"objective.ce_norm": "batch"}, 1, r"config\.objective\.ce_norm='batch'; valid: masked"),
 ])
 def test_config_errors_name_the_field(overrides, devices, match):
     with pytest.raises(ConfigError, match=match):

@@ -141,6 +141,14 @@ def test_unweighted_variant_is_mean_masked_ce():
     assert loss == pytest.approx(math.log(100), rel=1e-5)
 
 
+def test_unweighted_loss_over_all_tokens_is_the_masked_sum_over_b_times_l():
+    """objective.ce_norm=tokens: scaling-dllms' low_var normalisation (sum / (B * L))."""
+    loss, _, masked, _, _ = _probe_loss(ObjectiveArgs(
+        variable_length_prob=0.0, weighting="unweighted", ce_norm="tokens"))
+    assert loss == pytest.approx(math.log(100) * masked.sum() / masked.size, rel=1e-5)
+    assert loss < 0.6 * math.log(100)  # about half the positions are masked
+
+
 def test_stratified_t_covers_every_stratum():
     _, _, masked, _, _ = _probe_loss(ObjectiveArgs(variable_length_prob=0.0,
                                                    t_sampling="stratified"), b=64)
