@@ -141,6 +141,26 @@ def test_mdm_greedy_check_follows_the_greedy_sampler(mdm):
     assert not is_greedy(model, params, CONTEXT, answer[:2] + [(answer[2] + 1) % 512])
 
 
+def test_guided_greedy_check_follows_the_guided_sampler(mdm):
+    """greedy_flags(cfg=w) checks what SMDM's harness checks: the guided greedy answer."""
+    from mdm_jax.eval.likelihood import greedy_flags
+    from mdm_jax.families import FamilyError
+    from mdm_jax.inference import MDMSampler, generate
+
+    model, params = mdm
+    contexts = [CONTEXT, CONTEXT[:3], [7, 9, 11, 13]]
+    plain = generate(model, params, contexts, 4, MDMSampler(steps=4)).answers()
+    guided = generate(model, params, contexts, 4, MDMSampler(steps=4, cfg=3.0)).answers()
+    assert plain != guided  # the guidance changes some answer of this model
+    assert greedy_flags(model, params, list(zip(contexts, guided, strict=True)), cfg=3.0) == \
+        [True] * 3
+    assert greedy_flags(model, params, list(zip(contexts, guided, strict=True))) == \
+        [g == p for g, p in zip(guided, plain, strict=True)]
+    arm, arm_params = _model(True, 1)
+    with pytest.raises(FamilyError, match="has no guidance"):
+        greedy_flags(arm, arm_params, [(CONTEXT, [1])], cfg=0.5)
+
+
 def test_bad_estimator_settings_name_the_fix(mdm):
     model, params = mdm
     with pytest.raises(EvalError, match="not divisible by batch_size"):

@@ -192,7 +192,8 @@ class MDMJaxLM(LM):
         greedy = [False] * len(pairs)
         for i, flag in zip(wanted, greedy_flags(self.m.model, self.m.params,
                                                 [pairs[i] for i in wanted], self.max_length,
-                                                self.request_batch), strict=True):
+                                                self.request_batch, self.estimator.cfg),
+                           strict=True):
             greedy[i] = flag
         return [(s.logprob, g) for s, g in zip(scores, greedy, strict=True)]
 

@@ -451,7 +451,7 @@ def masked_answers(model: Encoder, params, prompts: list[list[int]], gen_length:
 
 
 def _sampler_greedy(model, params, reqs: Requests, batch: int,
-                    alpha0: float | None = None) -> list[bool]:
+                    alpha0: float | None = None, cfg: float = 0.0) -> list[bool]:
     """The family's sampler at temperature 0, one token per step, batched by continuation
     length (for eso at alpha0 = 0, its left-to-right phase alone: deterministic, where the
     diffusion phase's random order is not)."""
@@ -462,7 +462,7 @@ def _sampler_greedy(model, params, reqs: Requests, batch: int,
     for m, group in itertools.groupby(by_length, key=lambda item: item[0]):
         rs = [r for _, r in group]
         answers = masked_answers(model, params, [reqs.requests[r][0] for r in rs], m,
-                                 MDMSampler(steps=m, temperature=0.0, alpha0=alpha0),
+                                 MDMSampler(steps=m, temperature=0.0, alpha0=alpha0, cfg=cfg),
                                  reqs.limit, batch)
         for r, answer in zip(rs, answers, strict=True):
             flags[r] = answer == list(reqs.requests[r][1])
@@ -491,11 +491,19 @@ GREEDY = {"mdm": _sampler_greedy, "mdm-ce": _sampler_greedy, "uniform": _uniform
 
 
 def greedy_flags(model: Encoder, params, requests: list[tuple[list[int], list[int]]],
-                 max_length: int | None = None, batch: int = 16) -> list[bool]:
+                 max_length: int | None = None, batch: int = 16,
+                 cfg: float = 0.0) -> list[bool]:
     """Whether greedy generation from each context produces exactly its continuation; `batch`
-    requests per network call (where the family's sampler allows: see GREEDY)."""
+    requests per network call (where the family's sampler allows: see GREEDY). `cfg`: the
+    generation guided with that weight, as SMDM checks greediness with the guidance it scores
+    with (`evaluate_diff.py`, `MDLMEvalHarness.suffix_greedy_prediction`); families without
+    guidance refuse it."""
     reqs = Requests(requests, max_length or model.args.max_seq_len)
-    return GREEDY[model.args.family](model, params, reqs, batch)
+    check = GREEDY[model.args.family]
+    if cfg:
+        families.get(model.args.family).check_guidance()
+        check = functools.partial(check, cfg=cfg)
+    return check(model, params, reqs, batch)
 
 
 def is_greedy(model: Encoder, params, context: list[int], continuation: list[int],
