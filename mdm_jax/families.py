@@ -98,7 +98,7 @@ _MASKED = dict(attention="bidirectional", time_conditioned=False, mask_token=Tru
                sampler_options=("steps", "remasking", "block_length", "cfg", "cache",
                                 "reveal_order", "forbid_ids", "last_ids"),
                guidance=True, estimators=("mc", "llada", "chain"),
-               estimator_options=("mc_num", "batch_size", "cfg"), exact_likelihood=False,
+               estimator_options=("mc_num", "batch_size", "cfg", "eps"), exact_likelihood=False,
                export_formats=("litgpt", "llada-hf"), finetuning=True)
 
 RECORDS = (

@@ -92,6 +92,18 @@ def test_monte_carlo_estimators_agree_with_exact_enumeration(mdm):
     assert llada.stderr < mc.stderr
 
 
+def test_mc_estimator_with_smdms_evaluation_floor_eps_0_estimates_its_bound(mdm):
+    """Estimator(eps=0) (SMDM's evaluate_diff.py): unbiased for the eps = 0 bound, finite even
+    when a draw's t is 0 (nothing masked, weight 0 instead of inf)."""
+    model, params = mdm
+    exact = exact_elbo(model, params, CONTEXT, CONTINUATION, eps=0.0)
+    s = loglikelihood(model, params, CONTEXT, CONTINUATION,
+                      Estimator(kind="mc", mc_num=1024, batch_size=128, eps=0.0), seed=2)
+    assert math.isfinite(s.logprob) and abs(s.logprob - exact) < 4 * s.stderr
+    with pytest.raises(EvalError, match="eps=1.0: give a mask probability floor in"):
+        loglikelihood(model, params, CONTEXT, CONTINUATION, Estimator(kind="mc", eps=1.0))
+
+
 def test_chain_rule_is_the_left_to_right_product_of_the_model_conditionals(mdm):
     model, params = mdm
     chain = loglikelihood(model, params, CONTEXT, CONTINUATION, Estimator(kind="chain",

@@ -187,6 +187,12 @@ def test_model_args_errors_name_the_key_as_typed(runs, capsys):
         make(f"model={runs['arm']},mc_batch_size=8")
     with pytest.raises(FamilyError, match="the arm family .* 'remasking'"):
         make(f"model={runs['arm']},remasking=random")
+    # eps: the mc estimator's mask floor, SMDM's evaluation value 0 included
+    assert make(f"model={runs['mdm']},eps=0").estimator.eps == 0.0
+    with pytest.raises(EvalError, match="eps=2.0: give a mask probability floor"):
+        make(f"model={runs['mdm']},eps=2")
+    with pytest.raises(FamilyError, match="the arm family .* 'eps'"):
+        make(f"model={runs['arm']},eps=0")
 
 
 def _tasks(folder) -> None:

@@ -8,7 +8,8 @@
 `step`, `estimator` (the family's: mc | llada | chain for MDMs, mc for uniform-state
 diffusion, exact for the ARM; default its first), `mc_num` (draws per request),
 `mc_batch_size` (draws per chunk: with the seed it fixes the draws; `batch_size` in model_args
-is its old name), `cfg`, `seed`, `request_batch` (work per network call, from as many
+is its old name), `cfg`, `eps` (the mc estimator's mask floor; SMDM evaluates with 0), `seed`,
+`request_batch` (work per network call, from as many
 requests: request_batch chunks of mc_batch_size draws, or request_batch prompts of a sampler;
 1 is one at a time, the old way; default 16), `greedy_check` (auto | always | never: the
 is-greedy flag of loglikelihood requests, which costs an MDM a sampler run; auto skips it for
@@ -83,7 +84,7 @@ def _renamed(key: str, value, **old) -> tuple[object, str]:
 @register_model("mdm_jax")
 class MDMJaxLM(LM):
     def __init__(self, model: str | None = None, step=None, estimator: str = "", mc_num=None,
-                 mc_batch_size=None, cfg=None, seed=0, request_batch=16,
+                 mc_batch_size=None, cfg=None, eps=None, seed=0, request_batch=16,
                  greedy_check="auto", steps=None, block_length=None, remasking=None,
                  temperature=0.0, max_gen_toks=64, tokenizer: str | None = None,
                  workdir: str | None = None, path: str | None = None, batch_size=None):
@@ -91,11 +92,11 @@ class MDMJaxLM(LM):
         model, _ = _renamed("model", model, workdir=workdir, path=path)
         mc_batch_size, typed = _renamed("mc_batch_size", mc_batch_size, batch_size=batch_size)
         with spelling(batch_size=typed):  # library errors name Estimator.batch_size as typed
-            self._configure(model, step, estimator, mc_num, mc_batch_size, cfg, seed,
+            self._configure(model, step, estimator, mc_num, mc_batch_size, cfg, eps, seed,
                             request_batch, greedy_check, steps, block_length, remasking,
                             temperature, max_gen_toks, tokenizer)
 
-    def _configure(self, where, step, estimator, mc_num, mc_batch_size, cfg, seed,
+    def _configure(self, where, step, estimator, mc_num, mc_batch_size, cfg, eps, seed,
                    request_batch, greedy_check, steps, block_length, remasking, temperature,
                    max_gen_toks, tokenizer) -> None:
         from mdm_jax.data.tokenizer import Tokenizer
@@ -106,7 +107,7 @@ class MDMJaxLM(LM):
                             "an export folder)")
         self.m = load(str(where), None if step in (None, "") else _number("step", step, int))
         self.family = families.get(self.m.args.family)
-        given = {"mc_num": mc_num, "batch_size": mc_batch_size, "cfg": cfg}
+        given = {"mc_num": mc_num, "batch_size": mc_batch_size, "cfg": cfg, "eps": eps}
         for name in (n for n, v in given.items() if v is not None):
             self.family.check_estimator_option(name)
         for name, value in (("steps", steps), ("block_length", block_length),
@@ -117,7 +118,8 @@ class MDMJaxLM(LM):
             kind=str(estimator or ""),
             mc_num=_number("mc_num", 128 if mc_num is None else mc_num, int),
             batch_size=_number("batch_size", 32 if mc_batch_size is None else mc_batch_size, int),
-            cfg=_number("cfg", cfg or 0.0, float)), self.family)
+            cfg=_number("cfg", cfg or 0.0, float),
+            eps=_number("eps", 1e-3 if eps is None else eps, float)), self.family)
         self.seed = _number("seed", seed, int)
         self.request_batch = _number("request_batch", request_batch, int)
         if self.request_batch < 1:

@@ -56,7 +56,7 @@ class Estimator:
     batch_size: int = 32  # draws per chunk (with the seed, they fix the draws); rows per call
     # are request_batch x batch_size
     cfg: float = 0.0
-    eps: float = 1e-3  # SMDM's mask probability floor (mc only)
+    eps: float = 1e-3  # the mask probability floor (mc only; SMDM's evaluate_diff.py uses 0)
 
 
 def check_estimator(e: Estimator, family: families.Family) -> Estimator:
@@ -76,6 +76,9 @@ def check_estimator(e: Estimator, family: families.Family) -> Estimator:
                         f"{e.batch_size * max(1, e.mc_num // e.batch_size)})")
     if not (e.cfg >= 0 and math.isfinite(e.cfg)):
         raise EvalError(f"{option('cfg', e.cfg)}: give 0 (off) or a positive weight")
+    if not 0 <= e.eps < 1:
+        raise EvalError(f"{option('eps', e.eps)}: give a mask probability floor in [0, 1) "
+                        f"(SMDM evaluates with 0, trains with 1e-3)")
     return e
 
 
@@ -144,7 +147,9 @@ def draw_masks(context_len_N, length_N, seed_N, chunk_N, *, kind: str, eps: floa
             u = jax.random.uniform(k_t, ())
             t_B = jnp.mod(u + (chunk * draws + jnp.arange(draws)) / total, 1.0)
             p_B = (1.0 - eps) * t_B + eps
-            return target_1xL & (coin_BxL < p_B[:, None]), 1.0 / p_B
+            # eps 0 (SMDM's evaluation): t = 0 masks nothing, and its weight must not be inf
+            return (target_1xL & (coin_BxL < p_B[:, None]),
+                    jnp.where(p_B > 0, 1.0 / jnp.maximum(p_B, 1e-30), 0.0))
         m = length - context_len
         n_mask_B = jax.random.randint(k_t, (draws,), 1, m + 1)
         scores_BxL = jnp.where(target_1xL, coin_BxL, 2.0)

@@ -56,6 +56,8 @@ def _main(argv=None) -> None:
     p.add_argument("--batch-size", type=positive_int, default=None,
                    help="draws per network call (default 32)")
     p.add_argument("--cfg", type=float, default=None, help="guidance weight (default 0: off)")
+    p.add_argument("--eps", type=float, default=None,
+                   help="mask probability floor of the mc estimator (default 1e-3; SMDM: 0)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
@@ -83,8 +85,8 @@ def _evaluate(a) -> None:
     family = families.get(m.args.family)
     # Options given on this command line (defaults are not refused): each must be one the
     # family's estimators use (the ARM's exact likelihood uses none of them).
-    given = {name: value for name, value in (("mc_num", a.mc_num),
-                                             ("batch_size", a.batch_size), ("cfg", a.cfg))
+    given = {name: value for name, value in (("mc_num", a.mc_num), ("batch_size", a.batch_size),
+                                             ("cfg", a.cfg), ("eps", a.eps))
              if value is not None}
     if a.estimator:
         family.check_estimator(a.estimator)
