@@ -78,7 +78,7 @@ SAMPLER_FLAGS = {"steps": ["--steps", "8"], "remasking": ["--remasking", "low_co
                  "reveal_order": ["--reveal-order", "front"], "forbid_ids": ["--no-eos"],
                  "last_ids": ["--end-last"]}
 ESTIMATOR_FLAGS = {"mc_num": ["--mc-num", "8"], "batch_size": ["--batch-size", "8"],
-                   "cfg": ["--cfg", "0"]}
+                   "cfg": ["--cfg", "0"], "eps": ["--eps", "0.001"]}
 
 
 def test_every_flag_is_an_option_of_some_family():

@@ -140,9 +140,9 @@ def test_greedy_check_runs_only_where_a_metric_reads_it(runs, monkeypatch):
     checked = []
     real = harness.greedy_flags
 
-    def counting(model, params, requests, max_length, batch):
+    def counting(model, params, requests, max_length, batch, cfg):
         checked.extend(requests)
-        return real(model, params, requests, max_length, batch)
+        return real(model, params, requests, max_length, batch, cfg)
 
     monkeypatch.setattr(harness, "greedy_flags", counting)
     lm = harness.MDMJaxLM(model=runs["mdm"], mc_num=8, mc_batch_size=8)
