@@ -95,10 +95,15 @@ def _install_smdm_stand_ins() -> None:
     _module("xentropy_cuda_lib")
 
 
+def smdm_checkout(path: str | os.PathLike) -> Path:
+    """The SMDM checkout at `path` (one `error:` line, exit 2, when there is none)."""
+    return _checkout(path, "lit_gpt/diffmodel.py", "ML-GSAI/SMDM", "--smdm")
+
+
 def import_smdm(path: str | os.PathLike) -> types.ModuleType:
     """SMDM's `lit_gpt.diffmodel` (TransEncoder, Config) from checkout `path`. Its Python deps
     (lightning, for `lit_gpt.utils`) are taken from `path/../smdm-deps` when that exists."""
-    root = _checkout(path, "lit_gpt/diffmodel.py", "ML-GSAI/SMDM", "--smdm")
+    root = smdm_checkout(path)
     deps = root.parent / "smdm-deps"
     for p in (str(deps), str(root)):
         if Path(p).is_dir() and p not in sys.path:

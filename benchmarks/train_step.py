@@ -385,9 +385,9 @@ def main(argv=None) -> None:
     from mdm_jax.config import ConfigError
 
     if not args.no_reference:
-        from references import import_smdm
+        from references import smdm_checkout
 
-        import_smdm(args.smdm)  # fail before compiling when the checkout is missing
+        smdm_checkout(args.smdm)  # fail before compiling; SMDM itself runs in its own processes
     base = _settings(args)
     if args.sweep is None:
         try:
