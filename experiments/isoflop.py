@@ -6,8 +6,10 @@
     python -m mdm_jax.scaling.sweep --config=experiments/isoflop.py:micro --backend local
     python -m mdm_jax.scaling.fit   --results runs/isoflop_micro/results.csv --plot fig.png
 
-Config argument: "smdm" (default; shared/REFERENCE.md sections 1 and 3), "micro" (the first
-MDM + ARM micro study) or "micro_families" (four families, budgets that bracket every minimum).
+Config argument: "smdm" (default; SMDM's grid), "micro" (the first MDM + ARM micro study),
+"micro_families" (five families, budgets that bracket every minimum), "micro_v2" (the second
+micro study: 4x the batch, 4 budgets over 1.3 decades, per-family lr, the low-variance bound)
+or "micro_v2_lr,LR" (its lr sweep at one LR; experiments/micro_v2_lr.py runs them all).
 Fields:
   families      comma-separated objective kinds: mdm (SMDM's ELBO), mdm-ce (masked CE), uniform
                 (uniform-state diffusion), eso (interpolating diffusion, Eso-LM at alpha0 = 1
@@ -60,6 +62,20 @@ MICRO_FAMILIES_GRID = (
     "3e12: 4K,13K,27K,56K,107K,214K",
     "7.5e12: 4K,13K,27K,56K,107K,214K,443K",
 )
+
+# The second micro study: 4x the batch (64 x 128 = 8,192 tokens a step), four budgets over
+# 1.3 decades, and the ladder's in-between sizes (about 1.5x apart) around each family's
+# minimum: the MDMs' sat at 10-60K and the ARM's at 40-240K over 1.2e12-7.5e12 in the first.
+MICRO_V2_GRID = (
+    "8e11: 4K,13K,19K,27K,40K,56K,83K,107K,160K",
+    "2.2e12: 4K,13K,19K,27K,40K,56K,83K,107K,160K,214K",
+    "5.9e12: 13K,19K,27K,40K,56K,83K,107K,160K,214K,333K,443K",
+    "1.6e13: 19K,27K,40K,56K,83K,107K,160K,214K,333K,443K,600K,853K",
+)
+# Its learning-rate sweep (experiments/micro_v2_lr.py): the smallest budget, one size near
+# each kind of family's minimum there, every lr a factor of 2 apart.
+MICRO_V2_LR_GRID = ("8e11: 13K,40K",)
+MICRO_V2_LRS = (3e-3, 6e-3, 1.2e-2, 2.4e-2, 4.8e-2)
 
 ALL_FAMILIES = "mdm,mdm-ce,uniform,eso,arm"
 
@@ -115,7 +131,30 @@ def get_config(arg: str = "smdm"):
         c.overrides = ("checkpoint_every=1000",)  # runs of up to 43K steps of a few ms each
         c.accelerator = "h100"
         c.assumed_mfu = 0.4
+    elif arg == "micro_v2":
+        c.name = "micro_v2"
+        c.grid = MICRO_V2_GRID
+        c.batch = 64
+        c.seq_len = 128
+        c.convention = "3fwd"
+        c.base = "experiments/micro_v2.py"
+        c.sweep_dir = "runs/isoflop_micro_v2"
+        c.overrides = ("checkpoint_every=500",)
+        c.accelerator = "h100"
+        c.assumed_mfu = 0.4
+    elif arg.startswith("micro_v2_lr,"):
+        lr = float(arg.partition(",")[2])
+        c.name = f"micro_v2_lr_{lr:g}"
+        c.grid = MICRO_V2_LR_GRID
+        c.batch = 64
+        c.seq_len = 128
+        c.convention = "3fwd"
+        c.base = "experiments/micro_v2.py"
+        c.sweep_dir = f"runs/isoflop_micro_v2_lr/lr_{lr:g}"
+        c.overrides = (f"optim.lr={lr:g}", f"optim.min_lr={lr / 10:g}", "checkpoint_every=500")
+        c.accelerator = "h100"
+        c.assumed_mfu = 0.4
     else:
-        raise ValueError(f"experiments/isoflop.py takes 'smdm', 'micro' or 'micro_families', "
-                         f"not {arg!r}")
+        raise ValueError(f"experiments/isoflop.py takes 'smdm', 'micro', 'micro_families', "
+                         f"'micro_v2' or 'micro_v2_lr,LR', not {arg!r}")
     return c

@@ -23,6 +23,7 @@ MESH_AXES = ("data", "fsdp", "tensor")
 # t_i = (u + i/B) mod 1; antithetic as Eso-LM/MDLM draw them, t_i = (u_i + i)/B, one u_i per
 # stratum (mdm_jax.objectives.sample_t).
 T_SAMPLING = ("uniform", "stratified", "antithetic")
+EVAL_MASKING = ("count", "bernoulli")  # data.eval_masking: objectives.count_masking or p(t)
 CE_NORMS = ("masked", "tokens")  # objective.ce_norm: what the unweighted loss is divided by
 # Learning-rate schedules after the warmup: cosine to min_lr (SMDM), or constant and then a
 # linear decay to min_lr over the last optim.decay_fraction of the steps (LLaDA's SFT).
@@ -85,6 +86,10 @@ FIELDS = (
     ("data.tokenizer", "", "SentencePiece model (samples, vocab check)"),
     ("data.worker_count", 0, "Grain worker processes (0: in the main process)"),
     ("data.eval_batches", 4, "batches per validation"),
+    ("data.eval_draws", 2, "draws of t and masks per batch (>= 2: a std error)"),
+    ("data.eval_masking", "count", "count (l ~ U{1..L}, LLaDA) | bernoulli"),
+    ("data.eval_t_sampling", "antithetic", "t over a batch's rows: antithetic | ..."),
+    ("data.eval_seed", 0, "seed of the validation draws (fixed across a study)"),
     ("data.restart_data_order", False, "resume on other data (restarts its order)"),
     ("data.verify_shards", True, "check shards' sha256 (cached)"),
     ("data.eval_tasks", "", "comma list of task files scored at eval"),
@@ -96,6 +101,7 @@ FIELDS = (
     ("distributed.process_id", -1, "-1: from the environment"),
     ("log_every", 10, "steps between metric lines"),
     ("eval_every", 200, "steps between evaluations"),
+    ("eval_at_start", True, "also evaluate the untrained model (a fresh run)"),
     ("checkpoint_every", 500, "steps between checkpoints (0: only the last)"),
     ("checkpoint_keep", 3, "the last K checkpoints are kept..."),
     ("checkpoint_keep_period", 0, "...plus every M-th step for good (0: none)"),
@@ -169,7 +175,8 @@ RANGES = (
     ("checkpoint_keep", 0, _INF), ("checkpoint_keep_period", 0, _INF),
     ("checkpoint_minutes", 0, _INF), ("micro_batch", 0, _INF),
     ("micro_batch_per_device", 0, _INF), ("seq_len", 1, _INF),
-    ("data.eval_batches", 0, _INF), ("data.worker_count", 0, 1024),
+    ("data.eval_batches", 0, _INF), ("data.eval_draws", 1, _INF),
+    ("data.eval_seed", 0, _INF), ("data.worker_count", 0, 1024),
     ("samples.count", 0, _INF), ("data.eval_tasks_limit", 0, _INF),
     ("samples.steps", 1, _INF), ("samples.length", 0, _INF),
     ("samples.temperature", 0, _INF), ("objective.variable_length_prob", 0, 1),
@@ -220,6 +227,12 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, process_count: int 
     _require(c.objective.t_sampling in T_SAMPLING,
              f"config.objective.t_sampling={c.objective.t_sampling!r}; valid: "
              f"{', '.join(T_SAMPLING)}.")
+    _require(c.data.eval_t_sampling in T_SAMPLING,
+             f"config.data.eval_t_sampling={c.data.eval_t_sampling!r}; valid: "
+             f"{', '.join(T_SAMPLING)}.")
+    _require(c.data.eval_masking in EVAL_MASKING,
+             f"config.data.eval_masking={c.data.eval_masking!r}; valid: "
+             f"{', '.join(EVAL_MASKING)}.")
     _require(c.samples.remasking in ("low_confidence", "random"),
              f"config.samples.remasking={c.samples.remasking!r}; valid: low_confidence, random.")
     _require(0 < c.objective.eps < 1, f"config.objective.eps={c.objective.eps} must be in (0, 1).")

@@ -32,6 +32,7 @@ class ObjectiveArgs:
     batch_split: float = -1.0  # eso: share of rows on the diffusion term (-1: by alpha0)
     shuffle: bool = True  # eso: random order within the clean and the masked tokens
     batch_shards: int = 1  # devices the batch is split over (sparse_cross_entropy's groups)
+    masking: str = "bernoulli"  # "bernoulli": each token w.p. p(t); "count": count_masking
 
     @classmethod
     def from_config(cls, c) -> ObjectiveArgs:
@@ -144,6 +145,30 @@ def sample_t(key, batch: int, how: str) -> jax.Array:
     return jax.random.uniform(key, (batch,))
 
 
+def count_masking(key, t: jax.Array, valid: jax.Array, floor: float = 0.0):
+    """LLaDA's fixed-count masking (`forward_process` in get_log_likelihood.py), for the bound's
+    estimator: row i masks exactly l_i = 1 + floor(t_i n_i) of its n_i valid positions, chosen
+    uniformly, so t ~ U[0, 1) gives l ~ U{1..n}. Returns (masked [B, L], weight [B]): the
+    weight each masked token's CE gets so that sum(weight * CE) / n_i is an unbiased estimate
+    of the row's continuous-time bound per token, integral over q from `floor` to 1 of
+    E[sum of masked CE | mask rate q] / q, with no eps cut-off. For a mask rate q the count is
+    Binomial(n, q); integrated against 1/q that leaves c_l = (1 - I_floor(l, n - l + 1)) / l
+    per l (I the regularised incomplete beta; c_l = 1/l at floor 0, where the weight is n/l
+    and sum(mask * weight) = n exactly: the weight factor F is 1 in every row, not only on
+    average). floor = 1 - alpha0 for Eso-LM's diffusion term."""
+    n = jnp.sum(valid, axis=-1).astype(jnp.int32)
+    count = jnp.clip(jnp.floor(t * n).astype(jnp.int32) + 1, 1, jnp.maximum(n, 1))
+    noise = jnp.where(valid, jax.random.uniform(key, valid.shape), 2.0)  # invalid: ranked last
+    rank = jnp.argsort(jnp.argsort(noise, axis=-1), axis=-1)
+    masked = (rank < count[:, None]) & valid
+    counts = count.astype(jnp.float32)
+    per_count = 1.0 / counts
+    if floor > 0:
+        per_count = per_count * (1.0 - jax.scipy.special.betainc(counts, n - counts + 1.0,
+                                                                 floor))
+    return masked, n.astype(jnp.float32) * per_count
+
+
 def sample_length(key, seq_len: int, prob: float) -> jax.Array:
     """SMDM's variable-length trick: with probability `prob` the batch is cut to U{1..L}."""
     k_coin, k_len = jax.random.split(key)
@@ -164,8 +189,6 @@ def mdm_loss(apply_fn: Callable, params, tokens, key, args: ObjectiveArgs, mask_
     b, length = x0.shape
     k_t, k_mask, k_len = jax.random.split(key, 3)
     t = sample_t(k_t, b, args.t_sampling)
-    p = (1.0 - args.eps) * t + args.eps
-    masked = jax.random.uniform(k_mask, (b, length)) < p[:, None]
 
     lengths = None
     if valid_len is None:
@@ -175,8 +198,13 @@ def mdm_loss(apply_fn: Callable, params, tokens, key, args: ObjectiveArgs, mask_
             lengths = jnp.full((b,), valid_len, jnp.int32)
     else:
         lengths = jnp.full((b,), valid_len, jnp.int32)
-    if lengths is not None:
-        masked = masked & (jnp.arange(length)[None, :] < valid_len)
+    valid = jnp.broadcast_to(jnp.arange(length)[None, :] < valid_len, (b, length))
+    if args.masking == "count":
+        masked, row_weight = count_masking(k_mask, t, valid)
+    else:
+        p = (1.0 - args.eps) * t + args.eps
+        masked = (jax.random.uniform(k_mask, (b, length)) < p[:, None]) & valid
+        row_weight = 1.0 / p
 
     inputs = jnp.where(masked, mask_id, x0)
     hidden = apply_fn({"params": params}, inputs, lengths)
@@ -188,12 +216,17 @@ def mdm_loss(apply_fn: Callable, params, tokens, key, args: ObjectiveArgs, mask_
         denom = (b * valid_len.astype(jnp.float32) if args.ce_norm == "tokens"
                  else jnp.maximum(jnp.sum(weights), 1.0))
     else:
-        weights = masked.astype(jnp.float32) / p[:, None]
+        weights = masked.astype(jnp.float32) * row_weight[:, None]
         denom = b * valid_len.astype(jnp.float32)
     total = sparse_cross_entropy(hidden, head_kernel(params), x0, weights, args.loss_chunk,
                                  args.batch_shards)
     loss = total / denom
-    return loss, {"loss": loss, "mask_rate": jnp.mean(masked), "length": valid_len}
+    # F = sum(weights) / (B L): 1 in expectation for the ELBO's weights, exactly 1 under count
+    # masking; a fixed set of eval draws with F != 1 biases every run evaluated on them.
+    metrics = {"loss": loss, "mask_rate": jnp.mean(masked), "length": valid_len}
+    if not train:
+        metrics["weight_factor"] = jnp.sum(masked * row_weight[:, None]) / denom
+    return loss, metrics
 
 
 def arm_loss(apply_fn: Callable, params, tokens, key, args: ObjectiveArgs, mask_id: int,
@@ -298,16 +331,23 @@ def eso_diffusion_term(apply_fn, params, x0, valid, key, args: ObjectiveArgs, ma
     """Sum over the masked tokens of w(t) CE (weighted) or CE (the low-variance form) under
     the order-aware causal attention: t drawn per row as args.t_sampling says and floored at
     eps, each token masked w.p. 1 - alpha_t, w(t) = -alpha'_t / (1 - alpha_t) (1/t at
-    alpha0 = 1). Returns (sum, mask rate)."""
+    alpha0 = 1); under args.masking="count" a fixed count of masks instead (count_masking,
+    mask rates from 1 - alpha0 to 1). Returns (sum, mask rate)."""
     b, _ = x0.shape
     k_t, k_mask, k_order = jax.random.split(key, 3)
-    t = (1.0 - args.eps) * sample_t(k_t, b, args.t_sampling) + args.eps
-    alpha = eso_alpha(t, args.alpha0, args.eps)
-    masked = (jax.random.uniform(k_mask, x0.shape) < (1.0 - alpha)[:, None]) & valid
+    if args.masking == "count":  # the bound itself (no eps): see count_masking
+        masked, weight = count_masking(k_mask, sample_t(k_t, b, args.t_sampling), valid,
+                                       floor=1.0 - args.alpha0)
+    else:
+        t = (1.0 - args.eps) * sample_t(k_t, b, args.t_sampling) + args.eps
+        alpha = eso_alpha(t, args.alpha0, args.eps)
+        masked = (jax.random.uniform(k_mask, x0.shape) < (1.0 - alpha)[:, None]) & valid
+        weight = args.alpha0 * (1.0 - args.eps) / (1.0 - alpha)
+    if not weighted:
+        weight = jnp.ones((b,), jnp.float32)
     shuffle = jax.random.uniform(k_order, x0.shape) if args.shuffle else None
     order = orders.order_of(orders.sort_keys(masked, valid, shuffle))
     hidden = orders.diffusion_hidden(apply_fn, params, jnp.where(masked, mask_id, x0), order)
-    weight = args.alpha0 * (1.0 - args.eps) / (1.0 - alpha) if weighted else jnp.ones_like(t)
     weights = orders.in_order(masked, order) * weight[:, None]
     total = chunked_cross_entropy(hidden, head_kernel(params), orders.in_order(x0, order),
                                   weights, args.loss_chunk)

@@ -71,16 +71,25 @@ _TINY = {
 }
 
 # The micro family for scaling studies that run on a laptop CPU (experiments/isoflop.py:micro):
-# sizes about 2x apart, head_dim 16, a 512-piece vocabulary and 128-token sequences.
+# head_dim 16, a 512-piece vocabulary and 128-token sequences. The first study used the sizes
+# about 2x apart; the second (micro_v2) adds those between them, so that the ladder steps by
+# about 1.4-1.6x and depth grows one layer at a time.
 _MICRO = {
     "4K": (1, 1, 16, 16, 64),
     "13K": (1, 2, 32, 16, 96),
+    "19K": (1, 3, 48, 16, 64),
     "27K": (2, 2, 32, 16, 96),
+    "40K": (3, 2, 32, 16, 96),
     "56K": (2, 3, 48, 16, 128),
+    "83K": (3, 3, 48, 16, 128),
     "107K": (2, 4, 64, 16, 192),
+    "160K": (3, 4, 64, 16, 192),
     "214K": (4, 4, 64, 16, 192),
+    "333K": (4, 5, 80, 16, 240),
     "443K": (4, 6, 96, 16, 256),
+    "600K": (5, 6, 96, 16, 288),
     "853K": (4, 8, 128, 16, 384),
+    "1280K": (6, 8, 128, 16, 384),
 }
 
 PRESETS: dict[str, Preset] = {

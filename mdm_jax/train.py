@@ -28,7 +28,8 @@ from mdm_jax import config as config_lib
 from mdm_jax.checkpoint import Checkpointer, CheckpointError, abstract_with_shardings
 from mdm_jax.presets import get_preset
 from mdm_jax.profiling import StepProfiler
-from mdm_jax.trainer import Trainer, TrainState, evaluate, resolved_config
+from mdm_jax.trainer import Trainer, TrainState, resolved_config
+from mdm_jax.validation import validation_bound
 
 log = logging.getLogger("mdm_jax")
 
@@ -315,13 +316,13 @@ def config_hooks(c: ml_collections.ConfigDict, eval_batches: list) -> list[Hook]
     on data.eval_dir and the accuracy of each task file in data.eval_tasks."""
     hooks = []
     if eval_batches:
-        hooks.append(Hook(lambda trainer, state: {"loss": evaluate(trainer, state, eval_batches,
-                                                                   c.seed)},
-                          every=c.eval_every, at_start=True))
+        hooks.append(Hook(lambda trainer, state: validation_bound(trainer, state,
+                                                                  eval_batches).metrics(),
+                          every=c.eval_every, at_start=c.get("eval_at_start", True)))
     tasks = _load_tasks(c)
     if tasks:
         hooks.append(Hook(lambda trainer, state: _task_accuracies(trainer, state, c, tasks),
-                          every=c.eval_every, at_start=True))
+                          every=c.eval_every, at_start=c.get("eval_at_start", True)))
     return hooks
 
 

@@ -193,10 +193,13 @@ class Trainer:
         return new_state, metrics
 
     def _eval_step(self, params, batch, key):
-        """The true bound for every objective: 1/t-weighted ELBO, stratified t, full length."""
-        args = dataclasses.replace(self.objective_args, weighting="elbo", t_sampling="stratified")
-        loss, _ = self._loss(params, self._rows(batch), key, False, args)
-        return loss
+        """One draw of the true bound for every objective (1/t-weighted ELBO, full length),
+        with t and masks drawn as config.data.eval_* say: (loss, metrics)."""
+        d = self.config.data
+        args = dataclasses.replace(self.objective_args, weighting="elbo",
+                                   t_sampling=d.get("eval_t_sampling", "antithetic"),
+                                   masking=d.get("eval_masking", "count"))
+        return self._loss(params, self._rows(batch), key, False, args)
 
     # -- host-side helpers --------------------------------------------------------------------
     @contextlib.contextmanager
@@ -229,17 +232,6 @@ class Trainer:
             get_preset(c.model.preset), c.seq_len, self.args.vocab_size, c.objective.kind,
             flops.sequential_share(c.objective.kind, o.alpha0, o.batch_split))  # -1 resolved there
         return per_token * c.global_batch * c.seq_len
-
-
-def evaluate(trainer: Trainer, state: TrainState, batches: list[jax.Array], seed: int) -> float:
-    """Mean validation loss over fixed (global) batches with fixed keys: comparable across
-    steps and runs."""
-    losses = []
-    with trainer.context():
-        for i, batch in enumerate(batches):
-            key = jax.random.fold_in(jax.random.PRNGKey(seed), i)
-            losses.append(trainer.eval_step(state.params, batch, key))
-    return float(np.mean(jax.device_get(losses)))
 
 
 def resolved_config(c: ml_collections.ConfigDict, trainer: Trainer | None = None) -> dict:

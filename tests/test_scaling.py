@@ -296,6 +296,212 @@ def test_results_with_missing_columns_are_rejected(tmp_path):
         fit.read_results(str(path))
 
 
+def test_isoflop_minimum_counts_sizes_not_runs():
+    """A bootstrap resample repeats runs: the window (the best size and two sizes each side) and
+    the bracketing count distinct sizes, so a curve with every run twice has the same minimum."""
+    n = np.geomspace(1e4, 1e6, 9)
+    x = np.log10(n) - 4.7
+    loss = 3 + 0.2 * x ** 2 + 0.08 * x ** 3  # not a parabola: the window matters
+    once = fit.isoflop_minimum(n, loss, 1e12)
+    twice = fit.isoflop_minimum(np.repeat(n, 2), np.repeat(loss, 2), 1e12)
+    assert once.bracketed and twice.bracketed
+    assert twice.fit_range == once.fit_range
+    assert (twice.n_opt, twice.loss_opt) == pytest.approx((once.n_opt, once.loss_opt))
+    with pytest.raises(plan.StudyError, match=r"has 4 finished run\(s\) at 2 size\(s\)"):
+        fit.isoflop_minimum(np.repeat(n[:2], 2), np.repeat(loss[:2], 2), 1e12)
+
+def _bootstrap_fit(path, replicates=200, seed=0):
+    return fit.fit(fit.read_results(str(path)), bootstrap=replicates, seed=seed)
+
+
+def _width(interval):
+    return interval[1] - interval[0]
+
+
+def test_bootstrap_intervals_cover_the_true_exponents_and_shrink_with_the_noise(tmp_path):
+    widths = {}
+    for noise in (3e-3, 3e-4):
+        path = tmp_path / f"noise{noise}.csv"
+        _synthetic(path, alpha=0.062, beta={"mdm": 0.63, "arm": 0.58}, multiplier=16.0,
+                   noise=noise)
+        result = _bootstrap_fit(path)
+        for family, d in result["families"].items():
+            lo, hi = d["alpha_interval"]
+            assert lo < 0.062 < hi, (noise, family, d["alpha_interval"])
+            assert d["beta_interval"][0] < d["beta"] < d["beta_interval"][1]
+            widths[noise, family] = _width(d["alpha_interval"])
+    for family in ("mdm", "arm"):  # 10x less noise: a much tighter interval
+        assert widths[3e-4, family] < widths[3e-3, family] / 2
+
+
+def test_multiplier_bootstrap_and_sensitivity_to_a_one_percent_shift(tmp_path):
+    path = tmp_path / "results.csv"
+    _synthetic(path, alpha=0.062, beta={"mdm": 0.63, "mdm-ce": 0.6, "arm": 0.58},
+               multiplier={"mdm": 16.0, "mdm-ce": 12.0}, noise=1e-3)
+    out = _cli("mdm_jax.scaling.fit", "--results", str(path), "--json", "--bootstrap", "100",
+               "--seed", "3")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["bootstrap"] == {"replicates": 100, "seed": 3, "level": 0.95,
+                                   "loss_se": False}
+    for pair, k in result["multipliers"].items():
+        lo, hi = k["bootstrap_interval"]
+        assert lo < k["shared_alpha"] < hi, pair
+        assert 0 <= k["bootstrap_dropped"] < 100
+        # Worse losses for the family: it needs more compute to reach the reference's loss;
+        # worse for the reference: less. Shifting one family's log L* by log10(1.01) moves
+        # only its intercept, so log k moves by log10(1.01) / alpha.
+        shift = 1.01 ** (1 / k["alpha_shared"])
+        sens = k["sensitivity_1pct"]
+        assert sens["family"] > k["shared_alpha"] > sens["reference"]
+        assert sens["family"] == pytest.approx(k["shared_alpha"] * shift, rel=1e-6)
+        assert sens["reference"] == pytest.approx(k["shared_alpha"] / shift, rel=1e-6)
+    assert set(result["multipliers"]) == {"mdm/arm", "mdm-ce/arm", "mdm-ce/mdm"}
+    text = _cli("mdm_jax.scaling.fit", "--results", str(path), "--bootstrap", "100", "--seed",
+                "3")
+    k = result["multipliers"]["mdm/arm"]
+    lo, hi = k["bootstrap_interval"]
+    assert (f"MDM compute multiplier for the ARM's loss: {k['shared_alpha']:.3g}x (x/ "
+            in text.stdout)
+    assert f"; 95% bootstrap {lo:.3g}x to {hi:.3g}x" in text.stdout
+    assert (f"+1% on MDM's losses: {k['sensitivity_1pct']['family']:.3g}x, +1% on ARM's: "
+            f"{k['sensitivity_1pct']['reference']:.3g}x; per budget: " in text.stdout)
+    alpha = result["families"]["arm"]["alpha_interval"]
+    assert f"; 95% bootstrap {alpha[0]:.4f} to {alpha[1]:.4f}" in text.stdout
+    assert "95% bootstrap: 100 resamples (seed 3)" in text.stdout
+    # A fixed seed gives the same numbers; another seed, other resamples.
+    again = _cli("mdm_jax.scaling.fit", "--results", str(path), "--bootstrap", "100", "--seed",
+                 "3")
+    assert again.stdout == text.stdout
+    other = _bootstrap_fit(path, replicates=100, seed=4)
+    assert other["multipliers"]["mdm/arm"]["bootstrap_interval"] != k["bootstrap_interval"]
+    # --bootstrap 0: no intervals, the rest unchanged.
+    off = _cli("mdm_jax.scaling.fit", "--results", str(path), "--json", "--bootstrap", "0")
+    plain = json.loads(off.stdout)
+    assert "bootstrap" not in plain and "bootstrap" not in json.dumps(plain)
+    assert "alpha_interval" not in plain["families"]["mdm"]
+    assert plain["multipliers"]["mdm/arm"]["shared_alpha"] == k["shared_alpha"]
+    assert plain["multipliers"]["mdm/arm"]["sensitivity_1pct"] == k["sensitivity_1pct"]
+    off_text = _cli("mdm_jax.scaling.fit", "--results", str(path), "--bootstrap", "0").stdout
+    assert "bootstrap" not in off_text and "+1% on MDM's losses" in off_text
+    bad = _cli("mdm_jax.scaling.fit", "--results", str(path), "--bootstrap", "-1")
+    assert bad.returncode == 2 and "--bootstrap -1; give 0" in bad.stderr
+
+
+def test_bootstrap_drops_resamples_with_fewer_than_three_sizes_at_a_budget():
+    """The MDM keeps 4 of its 9 sizes per budget: a resample draws 2 or fewer distinct sizes
+    at one of its 5 budgets most of the time, which has no IsoFLOP minimum."""
+    def factor(r):  # the run's size over the optimum, 0.2-5
+        return r["non_embedding_params"] / (0.02 * r["budget"] ** 0.6)
+
+    rows = [r for r in _edge_rows(set()) if r["family"] == "arm" or 0.5 < factor(r) < 2.5]
+    assert len({r["non_embedding_params"] for r in rows
+                if r["family"] == "mdm" and r["budget"] == 1e19}) == 4
+    replicates = 200
+    result = fit.fit(rows, bootstrap=replicates, seed=0)
+    mdm, k = result["families"]["mdm"], result["multipliers"]["mdm/arm"]
+    assert 0.5 * replicates < mdm["bootstrap_dropped"] < replicates
+    assert k["bootstrap_dropped"] >= mdm["bootstrap_dropped"]  # a multiplier needs both fits
+    assert mdm["alpha_interval"] is not None and k["bootstrap_interval"] is not None
+    assert f"{mdm['bootstrap_dropped']} dropped" in fit.report(result)
+    # Nothing left to fit: no interval, said so, and no crash.
+    three = [r for r in rows if r["family"] == "arm" or factor(r) < 2]
+    result = fit.fit(three, bootstrap=20, seed=0)
+    assert result["families"]["mdm"]["alpha_interval"] is None
+    assert result["families"]["mdm"]["bootstrap_dropped"] == 20
+    assert result["multipliers"]["mdm/arm"]["bootstrap_interval"] is None
+    assert "no 95% bootstrap: every resample dropped" in fit.report(result)
+
+
+def _with_loss_se(src, dst, se):
+    """src's results with a loss_se column: se(row) as text."""
+    rows = list(csv.DictReader(open(src)))
+    with open(dst, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=[*rows[0].keys() - {"loss_se"}, "loss_se"])
+        writer.writeheader()
+        writer.writerows(r | {"loss_se": se(r)} for r in rows)
+
+
+def test_loss_se_is_optional_and_widens_the_bootstrap(tmp_path):
+    path = tmp_path / "results.csv"
+    _synthetic(path, alpha=0.062, beta={"mdm": 0.63, "arm": 0.58}, multiplier=16.0, noise=1e-4)
+    old = tmp_path / "old.csv"  # as written before the column existed
+    with open(old, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=[c for c in sweep.RESULT_COLUMNS
+                                               if c != "loss_se"], extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(csv.DictReader(open(path)))
+    assert "loss_se" not in open(old).readline()
+    zeros = tmp_path / "zeros.csv"
+    _with_loss_se(path, zeros, lambda r: "0")
+    noisy = tmp_path / "noisy.csv"
+    _with_loss_se(path, noisy, lambda r: f"{3e-3 * float(r['loss']):.6g}")
+    assert all(r["loss_se"] == 0.0 for r in fit.read_results(str(old)))
+    fits = {name: _bootstrap_fit(p, replicates=100)
+            for name, p in [("old", old), ("empty", path), ("zeros", zeros), ("noisy", noisy)]}
+    # Absent, empty or 0: no evaluation noise, the same resamples and the same intervals.
+    assert fit.public(fits["old"]) == fit.public(fits["empty"]) == fit.public(fits["zeros"])
+    assert fits["noisy"]["bootstrap"]["loss_se"] and not fits["old"]["bootstrap"]["loss_se"]
+    assert "Normal(loss, loss_se)" in fit.report(fits["noisy"])
+    for family in ("mdm", "arm"):
+        quiet, noisy_fam = fits["old"]["families"][family], fits["noisy"]["families"][family]
+        assert noisy_fam["alpha"] == quiet["alpha"]  # the point fit ignores loss_se
+        assert _width(noisy_fam["alpha_interval"]) > 3 * _width(quiet["alpha_interval"])
+    bad = tmp_path / "bad.csv"
+    _with_loss_se(path, bad, lambda r: "-0.1")
+    with pytest.raises(plan.StudyError, match=r"line 2: loss_se '-0.1' is not a number >= 0"):
+        fit.read_results(str(bad))
+
+
+def _same(committed, ours, where="fit.json"):
+    """Every value in the committed JSON is ours (ours may hold more keys)."""
+    if isinstance(committed, dict):
+        for key, value in committed.items():
+            assert key in ours, f"{where}: {key} missing"
+            _same(value, ours[key], f"{where}.{key}")
+    elif isinstance(committed, list):
+        assert len(committed) == len(ours), where
+        for i, (a, b) in enumerate(zip(committed, ours, strict=True)):
+            _same(a, b, f"{where}[{i}]")
+    else:
+        assert committed == ours, where
+
+
+@pytest.mark.parametrize("study", ["micro", "micro_families"])
+def test_committed_results_without_loss_se_fit_as_before(study):
+    """The committed results.csv files predate loss_se: same minima, laws and multipliers as
+    the fit.json committed beside them."""
+    folder = os.path.join(ROOT, "experiments", "results", study)
+    assert "loss_se" not in open(os.path.join(folder, "results.csv")).readline()
+    result = fit.fit(fit.read_results(os.path.join(folder, "results.csv")), bootstrap=20)
+    ours = json.loads(json.dumps(fit.public(result)))
+    _same(json.load(open(os.path.join(folder, "fit.json"))), ours)
+    assert all(k["bootstrap_interval"] for k in ours["multipliers"].values())
+
+
+def test_collect_fills_loss_se_from_the_final_eval_row(tmp_path):
+    from mdm_jax.metrics import MetricWriter
+
+    config = write_study(tmp_path / "study.py", {"grid": ("2e11: 4K,13K,27K",),
+                                                 "sweep_dir": str(tmp_path / "sweep")})
+    runs = {r.preset: r for r in plan.expand(_load(config))}
+    for preset, metrics in [("4K", {"loss": 5.25, "loss_se": 0.0123}), ("13K", {"loss": 5.0})]:
+        run = runs[preset]
+        writer = MetricWriter(run.workdir, enabled=True)
+        writer.write(run.steps // 2, {"loss": 6.0, "loss_se": 0.5}, prefix="eval_")
+        writer.write(run.steps, metrics, prefix="eval_")  # as the trainer logs its last eval
+        writer.close()
+    path = tmp_path / "results.csv"
+    written, missing, _ = sweep.collect(list(runs.values()), str(path))
+    assert (written, [r.preset for r in missing]) == (2, ["27K"])
+    rows = list(csv.DictReader(open(path)))
+    assert list(rows[0]) == list(sweep.RESULT_COLUMNS)
+    # The 13K run's trainer logged no standard error: empty, so its row still collects.
+    assert [(r["preset"], r["loss"], r["loss_se"]) for r in rows] == [
+        ("4K", "5.250000", "0.0123"), ("13K", "5.000000", "")]
+    assert [r["loss_se"] for r in fit.read_results(str(path))] == [0.0123, 0.0]
+
+
 def _sweep_study(tiny_data, tmp_path):
     """Two real nano-sized runs (the micro family's 13K and 27K) on the test corpus."""
     budget_steps = 6

@@ -71,6 +71,6 @@ def test_uniform_diffusion_learns_and_samples_the_data_distribution():
                  MDMSampler(steps=16, temperature=1.0), seed=1)
     assert_samples_patterns(g.tokens, patterns, probs)
     # The validation bound of the trained model: nats per token, below the untrained log K.
-    loss = trainer.eval_step(state.params, trainer.to_global(np.concatenate(
+    loss, _ = trainer.eval_step(state.params, trainer.to_global(np.concatenate(
         [patterns, patterns[:, :1]], axis=1)[np.arange(64) % 4]), jax.random.PRNGKey(0))
     assert 0 < float(loss) < np.log(512)

@@ -8,6 +8,19 @@ fit that shares alpha between the two families (SMDM's "constant compute gap"), 
 budget from the separate fits; mdm-ce is also compared with mdm (the CE variant's FLOPs gain).
 Losses compare within a family: the ARM's is an exact NLL, the diffusions' are ELBOs.
 
+Uncertainty, besides the standard errors from the residuals: a bootstrap over runs (--bootstrap
+N resamples, 0: none; a fixed --seed, so the output is reproducible) redraws each (family,
+budget)'s runs with replacement and refits everything, giving percentile intervals (95%) for
+each family's alpha and beta and for every multiplier. Where results.csv has a loss_se (the
+run's validation-loss Monte Carlo standard error), each resampled run's loss is also drawn
+from Normal(loss, loss_se): a nonparametric bootstrap of the runs plus a parametric one of
+their evaluation noise. A resample that leaves a budget with fewer than 3 distinct sizes has no
+IsoFLOP minimum there: it is dropped from that family's intervals and from its multipliers',
+and the number dropped is reported (the intervals are thus conditional on every budget keeping
+3 sizes, as the data did; with 5-7 sizes per budget, a few to tens of percent are dropped).
+Beside each multiplier is its sensitivity to a 1% shift: the multiplier refitted with every
+loss of the family (then of the reference) times 1.01.
+
     python -m mdm_jax.scaling.fit --results results.csv --plot isoflop.png [--json]
 """
 
@@ -30,6 +43,22 @@ from mdm_jax.scaling.plan import StudyError
 from mdm_jax.scaling.sweep import RESULT_COLUMNS
 
 NUMERIC = ("non_embedding_params", "budget", "steps", "tokens", "loss")
+# loss_se is optional: results files written before the trainer logged it have no such column.
+REQUIRED = tuple(c for c in RESULT_COLUMNS if c != "loss_se")
+
+
+def _loss_se(text: str | None, where: str) -> float:
+    """A run's loss_se: 0 where the column is absent or empty (no evaluation noise known)."""
+    if text is None or not text.strip():
+        return 0.0
+    try:
+        se = float(text)
+    except ValueError:
+        se = float("nan")
+    if not (math.isfinite(se) and se >= 0):
+        raise StudyError(f"{where}: loss_se {text!r} is not a number >= 0 (leave it empty where "
+                         f"the run has no standard error)")
+    return se
 
 
 def read_results(path: str) -> list[dict]:
@@ -41,11 +70,11 @@ def read_results(path: str) -> list[dict]:
     try:
         with f:
             reader = csv.DictReader(f)
-            missing = [c for c in RESULT_COLUMNS if c not in (reader.fieldnames or ())]
+            missing = [c for c in REQUIRED if c not in (reader.fieldnames or ())]
             if missing:
                 raise StudyError(
                     f"{path} lacks column(s) {', '.join(missing)}; a results file needs "
-                    f"{','.join(RESULT_COLUMNS)} (as `python -m mdm_jax.scaling.sweep` writes)")
+                    f"{','.join(REQUIRED)} (as `python -m mdm_jax.scaling.sweep` writes)")
             rows, skipped = [], 0
             for line, row in enumerate(reader, start=2):
                 try:
@@ -63,6 +92,7 @@ def read_results(path: str) -> list[dict]:
                 if not math.isfinite(parsed["loss"]):
                     skipped += 1  # a diverged run has no place on the curve; it is not an error
                     continue
+                parsed["loss_se"] = _loss_se(row.get("loss_se"), f"{path} line {line}")
                 rows.append({"family": row["family"], "preset": row["preset"], **parsed})
     except (UnicodeDecodeError, csv.Error) as e:
         raise StudyError(f"{path} is not a results CSV: {e}") from None
@@ -85,24 +115,25 @@ class Minimum:
 
 
 def isoflop_minimum(n: np.ndarray, loss: np.ndarray, budget: float) -> Minimum:
-    if len(n) < 3:
-        raise StudyError(f"budget {budget:.3g} has {len(n)} finished run(s); an IsoFLOP curve "
-                         f"needs 3 or more sizes")
+    """The minimum of one IsoFLOP curve. Runs may share a size (a bootstrap resample repeats
+    runs): the window and the bracketing count distinct sizes."""
     x = np.log10(n)
+    sizes = np.unique(x)
+    if len(sizes) < 3:
+        raise StudyError(f"budget {budget:.3g} has {len(n)} finished run(s) at {len(sizes)} "
+                         f"size(s); an IsoFLOP curve needs 3 or more sizes")
     best = int(np.argmin(loss))
+    at = int(np.searchsorted(sizes, x[best]))
     # The parabola is a local model of the minimum: fitted to the best run and up to two sizes
     # on each side. Over a grid spanning 1.5+ decades, IsoFLOP curves are not parabolas (they
     # rise steeply on the small side, slowly on the large), and a global quadratic can put its
     # vertex far from, and above, the best run.
-    near = slice(max(0, best - 2), min(len(x), best + 3))
-    if near.stop - near.start >= 3:
-        x_fit, loss_fit = x[near], loss[near]
-    else:
-        x_fit, loss_fit = x, loss
+    near = (x >= sizes[max(0, at - 2)]) & (x <= sizes[min(len(sizes) - 1, at + 2)])
+    x_fit, loss_fit = x[near], loss[near]
     c2, c1, c0 = np.polyfit(x_fit, loss_fit, 2)
     # Bracketed: the best run has a larger and a smaller size beside it, and the parabola
     # opens upward with its vertex inside the sizes run.
-    if 0 < best < len(x) - 1 and c2 > 0 and x_fit.min() <= -c1 / (2 * c2) <= x_fit.max():
+    if 0 < at < len(sizes) - 1 and c2 > 0 and x_fit.min() <= -c1 / (2 * c2) <= x_fit.max():
         x_opt = -c1 / (2 * c2)
         return Minimum(budget, 10 ** x_opt, c0 - c1 ** 2 / (4 * c2), True, (c2, c1, c0),
                        (float(x_fit.min()), float(x_fit.max())))
@@ -139,32 +170,50 @@ def power_law(c: np.ndarray, y: np.ndarray) -> PowerLaw:
                     math.sqrt(cov[0, 0]))
 
 
-def fit(rows: list[dict]) -> dict:
-    """Minima per family and budget, the two power laws per family and the compute multiplier."""
-    out = {"families": {}}
+def _groups(rows: list[dict]) -> dict[str, list[tuple]]:
+    """family -> [(budget, sizes, losses, loss_se)], budgets ascending, each one's runs by size."""
+    out = {}
     for family in FAMILIES:
         fam = [r for r in rows if r["family"] == family]
-        if not fam:
-            continue
-        minima = []
         for budget in sorted({r["budget"] for r in fam}):
             pts = sorted((r for r in fam if r["budget"] == budget),
                          key=lambda r: r["non_embedding_params"])
-            minima.append(isoflop_minimum(np.array([r["non_embedding_params"] for r in pts]),
-                                          np.array([r["loss"] for r in pts]), budget))
-        if len(minima) < 3:  # two points fix a line exactly: an exponent without an error
-            raise StudyError(f"{family}: {len(minima)} budget(s); the scaling fits need 3 or "
-                             f"more (two points fit any power law exactly, with no error to "
-                             f"report); add budgets to the grid")
-        cs = np.array([m.budget for m in minima])
-        loss_law = power_law(cs, np.array([m.loss_opt for m in minima]))
-        n_law = power_law(cs, np.array([m.n_opt for m in minima]))
+            out.setdefault(family, []).append((budget, *(
+                np.array([r.get(k, 0.0) for r in pts], dtype=float)
+                for k in ("non_embedding_params", "loss", "loss_se"))))
+    return out
+
+
+def _family_fit(family: str, curves: list[tuple]) -> tuple[list[Minimum], PowerLaw, PowerLaw]:
+    """The IsoFLOP minima of (budget, sizes, losses, ...) curves, and L*(C) and N*(C)."""
+    minima = [isoflop_minimum(n, loss, budget) for budget, n, loss, *_ in curves]
+    if len(minima) < 3:  # two points fix a line exactly: an exponent without an error
+        raise StudyError(f"{family}: {len(minima)} budget(s); the scaling fits need 3 or "
+                         f"more (two points fit any power law exactly, with no error to "
+                         f"report); add budgets to the grid")
+    cs = np.array([m.budget for m in minima])
+    return (minima, power_law(cs, np.array([m.loss_opt for m in minima])),
+            power_law(cs, np.array([m.n_opt for m in minima])))
+
+
+def fit(rows: list[dict], bootstrap: int = 0, seed: int = 0, level: float = 0.95) -> dict:
+    """Minima per family and budget, the two power laws per family and the compute multipliers,
+    each multiplier's sensitivity to +1% on one family's losses and, with `bootstrap`
+    resamples (the CLI's default 1000), percentile intervals at `level` (module docstring)."""
+    out = {"families": {}}
+    groups = _groups(rows)
+    fits = {family: _family_fit(family, curves) for family, curves in groups.items()}
+    for family, (minima, loss_law, n_law) in fits.items():
         out["families"][family] = {
             "alpha": -loss_law.exponent, "alpha_se": loss_law.exponent_se, "a": loss_law.coef,
             "beta": n_law.exponent, "beta_se": n_law.exponent_se, "b": n_law.coef,
             "minima": [dataclasses.asdict(m) | {"coeffs": list(m.coeffs)} for m in minima],
             "_laws": (loss_law, n_law), "_minima": minima,
         }
+    # Every loss of one family times 1.01: a systematic shift (an evaluation's bias, a
+    # tokenisation detail) that the runs' scatter, and so the bootstrap, cannot see.
+    shifted = {family: _family_fit(family, [(b, n, 1.01 * loss) for b, n, loss, _ in curves])[0]
+               for family, curves in groups.items()}
     fams = out["families"]
     out["multipliers"] = {}
     for family, reference in COMPARISONS:
@@ -173,6 +222,9 @@ def fit(rows: list[dict]) -> dict:
                             fams[family]["_laws"][0], fams[reference]["_laws"][0],
                             (family, reference))
             k["label"] = multiplier_label(k)
+            k["sensitivity_1pct"] = {
+                "family": 10 ** _log_multiplier(shifted[family], fams[reference]["_minima"]),
+                "reference": 10 ** _log_multiplier(fams[family]["_minima"], shifted[reference])}
             out["multipliers"][f"{family}/{reference}"] = k
             if reference == families.BASELINE:
                 fams[family]["compute_multiplier"] = k["shared_alpha"]
@@ -183,7 +235,66 @@ def fit(rows: list[dict]) -> dict:
         fams[families.BASELINE]["compute_multiplier"] = 1.0
     if "mdm/arm" in out["multipliers"]:
         out["compute_multiplier"] = out["multipliers"]["mdm/arm"]  # SMDM's headline number
+    if bootstrap > 0:
+        _add_intervals(out, resample_fits(groups, bootstrap, seed), level)
+        out["bootstrap"] = {"replicates": bootstrap, "seed": seed, "level": level,
+                            "loss_se": any(bool(se.any()) for curves in groups.values()
+                                           for *_, se in curves)}
     return out
+
+
+def resample_fits(groups: dict[str, list[tuple]], replicates: int, seed: int) -> list[dict]:
+    """Per bootstrap replicate, family -> (alpha, beta, minima), or None where its fit failed.
+
+    Each (family, budget)'s runs are drawn with replacement (as many as it has), each drawn
+    run's loss plus Normal(0, its loss_se). The random stream does not depend on which fits
+    fail, nor on whether loss_se is given (0 adds nothing), so a seed gives one answer."""
+    rng = np.random.default_rng(seed)
+    draws = []
+    for _ in range(replicates):
+        rep = {}
+        for family, curves in groups.items():
+            resampled = []
+            for budget, n, loss, se in curves:
+                i = rng.integers(len(n), size=len(n))
+                resampled.append((budget, n[i], loss[i] + se[i] * rng.standard_normal(len(n))))
+            try:
+                with np.errstate(all="ignore"):  # a nonfinite fit is dropped just below
+                    minima, loss_law, n_law = _family_fit(family, resampled)
+            except (StudyError, np.linalg.LinAlgError):  # < 3 distinct sizes at a budget
+                rep[family] = None
+                continue
+            ok = math.isfinite(loss_law.exponent) and math.isfinite(n_law.exponent)
+            rep[family] = (-loss_law.exponent, n_law.exponent, minima) if ok else None
+        draws.append(rep)
+    return draws
+
+
+def _interval(values: list, level: float) -> tuple[list[float] | None, int]:
+    """([lo, hi] percentile interval of the finite values or None, how many were dropped: None
+    (a failed fit) or not finite)."""
+    kept = [v for v in values if v is not None and math.isfinite(v)]
+    tail = 50 * (1 - level)
+    interval = [float(v) for v in np.percentile(kept, [tail, 100 - tail])] if kept else None
+    return interval, len(values) - len(kept)
+
+
+def _add_intervals(out: dict, draws: list[dict], level: float) -> None:
+    for family, d in out["families"].items():
+        got = [rep[family] for rep in draws]
+        d["alpha_interval"], d["bootstrap_dropped"] = _interval(
+            [None if g is None else g[0] for g in got], level)
+        d["beta_interval"], _ = _interval([None if g is None else g[1] for g in got], level)
+    for pair, k in out["multipliers"].items():
+        family, reference = pair.split("/")
+        values = []
+        for rep in draws:
+            if rep[family] is None or rep[reference] is None:
+                values.append(None)
+                continue
+            with np.errstate(all="ignore"):
+                values.append(10 ** _log_multiplier(rep[family][2], rep[reference][2]))
+        k["bootstrap_interval"], k["bootstrap_dropped"] = _interval(values, level)
 
 
 # (family, reference): the compute the family needs for the reference's loss, as each family's
@@ -196,11 +307,7 @@ def _multiplier(mdm: list[Minimum], arm: list[Minimum], mdm_law: PowerLaw,
     """k with L_mdm(k C) = L_arm(C) (mdm: the family, arm: its reference). Shared alpha:
     log L = c_family - alpha log C, so log k = (c_mdm - c_arm) / alpha, a constant; its error
     by the delta method. Where a minimum is not bracketed, k is labelled a bound (`_bound`)."""
-    lc = np.log10([m.budget for m in mdm] + [m.budget for m in arm])
-    is_mdm = np.array([1.0] * len(mdm) + [0.0] * len(arm))
-    design = np.stack([is_mdm, 1 - is_mdm, -lc], 1)
-    y = np.log10([m.loss_opt for m in mdm] + [m.loss_opt for m in arm])
-    (c_m, c_a, alpha), cov = _least_squares(design, y)
+    design, (c_m, c_a, alpha), cov = _shared_fit(mdm, arm)
     log_k = (c_m - c_a) / alpha
     grad = np.array([1 / alpha, -1 / alpha, -log_k / alpha])
     log_k_se = math.sqrt(max(float(grad @ cov @ grad), 0.0))
@@ -213,6 +320,21 @@ def _multiplier(mdm: list[Minimum], arm: list[Minimum], mdm_law: PowerLaw,
     return {"shared_alpha": 10 ** log_k, "shared_alpha_log10_se": log_k_se,
             "alpha_shared": alpha, "at_budget": at_budget,
             **_bound(mdm + arm, sensitivity, [names[0]] * len(mdm) + [names[1]] * len(arm))}
+
+
+def _shared_fit(mdm: list[Minimum], arm: list[Minimum]):
+    """log10 L* = c_family - alpha log10 C on both families' minima: (design, params, cov)."""
+    lc = np.log10([m.budget for m in mdm] + [m.budget for m in arm])
+    is_mdm = np.array([1.0] * len(mdm) + [0.0] * len(arm))
+    design = np.stack([is_mdm, 1 - is_mdm, -lc], 1)
+    y = np.log10([m.loss_opt for m in mdm] + [m.loss_opt for m in arm])
+    return design, *_least_squares(design, y)
+
+
+def _log_multiplier(mdm: list[Minimum], arm: list[Minimum]) -> float:
+    """log10 of the shared-alpha multiplier alone (what the bootstrap and 1% shifts refit)."""
+    _, (c_m, c_a, alpha), _ = _shared_fit(mdm, arm)
+    return float((c_m - c_a) / alpha)
 
 
 def _bound(minima: list[Minimum], sensitivity: np.ndarray, owners: list[str]) -> dict:
@@ -268,19 +390,38 @@ def public(result: dict) -> dict:
 
 def report(result: dict) -> str:
     lines = []
+    boot = result.get("bootstrap")
+    level = f"{100 * boot['level']:g}% bootstrap" if boot else ""
+
+    def span(d: dict, key: str, fmt: str, unit: str = "", dropped: bool = True) -> str:
+        """'; 95% bootstrap 1.2x to 3.4x, 5 dropped' from d[key] (nothing without a bootstrap;
+        ' to ', as a bound may be negative)."""
+        if not boot:
+            return ""
+        if d[key] is None:
+            return f"; no {level}: every resample dropped"
+        lo, hi = (format(v, fmt) + unit for v in d[key])
+        n = d["bootstrap_dropped"] if dropped else 0
+        return f"; {level} {lo} to {hi}" + (f", {n} dropped" if n else "")
+
     for family, d in result["families"].items():
         lines.append(f"{family.upper()}: L*(C) = {d['a']:.4g} * C^-{d['alpha']:.4f} "
-                     f"(alpha +- {d['alpha_se']:.4f});  N*(C) = {d['b']:.4g} * C^{d['beta']:.3f} "
-                     f"(beta +- {d['beta_se']:.3f})")
+                     f"(alpha +- {d['alpha_se']:.4f}{span(d, 'alpha_interval', '.4f')});  "
+                     f"N*(C) = {d['b']:.4g} * C^{d['beta']:.3f} (beta +- {d['beta_se']:.3f}"
+                     f"{span(d, 'beta_interval', '.3f', dropped=False)})")
         for m in d["_minima"]:
             flag = "" if m.bracketed else "  (not bracketed: best run shown; widen the grid)"
             lines.append(f"  C={m.budget:.3g}: N*={m.n_opt:,.0f}  L*={m.loss_opt:.4f}{flag}")
     for pair, k in result.get("multipliers", {}).items():
         family, reference = (f.upper() for f in pair.split("/"))
         spread = 10 ** k["shared_alpha_log10_se"]
+        shift = k["sensitivity_1pct"]
         lines.append(f"{family} compute multiplier for the {reference}'s loss: "
-                     f"{multiplier_label(k)} (x/ {spread:.2f} one s.e.; shared alpha "
-                     f"{k['alpha_shared']:.4f}); per budget: "
+                     f"{multiplier_label(k)} (x/ {spread:.2f} one s.e."
+                     f"{span(k, 'bootstrap_interval', '.3g', 'x')}; shared alpha "
+                     f"{k['alpha_shared']:.4f}); +1% on {family}'s losses: "
+                     f"{shift['family']:.3g}x, +1% on {reference}'s: {shift['reference']:.3g}x; "
+                     f"per budget: "
                      + ", ".join(f"{c}: {v:.3g}x" for c, v in k["at_budget"].items()))
         if k.get("minima_bracketed", True):
             continue
@@ -295,6 +436,12 @@ def report(result: dict) -> str:
         else:
             lines.append(f"  neither a measurement nor a bound: minima not bracketed "
                          f"({_where(k)}) would move it in opposite directions; widen the grid")
+    if boot:
+        lines.append(f"{level}: {boot['replicates']} resamples (seed {boot['seed']}) of the runs "
+                     f"within each family and budget"
+                     + (", each loss also drawn from Normal(loss, loss_se)" if boot["loss_se"]
+                        else "")
+                     + "; dropped: resamples with fewer than 3 distinct sizes at a budget")
     return "\n".join(lines)
 
 
@@ -496,11 +643,16 @@ def _main(argv=None) -> None:
     parser.add_argument("--results", required=True, help="CSV written by mdm_jax.scaling.sweep")
     parser.add_argument("--plot", help="write the IsoFLOP and log-log fit figure to this PNG")
     parser.add_argument("--json", action="store_true", help="print the fits as JSON")
+    parser.add_argument("--bootstrap", type=int, default=1000, metavar="N",
+                        help="bootstrap resamples of the runs for the 95%% intervals (0: none)")
+    parser.add_argument("--seed", type=int, default=0, help="the bootstrap's random seed")
     args = parser.parse_args(argv)
+    if args.bootstrap < 0:
+        raise StudyError(f"--bootstrap {args.bootstrap}; give 0 (no intervals) or more")
     if args.plot:
         _check_plot_path(args.plot)
     rows = read_results(args.results)
-    result = fit(rows)
+    result = fit(rows, bootstrap=args.bootstrap, seed=args.seed)
     print(json.dumps(public(result), indent=2) if args.json else report(result))
     if args.plot:
         plot(rows, result, args.plot)

@@ -29,7 +29,10 @@ from mdm_jax import storage
 from mdm_jax.errors import run_absl
 from mdm_jax.scaling.plan import Run, StudyError, check_study, expand, fit_on_target, train_args
 
-RESULT_COLUMNS = ("family", "preset", "non_embedding_params", "budget", "steps", "tokens", "loss")
+# loss_se: the Monte Carlo standard error of the final validation loss (eval_loss_se in
+# metrics.jsonl), empty where the trainer did not log one; readers treat the column as optional.
+RESULT_COLUMNS = ("family", "preset", "non_embedding_params", "budget", "steps", "tokens", "loss",
+                  "loss_se")
 # Runs whose final validation loss is NaN or infinite, listed beside results.csv.
 DIVERGED_FILE = "diverged.csv"
 DIVERGED_COLUMNS = ("run_id", "family", "preset", "non_embedding_params", "budget", "steps",
@@ -101,17 +104,21 @@ def _metrics_rows(run: Run) -> list[dict]:
     return rows
 
 
-def _outcome(run: Run) -> tuple[float | None, str | None]:
+def _outcome(run: Run) -> tuple[float | None, str | None, float | None]:
     """(validation loss logged at the run's last step or None, why the run counts as diverged
-    or None). Diverged: that loss is NaN or infinite. (A run halted by nonfinite='stop' has no
-    final loss: it resumes like any unfinished run, from its last good state.)"""
-    loss = None
+    or None, the eval_loss_se logged beside that loss or None). Diverged: that loss is NaN or
+    infinite. (A run halted by nonfinite='stop' has no final loss: it resumes like any
+    unfinished run, from its last good state.)"""
+    loss = se = None
     for row in _metrics_rows(run):
         if row["step"] == run.steps and "eval_loss" in row:
-            loss = float(row["eval_loss"])
+            loss, se = float(row["eval_loss"]), row.get("eval_loss_se")
+    # An unusable standard error is left out rather than failing the run: it is optional.
+    if not (_is_number(se) and math.isfinite(se) and se >= 0):
+        se = None
     if loss is None or math.isfinite(loss):
-        return loss, None
-    return loss, f"final eval_loss {loss} at step {run.steps}"
+        return loss, None, se
+    return loss, f"final eval_loss {loss} at step {run.steps}", se
 
 
 def final_loss(run: Run) -> float | None:
@@ -125,7 +132,7 @@ def status(run: Run) -> str:
     two: a diverged run would diverge again (same seed, same data order), so it is listed in
     diverged.csv instead of being relaunched at every sweep; delete its workdir to train it
     afresh (e.g. after lowering optim.lr in study.overrides)."""
-    loss, diverged = _outcome(run)
+    loss, diverged, _ = _outcome(run)
     if diverged is not None:
         return "diverged"
     if loss is not None:
@@ -225,7 +232,7 @@ def collect(runs: list[Run], path: str) -> tuple[int, list[Run], list[tuple[Run,
     """
     rows, missing, diverged, diverged_rows = [], [], [], []
     for run in runs:
-        loss, why = _outcome(run)
+        loss, why, se = _outcome(run)
         row = {"family": run.family, "preset": run.preset,
                "non_embedding_params": run.non_embedding_params,
                "budget": f"{run.budget:.6g}", "steps": run.steps, "tokens": run.tokens}
@@ -236,7 +243,8 @@ def collect(runs: list[Run], path: str) -> tuple[int, list[Run], list[tuple[Run,
         elif loss is None:
             missing.append(run)
         else:
-            rows.append(row | {"loss": f"{loss:.6f}"})
+            rows.append(row | {"loss": f"{loss:.6f}",
+                               "loss_se": "" if se is None else f"{se:.6g}"})
     out = storage.as_path(path)
     listing = storage.as_path(diverged_path(path))
     try:
