@@ -30,6 +30,12 @@ def chosen_lr(kind: str) -> float | None:
 
 def get_config(arg: str = "27K,mdm"):
     c = micro.get_config(arg)
+    # Trained as the uniform-state/interpolating scaling study (s-sahoo/scaling-dllms) trains:
+    # t per stratum (`_sample_t`) for every diffusion family, so that they differ only in their
+    # loss (SMDM draws t i.i.d.: the same expectation, noisier), and mdm-ce's low_var loss over
+    # all B*L tokens (`TrainerBase._loss`).
+    c.objective.t_sampling = "antithetic"
+    c.objective.ce_norm = "tokens"  # read by the unweighted losses only (mdm-ce)
     lr = chosen_lr(c.objective.kind)
     if lr is not None:
         c.optim.lr = lr
