@@ -8,7 +8,8 @@
 
 Config argument: "smdm" (default; SMDM's grid), "micro" (the first MDM + ARM micro study),
 "micro_families" (five families, budgets that bracket every minimum), "micro_v2" (the second
-micro study: 4x the batch, 4 budgets over 1.3 decades, per-family lr, the low-variance bound)
+micro study: 4x the batch, 4 budgets over 1.3 decades, per-family lr, the low-variance bound;
+"micro_v2,K": its first K budgets, to run it budget by budget into the same folder)
 or "micro_v2_lr,LR" (its lr sweep at one LR; experiments/micro_v2_lr.py runs them all).
 Fields:
   families      comma-separated objective kinds: mdm (SMDM's ELBO), mdm-ce (masked CE), uniform
@@ -131,9 +132,9 @@ def get_config(arg: str = "smdm"):
         c.overrides = ("checkpoint_every=1000",)  # runs of up to 43K steps of a few ms each
         c.accelerator = "h100"
         c.assumed_mfu = 0.4
-    elif arg == "micro_v2":
+    elif arg.partition(",")[0] == "micro_v2":  # "micro_v2,K": its first K budgets only
         c.name = "micro_v2"
-        c.grid = MICRO_V2_GRID
+        c.grid = MICRO_V2_GRID[:int(arg.partition(",")[2] or len(MICRO_V2_GRID))]
         c.batch = 64
         c.seq_len = 128
         c.convention = "3fwd"
@@ -156,5 +157,5 @@ def get_config(arg: str = "smdm"):
         c.assumed_mfu = 0.4
     else:
         raise ValueError(f"experiments/isoflop.py takes 'smdm', 'micro', 'micro_families', "
-                         f"'micro_v2' or 'micro_v2_lr,LR', not {arg!r}")
+                         f"'micro_v2[,K]' or 'micro_v2_lr,LR', not {arg!r}")
     return c

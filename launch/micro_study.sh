@@ -3,7 +3,8 @@
 # 512-piece tokenizer, prepare 128-token shards, run the MDM + ARM sweep (experiments/isoflop.py
 # :micro), collect results.csv, fit and plot. Idempotent: finished runs are skipped, interrupted
 # ones resume from their checkpoints. Extra arguments go to the sweep, e.g. `--parallel 2`.
-# MICRO_STUDY=micro_families runs the five-family study (experiments/isoflop.py:micro_families).
+# MICRO_STUDY=micro_families runs the five-family study (experiments/isoflop.py:micro_families);
+# MICRO_STUDY=micro_v2 the second one (its lr sweep, experiments/micro_v2_lr.py, first).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/setup.sh
@@ -20,6 +21,9 @@ for split in train validation; do
     --seq-len 128 --workers 2
 done
 mkdir -p "$out"
+if [ "$study" = micro_v2 ]; then  # its learning rates first: a short sweep per family
+  $py experiments/micro_v2_lr.py --out "$out/lr" "$@"
+fi
 $py -m mdm_jax.scaling.plan --config=experiments/isoflop.py:$study | tee "$out/plan.txt"
 $py -m mdm_jax.scaling.sweep --config=experiments/isoflop.py:$study --backend local \
   --results "$out/results.csv" "$@"
