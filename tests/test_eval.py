@@ -80,11 +80,11 @@ def test_monte_carlo_estimators_agree_with_exact_enumeration(mdm):
     for kind, eps in (("mc", 1e-3), ("llada", 0.0)):
         exact = exact_elbo(model, params, CONTEXT, CONTINUATION, eps=eps)
         s = loglikelihood(model, params, CONTEXT, CONTINUATION,
-                          Estimator(kind=kind, mc_num=1024, batch_size=128), seed=1)
+                          Estimator(kind=kind, mc_num=1024, batch_size=128, eps=eps), seed=1)
         assert abs(s.logprob - exact) < 4 * s.stderr, (kind, s.logprob, exact, s.stderr)
         assert s.stderr > 0 and len(s.draws) == 1024
         again = loglikelihood(model, params, CONTEXT, CONTINUATION,
-                              Estimator(kind=kind, mc_num=1024, batch_size=128), seed=1)
+                              Estimator(kind=kind, mc_num=1024, batch_size=128, eps=eps), seed=1)
         assert again.logprob == s.logprob  # reproducible for a seed
     # The LLaDA form has lower variance than SMDM's at the same number of draws.
     mc = loglikelihood(model, params, CONTEXT, CONTINUATION, Estimator("mc", 1024, 128))

@@ -128,6 +128,11 @@ COMMANDS: dict[str, Run | NotHere] = {
         Run("--seeds 0 --steps 30"),
     ".venv/bin/python experiments/cfg_micro.py --model runs/tiny_mdm --arm runs/tiny_arm":
         Run("--num 8 --weights 0,0.5"),
+    ".venv/bin/python experiments/cfg_micro.py --tasks facts --model "
+    "runs/sft_study/facts_2000s_lr0.002_mdm --arm runs/sft_study/facts_2000s_lr0.002_arm "
+    "--weights 0,0.5,1,2,3,5,8,12 --out experiments/results/cfg_facts":
+        NotHere("needs experiments/sft_study.py's fact-trained runs (about an hour); "
+                "tests/test_study_tools.py checks the facts tasks it builds"),
     "python: from mdm_jax.train import Hook, train":
         NotHere("a fragment (its `config` is the reader's); tests/test_families.py trains "
                 "every family with a Hook added the same way"),
@@ -156,6 +161,9 @@ COMMANDS: dict[str, Run | NotHere] = {
                 "and fit commands above"),
     "MICRO_STUDY=micro_families bash launch/micro_study.sh --parallel 2":
         NotHere("hours (about 1 h 50 min), as above"),
+    "MICRO_STUDY=micro_v2 bash launch/micro_study.sh --parallel 2":
+        NotHere("hours (its lr sweep, then 210 runs), as above; tests/test_study_tools.py "
+                "checks its lr choice and configs"),
     # Launchers (dry runs)
     "bash launch/local.sh --dry-run --gpu --config=experiments/smdm.py:170M": Run(),
     "DRY_RUN=1 bash launch/tpu.sh create my-slice": Run(),

@@ -8,8 +8,8 @@
 `step`, `estimator` (the family's: mc | llada | chain for MDMs, mc for uniform-state
 diffusion, exact for the ARM; default its first), `mc_num` (draws per request),
 `mc_batch_size` (draws per chunk: with the seed it fixes the draws; `batch_size` in model_args
-is its old name), `cfg`, `eps` (the mc estimator's mask floor; SMDM evaluates with 0), `seed`,
-`request_batch` (work per network call, from as many
+is its old name), `cfg`, `eps` (the mc estimator's mask floor; default 0, as SMDM
+evaluates), `seed`, `request_batch` (work per network call, from as many
 requests: request_batch chunks of mc_batch_size draws, or request_batch prompts of a sampler;
 1 is one at a time, the old way; default 16), `greedy_check` (auto | always | never: the
 is-greedy flag of loglikelihood requests, which costs an MDM a sampler run; auto skips it for
@@ -119,7 +119,7 @@ class MDMJaxLM(LM):
             mc_num=_number("mc_num", 128 if mc_num is None else mc_num, int),
             batch_size=_number("batch_size", 32 if mc_batch_size is None else mc_batch_size, int),
             cfg=_number("cfg", cfg or 0.0, float),
-            eps=_number("eps", 1e-3 if eps is None else eps, float)), self.family)
+            eps=None if eps is None else _number("eps", eps, float)), self.family)
         self.seed = _number("seed", seed, int)
         self.request_batch = _number("request_batch", request_batch, int)
         if self.request_batch < 1:

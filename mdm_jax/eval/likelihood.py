@@ -3,7 +3,8 @@ requests).
 
 `SCORERS` and `GREEDY` are the family tables: each family's estimators and its greedy check.
 MDMs (lower bounds in expectation): "mc" (SMDM: t stratified over the draws, each continuation
-token masked w.p. (1 - eps) t + eps, -sum of masked CE / p), "llada" (exactly l of the m
+token masked w.p. (1 - eps) t + eps, -sum of masked CE / p; eps 0 by default, as SMDM
+evaluates), "llada" (exactly l of the m
 tokens masked, l uniform in 1..m, weight m / l) and "chain" (SMDM's left-to-right chain rule,
 m passes); with our time-independent model both Monte Carlo forms estimate the same number,
 checked against enumerating every mask in the tests. Unsupervised guidance: cond + w (cond -
@@ -56,7 +57,11 @@ class Estimator:
     batch_size: int = 32  # draws per chunk (with the seed, they fix the draws); rows per call
     # are request_batch x batch_size
     cfg: float = 0.0
-    eps: float = 1e-3  # the mask probability floor (mc only; SMDM's evaluate_diff.py uses 0)
+    # The floor on the noise level t (mask probability (1 - eps) t + eps). None: the family's
+    # reference value, 0 for the masked families (SMDM's evaluate_diff.py: the bound itself;
+    # a t = 0 draw masks nothing and weighs 0) and 1e-3 for uniform and eso (their references'
+    # sampling_eps, which their NELBOs need: 1 - alpha_t > 0).
+    eps: float | None = None
 
 
 def check_estimator(e: Estimator, family: families.Family) -> Estimator:
@@ -64,6 +69,8 @@ def check_estimator(e: Estimator, family: families.Family) -> Estimator:
     (naming each option as the caller spells it: errors.option)."""
     e = dataclasses.replace(e, kind=e.kind or family.estimators[0])
     family.check_estimator(e.kind)
+    if e.eps is None:
+        e = dataclasses.replace(e, eps=0.0 if "eps" in family.estimator_options else 1e-3)
     if e.cfg:
         family.check_guidance()
     if e.batch_size < 1 or e.mc_num < 1:

@@ -57,7 +57,8 @@ def _main(argv=None) -> None:
                    help="draws per network call (default 32)")
     p.add_argument("--cfg", type=float, default=None, help="guidance weight (default 0: off)")
     p.add_argument("--eps", type=float, default=None,
-                   help="mask probability floor of the mc estimator (default 1e-3; SMDM: 0)")
+                   help="mask probability floor of the mc estimator (default 0, as SMDM "
+                        "evaluates; training uses 1e-3)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
