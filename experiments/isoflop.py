@@ -76,7 +76,7 @@ MICRO_V2_GRID = (
 # Its learning-rate sweep (experiments/micro_v2_lr.py): the smallest budget, one size near
 # each kind of family's minimum there, every lr a factor of 2 apart.
 MICRO_V2_LR_GRID = ("8e11: 13K,40K",)
-MICRO_V2_LRS = (3e-3, 6e-3, 1.2e-2, 2.4e-2, 4.8e-2, 9.6e-2)
+MICRO_V2_LRS = (3e-3, 6e-3, 1.2e-2, 2.4e-2, 4.8e-2, 9.6e-2, 1.92e-1)
 
 ALL_FAMILIES = "mdm,mdm-ce,uniform,eso,arm"
 
