@@ -306,9 +306,23 @@ def train(c: ml_collections.ConfigDict, stop_at: int | None = None,
             loop.add_hook(Hook(samples, at_end="complete"))
         result = loop.run(stop_at)
         result.samples = samples.texts
+        if samples.texts and jax.process_index() == 0:
+            write_run_pictures(c.workdir, samples.texts)
         return result
     finally:
         lock.release()
+
+
+def write_run_pictures(workdir: str, texts: list[str]) -> None:
+    """The end-of-run samples as WORKDIR/samples.txt and the run's curves beside them as
+    WORKDIR/curves.png (mdm_jax.plot): what a run looks like without TensorBoard."""
+    from mdm_jax import plot
+
+    root = storage.as_path(workdir)
+    (root / "samples.txt").write_text("".join(f"--- sample {i} ---\n{t.strip()}\n\n"
+                                              for i, t in enumerate(texts)))
+    plot.plot_runs([plot.read_run(workdir)], str(root / "curves.png"))
+    print(f"[mdm_jax] wrote {root / 'samples.txt'} and {root / 'curves.png'}")
 
 
 def config_hooks(c: ml_collections.ConfigDict, eval_batches: list) -> list[Hook]:
