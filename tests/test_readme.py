@@ -107,6 +107,7 @@ COMMANDS: dict[str, Run | NotHere] = {
     "python: import torch": Run(),
     "python: from transformers import AutoTokenizer, LlamaForCausalLM": Run(),
     # Sampling
+    "python: from mdm_jax.inference import generate_text, load": Run(),
     "$S --steps 64 --remasking random --temperature 1": Run(),
     "$S --steps 64 --remasking low_confidence": Run(),
     "$S --steps 64 --block-length 32": Run(),
