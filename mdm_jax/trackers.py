@@ -105,7 +105,10 @@ class TensorBoard:
 class WandB:
     """Weights & Biases. The run's id is kept in WORKDIR/wandb_run.json, so a resumed run
     appends to the same W&B run; steps it already sent (a run killed after logging them) are
-    not sent again, so no step is logged twice."""
+    not sent again, so no step is logged twice. Offline (WANDB_MODE=offline) each process
+    writes its own WORKDIR/wandb/offline-run-* folder under the one id, holding only the steps
+    it added: `wandb sync` uploads them into one run. wandb-core writes its file every 15 s,
+    so a SIGKILLed process can lose its last seconds there (metrics.jsonl keeps them)."""
 
     def __init__(self, workdir: str, config: dict, resume_step: int | None):
         try:
@@ -123,11 +126,13 @@ class WandB:
         self._floor = self._last = saved.get("last_step", -1)
         w = config.get("wandb", {})
         local = None if storage.is_remote(workdir) else str(storage.as_path(workdir))
+        # console="off": the run's lines stay where they go (a terminal, train.log), unwrapped
         self._run = wandb.init(project=w.get("project") or "mdm_jax",
                                entity=w.get("entity") or None,
                                name=w.get("name") or os.path.basename(workdir.rstrip("/")),
                                group=w.get("group") or None, id=run_id, resume="allow",
-                               dir=local, config=config)
+                               dir=local, config=config,
+                               settings=wandb.Settings(console="off", disable_git=True))
         self._save()
 
     def _save(self) -> None:
