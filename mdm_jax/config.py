@@ -23,6 +23,7 @@ MESH_AXES = ("data", "fsdp", "tensor")
 # t_i = (u + i/B) mod 1; antithetic as Eso-LM/MDLM draw them, t_i = (u_i + i)/B, one u_i per
 # stratum (mdm_jax.objectives.sample_t).
 T_SAMPLING = ("uniform", "stratified", "antithetic")
+TRACKERS = ("jsonl", "tensorboard", "wandb")  # config.trackers (mdm_jax/trackers.py)
 EVAL_MASKING = ("count", "bernoulli")  # data.eval_masking: objectives.count_masking or p(t)
 CE_NORMS = ("masked", "tokens")  # objective.ce_norm: what the unweighted loss is divided by
 # Learning-rate schedules after the warmup: cosine to min_lr (SMDM), or constant and then a
@@ -99,6 +100,11 @@ FIELDS = (
     ("distributed.coordinator", "", "host:port of process 0 ('': from env)"),
     ("distributed.num_processes", 0, "0: from the environment"),
     ("distributed.process_id", -1, "-1: from the environment"),
+    ("trackers", "tensorboard", "tensorboard,wandb (jsonl is always on)"),
+    ("wandb.project", "mdm_jax", "W&B project (trackers=wandb)"),
+    ("wandb.entity", "", "W&B team or user ('': your default)"),
+    ("wandb.name", "", "W&B run name ('': the workdir's name)"),
+    ("wandb.group", "", "W&B group, e.g. a sweep's name"),
     ("log_every", 10, "steps between metric lines"),
     ("eval_every", 200, "steps between evaluations"),
     ("eval_at_start", True, "also evaluate the untrained model (a fresh run)"),
@@ -233,6 +239,10 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, process_count: int 
     _require(c.data.eval_masking in EVAL_MASKING,
              f"config.data.eval_masking={c.data.eval_masking!r}; valid: "
              f"{', '.join(EVAL_MASKING)}.")
+    names = [n.strip() for n in str(c.get("trackers", "")).split(",") if n.strip()]
+    _require(all(n in TRACKERS for n in names),
+             f"config.trackers={c.get('trackers')!r}; give a comma-separated list of: "
+             f"{', '.join(TRACKERS)} (jsonl is always on).")
     _require(c.samples.remasking in ("low_confidence", "random"),
              f"config.samples.remasking={c.samples.remasking!r}; valid: low_confidence, random.")
     _require(0 < c.objective.eps < 1, f"config.objective.eps={c.objective.eps} must be in (0, 1).")

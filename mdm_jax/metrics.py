@@ -1,14 +1,15 @@
-"""Metric sinks: stdout, `{workdir}/metrics.jsonl` and TensorBoard event files (process 0 only)."""
+"""Metric sinks: `{workdir}/metrics.jsonl` (always: resume and the sweeps read it) and the
+trackers of config.trackers (`mdm_jax.trackers`), process 0 only."""
 
 from __future__ import annotations
 
 import json
-import math
 import time
 
 import jax
 
 from mdm_jax import storage
+from mdm_jax import trackers as trackers_lib
 
 
 class MetricWriter:
@@ -17,12 +18,14 @@ class MetricWriter:
     saves a checkpoint) and at most every `remote_flush_s` seconds."""
 
     def __init__(self, workdir: str, enabled: bool | None = None, remote_flush_s: float = 60.0,
-                 resume_step: int | None = None):
+                 resume_step: int | None = None, trackers: tuple[str, ...] = ("tensorboard",),
+                 config: dict | None = None):
         """`resume_step`: rows logged after it (by a run killed before its next checkpoint)
-        are dropped, so the file keeps one row per step when that run is resumed."""
+        are dropped, so the file keeps one row per step when that run is resumed; the
+        trackers drop them too. `config`: the resolved config, the trackers' hyper-parameters."""
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         self._jsonl = None
-        self._tb = None
+        self._trackers = []
         self._remote_path = None
         self._remote_lines: list[str] = []
         self._remote_flush_s = remote_flush_s
@@ -42,27 +45,35 @@ class MetricWriter:
                     tmp.write_text("".join(kept))
                     tmp.replace(path)
                 self._jsonl = open(path, "a", buffering=1)
-            from tensorboardX import SummaryWriter  # local: heavy import, process 0 only
+            self._trackers = trackers_lib.start(trackers_lib.parse(",".join(trackers)), workdir,
+                                                config or {}, resume_step)
 
-            # Events logged after `resume_step` by a killed run are hidden from TensorBoard
-            # (a SessionLog.START at purge_step), as the JSONL rows are dropped above.
-            self._tb = SummaryWriter(str(root / "tensorboard"),
-                                     purge_step=None if resume_step is None else resume_step + 1)
-
-    def write(self, step: int, metrics: dict, prefix: str = "") -> None:
-        if not self.enabled:
-            return
-        clean = {f"{prefix}{k}": _py(v) for k, v in metrics.items()}
-        line = json.dumps({"step": step, **clean}) + "\n"
+    def _append(self, row: dict) -> None:
+        line = json.dumps(row) + "\n"
         if self._jsonl is not None:
             self._jsonl.write(line)
         else:
             self._remote_lines.append(line)
             if time.monotonic() - self._last_flush >= self._remote_flush_s:
                 self.flush()
-        for key, value in clean.items():
-            if isinstance(value, (int, float)) and math.isfinite(value):
-                self._tb.add_scalar(key, value, step)
+
+    def write(self, step: int, metrics: dict, prefix: str = "") -> None:
+        if not self.enabled:
+            return
+        clean = {f"{prefix}{k}": _py(v) for k, v in metrics.items()}
+        self._append({"step": step, **clean})
+        grouped = trackers_lib.numeric(clean)
+        for tracker in self._trackers:
+            tracker.scalars(step, grouped)
+
+    def text(self, step: int, name: str, texts: list[str]) -> None:
+        """Texts (the end-of-run samples): a JSONL row {"step", name: [...]} and each
+        tracker's text panel."""
+        if not self.enabled:
+            return
+        self._append({"step": step, name: list(texts)})
+        for tracker in self._trackers:
+            tracker.text(step, name, list(texts))
 
     def flush(self) -> None:
         if not self.enabled:
@@ -70,16 +81,16 @@ class MetricWriter:
         if self._remote_path is not None:
             self._remote_path.write_text("".join(self._remote_lines))
             self._last_flush = time.monotonic()
-        if self._tb:
-            self._tb.flush()
+        for tracker in self._trackers:
+            tracker.flush()
 
     def close(self) -> None:
         if self._remote_path is not None:
             self.flush()
         if self._jsonl:
             self._jsonl.close()
-        if self._tb:
-            self._tb.close()
+        for tracker in self._trackers:
+            tracker.close()
 
 
 def _logged_at_or_before(line: str, step: int | None) -> bool:

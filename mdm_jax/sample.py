@@ -26,7 +26,7 @@ import sys
 
 from mdm_jax import families
 from mdm_jax.inference.generate import SamplingError
-from mdm_jax.inference.mdm import REMASKING, REVEAL_ORDERS, MDMSampler
+from mdm_jax.inference.mdm import REMASKING, REVEAL_ORDERS
 
 
 def _parser():
@@ -165,6 +165,7 @@ def _sample(a) -> None:
     from mdm_jax.inference import generate, load
     from mdm_jax.inference.chat import end_token_options
     from mdm_jax.inference.generate import batches, check_options, check_request, n_batches
+    from mdm_jax.inference.text import default_gen_length, prompt_ids, run_sampler
 
     _check_numbers(a)
     texts = read_prompts(a.prompts) if a.prompts else [a.prompt or ""]
@@ -174,7 +175,7 @@ def _sample(a) -> None:
     family = families.get(m.args.family)
     given = given_options(a)
     check_options(family, given)  # an option its sampler has no use for, before anything else
-    seq_len, run = m.config.seq_len, m.config.samples
+    seq_len = m.config.seq_len
     block_length, cfg = a.block_length or 0, a.cfg or 0.0
     try:
         tok = Tokenizer.load(a.tokenizer or m.tokenizer_path)
@@ -183,27 +184,12 @@ def _sample(a) -> None:
             raise SamplingError(f"--tokenizer: {e}") from None
         raise SamplingError(f"the model's tokenizer {m.tokenizer_path!r}: {e}; pass "
                             f"--tokenizer PATH") from None
-    if a.chat:
-        from mdm_jax.data import templates
-
-        try:
-            templates.check_template(tok, "chat")
-        except ValueError as e:
-            raise SamplingError(f"--chat: {e}") from None
-        prompts = [templates.turn_ids(tok, "chat", t, first=True, system=a.system)
-                   for t in texts]
-        stop_ids = templates.stop_ids(tok, "chat")
-    else:
-        prompts = [[tok.bos_id] + (tok.encode(t) if t else []) for t in texts]
-        stop_ids = (tok.eos_id,) if a.stop_at_eos else ()
+    prompts, stop_ids = prompt_ids(tok, texts, a.chat, a.system)
+    if a.stop_at_eos and not a.chat:
+        stop_ids = (tok.eos_id,)
     longest = max(len(p) for p in prompts)
-    gen_length = a.gen_length or (a.length - longest if a.length else seq_len - longest)
-    if block_length and not a.gen_length and gen_length > 0:
-        # The default length, cut to whole blocks (as many as --steps divides into).
-        n = gen_length // block_length
-        while n > 1 and a.steps and a.steps % n:
-            n -= 1
-        gen_length = n * block_length
+    gen_length = a.gen_length or default_gen_length(a.length or seq_len, longest, block_length,
+                                                    a.steps)
     if a.length and gen_length < 1:
         raise SamplingError(f"the prompt has {longest} tokens; --length {a.length} leaves no "
                             f"room to generate")
@@ -215,14 +201,11 @@ def _sample(a) -> None:
             f"--allow-longer")
     limit = longest + gen_length if a.allow_longer else seq_len
     # Unset options follow the run's own end-of-run samples (what its training printed).
-    blocks = gen_length // block_length if block_length and gen_length > 0 else 1
-    steps = a.steps or max(blocks, run.steps - run.steps % blocks)
-    remasking = a.remasking or (run.remasking if "remasking" in family.sampler_options
-                                else "low_confidence")
-    temperature = run.temperature if a.temperature is None else a.temperature
-    sampler = MDMSampler(steps=steps, block_length=block_length, remasking=remasking,
-                         temperature=temperature, top_k=a.top_k, top_p=a.top_p, cfg=cfg,
-                         cache=a.cache, alpha0=a.alpha0, reveal_order=a.reveal_order or "even")
+    sampler = run_sampler(m, gen_length, steps=a.steps, block_length=block_length,
+                          remasking=a.remasking, temperature=a.temperature, top_k=a.top_k,
+                          top_p=a.top_p, cfg=cfg, cache=a.cache, alpha0=a.alpha0,
+                          reveal_order=a.reveal_order or "even")
+    temperature = sampler.temperature
     sampler = end_token_options(sampler, tok, a.no_eos, a.end_last)
     check_request(m.model, prompts, gen_length, sampler, limit, kv_cache=not a.no_kv_cache,
                   given=given)

@@ -37,7 +37,7 @@ log = logging.getLogger("mdm_jax")
 @dataclasses.dataclass(frozen=True)
 class Hook:
     """Work the loop runs on the live state: `fn(trainer, state)` returns scores (logged as
-    eval_<name>) or None. It runs every `every` steps (0: not periodically), on the state
+    eval_<name>), texts (a list of strings under a name: the trackers' text) or None. It runs every `every` steps (0: not periodically), on the state
     training starts from if `at_start` (a fresh run only: the untrained baseline), and after
     the last step: `at_end` "always" (also when the run stopped early), "complete" (only when
     it reached config.steps) or "never"."""
@@ -306,9 +306,23 @@ def train(c: ml_collections.ConfigDict, stop_at: int | None = None,
             loop.add_hook(Hook(samples, at_end="complete"))
         result = loop.run(stop_at)
         result.samples = samples.texts
+        if samples.texts and jax.process_index() == 0:
+            write_run_pictures(c.workdir, samples.texts)
         return result
     finally:
         lock.release()
+
+
+def write_run_pictures(workdir: str, texts: list[str]) -> None:
+    """The end-of-run samples as WORKDIR/samples.txt and the run's curves beside them as
+    WORKDIR/curves.png (mdm_jax.plot): what a run looks like without TensorBoard."""
+    from mdm_jax import plot
+
+    root = storage.as_path(workdir)
+    (root / "samples.txt").write_text("".join(f"--- sample {i} ---\n{t.strip()}\n\n"
+                                              for i, t in enumerate(texts)))
+    plot.plot_runs([plot.read_run(workdir)], str(root / "curves.png"))
+    print(f"[mdm_jax] wrote {root / 'samples.txt'} and {root / 'curves.png'}")
 
 
 def config_hooks(c: ml_collections.ConfigDict, eval_batches: list) -> list[Hook]:
@@ -361,7 +375,9 @@ class TrainLoop:
         start = int(jax.device_get(state.step))
         # A resumed run must show one finite step before it saves over anything (see below).
         unproven, skipped_at_start = start > 0, int(jax.device_get(state.skipped))
-        writer = MetricWriter(c.workdir, resume_step=start)
+        writer = MetricWriter(c.workdir, resume_step=start,
+                              trackers=tuple(str(c.get("trackers", "tensorboard")).split(",")),
+                              config=config_json)
         n_dev, device_kind = trainer.mesh.size, jax.devices()[0].device_kind
         flops_per_step = trainer.train_flops_per_step()
         tokens_per_step = c.global_batch * c.seq_len
@@ -378,6 +394,8 @@ class TrainLoop:
             scores = {}
             for hook in due:
                 scores.update(hook.fn(trainer, state) or {})
+            for name in [k for k, v in scores.items() if isinstance(v, list)]:
+                writer.text(step, name, scores.pop(name))  # texts: the end-of-run samples
             if not scores:
                 return
             eval_history.append({"step": step, **{f"eval_{k}": v for k, v in scores.items()}})
@@ -516,12 +534,13 @@ def _check_resumed_steps(state, start: int, done: int, skipped_at_start: int, ck
 
 
 class SampleHook:
-    """End-of-run samples from a BOS with the family's sampler; printed, and kept in .texts."""
+    """End-of-run samples from a BOS with the family's sampler: printed, kept in .texts and
+    returned as {"samples": texts} (the trackers' text)."""
 
     def __init__(self, c: ml_collections.ConfigDict):
         self.config, self.texts = c, []
 
-    def __call__(self, trainer: Trainer, state: TrainState) -> None:
+    def __call__(self, trainer: Trainer, state: TrainState) -> dict:
         from mdm_jax.data.tokenizer import Tokenizer
         from mdm_jax.inference import MDMSampler, generate
 
@@ -548,6 +567,7 @@ class SampleHook:
             for i, text in enumerate(texts):
                 print(f"--- sample {i} ---\n{text.strip()}\n")
         self.texts = texts
+        return {"samples": texts}
 
 
 def _main(config) -> None:

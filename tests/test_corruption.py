@@ -62,12 +62,12 @@ def test_tensorboard_events_survive_sigkill_and_match_the_resumed_run(tiny_data,
     first.communicate()
     saved = max(Checkpointer(str(tmp_path)).all_steps())
     # Everything up to the last checkpoint reached the event files (flushed at each save).
-    logged = read_scalars(str(tmp_path / "tensorboard"), "loss")
+    logged = read_scalars(str(tmp_path / "tensorboard"), "train/loss")
     assert set(range(1, saved + 1)) <= set(logged)
     second = trainer_process(tiny_data, tmp_path, saved + 3, 4)
     _, err = second.communicate(timeout=300)
     assert second.returncode == 0, err[-2000:]
-    assert read_scalars(str(tmp_path / "tensorboard"), "loss") == list(range(1, saved + 4))
+    assert read_scalars(str(tmp_path / "tensorboard"), "train/loss") == list(range(1, saved + 4))
     rows = [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")]
     assert rows == list(range(1, saved + 4))
 

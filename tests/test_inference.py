@@ -301,6 +301,34 @@ def test_sample_cli_writes_jsonl_for_prompts_of_a_file(run_dir, tmp_path, capsys
     assert capsys.readouterr().out.count("--- sample ") == 4
 
 
+def test_notebook_api_strings_in_and_out_as_the_sample_cli_gives_them(run_dir, tmp_path):
+    """load() carries the tokenizer; generate_text takes and returns strings with the CLI's
+    conventions (BOS, run defaults, seeds); logits take lists, ragged ones padded."""
+    from mdm_jax import sample
+    from mdm_jax.inference import generate_text
+
+    m = load(run_dir)
+    assert m.tokenizer.decode(m.tokenizer.encode("the king")) == "the king"
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "the"}\n{"prompt": "a b c"}\n')
+    out = tmp_path / "out.jsonl"
+    sample.cli(["--model", run_dir, "--prompts", str(prompts), "--out", str(out),
+                "--gen-length", "12", "--steps", "6", "--temperature", "1", "--seed", "3"])
+    cli = [json.loads(line)["completion"] for line in out.read_text().splitlines()]
+    texts = generate_text(m, ["the", "a b c"], gen_length=12, steps=6, temperature=1, seed=3)
+    assert texts == cli and all(isinstance(t, str) for t in texts)
+    one = generate_text(m, "the", gen_length=12, steps=6, temperature=1, seed=3)
+    assert isinstance(one, str)
+    ids = [[m.tokenizer.bos_id, 5, 9, 12], [m.tokenizer.bos_id, 5]]
+    np.testing.assert_allclose(m.logits(ids[0]), m.logits(jnp.asarray([ids[0]])), atol=1e-6)
+    ragged = m.logits(ids)
+    alone = m.logits([ids[1]])
+    assert ragged.shape[:2] == (2, 4)
+    np.testing.assert_allclose(ragged[1, :2], alone[0], rtol=1e-5, atol=1e-5)
+    with pytest.raises(SamplingError, match="does not fit the trained seq_len"):
+        generate_text(m, "the", gen_length=10 * SEQ_LEN)
+
+
 def test_sample_cli_defaults_fit_the_blocks_and_report_speed(run_dir, tmp_path, capsys):
     from mdm_jax import sample
 

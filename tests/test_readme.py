@@ -106,7 +106,15 @@ COMMANDS: dict[str, Run | NotHere] = {
                 "pins its Config fields and loads the same files into the same architecture"),
     "python: import torch": Run(),
     "python: from transformers import AutoTokenizer, LlamaForCausalLM": Run(),
+    ".venv/bin/python -m mdm_jax.plot runs/tiny_mdm runs/tiny_arm --labels MDM,ARM "
+    "--out curves.png": Run(),
+    "bash launch/setup.sh wandb": NotHere("installs an extra; the dev extra holds wandb, and "
+                                          "the next command runs with it"),
+    "WANDB_MODE=offline .venv/bin/python -m mdm_jax.train --config=experiments/tiny.py "
+    "--config.trackers=tensorboard,wandb --config.workdir=runs/tiny_wandb":
+        Run("--config.steps=20 --config.samples.count=1"),
     # Sampling
+    "python: from mdm_jax.inference import generate_text, load": Run(),
     "$S --steps 64 --remasking random --temperature 1": Run(),
     "$S --steps 64 --remasking low_confidence": Run(),
     "$S --steps 64 --block-length 32": Run(),

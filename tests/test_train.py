@@ -49,6 +49,39 @@ def test_metrics_checkpoint_and_samples_written(trained):
     assert glob.glob(os.path.join(c.workdir, "tensorboard", "events.out.tfevents.*"))
     assert os.path.isdir(os.path.join(c.workdir, "checkpoints", "60", "state"))
     assert len(result.samples) == 2 and all(isinstance(s, str) for s in result.samples)
+    # Beside them on disk: the samples as text and the run's curves (mdm_jax.plot).
+    text = open(os.path.join(c.workdir, "samples.txt")).read()
+    assert text.count("--- sample ") == 2 and result.samples[1].strip() in text
+    assert open(os.path.join(c.workdir, "curves.png"), "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_reads_the_run_and_draws_it_and_a_sweeps_runs(trained, tmp_path, capsys):
+    import matplotlib.image
+
+    from mdm_jax import plot
+    from mdm_jax.scaling.plan import Run
+    from mdm_jax.scaling.sweep import show_status
+    from mdm_jax.trainer import Trainer
+
+    c, result = trained
+    curves = plot.read_run(c.workdir)
+    assert [s for s, _, _ in curves.train] == [h["step"] for h in result.history]
+    assert [v for _, v, _ in curves.evals] == [e["eval_loss"] for e in result.eval_history]
+    assert all(se is not None and se > 0 for _, _, se in curves.evals)  # 2 draws per batch
+    assert curves.flops_per_step == pytest.approx(Trainer(c).train_flops_per_step(), rel=1e-9)
+    out = tmp_path / "curves.png"
+    plot.cli([c.workdir, c.workdir, "--out", str(out), "--labels", "a,b"])
+    height, width, _ = matplotlib.image.imread(str(out)).shape
+    assert width > height > 0
+    with pytest.raises(SystemExit) as bad:
+        plot.cli([str(tmp_path / "none"), "--out", str(tmp_path / "x.png")])
+    assert bad.value.code == 2 and "give a training run's workdir" in capsys.readouterr().err
+    runs = [Run("mdm", "nano", 1, 1e12, 60, 1, 1.0, 1.0, f"mdm-nano-{i}", w)
+            for i, w in enumerate((c.workdir, str(tmp_path / "not-started")))]
+    show_status(runs, str(tmp_path / "sweep.png"))
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:2] == ["mdm-nano-0", "finished"] and "new" in lines[1]
+    assert "(1 runs)" in lines[-1] and (tmp_path / "sweep.png").exists()
 
 
 def test_rerun_of_finished_run_resumes_and_does_nothing(trained):

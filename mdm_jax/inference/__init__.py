@@ -5,6 +5,7 @@
     g = generate(m.model, m.params, [[1, 450, 29871]], gen_length=64,
                  sampler=MDMSampler(steps=64, block_length=16, cfg=0.5))
     g.answers(), g.nfe, g.seconds
+    generate_text(m, ["KING."], gen_length=32)                  # strings in, strings out
 
 Modules: `loading` (checkpoint or export -> params on a mesh), `mdm` (reverse process,
 semi-autoregressive blocks, caching, guidance), `arm` (KV cache and full recompute), `tokens`
@@ -16,6 +17,7 @@ from mdm_jax.inference.chat import ChatSession
 from mdm_jax.inference.generate import SAMPLERS, Generation, SamplingError, generate
 from mdm_jax.inference.loading import LoadedModel, LoadError, forward, load
 from mdm_jax.inference.mdm import REMASKING, MDMSampler
+from mdm_jax.inference.text import generate_text
 
 __all__ = ["ChatSession", "Generation", "LoadError", "LoadedModel", "MDMSampler", "REMASKING",
-           "SAMPLERS", "SamplingError", "forward", "generate", "load"]
+           "SAMPLERS", "SamplingError", "forward", "generate", "generate_text", "load"]

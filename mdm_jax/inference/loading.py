@@ -3,7 +3,8 @@
     from mdm_jax.inference import load
     m = load("runs/tiny_mdm")                  # newest checkpoint that reads
     m = load("exports/tiny_lit")               # litgpt / llada-hf / llama-hf export folder
-    logits = m.logits(tokens)                  # [B, L, V] float32
+    logits = m.logits([[1, 450, 29871]])       # [B, L, V] float32 (lists or arrays)
+    m.tokenizer.encode("text")                 # the model's SentencePiece tokenizer
 
 Only the parameters are read (a partial Orbax restore: no optimizer state, no Trainer). Each
 array is checked against the fingerprint saved with the checkpoint; a checkpoint that fails to
@@ -51,9 +52,30 @@ class LoadedModel:
     def tokenizer_path(self) -> str:
         return self.config.data.tokenizer
 
+    @functools.cached_property
+    def tokenizer(self):
+        """The model's tokenizer (`mdm_jax.data.tokenizer.Tokenizer`): the run's
+        data.tokenizer, or the one an export folder ships."""
+        from mdm_jax.data.tokenizer import Tokenizer
+
+        if not self.tokenizer_path:
+            raise LoadError(f"{self.path} names no tokenizer (its config.data.tokenizer is "
+                            f"empty); load one with mdm_jax.data.tokenizer.Tokenizer.load(PATH)")
+        return Tokenizer.load(self.tokenizer_path)
+
     def logits(self, tokens, lengths=None) -> jax.Array:
-        """[B, L] int32 tokens -> [B, L, V] float32 logits (one jitted call per shape)."""
-        return forward(self.model, self.params, tokens, lengths)
+        """Token ids -> [B, L, V] float32 logits (one jitted call per shape). `tokens`: a
+        [B, L] array, one list of ids, or a list of lists; lists of different lengths are
+        padded at the end, and their logits past each row's length are not meaningful."""
+        if isinstance(tokens, (list, tuple)):
+            rows = [list(tokens)] if not tokens or not isinstance(tokens[0], (list, tuple)) \
+                else [list(r) for r in tokens]
+            width = max(len(r) for r in rows)
+            if lengths is None and any(len(r) != width for r in rows):
+                lengths = np.array([len(r) for r in rows], np.int32)
+            tokens = np.array([r + [0] * (width - len(r)) for r in rows], np.int32)
+        return forward(self.model, self.params, jnp.asarray(tokens, jnp.int32),
+                       None if lengths is None else jnp.asarray(lengths, jnp.int32))
 
 
 @functools.partial(jax.jit, static_argnums=0)

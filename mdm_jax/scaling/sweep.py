@@ -394,6 +394,9 @@ def _flags():
     flags.DEFINE_bool("dry-run", False, "print the commands; execute nothing")
     flags.DEFINE_integer("parallel", 1, "local backend: runs at a time")
     flags.DEFINE_bool("collect-only", False, "only write results.csv from the workdirs")
+    flags.DEFINE_bool("status", False, "list every run's state and final loss; launch nothing")
+    flags.DEFINE_string("plot", None, "with --status: draw every run's curves into this PNG "
+                        "(mdm_jax.plot; coloured by family, darker for larger models)")
     flags.DEFINE_string("results", None, "results CSV (default: SWEEP_DIR/results.csv)")
     flags.DEFINE_string("target", None, "compile every run for this target first (mdm_jax.aot, "
                         "needs .venv-accelerators): refuse the sweep if any run does not fit, "
@@ -419,6 +422,8 @@ def _main(study) -> None:
         study.base = os.path.abspath(base_file) + str(study.base)[len(base_file):]
     results = f.results or storage.join(study.sweep_dir, "results.csv")
     runs = expand(study)
+    if f.status:
+        return show_status(runs, f.plot)
     states = {run.run_id: status(run) for run in runs}
     # A diverged run is done, not resumed: it would diverge again (see `status`).
     todo = [run for run in runs if states[run.run_id] not in ("finished", "diverged")]
@@ -453,6 +458,26 @@ def _main(study) -> None:
               f"train it afresh):", flush=True)
         for run, why in diverged:
             print(f"[sweep]   {run.run_id}: {why}", flush=True)
+
+
+def show_status(runs: list[Run], plot_path: str | None) -> None:
+    """Each run's state and final validation loss; with plot_path, every run that has logged
+    anything drawn by mdm_jax.plot."""
+    for run in runs:
+        loss = final_loss(run)
+        print(f"{run.run_id:<28} {status(run):<22} "
+              + ("" if loss is None else f"loss {loss:.4f}"), flush=True)
+    if plot_path:
+        from mdm_jax import plot
+
+        drawn = [plot.read_run(r.workdir, r.run_id) for r in runs
+                 if (storage.as_path(r.workdir) / "metrics.jsonl").exists()
+                 and (storage.as_path(r.workdir) / "config.json").exists()]
+        if not drawn:
+            raise StudyError(f"--plot {plot_path}: no run of the sweep has logged anything yet")
+        plot.plot_runs(drawn, plot_path, by_family=True,
+                       title=f"{len(drawn)} of {len(runs)} runs")
+        print(f"[sweep] wrote {plot_path} ({len(drawn)} runs)", flush=True)
 
 
 def fitted(study: ml_collections.ConfigDict, todo: list[Run], target: str,
