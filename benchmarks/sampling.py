@@ -125,7 +125,7 @@ def plot(rows, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from mdm_jax.scaling.fit import readable_log_ticks
+    from mdm_jax.plot import readable_log_ticks
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     for family, marker in FAMILY_MARKERS.items():
@@ -158,7 +158,7 @@ def plot_frontier(rows, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from mdm_jax.scaling.fit import readable_log_ticks
+    from mdm_jax.plot import readable_log_ticks
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     for family, marker in FAMILY_MARKERS.items():

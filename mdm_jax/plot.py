@@ -104,8 +104,6 @@ def plot_runs(runs: list[Curves], out: str, by_family: bool = False, title: str 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from mdm_jax.scaling.fit import readable_log_ticks
-
     fig, axes = plt.subplots(2, 3, figsize=(15, 8), dpi=110)
     styles = _styles(runs, by_family)
     for r, style in zip(runs, styles, strict=True):
@@ -142,6 +140,120 @@ def plot_runs(runs: list[Curves], out: str, by_family: bool = False, title: str 
     with storage.as_path(out).open("wb") as f:
         fig.savefig(f, format="png")
     plt.close(fig)
+
+
+# Log-axis tick labels, most wanted first: decades, then 5s, 2s, 3s, the other digits, halves.
+_MANTISSA_LEVELS = ((1,), (5,), (2,), (3,), (4, 6, 7, 8, 9), (1.5, 2.5, 3.5, 4.5))
+
+
+def tick_text(value: float, scientific: bool | None = None) -> str:
+    """A short tick label: 4, 3.5, 0.25 as numbers; 2x10^11 and 10^12 in mathtext (also
+    5x10^3 where `scientific`, so that one axis keeps one style)."""
+    if scientific is None:
+        scientific = not 1e-2 <= abs(value) < 1e4
+    if not scientific:
+        return f"{value:g}"
+    exponent = math.floor(math.log10(abs(value)) + 1e-9)
+    mantissa = f"{value / 10 ** exponent:.3g}"
+    return (f"$10^{{{exponent}}}$" if mantissa == "1"
+            else f"${mantissa}\\times10^{{{exponent}}}$")
+
+
+def _log_candidates(lo: float, hi: float, base: float = 10) -> list[tuple[int, float]]:
+    """(level, value) of every labelled-tick candidate inside [lo, hi]: on a base-10 axis by
+    `_MANTISSA_LEVELS`, on another base its powers."""
+    if base != 10:
+        powers = range(math.floor(math.log(lo, base)) - 1, math.ceil(math.log(hi, base)) + 2)
+        return [(0, float(f"{base ** k:.6g}")) for k in powers if lo <= base ** k <= hi]
+    out = []
+    for exponent in range(math.floor(math.log10(lo)) - 1, math.ceil(math.log10(hi)) + 1):
+        for level, mantissas in enumerate(_MANTISSA_LEVELS):
+            for m in mantissas:
+                v = float(f"{m * 10.0 ** exponent:.6g}")
+                if lo <= v <= hi:
+                    out.append((level, v))
+    return sorted(out)
+
+
+def _kept_labels(axis, values: list[tuple[int, float]], renderer, pad: float) -> set:
+    """Values whose labels do not overlap a label kept before them (in level order)."""
+    extents = {}
+    for tick, loc in zip(axis.get_major_ticks(), axis.get_majorticklocs(), strict=False):
+        label = tick.label1
+        if label.get_visible() and label.get_text():
+            extents[float(f"{loc:.6g}")] = label.get_window_extent(renderer).padded(pad)
+    kept, boxes = set(), []
+    for _, v in values:  # sorted by level, then value
+        box = extents.get(v)
+        if box is not None and not any(box.overlaps(b) for b in boxes):
+            kept.add(v)
+            boxes.append(box)
+    return kept
+
+
+def readable_log_ticks(fig, pad: float = 2.0) -> None:
+    """Label each log axis of fig with round values whose labels never overprint.
+
+    Matplotlib labels minor ticks on a log axis spanning less than about a decade, and
+    those labels (2x10^11, 3x10^11, 4x10^11 ...) run into each other. Here the candidates are
+    decades, then 5s, 2s, 3s, the other digits and halves (on a base-2 axis, its powers of 2;
+    on an axis too short for any of these, round linear values), added level by level until an
+    axis has 2 labels (3 on an axis spanning under 1.5 decades); each label is kept only if its
+    box (padded by `pad` pixels) meets no label kept before it, measured on fig's own renderer
+    after layout. Unlabelled minor ticks stay for the grid. Call after tight_layout; save at
+    fig.dpi."""
+    from matplotlib import ticker
+
+    axes = [axis for ax in fig.axes if ax.get_visible() for axis in (ax.xaxis, ax.yaxis)
+            if axis.get_scale() == "log"]
+    candidates, level, want, scientific = [], [0] * len(axes), [], []
+    for axis in axes:
+        lo, hi = sorted(axis.get_view_interval())
+        base = getattr(axis.get_transform(), "base", 10)
+        found = _log_candidates(lo, hi, base) or [
+            (0, float(f"{v:.6g}")) for v in ticker.MaxNLocator(nbins=3).tick_values(lo, hi)
+            if lo <= v <= hi]
+        candidates.append(found)
+        want.append(2 if math.log10(hi / lo) >= 1.5 else 3)
+        scientific.append(not 1e-2 <= lo <= hi < 1e4)
+        if base == 10:
+            axis.set_minor_locator(ticker.LogLocator(subs=tuple(range(2, 10)), numticks=100))
+        axis.set_minor_formatter(ticker.NullFormatter())
+
+    def show(i: int, values: list, labelled: set) -> None:
+        axes[i].set_major_locator(ticker.FixedLocator([v for _, v in values]))
+        axes[i].set_major_formatter(ticker.FuncFormatter(
+            lambda v, _pos: (tick_text(v, scientific[i]) if float(f"{v:.6g}") in labelled
+                             else "")))
+
+    def upto(i: int) -> list:
+        return [c for c in candidates[i] if c[0] <= level[i]]
+
+    pending = [i for i in range(len(axes)) if candidates[i]]
+    for i in pending:
+        show(i, upto(i), {v for _, v in upto(i)})
+    while pending:  # add a level where an axis has too few labels; at most one draw per level
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        still = []
+        for i in pending:
+            kept = _kept_labels(axes[i], upto(i), renderer, pad)
+            if len(kept) >= want[i] or level[i] >= max(lv for lv, _ in candidates[i]):
+                show(i, [c for c in upto(i) if c[1] in kept], kept)
+            else:
+                level[i] += 1
+                show(i, upto(i), {v for _, v in upto(i)})
+                still.append(i)
+        pending = still
+    # Fewer labels may let the layout grow the axes; check once more on the final layout.
+    fig.tight_layout()
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    for i, axis in enumerate(axes):
+        shown = {float(f"{v:.6g}") for v in axis.get_majorticklocs()}
+        values = [c for c in candidates[i] if c[1] in shown]
+        kept = _kept_labels(axis, values, renderer, pad)
+        show(i, [c for c in values if c[1] in kept], kept)
 
 
 def _main(argv=None) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
 
 from mdm_jax import storage
 from mdm_jax.config import TRACKERS as NAMES
@@ -85,7 +86,7 @@ class TensorBoard:
             self._tb.add_text("config", "```\n" + json.dumps(config, indent=1) + "\n```", 0)
             hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v)
                        for k, v in flat_config(config).items()}
-            self._tb.add_hparams(hparams, {}, run_name=".")
+            self._tb.add_hparams(hparams, {}, name="hparams")  # a sub-run folder
 
     def scalars(self, step: int, values: dict) -> None:
         for key, value in values.items():
@@ -120,7 +121,7 @@ class WandB:
         self._wandb = wandb
         self._record = storage.as_path(workdir) / WANDB_RUN_FILE
         saved = json.loads(self._record.read_text()) if self._record.exists() else {}
-        run_id = saved.get("id") or wandb.util.generate_id()
+        run_id = saved.get("id") or secrets.token_hex(4)
         # Steps up to here reached W&B from an earlier process of this run (one killed after
         # logging them): a resume replays them with the same values, and they are not resent.
         self._floor = self._last = saved.get("last_step", -1)

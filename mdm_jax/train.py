@@ -37,10 +37,11 @@ log = logging.getLogger("mdm_jax")
 @dataclasses.dataclass(frozen=True)
 class Hook:
     """Work the loop runs on the live state: `fn(trainer, state)` returns scores (logged as
-    eval_<name>), texts (a list of strings under a name: the trackers' text) or None. It runs every `every` steps (0: not periodically), on the state
-    training starts from if `at_start` (a fresh run only: the untrained baseline), and after
-    the last step: `at_end` "always" (also when the run stopped early), "complete" (only when
-    it reached config.steps) or "never"."""
+    eval_<name>), texts (a list of strings under a name: the trackers' text) or None. It runs
+    every `every` steps (0: not periodically), on the state training starts from if
+    `at_start` (a fresh run only: the untrained baseline), and after the last step: `at_end`
+    "always" (also when the run stopped early), "complete" (only when it reached
+    config.steps) or "never"."""
 
     fn: Callable[[Trainer, TrainState], dict | None]
     every: int = 0
@@ -477,7 +478,8 @@ class TrainLoop:
             profiler.close()
             guard.close()
             ckpt.close()
-            writer.close()
+            if sys.exc_info()[0] is not None:
+                writer.close()  # else after the end-of-run hooks below, which log samples
 
         if stopped and pindex == 0:
             if stopped == "nonfinite":
@@ -487,8 +489,11 @@ class TrainLoop:
             else:
                 print(f"[mdm_jax] {stopped}: saved step {int(state.step)} to {ckpt.directory}; "
                       f"rerun the same command to resume", flush=True)
-        if stopped is None:  # end-of-run work (samples) after the checkpoints are safe
-            run_hooks(int(state.step), [h for h in self.hooks if h.at_end == "complete"])
+        try:
+            if stopped is None:  # end-of-run work (samples) after the checkpoints are safe
+                run_hooks(int(state.step), [h for h in self.hooks if h.at_end == "complete"])
+        finally:
+            writer.close()
         return RunResult(state=state, history=history, eval_history=eval_history,
                          samples=[], stopped=stopped)
 

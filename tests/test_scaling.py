@@ -15,6 +15,7 @@ import pytest
 from conftest import write_study
 
 from mdm_jax import flops
+from mdm_jax.plot import readable_log_ticks
 from mdm_jax.presets import PRESETS, get_preset
 from mdm_jax.scaling import fit, plan, sweep
 
@@ -279,7 +280,7 @@ def test_plot_tick_labels_never_overprint(study):
     ax.set(xscale="log", yscale="log")
     try:
         assert _overlaps(fig)
-        fit.readable_log_ticks(fig)
+        readable_log_ticks(fig)
         assert _overlaps(fig) == []
     finally:
         plt.close(fig)
