@@ -42,7 +42,7 @@ KERNEL = {"tpu": "splash", "cuda": "cudnn"}
 
 
 def grid_presets() -> list[str]:
-    names = {p for _, presets in parse_grid(SMDM_GRID) for p in presets} | {"1028M", "2121M"}
+    names = {p for _, presets, _ in parse_grid(SMDM_GRID) for p in presets} | {"1028M", "2121M"}
     return sorted(names, key=lambda n: float(n.rstrip("M")))
 
 

@@ -17,7 +17,9 @@ Fields:
                 with the low-variance loss, as the scaling study trains it), arm. All share the
                 grid, so their curves meet budget by budget; SMDM's own study is
                 --config.families=mdm,arm
-  grid          "BUDGET: PRESET,..." entries; the presets bracket each budget's optimum
+  grid          "BUDGET: PRESET,..." entries; the presets bracket each budget's optimum;
+                "BUDGET [FAMILY,...]: PRESET,..." is an entry for those families only (each
+                family's sizes near its own minimum)
   batch/seq_len the global batch of every run (SMDM: 256 x 2048)
   convention    "6n" (SMDM's C = 6 N D), "3fwd" (the Duo study's 3 x F_fwd per token) or
                 "3fwd-matmul" (3 x F_fwd without attention scores: the uniform/interpolating
@@ -64,14 +66,20 @@ MICRO_FAMILIES_GRID = (
     "7.5e12: 4K,13K,27K,56K,107K,214K,443K",
 )
 
-# The second micro study: 4x the batch (64 x 128 = 8,192 tokens a step), four budgets over
-# 1.3 decades, and the ladder's in-between sizes (about 1.5x apart) around each family's
-# minimum: the MDMs' sat at 10-60K and the ARM's at 40-240K over 1.2e12-7.5e12 in the first.
+# The second micro study: 4x the batch (64 x 128 = 8,192 tokens a step) and four budgets over
+# 1.3 decades, 2.2e12-4.4e13, each row's sizes (about 1.5x apart) around each kind of family's
+# minimum: the diffusion families' below the ARM's. A first row at 8e11 (the lr sweep's
+# budget) was dropped: at this batch the masked families' best size there was the smallest
+# preset (BUILD_NOTES "Study v2").
+DIFFUSION = "mdm,mdm-ce,uniform,eso"
 MICRO_V2_GRID = (
-    "8e11: 4K,13K,19K,27K,40K,56K,83K,107K,160K",
     "2.2e12: 4K,13K,19K,27K,40K,56K,83K,107K,160K,214K",
-    "5.9e12: 13K,19K,27K,40K,56K,83K,107K,160K,214K,333K,443K",
-    "1.6e13: 19K,27K,40K,56K,83K,107K,160K,214K,333K,443K,600K,853K",
+    f"5.9e12 [{DIFFUSION}]: 4K,13K,19K,27K,40K,56K,83K,107K,160K",
+    "5.9e12 [arm]: 13K,19K,27K,40K,56K,83K,107K,160K,214K",
+    f"1.6e13 [{DIFFUSION}]: 19K,27K,40K,56K,83K,107K,160K,214K",
+    "1.6e13 [arm]: 40K,56K,83K,107K,160K,214K,333K,443K",
+    f"4.4e13 [{DIFFUSION}]: 40K,56K,83K,107K,160K,214K",
+    "4.4e13 [arm]: 107K,160K,214K,333K,443K,600K",
 )
 # Its learning-rate sweep (experiments/micro_v2_lr.py): the smallest budget, one size near
 # each kind of family's minimum there, every lr a factor of 2 apart.
@@ -134,7 +142,10 @@ def get_config(arg: str = "smdm"):
         c.assumed_mfu = 0.4
     elif arg.partition(",")[0] == "micro_v2":  # "micro_v2,K": its first K budgets only
         c.name = "micro_v2"
-        c.grid = MICRO_V2_GRID[:int(arg.partition(",")[2] or len(MICRO_V2_GRID))]
+        budgets = sorted({float(row.split(":")[0].split("[")[0]) for row in MICRO_V2_GRID})
+        k = int(arg.partition(",")[2] or len(budgets))
+        c.grid = tuple(row for row in MICRO_V2_GRID
+                       if float(row.split(":")[0].split("[")[0]) in budgets[:k])
         c.batch = 64
         c.seq_len = 128
         c.convention = "3fwd"

@@ -56,11 +56,25 @@ def test_the_lr_choice_takes_the_lowest_mean_loss_and_flags_an_edge(tmp_path):
 
 
 def test_the_study_runs_budget_by_budget_and_its_runs_read_the_chosen_lr(tmp_path, monkeypatch):
+    from mdm_jax.scaling.plan import StudyError, expand, parse_grid
+
     isoflop = experiment("isoflop")
     full = isoflop.get_config("micro_v2")
-    assert len(full.grid) == 4 and full.batch == 64
-    assert isoflop.get_config("micro_v2,2").grid == full.grid[:2]
-    assert isoflop.get_config("micro_v2,2").sweep_dir == full.sweep_dir  # one folder
+    budgets = sorted({b for b, _, _ in parse_grid(full.grid)})
+    assert len(budgets) == 4 and budgets[-1] / budgets[0] >= 10 ** 1.3 and full.batch == 64
+    two = isoflop.get_config("micro_v2,2")
+    assert {b for b, _, _ in parse_grid(two.grid)} == set(budgets[:2])
+    assert two.sweep_dir == full.sweep_dir  # one folder, budget by budget
+    # Rows for some families only: each family's runs at a budget are its own row's sizes.
+    runs = expand(full)
+    top = {f: sorted(r.non_embedding_params for r in runs
+                     if r.family == f and r.budget == budgets[-1]) for f in ("mdm", "arm")}
+    assert top["arm"][0] > top["mdm"][0] and top["arm"][-1] > top["mdm"][-1]
+    assert {r.family for r in runs if r.budget == budgets[-1]} == {
+        "mdm", "mdm-ce", "uniform", "eso", "arm"}
+    for bad, needle in (("1e12 [mdm: 4K", "must read"), ("1e12 [mdn]: 4K", "names 'mdn'")):
+        with pytest.raises(StudyError, match=needle):
+            parse_grid([bad])
     lr_study = isoflop.get_config("micro_v2_lr,0.006")
     assert "optim.lr=0.006" in lr_study.overrides and lr_study.sweep_dir.endswith("lr_0.006")
     micro_v2 = experiment("micro_v2")

@@ -47,18 +47,29 @@ class Run:
         return None if peak is None else self.train_flops / (peak * assumed_mfu) / 3600
 
 
-def parse_grid(entries) -> list[tuple[float, list[str]]]:
-    """("6e18: 48M,66M", ...) -> [(6e18, ["48M", "66M"]), ...] with each preset checked."""
+def parse_grid(entries) -> list[tuple[float, list[str], tuple[str, ...]]]:
+    """("6e18: 48M,66M", "1e19 [arm]: 231M,336M", ...) -> [(6e18, ["48M", "66M"], ()),
+    (1e19, ["231M", "336M"], ("arm",)), ...] with each preset checked. A bracketed list of
+    families after the budget restricts the entry to them (sizes near each family's minimum);
+    an entry without one is every family's."""
     grid = []
     for entry in entries:
-        budget_text, sep, presets_text = str(entry).partition(":")
+        head, sep, presets_text = str(entry).partition(":")
+        budget_text, _, only = head.partition("[")
+        only_families = tuple(f.strip() for f in only.rstrip().rstrip("]").split(",")
+                              if f.strip())
         try:
             budget = float(budget_text)
         except ValueError:
             budget = float("nan")
-        if not sep or not budget > 0:
-            raise StudyError(f"grid entry {entry!r} must read 'BUDGET: PRESET,PRESET,...' with "
-                             f"a positive budget in FLOPs, e.g. '1e19: 113M,170M,231M'")
+        if not sep or not budget > 0 or (only and not head.rstrip().endswith("]")):
+            raise StudyError(f"grid entry {entry!r} must read 'BUDGET: PRESET,PRESET,...' "
+                             f"(or 'BUDGET [FAMILY,...]: ...' for some families only) with a "
+                             f"positive budget in FLOPs, e.g. '1e19: 113M,170M,231M'")
+        unknown = [f for f in only_families if f not in FAMILIES]
+        if unknown:
+            raise StudyError(f"grid entry {entry!r} names {', '.join(map(repr, unknown))}; "
+                             f"families: {', '.join(FAMILIES)}")
         presets = [p.strip() for p in presets_text.split(",") if p.strip()]
         if not presets:
             raise StudyError(f"grid entry {entry!r} lists no presets")
@@ -67,7 +78,7 @@ def parse_grid(entries) -> list[tuple[float, list[str]]]:
                 get_preset(name)
             except ValueError as e:
                 raise StudyError(f"grid entry {entry!r}: {e}") from None
-        grid.append((budget, presets))
+        grid.append((budget, presets, only_families))
     return grid
 
 
@@ -128,7 +139,9 @@ def expand(study: ml_collections.ConfigDict) -> list[Run]:
             raise StudyError(f"study.families has {family!r}; valid: {', '.join(FAMILIES)}")
     runs = []
     for family in families:
-        for budget, presets in parse_grid(study.grid):
+        for budget, presets, only in parse_grid(study.grid):
+            if only and family not in only:
+                continue
             for name in presets:
                 preset = get_preset(name)
                 try:
