@@ -31,19 +31,6 @@ TASKS = ("demo_cloze", "demo_next_word")
 METRIC = {"demo_cloze": "acc,none", "demo_next_word": "exact_match,first_word",
           "facts_place": "acc,none", "facts_relation": "acc,none"}
 FACTS_TASKS = ("facts_place", "facts_relation")
-MC_YAML = """task: {name}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{context}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{answer}}}}"
-metric_list:
-  - metric: acc
-"""
 
 
 def build_facts(out: str, seed: int = 0) -> None:
@@ -52,6 +39,8 @@ def build_facts(out: str, seed: int = 0) -> None:
     import random
 
     import reverse_curse
+
+    from mdm_jax.eval.tasks import MULTIPLE_CHOICE_YAML
 
     facts = reverse_curse.make_facts(100, seed)
     rng = random.Random(seed + 1)
@@ -75,7 +64,7 @@ def build_facts(out: str, seed: int = 0) -> None:
         with open(data, "w") as fh:
             fh.writelines(json.dumps(r) + "\n" for r in items)
         with open(os.path.join(out, f"{name}.yaml"), "w") as fh:
-            fh.write(MC_YAML.format(name=name, data=data))
+            fh.write(MULTIPLE_CHOICE_YAML.format(name=name, data=data))
 
 
 def harness(workdir: str, extra: str, tasks_dir: str, out: str, tasks=TASKS) -> dict:

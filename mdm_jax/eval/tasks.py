@@ -20,7 +20,8 @@ import json
 import os
 import random
 
-CLOZE_YAML = """task: demo_cloze
+# A multiple-choice task over a JSONL file of {"context", "choices", "answer"} rows.
+MULTIPLE_CHOICE_YAML = """task: {name}
 dataset_path: json
 dataset_kwargs:
   data_files:
@@ -99,14 +100,14 @@ def build(corpus: str, out: str, n: int = 200, seed: int = 0) -> dict[str, str]:
         nxt.append({"context": context, "target": words[cut]})
     os.makedirs(out, exist_ok=True)
     paths = {}
-    for name, rows, template in (("demo_cloze", cloze, CLOZE_YAML),
+    for name, rows, template in (("demo_cloze", cloze, MULTIPLE_CHOICE_YAML),
                                  ("demo_next_word", nxt, NEXT_WORD_YAML)):
         data = os.path.abspath(os.path.join(out, f"{name}.jsonl"))
         with open(data, "w", encoding="utf-8") as f:
             f.write("".join(json.dumps(r) + "\n" for r in rows))
         paths[name] = os.path.join(out, f"{name}.yaml")
         with open(paths[name], "w", encoding="utf-8") as f:
-            f.write(template.format(data=data))
+            f.write(template.format(name=name, data=data))
     return paths
 
 
