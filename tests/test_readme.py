@@ -105,6 +105,11 @@ COMMANDS: dict[str, Run | NotHere] = {
         NotHere("needs SMDM's lit_gpt (github ML-GSAI/SMDM) on the path; tests/test_export.py "
                 "pins its Config fields and loads the same files into the same architecture"),
     "python: import torch": Run(),
+    "python -m mdm_jax.export --model runs/tiny_mdm --format llada-hf --out exports/tiny_hub "
+    "--push-to-hub my-org/tiny-mdm": NotHere(
+        "uploads to the Hugging Face Hub, which this machine cannot reach; tests/"
+        "test_hub_export.py runs it without a Hub (the folder is complete, one error line) and "
+        "loads a folder by Hub id from the Hub's cache"),
     "python: from transformers import AutoTokenizer, LlamaForCausalLM": Run(),
     ".venv/bin/python -m mdm_jax.plot runs/tiny_mdm runs/tiny_arm --labels MDM,ARM "
     "--out curves.png": Run(),

@@ -47,6 +47,11 @@ def cli(argv=None) -> None:
                         help="replace an --out folder that already holds files")
     parser.add_argument("--tokenizer", help="SentencePiece model to ship (default: the one "
                         "the run trained with, config.data.tokenizer)")
+    parser.add_argument("--push-to-hub", metavar="ORG/NAME",
+                        help="then upload the folder to this Hugging Face Hub model repository "
+                             "(created if new; needs the hub extra and a token: hf auth login)")
+    parser.add_argument("--private", action="store_true",
+                        help="--push-to-hub: create the repository private")
     parser.add_argument("--max-shard-size", default="5GB",
                         help="Hugging Face formats: shard above this size (e.g. 5GB, 500MB)")
     a = parser.parse_args(argv)
@@ -57,7 +62,13 @@ def cli(argv=None) -> None:
     absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every file at INFO
     with spelling(flags=True, checkpoint=parser.typed("model")):
         files = run_main(_export, a, parse_size(a.max_shard_size))
-    print(f"wrote {a.format} export to {a.out}: {', '.join(files)}")
+        print(f"wrote {a.format} export to {a.out}: {', '.join(files)}", flush=True)
+        if a.push_to_hub:
+            from mdm_jax.hub import push
+
+            url = run_main(push, a.out, a.push_to_hub, a.private,
+                           f"mdm_jax export of {os.path.basename(os.path.abspath(a.model))}")
+            print(f"uploaded {a.out} to {url}")
 
 
 def _export(a, max_shard_bytes: int) -> list[str]:
@@ -69,8 +80,14 @@ def _export(a, max_shard_bytes: int) -> list[str]:
         raise ExportError(f"{a.model} is a {detect_format(a.model)} export folder; export reads "
                           f"a training run: give {option('checkpoint')} RUN_WORKDIR (import "
                           f"the folder first with `python -m mdm_jax.export.load` to make one)")
+    if a.push_to_hub:
+        from mdm_jax.hub import repo_id
+
+        if repo_id(a.push_to_hub) is None:
+            raise ExportError(f"--push-to-hub {a.push_to_hub!r}: give a Hub repository id, "
+                              f"ORG/NAME")
     return export(a.model, a.format, a.out, a.step, a.dtype, max_shard_bytes, a.tokenizer,
-                  a.overwrite)
+                  a.overwrite, hub_id=a.push_to_hub and repo_id(a.push_to_hub))
 
 
 if __name__ == "__main__":

@@ -81,9 +81,10 @@ def generation_config(tokenizer_path: str) -> dict[str, int | list[int]]:
     return {k: v for k, v in config.items() if v is not None}
 
 
-def write_tokenizer(out: str, tokenizer_path: str, mask_id: int | None, hf: bool) -> list[str]:
-    """Copy the SentencePiece model into `out`; for HF formats also write the fast tokenizer.
-    Returns the files written."""
+def write_tokenizer(out: str, tokenizer_path: str, mask_id: int | None, hf: bool,
+                    model_max_length: int | None = None) -> list[str]:
+    """Copy the SentencePiece model into `out`; for HF formats also write the fast tokenizer
+    (its model_max_length the trained sequence length). Returns the files written."""
     shutil.copyfile(tokenizer_path, os.path.join(out, "tokenizer.model"))
     if not hf:
         return ["tokenizer.model"]
@@ -149,6 +150,8 @@ def write_tokenizer(out: str, tokenizer_path: str, mask_id: int | None, hf: bool
         config["chat_template"] = CHAT_TEMPLATE
     for key in ("is_local", "local_files_only"):
         config.pop(key, None)
+    if model_max_length:  # else transformers' "no limit" sentinel, 1e30
+        config["model_max_length"] = model_max_length
     with open(config_path, "w") as f:
         json.dump(config, f, indent=2)
     return sorted({"tokenizer.model", *(n for n in os.listdir(out) if n.startswith(

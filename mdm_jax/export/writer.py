@@ -139,13 +139,16 @@ def _tokenizer(src, tokenizer: str | None) -> str | None:
 
 def export(checkpoint: str, fmt: str, out: str, step: int | None = None,
            dtype: str = "float32", max_shard_bytes: int = 5 * 10**9,
-           tokenizer: str | None = None, overwrite: bool = False) -> list[str]:
-    """Write `fmt` to `out`; returns the files written. Streams tensor by tensor.
+           tokenizer: str | None = None, overwrite: bool = False,
+           hub_id: str | None = None) -> list[str]:
+    """Write `fmt` to `out`; returns the files written. Streams tensor by tensor. The model
+    card's usage lines load from `hub_id` (the Hub repository it is bound for), else from `out`
+    as given.
 
     Everything is written into a temporary sibling folder that replaces `out` only when it is
     complete: an interrupted export leaves `out` as it was, and a re-export never mixes its
     files with an older one's. An `out` that holds files is refused unless `overwrite`."""
-    out = os.path.abspath(out)
+    given_out, out = out, os.path.abspath(out)
     if os.path.isfile(out):
         raise ExportError(f"--out {out} is a file; give a folder")
     if os.path.isdir(out) and os.listdir(out) and not overwrite:
@@ -159,7 +162,8 @@ def export(checkpoint: str, fmt: str, out: str, step: int | None = None,
     os.umask(umask)
     os.chmod(staging, 0o777 & ~umask)  # a folder like any other, not mkdtemp's private 0700
     try:
-        files = _export_into(checkpoint, fmt, staging, step, dtype, max_shard_bytes, tokenizer)
+        files = _export_into(checkpoint, fmt, staging, step, dtype, max_shard_bytes, tokenizer,
+                             hub_id or given_out)
         _replace_folder(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -180,7 +184,7 @@ def _replace_folder(new: str, out: str) -> None:
 
 
 def _export_into(checkpoint: str, fmt: str, out: str, step: int | None, dtype: str,
-                 max_shard_bytes: int, tokenizer: str | None) -> list[str]:
+                 max_shard_bytes: int, tokenizer: str | None, card_repo: str) -> list[str]:
     from mdm_jax.export.source import CheckpointParams
     from mdm_jax.model import ModelArgs
 
@@ -201,8 +205,10 @@ def _export_into(checkpoint: str, fmt: str, out: str, step: int | None, dtype: s
         from mdm_jax.export.tokenizer_files import special_ids
 
         ids = special_ids(tokenizer_path)
-        special = {k: ids[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
-                   if ids[k] is not None}
+        # llada-hf's generate reads EOS and end-of-turn (LLaDA's end-token options) from here
+        keys = ("bos_token_id", "eos_token_id", "pad_token_id") + \
+            (("eot_token_id",) if fmt == "llada-hf" else ())
+        special = {k: ids[k] for k in keys if ids[k] is not None}
     model_config = _model_config(fmt, args, meta, dtype, special)  # checks before writing
 
     def maker(entry, layer):
@@ -225,30 +231,52 @@ def _export_into(checkpoint: str, fmt: str, out: str, step: int | None, dtype: s
     if fmt == "llada-hf":  # the model's code travels with it (auto_map)
         from importlib import resources
 
-        for name in ("configuration_llada.py", "modeling_llada.py"):
+        for name in ("configuration_llada.py", "modeling_llada.py", "generate.py"):
             source = resources.files("mdm_jax.export.llada_remote") / name
             with open(os.path.join(out, name), "w") as f:
                 f.write(source.read_text())
             files.append(name)
     if tokenizer_path:
-        from mdm_jax.export.tokenizer_files import generation_config, write_tokenizer
+        from mdm_jax.export.tokenizer_files import write_tokenizer
 
-        files += write_tokenizer(out, tokenizer_path, meta["mask_token_id"], hf=fmt != "litgpt")
-        if fmt != "litgpt":  # where generation stops: EOS, and end-of-turn for a chat model
-            with open(os.path.join(out, "generation_config.json"), "w") as f:
-                json.dump(generation_config(tokenizer_path), f, indent=2)
-            files.append("generation_config.json")
+        files += write_tokenizer(out, tokenizer_path, meta["mask_token_id"], hf=fmt != "litgpt",
+                                 model_max_length=meta["seq_len"])
+    if fmt != "litgpt":
+        with open(os.path.join(out, "generation_config.json"), "w") as f:
+            json.dump(_generation_config(fmt, src.config, tokenizer_path), f, indent=2)
+        files.append("generation_config.json")
+    from mdm_jax.export.model_card import model_card
+
+    with open(os.path.join(out, "README.md"), "w") as f:
+        f.write(model_card(meta, src.config, fmt, card_repo, src.workdir))
+    files.append("README.md")
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump(model_config, f, indent=2)
     # Every file's sha256, so an import can tell a folder whose files come from different
     # exports (or were changed since) from a whole one.
     from mdm_jax.data.tokenizer import file_sha256
 
+    # The model card is left out: its owner is meant to edit it (the license, at least).
     meta["files"] = {name: file_sha256(os.path.join(out, name))
-                     for name in sorted({*files, "config.json"})}
+                     for name in sorted({*files, "config.json"} - {"README.md"})}
     with open(os.path.join(out, METADATA_FILE), "w") as f:  # mdm_jax's own record, last
         json.dump(meta, f, indent=2)
     return [*files, "config.json", METADATA_FILE]
+
+
+def _generation_config(fmt: str, config, tokenizer_path: str | None) -> dict:
+    """generation_config.json: where generation stops (EOS, and end-of-turn for a chat model),
+    the trained length, and for llada-hf the run's own sampling settings, the defaults of the
+    folder's `generate` (those of `python -m mdm_jax.sample`)."""
+    from mdm_jax.export.tokenizer_files import generation_config
+
+    settings = {"max_length": config.seq_len}
+    if tokenizer_path:
+        settings.update(generation_config(tokenizer_path))
+    if fmt == "llada-hf":
+        settings.update(mdm_steps=config.samples.steps, mdm_remasking=config.samples.remasking,
+                        mdm_temperature=config.samples.temperature, mdm_reveal_order="even")
+    return settings
 
 
 def _write_pth(safetensors_path: str, pth_path: str) -> None:

@@ -3,6 +3,7 @@
     from mdm_jax.inference import load
     m = load("runs/tiny_mdm")                  # newest checkpoint that reads
     m = load("exports/tiny_lit")               # litgpt / llada-hf / llama-hf export folder
+    m = load("my-org/tiny-mdm")                # an export folder on the Hugging Face Hub
     logits = m.logits([[1, 450, 29871]])       # [B, L, V] float32 (lists or arrays)
     m.tokenizer.encode("text")                 # the model's SentencePiece tokenizer
 
@@ -138,9 +139,14 @@ def load_export(folder: str, mesh_shape=(1, 1, 1), devices=None,
 
 
 def load(path: str, step: int | None = None, mesh_shape=(1, 1, 1), devices=None) -> LoadedModel:
-    """A run's workdir (or gs:// workdir) or an export folder, onto `devices` (default: the
-    first one) as a (data, fsdp, tensor) mesh."""
+    """A run's workdir (or gs:// workdir), an export folder, or an export folder on the
+    Hugging Face Hub (ORG/NAME when no folder ORG is here, or hf://ORG/NAME; fetched into the
+    Hub's cache, used from there offline), onto `devices` (default: the first one) as a
+    (data, fsdp, tensor) mesh."""
     from mdm_jax.export.reader import detect_format
+    from mdm_jax.hub import local_or_hub
+
+    path = local_or_hub(path)
 
     if not storage.is_remote(path) and os.path.isdir(path) and detect_format(path):
         if step is not None:

@@ -9,6 +9,7 @@ masks padded keys.
 
     model = AutoModel.from_pretrained(folder, trust_remote_code=True)
     logits = model(input_ids).logits            # [B, L, embedding_size]
+    out = model.generate(input_ids, gen_length=64)   # generate.py: LLaDA's sampler
 """
 
 import torch
@@ -18,6 +19,7 @@ from transformers import PreTrainedModel
 from transformers.modeling_outputs import MaskedLMOutput
 
 from .configuration_llada import LLaDAConfig
+from .generate import generate as diffusion_generate
 
 _SUPPORTED = {"activation_type": "silu", "block_type": "llama", "layer_norm_type": "rms",
               "rope": True, "alibi": False, "include_bias": False, "weight_tying": False}
@@ -117,6 +119,15 @@ class LLaDAModelLM(PreTrainedModel):
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, std=0.02)
+
+    @classmethod
+    def can_generate(cls):  # so that from_pretrained reads generation_config.json
+        return True
+
+    def generate(self, input_ids, attention_mask=None, **options):
+        """The reverse diffusion process, not transformers' left-to-right decoding: see
+        generate.py for the options (LLaDA's) and their defaults."""
+        return diffusion_generate(self, input_ids, attention_mask=attention_mask, **options)
 
     def get_input_embeddings(self):
         return self.model.transformer.wte
