@@ -196,7 +196,10 @@ class Checkpointer:
         args = ocp.args.Composite(**items)
         self.raise_if_failed(wait=True)  # Orbax would wait for it anyway, before starting
         try:
-            saved = self.manager.save(step, args=args, force=True)
+            # The fingerprints also go into the step's own metadata (_CHECKPOINT_METADATA):
+            # a step that lost its `meta` folder is still checked, never trusted blindly.
+            saved = self.manager.save(step, args=args, force=True,
+                                      custom_metadata={"checksums": sums})
         except Exception as e:  # noqa: BLE001  (TensorStore raises ValueError for OS errors)
             raise self._failed(step, e) from e
         if saved:
@@ -256,15 +259,41 @@ class Checkpointer:
             data_iterator = None
         if data_iterator is not None:
             restore_args["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+        saved = self.fingerprints(step, meta)  # before reading any array
         restored = self.manager.restore(step, args=ocp.args.Composite(**restore_args))
-        check_fingerprints(self.directory, step, restored["state"], meta.get("checksums"))
+        check_fingerprints(self.directory, step, restored["state"], saved)
         return restored["state"]
 
     def _meta(self, step: int) -> dict:
         try:
             return self.read_json(step, "meta")
-        except Exception:  # no readable metadata: no layout or fingerprints to check
-            return {}
+        except Exception:  # no readable metadata: no layout to check (the fingerprints are
+            return {}      # also in the step's own metadata: `fingerprints`)
+
+    def fingerprints(self, step: int, meta: dict | None = None) -> dict | None:
+        """The fingerprints saved with `step`: from its `meta` item, else from the step's own
+        metadata. None only for a step saved before mdm_jax recorded them (its meta reads and
+        has none), with a loud warning; a step whose fingerprints are missing otherwise (its
+        meta lost, and none in the step's metadata) is damaged: CheckpointError."""
+        meta = self._meta(step) if meta is None else meta
+        if meta.get("checksums"):
+            return meta["checksums"]
+        try:
+            custom = self.manager.metadata(step).custom_metadata or {}
+        except Exception:  # noqa: BLE001  (unreadable step metadata: as if it had none)
+            custom = {}
+        if custom.get("checksums"):
+            return custom["checksums"]
+        if meta and "checksums" not in meta:  # a meta item from before fingerprints
+            log.warning("checkpoint %s/%d was saved before mdm_jax recorded fingerprints: its "
+                        "arrays cannot be checked for corruption; saving it again (resume and "
+                        "train a step, or export and import it) records them",
+                        self.directory, step)
+            return None
+        raise CheckpointError(
+            f"checkpoint {step} under {self.directory} has no fingerprints to check its arrays "
+            f"against (its meta item is unreadable or missing, and its step metadata holds "
+            f"none): its files are incomplete")
 
     def restore_latest(self, abstract_state, data_iterator=None):
         """(state, step) from the newest checkpoint that restores, or (None, None) if none.
@@ -331,8 +360,9 @@ def _damage(directory: str, step: int, error: BaseException, steps=None) -> str:
 
 def check_fingerprints(directory: str, step: int, tree, saved: dict | None) -> None:
     """Raise if an array of `tree` (a state, or part of one with paths from the state's root)
-    differs from the fingerprint `saved` with it (None: saved before fingerprints were)."""
-    got = checksum.fingerprints(tree) if saved else {}
+    differs from the fingerprint `saved` with it, or has none there (None: saved before
+    fingerprints were; `Checkpointer.fingerprints` tells that case from a lost record)."""
+    got = checksum.fingerprints(tree) if saved is not None else {}
     bad = sorted(k for k, v in got.items() if saved.get(k, v) != v)
     if bad:
         raise CheckpointError(
@@ -367,6 +397,7 @@ class StepReader:
     def __init__(self, ckpt: Checkpointer, step: int, steps: list[int], error=CheckpointError):
         self.directory, self.step, self.steps, self.error = ckpt.directory, step, steps, error
         self.config, self.meta = ckpt.restore_config(step), ckpt._meta(step)
+        self.checksums = ckpt.fingerprints(step, self.meta)
         self.state_dir = storage.join(ckpt.directory, str(step), "state")
         # The params' layout: every path refuses a step whose layout does not read.
         tree = ocp.PyTreeCheckpointer().metadata(self.state_dir).item_metadata
@@ -391,7 +422,7 @@ class StepReader:
             sharding=a.sharding, global_shape=a.shape, dtype=a.dtype), item)
         out = ocp.PyTreeCheckpointer().restore(self.state_dir, args=ocp.args.PyTreeRestore(
             item=item, restore_args=args, partial_restore=True))
-        check_fingerprints(self.directory, self.step, out, self.meta.get("checksums"))
+        check_fingerprints(self.directory, self.step, out, self.checksums)
         for part in ("params", *path):
             out = out[part]
         return out
@@ -405,13 +436,23 @@ class StepReader:
             raise self.error(_damage(self.directory, self.step, e, self.steps)) from e
 
 
+def saved_param_shapes(directory: str, step: int) -> dict[str, tuple]:
+    """{"blocks/wq": shape, ...} of the params saved at `step`, read from the state item's
+    own array metadata (no array is read)."""
+    tree = ocp.PyTreeCheckpointer().metadata(storage.join(directory, str(step), "state"))
+    tree = getattr(tree.item_metadata, "tree", tree.item_metadata)["params"]
+    flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
+    return {checksum.path_name(path): tuple(leaf.shape) for path, leaf in flat}
+
+
 def read_step(workdir: str, step: int | None = None, read=None, error=CheckpointError):
     """(read(reader), reader) for the `StepReader` of the named `step`, or of the newest step
     for which `read` succeeds (None: the step's config, meta and params layout read). Opens
     the checkpoints read-only; every failure is an `error` naming the directory and the fix."""
     directory = storage.join(workdir, "checkpoints")
+    # (the readers' commands name their own flag for the path: only the path is named here)
     missing = (f"no checkpoint under {directory}: {workdir} is not an mdm_jax run with a "
-               f"finished checkpoint; pass the --config.workdir of a training run")
+               f"finished checkpoint; give the workdir of a training run")
     if not storage.as_path(directory).is_dir():  # (checked first: nothing is created)
         raise error(missing)
     ckpt = Checkpointer(workdir, read_only=True)
@@ -428,7 +469,7 @@ def read_step(workdir: str, step: int | None = None, read=None, error=Checkpoint
         ckpt.close()
     if found is None:
         raise error(f"every checkpoint under {directory} is damaged (see the warnings above); "
-                    f"restore their files, or train again with a new --config.workdir")
+                    f"restore their files, or train the model again")
     return found
 
 

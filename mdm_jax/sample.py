@@ -100,9 +100,9 @@ def _check_numbers(a) -> None:
             raise SamplingError(f"{flag} {value}: give {low} or more")
     if not 0 <= a.seed < 2 ** 32:
         raise SamplingError(f"--seed {a.seed}: give an integer in [0, 2**32)")
-    for flag, value in (("--temperature", a.temperature), ("--cfg", a.cfg)):
+    for flag, value, zero in (("--temperature", a.temperature, "greedy"), ("--cfg", a.cfg, "off")):
         if value is not None and not (math.isfinite(value) and value >= 0):
-            raise SamplingError(f"{flag} {value}: give 0 (off/greedy) or a positive number")
+            raise SamplingError(f"{flag} {value}: give 0 ({zero}) or a positive number")
     if not 0 < a.top_p <= 1:
         raise SamplingError(f"--top-p {a.top_p}: give a number in (0, 1]")
     if a.prompt is not None and a.prompts:
@@ -177,6 +177,9 @@ def _sample(a) -> None:
     check_options(family, given)  # an option its sampler has no use for, before anything else
     seq_len = m.config.seq_len
     block_length, cfg = a.block_length or 0, a.cfg or 0.0
+    if not (a.tokenizer or m.tokenizer_path):
+        raise SamplingError(f"{a.model} names no tokenizer (exported without one): pass "
+                            f"--tokenizer PATH, the SentencePiece .model it was trained with")
     try:
         tok = Tokenizer.load(a.tokenizer or m.tokenizer_path)
     except (UserError, FileNotFoundError, ValueError) as e:

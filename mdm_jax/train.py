@@ -25,7 +25,12 @@ from ml_collections import config_flags
 
 from mdm_jax import autofit, compile_cache, errors, flops, storage
 from mdm_jax import config as config_lib
-from mdm_jax.checkpoint import Checkpointer, CheckpointError, abstract_with_shardings
+from mdm_jax.checkpoint import (
+    Checkpointer,
+    CheckpointError,
+    abstract_with_shardings,
+    saved_param_shapes,
+)
 from mdm_jax.presets import get_preset
 from mdm_jax.profiling import StepProfiler
 from mdm_jax.trainer import Trainer, TrainState, resolved_config
@@ -248,8 +253,43 @@ def lookup(tree: dict, dotted: str):
     return node
 
 
+def check_param_tree(ckpt, abstract_params, config_json: dict) -> None:
+    """Stop before restoring if the newest checkpoint's parameters are laid out otherwise than
+    this config's (a setting such as model.scan_layers changed): the config differs, the
+    checkpoint is not damaged, and nothing should be set aside as if it were."""
+    from mdm_jax.checksum import path_name
+
+    steps = ckpt.all_steps()
+    try:
+        saved = saved_param_shapes(ckpt.directory, steps[-1]) if steps else None
+        saved_config = ckpt.restore_config(steps[-1]) if steps else {}
+    except Exception:  # noqa: BLE001  (unreadable: restore_latest reports the damage)
+        return
+    flat = jax.tree_util.tree_flatten_with_path(abstract_params)[0]
+    ours = {path_name(path): tuple(leaf.shape) for path, leaf in flat}
+    if saved is None or saved == ours:
+        return
+    only_saved = sorted(set(saved.items()) - set(ours.items()))
+    only_ours = sorted(set(ours.items()) - set(saved.items()))
+
+    def show(items):
+        return ", ".join(f"{k} {list(v)}" for k, v in items[:2]) or "nothing else"
+
+    model_a, model_b = saved_config.get("model", {}), config_json.get("model", {})
+    differ = [f"model.{k}: checkpoint {model_a.get(k)!r} vs config {model_b.get(k)!r}"
+              for k in sorted({*model_a, *model_b}) if model_a.get(k) != model_b.get(k)]
+    raise CheckpointError(
+        f"cannot resume from {ckpt.directory} (step {steps[-1]}): the config differs from the "
+        f"checkpoint's in the layout of the parameters (the checkpoint has {show(only_saved)}; "
+        f"this config has {show(only_ours)})"
+        + (f"; settings that differ: {'; '.join(differ)}" if differ else "")
+        + ". Resume with the checkpoint's settings, or start a new --config.workdir; the "
+          "checkpoints are intact.")
+
+
 def _restore_or_init(c, trainer: Trainer, ckpt, train_iter, config_json: dict) -> TrainState:
     same_data = check_resume(ckpt, config_json)
+    check_param_tree(ckpt, trainer.abstract_state.params, config_json)
     target = abstract_with_shardings(trainer.abstract_state, trainer.state_sharding)
     state, step = ckpt.restore_latest(target, train_iter if same_data else None)
     if state is None:
@@ -527,15 +567,28 @@ def _task_accuracies(trainer: Trainer, state: TrainState, c: ml_collections.Conf
 
 
 def _check_resumed_steps(state, start: int, done: int, skipped_at_start: int, ckpt) -> None:
-    """Every step since resuming non-finite means the restored state is bad (corrupt files
-    that read without error): stop before a save pushes good checkpoints out."""
+    """A non-finite step between a resume and its first save means the restored state is
+    suspect (corrupt files that read without error: a bad optimizer state still gives a finite
+    first loss, then non-finite weights): stop before a save pushes good checkpoints out."""
     skipped = int(jax.device_get(state.skipped)) - skipped_at_start
-    if skipped == done - start:
+    bad_weights = _nonfinite_count(state.params)  # the last update's, not yet seen by a loss
+    if bad_weights:
         raise CheckpointError(
-            f"every step since resuming from {ckpt.directory}/{start} ({skipped} of them) had "
-            f"a non-finite loss or gradient, so nothing was saved: that checkpoint is probably "
-            f"corrupt. Move {ckpt.directory}/{start} aside and rerun to resume from the one "
-            f"before it")
+            f"{bad_weights} weight(s) became non-finite in the {done - start} steps since "
+            f"resuming from {ckpt.directory}/{start}, so nothing was saved: that checkpoint is "
+            f"probably corrupt (e.g. its optimizer state). Move {ckpt.directory}/{start} aside "
+            f"and rerun to resume from the one before it")
+    if skipped:
+        raise CheckpointError(
+            f"{skipped} of the {done - start} steps since resuming from "
+            f"{ckpt.directory}/{start} had a non-finite loss or gradient, so nothing was saved: "
+            f"that checkpoint is probably corrupt. Move {ckpt.directory}/{start} aside and rerun "
+            f"to resume from the one before it")
+
+
+@jax.jit
+def _nonfinite_count(tree) -> jax.Array:
+    return sum(jnp.sum(~jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree))
 
 
 class SampleHook:

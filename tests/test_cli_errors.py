@@ -199,6 +199,8 @@ def test_sampling_validates_its_numbers_and_refuses_untrained_lengths(run_dir, t
         return err
 
     assert "--steps 0" in error("--steps", "0")
+    assert error("--cfg", "-2").endswith("--cfg -2.0: give 0 (off) or a positive number")
+    assert "(greedy)" in error("--temperature", "-1")
     assert "--num -2" in error("--num", "-2")
     assert "--length -1" in error("--length", "-1")
     longer = error("--length", str(2 * SEQ_LEN), "--num", "1", "--steps", "2")
@@ -213,6 +215,29 @@ def test_sampling_validates_its_numbers_and_refuses_untrained_lengths(run_dir, t
     sampling.cli(["--model", run_dir, "--length", str(2 * SEQ_LEN), "--allow-longer",
                   "--num", "1", "--steps", "2"])
     assert capsys.readouterr().out.count("--- sample ") == 1
+
+
+def test_a_model_without_a_tokenizer_is_named_as_such(tmp_path, capsys):
+    from mdm_jax import sample as sampling
+    from mdm_jax.checkpoint import Checkpointer
+    from mdm_jax.data.tokenizer import Tokenizer, TokenizerNotFoundError
+    from mdm_jax.export.writer import export
+    from mdm_jax.trainer import Trainer, resolved_config
+
+    with pytest.raises(TokenizerNotFoundError, match="no tokenizer given"):
+        Tokenizer.load("")
+    c = nano_config(**{"mesh.data": 1, "workdir": str(tmp_path / "run"), "data.tokenizer": ""})
+    trainer = Trainer(c, devices=jax.devices()[:1])
+    ckpt = Checkpointer(c.workdir)
+    ckpt.save(STEP, trainer.create_state(seed=0), None, resolved_config(c, trainer),
+              {"preset": "nano"}, force=True)
+    ckpt.close()
+    export(c.workdir, "litgpt", str(tmp_path / "lit"))  # (warns: it ships no tokenizer)
+    assert not (tmp_path / "lit" / "tokenizer.model").exists()
+    with pytest.raises(SystemExit):
+        sampling.cli(["--model", str(tmp_path / "lit"), "--num", "1", "--steps", "2"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: ") and "names no tokenizer" in err and "--tokenizer" in err
 
 
 # ---- one name for the model: --model on every command, the old names for one release ------

@@ -314,3 +314,127 @@ def test_a_full_disk_stops_at_the_failed_save_with_one_line_and_no_partial_save(
     assert re.search(r"^step\s+2 \| loss .* \| of 12 \| \d{4}-\d\d-\d\d \d\d:\d\d:\d\d$",
                      done.stdout, re.M), done.stdout
     assert "\r" not in done.stderr
+
+
+def _set_step_metadata(step_dir, **changes) -> None:
+    path = step_dir / "_CHECKPOINT_METADATA"
+    record = json.loads(path.read_text())
+    record["custom_metadata"] = {**record.get("custom_metadata", {}), **changes}
+    path.write_text(json.dumps(record))
+
+
+def test_a_checkpoint_that_lost_its_meta_is_still_checked(tiny_data, tmp_path, caplog):
+    """The fingerprints live in the meta item and in the step's own metadata: a step whose
+    meta folder was lost and whose arrays changed is caught, not trusted; a step with no record
+    of fingerprints anywhere is damaged; one saved before fingerprints existed (its meta reads
+    and has none) loads with a loud warning."""
+    import shutil
+
+    import jax
+    import numpy as np
+
+    from mdm_jax.checkpoint import abstract_with_shardings
+    from mdm_jax.export.tensor_io import ExportError
+    from mdm_jax.export.writer import export
+    from mdm_jax.trainer import Trainer, resolved_config
+
+    run = tmp_path / "run"
+    c = _config(tiny_data, run, steps=6, checkpoint_every=2, checkpoint_keep=5)
+    train(c)
+    steps = run / "checkpoints"
+    # Step 6's arrays changed in one weight and one Adam moment (as flipped bytes do, but
+    # through Orbax so that the files still read): its state replaced by such a state's.
+    trainer = Trainer(c)
+    ckpt = Checkpointer(str(run), keep=0)  # (keeps every step)
+    state = ckpt.restore(6, abstract_with_shardings(trainer.abstract_state,
+                                                    trainer.state_sharding))
+
+    def flip(x):
+        host = np.asarray(jax.device_get(x)).copy()
+        host.reshape(-1).view(np.uint32)[7] ^= 1 << 20
+        return jax.device_put(host, x.sharding)
+
+    adam = state.opt_state[1][0]  # (clipping, (Adam, decay, schedule))
+    adam = adam._replace(mu=dict(adam.mu, head=flip(adam.mu["head"])))
+    changed = state.replace(params=dict(state.params, embedding=flip(state.params["embedding"])),
+                            opt_state=(state.opt_state[0], (adam, *state.opt_state[1][1:])))
+    ckpt.save(8, changed, None, resolved_config(c, trainer), {"preset": "nano"}, force=True)
+    ckpt.close()
+    shutil.rmtree(steps / "6" / "state")
+    shutil.move(steps / "8" / "state", steps / "6" / "state")
+    shutil.rmtree(steps / "8")
+    shutil.rmtree(steps / "6" / "meta")
+    with pytest.raises(ExportError, match=r"checkpoint 6 .* is damaged .*1 array\(s\) whose "
+                                          r"contents changed .*params/embedding"):
+        export(str(run), "litgpt", str(tmp_path / "exp"), step=6)
+    # Lost meta and no fingerprints in the step metadata either: damaged, by name.
+    shutil.rmtree(steps / "4" / "meta")
+    _set_step_metadata(steps / "4", checksums={})
+    with pytest.raises(ExportError, match=r"checkpoint 4 .* has no fingerprints to check its "
+                                          r"arrays against .*incomplete"):
+        export(str(run), "litgpt", str(tmp_path / "exp"), step=4)
+    # A meta from before fingerprints: loads, loudly.
+    meta = json.loads((steps / "2" / "meta" / "metadata").read_text())
+    del meta["checksums"]
+    (steps / "2" / "meta" / "metadata").write_text(json.dumps(meta))
+    _set_step_metadata(steps / "2", checksums={})
+    with caplog.at_level("WARNING", logger="mdm_jax"):
+        export(str(run), "litgpt", str(tmp_path / "exp"), step=2)
+    assert json.loads((tmp_path / "exp" / "mdm_jax.json").read_text())["step"] == 2
+    assert "checkpoints/2 was saved before mdm_jax recorded fingerprints" in caplog.text
+
+
+def test_a_resume_stops_at_any_nonfinite_step_before_its_first_save(tiny_data, tmp_path):
+    """Corrupt optimizer moments give a finite first loss and then non-finite weights: the
+    run stops before its first save after the resume (the checkpoints stay as they were), and
+    export refuses non-finite weights unless asked."""
+    import jax
+    import jax.numpy as jnp
+
+    from mdm_jax.checkpoint import abstract_with_shardings
+    from mdm_jax.export.tensor_io import ExportError
+    from mdm_jax.export.writer import export
+    from mdm_jax.trainer import Trainer, resolved_config
+
+    c = _config(tiny_data, tmp_path / "run", steps=2, checkpoint_every=2, nonfinite="skip")
+    train(c)
+    trainer = Trainer(c)
+    ckpt = Checkpointer(c.workdir)
+    state = ckpt.restore(2, abstract_with_shardings(trainer.abstract_state,
+                                                    trainer.state_sharding))
+    # Adam's second moment made negative: the first update is NaN, its loss still finite
+    bad_opt = jax.tree_util.tree_map(
+        lambda x: -jnp.ones_like(x) if x.ndim >= 1 and x.dtype == jnp.float32 else x,
+        state.opt_state)
+    ckpt.save(3, state.replace(opt_state=bad_opt, step=state.step + 1), None,
+              resolved_config(c, trainer), {"preset": "nano"}, force=True)
+    ckpt.close()
+    with pytest.raises(CheckpointError, match=r"[1-9]\d* weight\(s\) became non-finite in the "
+                                              r"1 steps since resuming from .*/3"):
+        train(_config(tiny_data, tmp_path / "run", steps=8, checkpoint_every=4,
+                      nonfinite="skip"))
+    assert Checkpointer(c.workdir).all_steps() == [2, 3]
+    # Weights that are NaN: export refuses them by name, unless told to write them
+    ckpt = Checkpointer(c.workdir)
+    nan = state.params["embedding"].at[0, 0].set(jnp.nan)
+    ckpt.save(5, state.replace(params=dict(state.params, embedding=nan)), None,
+              resolved_config(c, trainer), {"preset": "nano"}, force=True)
+    ckpt.close()
+    with pytest.raises(ExportError, match=r"transformer.wte.weight holds 1 non-finite value"
+                                          r".*--allow-nonfinite"):
+        export(c.workdir, "litgpt", str(tmp_path / "exp"))
+    assert not (tmp_path / "exp").exists()
+    export(c.workdir, "litgpt", str(tmp_path / "exp"), allow_nonfinite=True)
+
+
+def test_a_resume_with_another_parameter_layout_says_the_config_differs(tiny_data, tmp_path):
+    run = tmp_path / "run"
+    train(_config(tiny_data, run, steps=2, checkpoint_every=2, **{"model.scan_layers": True}))
+    with pytest.raises(CheckpointError) as e:
+        train(_config(tiny_data, run, steps=4, checkpoint_every=2,
+                      **{"model.scan_layers": False}))
+    message = str(e.value)
+    assert "the config differs from the checkpoint's" in message and "damaged" not in message
+    assert "model.scan_layers: checkpoint True vs config False" in message
+    assert Checkpointer(str(run)).all_steps() == [2]  # nothing set aside
+    assert not (tmp_path / "checkpoints_damaged").exists()

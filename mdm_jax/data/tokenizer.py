@@ -50,9 +50,11 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path: str | Path) -> Tokenizer:
-        path = Path(path)
         hint = ("train one with `python -m mdm_jax.data.train_tokenizer` or pass the Llama-2 "
                 "tokenizer.model")
+        if not str(path).strip():  # Path("") is ".", a directory: say what is missing
+            raise TokenizerNotFoundError(f"no tokenizer given (an empty path); {hint}")
+        path = Path(path)
         if path.is_dir():
             raise TokenizerError(f"tokenizer {path} is a directory, not a SentencePiece .model "
                                  f"file; {hint}")

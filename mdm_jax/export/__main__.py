@@ -47,6 +47,8 @@ def cli(argv=None) -> None:
                         help="replace an --out folder that already holds files")
     parser.add_argument("--tokenizer", help="SentencePiece model to ship (default: the one "
                         "the run trained with, config.data.tokenizer)")
+    parser.add_argument("--allow-nonfinite", action="store_true",
+                        help="write weights that are NaN or infinite (refused by default)")
     parser.add_argument("--push-to-hub", metavar="ORG/NAME",
                         help="then upload the folder to this Hugging Face Hub model repository "
                              "(created if new; needs the hub extra and a token: hf auth login)")
@@ -87,7 +89,8 @@ def _export(a, max_shard_bytes: int) -> list[str]:
             raise ExportError(f"--push-to-hub {a.push_to_hub!r}: give a Hub repository id, "
                               f"ORG/NAME")
     return export(a.model, a.format, a.out, a.step, a.dtype, max_shard_bytes, a.tokenizer,
-                  a.overwrite, hub_id=a.push_to_hub and repo_id(a.push_to_hub))
+                  a.overwrite, hub_id=a.push_to_hub and repo_id(a.push_to_hub),
+                  allow_nonfinite=a.allow_nonfinite)
 
 
 if __name__ == "__main__":

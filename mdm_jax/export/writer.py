@@ -140,10 +140,11 @@ def _tokenizer(src, tokenizer: str | None) -> str | None:
 def export(checkpoint: str, fmt: str, out: str, step: int | None = None,
            dtype: str = "float32", max_shard_bytes: int = 5 * 10**9,
            tokenizer: str | None = None, overwrite: bool = False,
-           hub_id: str | None = None) -> list[str]:
+           hub_id: str | None = None, allow_nonfinite: bool = False) -> list[str]:
     """Write `fmt` to `out`; returns the files written. Streams tensor by tensor. The model
     card's usage lines load from `hub_id` (the Hub repository it is bound for), else from `out`
-    as given.
+    as given. Weights that are not finite (a diverged or corrupt run) are refused unless
+    `allow_nonfinite`.
 
     Everything is written into a temporary sibling folder that replaces `out` only when it is
     complete: an interrupted export leaves `out` as it was, and a re-export never mixes its
@@ -163,7 +164,7 @@ def export(checkpoint: str, fmt: str, out: str, step: int | None = None,
     os.chmod(staging, 0o777 & ~umask)  # a folder like any other, not mkdtemp's private 0700
     try:
         files = _export_into(checkpoint, fmt, staging, step, dtype, max_shard_bytes, tokenizer,
-                             hub_id or given_out)
+                             hub_id or given_out, allow_nonfinite)
         _replace_folder(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -184,7 +185,8 @@ def _replace_folder(new: str, out: str) -> None:
 
 
 def _export_into(checkpoint: str, fmt: str, out: str, step: int | None, dtype: str,
-                 max_shard_bytes: int, tokenizer: str | None, card_repo: str) -> list[str]:
+                 max_shard_bytes: int, tokenizer: str | None, card_repo: str,
+                 allow_nonfinite: bool = False) -> list[str]:
     from mdm_jax.export.source import CheckpointParams
     from mdm_jax.model import ModelArgs
 
@@ -211,13 +213,16 @@ def _export_into(checkpoint: str, fmt: str, out: str, step: int | None, dtype: s
         special = {k: ids[k] for k in keys if ids[k] is not None}
     model_config = _model_config(fmt, args, meta, dtype, special)  # checks before writing
 
-    def maker(entry, layer):
+    def maker(name, entry, layer):
         def make():
             src.keep_only(entry.leaves)
-            return entry.to_torch(dims, *(src.leaf(x, layer) for x in entry.leaves))
+            tensor = entry.to_torch(dims, *(src.leaf(x, layer) for x in entry.leaves))
+            if not allow_nonfinite:
+                _check_finite(name, tensor, src.step)
+            return tensor
         return make
 
-    tensors = [(name, entry.shape(dims), maker(entry, layer))
+    tensors = [(name, entry.shape(dims), maker(name, entry, layer))
                for name, entry, layer in tensor_names(fmt, dims)]
     st_meta = {k: json.dumps(v) for k, v in meta.items()}
     if fmt == "litgpt":
@@ -262,6 +267,17 @@ def _export_into(checkpoint: str, fmt: str, out: str, step: int | None, dtype: s
     with open(os.path.join(out, METADATA_FILE), "w") as f:  # mdm_jax's own record, last
         json.dump(meta, f, indent=2)
     return [*files, "config.json", METADATA_FILE]
+
+
+def _check_finite(name: str, tensor, step: int) -> None:
+    """Refuse NaN or infinite weights: exported, they would only fail later, elsewhere."""
+    import numpy as np
+
+    bad = int(tensor.size - np.count_nonzero(np.isfinite(tensor)))
+    if bad:
+        raise ExportError(f"{name} holds {bad} non-finite value(s) at step {step} (a diverged "
+                          f"or corrupt run): export an earlier --step, or pass "
+                          f"--allow-nonfinite to write them anyway")
 
 
 def _generation_config(fmt: str, config, tokenizer_path: str | None) -> dict:
