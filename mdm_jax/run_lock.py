@@ -2,8 +2,9 @@
 
 The lock is `flock(2)` on an open file, so the kernel releases it when the holder exits in any
 way (SIGKILL, a crash, a preempted VM): a lock can never go stale. The file records who holds
-it, for the message a second trainer gets. Only process 0 of a multi-host run takes it. Object
-storage (gs://) has no locks: there the workdir is not locked (BUILD_NOTES).
+it, for the message a second trainer gets and for `holder`, which tells a sweep that a run is
+being trained by another process. Only process 0 of a multi-host run takes it. Object storage
+(gs://) has no locks: there the workdir is not locked (BUILD_NOTES).
 """
 
 from __future__ import annotations
@@ -20,6 +21,39 @@ from mdm_jax.errors import UserError
 
 class WorkdirBusy(UserError):
     """Another trainer holds this workdir."""
+
+
+def _lock(f) -> None:
+    """An exclusive flock without blocking, after a few quick retries: `holder` takes a shared
+    lock for an instant to look, and a trainer starting in that instant must not be refused."""
+    for _ in range(20):
+        try:
+            return fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            time.sleep(0.01)
+    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def holder(workdir: str) -> str | None:
+    """Who trains in `workdir` ('pid 123 on HOST since TIME'), or None if no live process
+    holds its lock (the file outlives its holder; the kernel's lock does not)."""
+    if storage.is_remote(workdir):
+        return None
+    try:
+        f = open(os.path.join(storage.resolve(workdir), ".lock"))
+    except FileNotFoundError:
+        return None
+    with f:
+        try:  # shared: two lookers never refuse each other
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return None  # closing the file lets go at once
+        except BlockingIOError:
+            pass
+        try:
+            who = json.loads(f.read())
+            return f"pid {who['pid']} on {who['host']} since {who['since']}"
+        except (ValueError, KeyError, TypeError):  # caught between truncate and write
+            return "a process that is starting"
 
 
 class WorkdirLock:
@@ -39,7 +73,7 @@ class WorkdirLock:
                 f"cannot write to the workdir {os.path.dirname(self.path)} ({e.strerror or e}); "
                 f"choose a writable --config.workdir") from None
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _lock(f)
         except BlockingIOError:
             f.seek(0)
             holder = f.read().strip() or "unknown"

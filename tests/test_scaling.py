@@ -7,14 +7,17 @@ import csv
 import json
 import os
 import re
+import select
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 from conftest import write_study
 
-from mdm_jax import flops
+from mdm_jax import flops, run_lock
 from mdm_jax.plot import readable_log_ticks
 from mdm_jax.presets import PRESETS, get_preset
 from mdm_jax.scaling import fit, plan, sweep
@@ -503,18 +506,19 @@ def test_collect_fills_loss_se_from_the_final_eval_row(tmp_path):
     assert [r["loss_se"] for r in fit.read_results(str(path))] == [0.0123, 0.0]
 
 
-def _sweep_study(tiny_data, tmp_path):
-    """Two real nano-sized runs (the micro family's 13K and 27K) on the test corpus."""
-    budget_steps = 6
+def _sweep_study(tiny_data, tmp_path, presets="13K,27K", budget_steps=6, extra=()):
+    """Real nano-sized runs (the micro family's 13K and 27K) on the test corpus; the 27K run
+    trains for `budget_steps`. Without tiny_data, runs with no data (for sweeps that must not
+    start a trainer, or whose trainers fail)."""
     p = get_preset("27K")
     budget = budget_steps * flops.train_flops_per_token(p, 64) * 8 * 64
+    data = (f"data.train_dir={tiny_data['train']}", f"data.eval_dir={tiny_data['validation']}",
+            f"data.tokenizer={tiny_data['tokenizer']}") if tiny_data else ()
     return write_study(tmp_path / "study.py", {
-        "grid": (f"{budget!r}: 13K,27K",), "batch": 8, "seq_len": 64,
+        "grid": (f"{budget!r}: {presets}",), "batch": 8, "seq_len": 64,
         "sweep_dir": str(tmp_path / "sweep"),
-        "overrides": (f"data.train_dir={tiny_data['train']}",
-                      f"data.eval_dir={tiny_data['validation']}",
-                      f"data.tokenizer={tiny_data['tokenizer']}",
-                      "data.eval_batches=2", "checkpoint_every=2", "log_every=2")})
+        "overrides": (*data, "data.eval_batches=2", "checkpoint_every=2", "log_every=2",
+                      *extra)})
 
 
 @pytest.mark.slow
@@ -548,6 +552,114 @@ def test_sweep_runs_skips_finished_and_resumes_interrupted(tiny_data, tmp_path):
     again = _cli("mdm_jax.scaling.sweep", f"--config={config}", "--results", str(results))
     assert again.returncode == 0 and "2 runs, 2 finished, 0 to launch" in again.stdout
     assert open(os.path.join(small.workdir, "metrics.jsonl")).read() == metrics  # not rerun
+
+
+def test_a_local_sweep_exits_1_when_a_run_fails(tmp_path):
+    # The trainer refuses its config: the run fails, and so must the sweep's exit code.
+    config = _sweep_study(None, tmp_path, "27K", extra=("preemption_exit_code=300",))
+    out = _cli("mdm_jax.scaling.sweep", f"--config={config}")
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert re.search(r"\[1/1\] FAILED mdm-27K-\S+ \(exit 2\)", out.stdout), out.stdout
+    assert "1 run(s) failed: mdm-27K-" in out.stdout
+
+
+def _holder(*code: str) -> subprocess.Popen:
+    """A real process that runs `code`, says 'held' and keeps what it took until its stdin
+    closes."""
+    script = "\n".join([*code, "print('held', flush=True)", "sys.stdin.read()"])
+    proc = subprocess.Popen([sys.executable, "-c", "import sys\n" + script], cwd=ROOT,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "held\n"
+    return proc
+
+
+def _let_go(proc: subprocess.Popen) -> None:
+    proc.stdin.close()
+    assert proc.wait(timeout=60) == 0
+
+
+def test_a_run_busy_elsewhere_is_running_not_failed_new_or_relaunched(tmp_path):
+    config = _sweep_study(None, tmp_path, "27K")
+    (run,) = plan.expand(_load(config))
+    log = os.path.join(run.workdir, "train.log")
+    # An orphan trainer (or one started by hand) holds the run's workdir lock.
+    trainer = _holder("from mdm_jax.run_lock import WorkdirLock",
+                      f"lock = WorkdirLock({run.workdir!r})", "lock.acquire()")
+    try:
+        shown = _cli("mdm_jax.scaling.sweep", f"--config={config}", "--status")
+        assert re.search(rf"^{re.escape(run.run_id)} +running \(pid {trainer.pid} on ",
+                         shown.stdout, re.M), shown.stdout
+        out = _cli("mdm_jax.scaling.sweep", f"--config={config}")
+    finally:
+        _let_go(trainer)
+    assert out.returncode == sweep.EX_TEMPFAIL, out.stdout + out.stderr
+    assert "1 runs, 0 finished, 1 running elsewhere, 0 to launch" in out.stdout
+    assert f"1 run(s) running elsewhere, not finished yet: {run.run_id} (pid {trainer.pid} on " \
+        in out.stdout
+    assert "FAILED" not in out.stdout and "] start " not in out.stdout
+    assert not os.path.exists(log)
+    # Its lock file stays behind; only a live holder makes a run busy.
+    assert os.path.exists(os.path.join(run.workdir, ".lock")) and sweep.status(run) == "new"
+
+    # Another sweep is starting the run: it holds the run's log, its trainer has no lock yet.
+    os.makedirs(run.workdir, exist_ok=True)
+    other = _holder("import fcntl", f"log = open({log!r}, 'a')",
+                    "fcntl.flock(log, fcntl.LOCK_EX)")
+    try:
+        out = _cli("mdm_jax.scaling.sweep", f"--config={config}")
+    finally:
+        _let_go(other)
+    assert out.returncode == sweep.EX_TEMPFAIL, out.stdout + out.stderr
+    assert f"[1/1] skip  {run.run_id}: running elsewhere (another sweep is starting it)" \
+        in out.stdout
+    assert "FAILED" not in out.stdout and os.path.getsize(log) == 0  # one writer per log
+
+
+def _wait_for(condition, what: str, timeout: float = 300) -> None:
+    end = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < end, f"timed out waiting for {what}"
+        time.sleep(0.2)  # polling a file or a lock another process writes
+
+
+@pytest.mark.slow
+def test_a_killed_sweep_takes_its_trainer_down_and_a_second_sweep_leaves_it_alone(
+        tiny_data, tmp_path):
+    config = _sweep_study(tiny_data, tmp_path, "27K", budget_steps=100_000)
+    (run,) = plan.expand(_load(config))
+    first = subprocess.Popen([sys.executable, "-m", "mdm_jax.scaling.sweep",
+                              f"--config={config}"], cwd=ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    trainer = None
+    try:
+        metrics = os.path.join(run.workdir, "metrics.jsonl")
+        _wait_for(lambda: os.path.exists(metrics) and os.path.getsize(metrics) > 0,
+                  "the first sweep's trainer to log a step")
+        with open(os.path.join(run.workdir, ".lock")) as f:
+            trainer = json.load(f)["pid"]
+        second = _cli("mdm_jax.scaling.sweep", f"--config={config}")
+        assert second.returncode == sweep.EX_TEMPFAIL, second.stdout + second.stderr
+        assert f"{run.run_id} is running elsewhere (pid {trainer} on " in second.stdout
+        assert "FAILED" not in second.stdout
+        first.kill()  # SIGKILL: the sweep cannot pass anything on
+        first.wait()
+        pidfd = os.pidfd_open(trainer)  # not our child: wait on its pidfd
+        exited = select.select([pidfd], [], [], 300)[0]
+        os.close(pidfd)
+        assert exited, "the killed sweep's trainer is still training"
+        trainer = None
+    finally:
+        if first.poll() is None:
+            first.kill()
+        if trainer is not None:  # an orphan: do not leave it running after the test
+            os.kill(trainer, signal.SIGKILL)
+    # The kernel sent it SIGTERM, as Ctrl-C would have: it saved, and a rerun resumes it.
+    text = open(os.path.join(run.workdir, "train.log")).read()
+    saved = re.search(r"\[mdm_jax\] preempted \(SIGTERM\): saved step (\d+) ", text)
+    assert saved, text[-2000:]
+    assert sweep.status(run) == f"resume from step {saved[1]}"
+    assert run_lock.holder(run.workdir) is None
+    assert "another trainer is using" not in text  # the second sweep wrote nothing there
 
 
 def _load(path):

@@ -7,12 +7,21 @@
 Every run has a stable id (`mdm-170M-1e+19`) and workdir (`sweep_dir/ID`); it is finished when
 its metrics.jsonl holds the validation loss at its last step (else the trainer resumes it). A
 NaN/inf final loss counts as diverged: done, kept out of results.csv, listed in diverged.csv.
-Backends (`local`, `slurm`, `tpu`) and the rest: README "Scaling studies".
+A run whose workdir lock (mdm_jax.run_lock) a live process holds is running elsewhere: reported
+as such, never launched a second time. Backends (`local`, `slurm`, `tpu`) and the rest: README
+"Scaling studies".
+
+The local backend's exit code says what state it left the grid in: 0 every run finished (or
+diverged, listed); 1 a run it launched failed or stopped short (rerun to resume it); 75
+(EX_TEMPFAIL) none failed, but runs another process is training are not finished yet (rerun
+once they stop to collect them); 130 interrupted. Its trainers die with it, even by SIGKILL.
 """
 
 from __future__ import annotations
 
 import csv
+import ctypes
+import fcntl
 import io
 import json
 import math
@@ -25,7 +34,7 @@ import time
 
 import ml_collections
 
-from mdm_jax import storage
+from mdm_jax import run_lock, storage
 from mdm_jax.errors import run_absl
 from mdm_jax.scaling.plan import Run, StudyError, check_study, expand, fit_on_target, train_args
 
@@ -37,6 +46,8 @@ RESULT_COLUMNS = ("family", "preset", "non_embedding_params", "budget", "steps",
 DIVERGED_FILE = "diverged.csv"
 DIVERGED_COLUMNS = ("run_id", "family", "preset", "non_embedding_params", "budget", "steps",
                     "tokens", "loss", "reason", "workdir")
+# Exit code of a local sweep that failed no run but left runs to other processes (sysexits.h).
+EX_TEMPFAIL = 75
 
 
 _WARNED: set[str] = set()
@@ -128,15 +139,19 @@ def final_loss(run: Run) -> float | None:
 
 
 def status(run: Run) -> str:
-    """'finished', 'diverged', 'resume from step N' or 'new'. The sweep launches only the last
-    two: a diverged run would diverge again (same seed, same data order), so it is listed in
-    diverged.csv instead of being relaunched at every sweep; delete its workdir to train it
-    afresh (e.g. after lowering optim.lr in study.overrides)."""
+    """'finished', 'diverged', 'running (pid N on HOST since T)', 'resume from step N' or
+    'new'. The sweep launches only the last two: a running run belongs to the process that
+    holds its workdir lock; a diverged run would diverge again (same seed, same data order), so
+    it is listed in diverged.csv instead of being relaunched at every sweep; delete its workdir
+    to train it afresh (e.g. after lowering optim.lr in study.overrides)."""
     loss, diverged, _ = _outcome(run)
     if diverged is not None:
         return "diverged"
     if loss is not None:
         return "finished"
+    who = run_lock.holder(run.workdir)
+    if who:
+        return f"running ({who})"
     ckpt = storage.as_path(run.workdir) / "checkpoints"
     steps = [int(d.name) for d in ckpt.iterdir() if d.name.isdigit()] if ckpt.is_dir() else []
     return f"resume from step {max(steps)}" if steps else "new"
@@ -312,8 +327,45 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def launch_local(study, todo: list[Run], parallel: int) -> list[Run]:
-    """Run the trainer for each run, `parallel` at a time; return the runs that failed.
+def _die_with_sweep():
+    """A preexec_fn that has the kernel SIGTERM the trainer when the sweep dies, however it
+    dies (SIGKILL, OOM): the trainer saves and stops, as for Ctrl-C, rather than training on
+    as an orphan. Linux's prctl(PR_SET_PDEATHSIG); elsewhere a None, and a rerun finds an
+    orphan by its workdir lock. Looked up before the fork: the child runs only the call."""
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    sweep = os.getpid()
+
+    def preexec():
+        prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+        if os.getppid() != sweep:  # the sweep died before the prctl
+            os.kill(os.getpid(), signal.SIGTERM)
+    return preexec
+
+
+def _claim(study, run: Run):
+    """(the run's log, opened for its one writer: this sweep's trainer, None) or (None, who
+    trains it elsewhere). A trainer holds the workdir lock; another sweep's trainer may not
+    have taken it yet, so sweeps also lock the log, which the trainer inherits as its output
+    (the kernel lets go when both have exited)."""
+    who = run_lock.holder(run.workdir)
+    if who:
+        return None, who
+    log = open(_local_log(study, run), "a")
+    try:
+        fcntl.flock(log, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        log.close()
+        return None, "another sweep is starting it"
+    return log, None
+
+
+def launch_local(study, todo: list[Run], parallel: int
+                 ) -> tuple[list[Run], list[tuple[Run, str]]]:
+    """Run the trainer for each run, `parallel` at a time; return (the runs that failed, the
+    runs left to the other process training each [(run, who)]).
 
     Ctrl-C or SIGTERM (a cluster or CI stopping the sweep) is passed on to the running trainers,
     which finish their step and checkpoint; the sweep then exits and a rerun resumes them.
@@ -321,46 +373,62 @@ def launch_local(study, todo: list[Run], parallel: int) -> list[Run]:
     signal.signal(signal.SIGTERM, _interrupt)
     if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # started in the background
         signal.signal(signal.SIGINT, _interrupt)
-    pending, active, failed = list(todo), {}, []
+    preexec = _die_with_sweep()
+    pending, active, failed, elsewhere = list(todo), {}, [], []
     # [k/N] on every line, and after each run an ETA from the steps done so far.
     n, started, finished, steps_done = len(todo), 0, 0, 0
     steps_total, t_start = sum(r.steps for r in todo), time.perf_counter()
-    while pending or active:
-        while pending and len(active) < parallel:
-            run = pending.pop(0)
-            log = open(_local_log(study, run), "a")
-            started += 1
-            print(f"[sweep] [{started}/{n}] start {run.run_id} ({status(run)}, {run.steps} "
-                  f"steps); log: {log.name}", flush=True)
-            proc = subprocess.Popen(command(study, run, "local"), stdout=log,
-                                    stderr=subprocess.STDOUT)
-            active[proc] = (run, log, time.perf_counter())
-        try:
+    try:
+        while pending or active:
+            while pending and len(active) < parallel:
+                run = pending.pop(0)
+                log, who = _claim(study, run)
+                started += 1
+                if log is None:  # a skip takes its [k/N] slot and no steps
+                    finished, steps_total = finished + 1, steps_total - run.steps
+                    elsewhere.append((run, who))
+                    print(f"[sweep] [{started}/{n}] skip  {run.run_id}: running elsewhere "
+                          f"({who})", flush=True)
+                    continue
+                print(f"[sweep] [{started}/{n}] start {run.run_id} ({status(run)}, "
+                      f"{run.steps} steps); log: {log.name}", flush=True)
+                proc = subprocess.Popen(command(study, run, "local"), stdout=log,
+                                        stderr=subprocess.STDOUT, preexec_fn=preexec)
+                active[proc] = (run, log, time.perf_counter())
+            if not active:
+                break
             proc = _wait_any(active)
-        except KeyboardInterrupt:  # let every run finish its step and save, then stop
-            for child in active:
-                if child.poll() is None:
-                    child.send_signal(signal.SIGTERM)
-            for child, (_, log, _) in active.items():
-                child.wait()
-                log.close()
-            print(f"[sweep] interrupted; {len(active)} run(s) saved a checkpoint; rerun the "
-                  f"same command to resume", flush=True)
-            raise SystemExit(130) from None
-        run, log, t0 = active.pop(proc)
-        log.close()
-        loss = final_loss(run)
-        finished, steps_done = finished + 1, steps_done + run.steps
-        left = (time.perf_counter() - t_start) / steps_done * (steps_total - steps_done)
-        eta = f"; ETA {left / 60:.0f} min for {n - finished} more" if finished < n else ""
-        if proc.returncode == 0 and loss is not None:
-            print(f"[sweep] [{finished}/{n}] done  {run.run_id}: loss {loss:.4f} in "
-                  f"{time.perf_counter() - t0:.0f}s{eta}", flush=True)
-        else:
-            failed.append(run)
-            print(f"[sweep] [{finished}/{n}] FAILED {run.run_id} (exit {proc.returncode}); see "
-                  f"{_local_log(study, run)}; rerun the sweep to resume it{eta}", flush=True)
-    return failed
+            run, log, t0 = active.pop(proc)
+            log.close()
+            loss = final_loss(run)
+            finished, steps_done = finished + 1, steps_done + run.steps
+            left = (time.perf_counter() - t_start) / steps_done * (steps_total - steps_done)
+            eta = f"; ETA {left / 60:.0f} min for {n - finished} more" if finished < n else ""
+            who = None if loss is not None else run_lock.holder(run.workdir)
+            if proc.returncode == 0 and loss is not None:
+                print(f"[sweep] [{finished}/{n}] done  {run.run_id}: loss {loss:.4f} in "
+                      f"{time.perf_counter() - t0:.0f}s{eta}", flush=True)
+            elif who:  # another process took the workdir before our trainer did
+                elsewhere.append((run, who))
+                print(f"[sweep] [{finished}/{n}] skip  {run.run_id}: running elsewhere "
+                      f"({who}){eta}", flush=True)
+            else:
+                failed.append(run)
+                print(f"[sweep] [{finished}/{n}] FAILED {run.run_id} (exit {proc.returncode}"
+                      f"{', no final loss' if proc.returncode == 0 else ''}); see "
+                      f"{_local_log(study, run)}; rerun the sweep to resume it{eta}",
+                      flush=True)
+    except KeyboardInterrupt:  # let every run finish its step and save, then stop
+        for child in active:
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+        for child, (_, log, _) in active.items():
+            child.wait()
+            log.close()
+        print(f"[sweep] interrupted; {len(active)} run(s) saved a checkpoint; rerun the "
+              f"same command to resume", flush=True)
+        raise SystemExit(130) from None
+    return failed, elsewhere
 
 
 def _local_log(study, run: Run) -> str:
@@ -425,15 +493,23 @@ def _main(study) -> None:
     if f.status:
         return show_status(runs, f.plot)
     states = {run.run_id: status(run) for run in runs}
-    # A diverged run is done, not resumed: it would diverge again (see `status`).
-    todo = [run for run in runs if states[run.run_id] not in ("finished", "diverged")]
+    # A diverged run is done, not resumed: it would diverge again (see `status`). A running
+    # one belongs to whoever holds its workdir lock.
+    elsewhere = [(run, states[run.run_id].removeprefix("running (").removesuffix(")"))
+                 for run in runs if states[run.run_id].startswith("running")]
+    todo = [run for run in runs if states[run.run_id] not in ("finished", "diverged")
+            and not states[run.run_id].startswith("running")]
     n_diverged = sum(state == "diverged" for state in states.values())
     print(f"[sweep] {study.name}: {len(runs)} runs, "
-          f"{len(runs) - len(todo) - n_diverged} finished, "
+          f"{len(runs) - len(todo) - n_diverged - len(elsewhere)} finished, "
           + (f"{n_diverged} diverged (not relaunched), " if n_diverged else "")
+          + (f"{len(elsewhere)} running elsewhere, " if elsewhere else "")
           + f"{len(todo)} to {'launch' if f.backend == 'local' else 'submit'}", flush=True)
+    for run, who in elsewhere:
+        print(f"[sweep] {run.run_id} is running elsewhere ({who}); not launched", flush=True)
     if f.target and todo and not collect_only:
         todo = fitted(study, todo, f.target, f.headroom)
+    failed = []
     if not collect_only:
         for run in todo:
             cmd = command(study, run, f.backend)
@@ -441,10 +517,8 @@ def _main(study) -> None:
                 print(f"# {run.run_id}: {states[run.run_id]}")
                 print(shlex.join(cmd))
         if not dry_run and f.backend == "local":
-            failed = launch_local(study, todo, f.parallel)
-            if failed:
-                print(f"[sweep] {len(failed)} run(s) failed: "
-                      f"{', '.join(r.run_id for r in failed)}", flush=True)
+            failed, skipped = launch_local(study, todo, f.parallel)
+            elsewhere += skipped
         elif not dry_run:
             submit(study, todo, f.backend)
     if dry_run:
@@ -458,6 +532,24 @@ def _main(study) -> None:
               f"train it afresh):", flush=True)
         for run, why in diverged:
             print(f"[sweep]   {run.run_id}: {why}", flush=True)
+    if f.backend == "local" and not collect_only:
+        _exit_local(failed, elsewhere, missing)
+
+
+def _exit_local(failed: list[Run], elsewhere: list[tuple[Run, str]], missing: list[Run]):
+    """Exit 1 if a run this sweep launched failed, EX_TEMPFAIL if runs that other processes
+    train are not finished yet (they may have finished while this sweep ran), else return."""
+    unfinished = {run.run_id for run in missing}
+    elsewhere = [(run, who) for run, who in elsewhere if run.run_id in unfinished]
+    if failed:
+        print(f"[sweep] {len(failed)} run(s) failed: "
+              f"{', '.join(r.run_id for r in failed)}", flush=True)
+    if elsewhere:
+        print(f"[sweep] {len(elsewhere)} run(s) running elsewhere, not finished yet: "
+              + ", ".join(f"{run.run_id} ({who})" for run, who in elsewhere)
+              + "; rerun the sweep once they stop to collect them", flush=True)
+    if failed or elsewhere:
+        raise SystemExit(1 if failed else EX_TEMPFAIL)
 
 
 def show_status(runs: list[Run], plot_path: str | None) -> None:
