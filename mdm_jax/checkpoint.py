@@ -81,11 +81,13 @@ class _OrbaxErrorsToDebug(logging.Filter):
     before the error reaches the trainer, which then reports it once as an `error:` line; its
     error records are kept at DEBUG level unless MDM_JAX_DEBUG is set. So is its warning that
     an item has no `_CHECKPOINT_METADATA` when its layout is read: the manager writes that file
-    per step, not per item, so it is said of every healthy checkpoint."""
+    per step, not per item, so it is said of every healthy checkpoint; and its warning that a
+    damaged step's layout does not read, which our own one line reports with the step."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         noise = (record.levelno >= logging.ERROR
-                 or record.getMessage().startswith("Metadata file does not exist"))
+                 or record.getMessage().startswith(("Metadata file does not exist",
+                                                    "Failed to get item metadata")))
         if noise and f"{os.sep}orbax{os.sep}" in record.pathname and not debug():
             record.levelno, record.levelname = logging.DEBUG, "DEBUG"
             return logging.getLogger("absl").isEnabledFor(logging.DEBUG)
