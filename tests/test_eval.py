@@ -17,6 +17,7 @@ from conftest import REPO, nano_config
 from flax import linen as nn
 from scipy import integrate
 
+from mdm_jax.errors import UserError
 from mdm_jax.eval.likelihood import Estimator, EvalError, is_greedy, loglikelihood
 from mdm_jax.inference.mdm import guided_logits
 from mdm_jax.model import Encoder, ModelArgs
@@ -288,5 +289,24 @@ def test_task_accuracy_is_logged_during_training(tiny_data, tmp_path):
                      Estimator(kind="chain"), c.seq_len)
     assert logged[-1] == pytest.approx(final)
     c.workdir, c.data.eval_tasks = str(tmp_path / "r2"), str(tmp_path / "missing.jsonl")
-    with pytest.raises(EvalError, match="missing.jsonl"):
+    with pytest.raises(UserError, match="missing.jsonl not found"):
         train(c)
+
+
+def test_a_task_file_row_mistake_names_its_line_and_field(tmp_path):
+    from mdm_jax.eval.multiple_choice import read_questions
+
+    good = json.dumps({"context": "a b", "choices": [" c", " d"], "answer": 0})
+    path = tmp_path / "mc.jsonl"
+    for rows, says in (
+            ([good, "", good, '{"context": "x", "answer": 0}'],
+             'mc.jsonl line 4: no "choices" field'),
+            ([good, '{"context": "x" "choices": []}'], "mc.jsonl line 2: not JSON"),
+            ([good, '{"context": "x", "choices": [" y"], "answer": null}'],
+             'mc.jsonl line 2: no "answer" field'),
+            ([good, '["x"]'], "mc.jsonl line 2: a JSON list, not an object")):
+        path.write_text("\n".join(rows) + "\n")
+        with pytest.raises(UserError, match=says):
+            read_questions(str(path))
+    path.write_text(good + "\n\n" + good + "\n")  # blank lines are no rows
+    assert len(read_questions(str(path))) == 2

@@ -1,7 +1,8 @@
 """The lm-evaluation-harness model and the batched scoring under it: a request scores the same
 alone as in any batch (every family, every estimator), greedy checks and greedy generation
 batch without changing an answer, the greedy check runs only where a metric reads it,
-model_args errors name the key as typed, and the harness's CLI end to end."""
+model_args errors name the key as typed, unknown keys are refused and lm-eval's own taken,
+task-file mistakes are one line naming file, row and field, and the harness's CLI end to end."""
 
 from __future__ import annotations
 
@@ -174,7 +175,8 @@ def test_model_args_errors_name_the_key_as_typed(runs, capsys):
             ("mc_num=abc", "model_args mc_num=abc: give a whole number"),
             ("mc_num=100,mc_batch_size=32", "mc_num=100 is not divisible by mc_batch_size=32"),
             ("mc_num=100,batch_size=32", "mc_num=100 is not divisible by batch_size=32"),
-            ("mc_nun=5", "model_args mc_nun=: no such key; the keys are model, step, "),
+            ("mc_nun=5", r"model_args mc_nun=: no such key \(did you mean mc_num=\?\); the "
+                         "keys are model, step, "),
             ("greedy_check=maybe", "greedy_check=maybe: choose auto, always or never"),
             ("request_batch=0", "request_batch=0: give 1 or more"),
             ("mc_batch_size=8,batch_size=8", "give only mc_batch_size=")):
@@ -193,6 +195,26 @@ def test_model_args_errors_name_the_key_as_typed(runs, capsys):
         make(f"model={runs['mdm']},eps=2")
     with pytest.raises(FamilyError, match="the arm family .* 'eps'"):
         make(f"model={runs['arm']},eps=0")
+
+
+def test_model_args_refuse_every_unknown_key_and_take_only_lm_evals_own(runs):
+    pytest.importorskip("lm_eval", reason="the `eval` extra (bash launch/setup.sh eval)")
+    from mdm_jax.eval.harness import MDMJaxLM
+
+    # Typos are refused by name, all of them, with the key meant, before any model loads.
+    with pytest.raises(EvalError, match=r"model_args estimatr=, mc_nun=: no such keys \(did "
+                                        r"you mean estimator=, mc_num=\?\); the keys are model,"):
+        MDMJaxLM.create_from_arg_string("model=nowhere,estimatr=chain,mc_nun=1024")
+    # What lm-eval passes itself (evaluator.simple_evaluate's settings beside model_args, the
+    # trust_remote_code its --trust_remote_code adds to them) is taken and changes nothing...
+    lm = MDMJaxLM.create_from_arg_obj(
+        {"model": runs["mdm"], "mc_num": 16, "mc_batch_size": 8, "trust_remote_code": True},
+        {"batch_size": 4, "max_batch_size": 64, "device": "cuda:0"})
+    assert (lm.estimator.mc_num, lm.estimator.batch_size, lm.request_batch) == (16, 8, 16)
+    # ...and anything else beside model_args is refused, not dropped.
+    with pytest.raises(EvalError, match="dtype= passed beside model_args is not an lm-eval "
+                                        "setting mdm_jax knows"):
+        MDMJaxLM.create_from_arg_obj({"model": runs["mdm"]}, {"dtype": "bfloat16"})
 
 
 def _tasks(folder) -> None:
@@ -239,9 +261,11 @@ def test_harness_cli_runs_the_registered_model_and_agrees_with_the_estimators(
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     _tasks(tmp_path)
+    # every setting lm-eval's CLI hands the model itself: accepted, not an unknown model_arg
     harness.main(["--model", "mdm_jax", "--model_args", f"model={runs[kind]},{args}", "--tasks",
                   "tiny_mc,tiny_ll,tiny_gen", "--include_path", str(tmp_path), "--output_path",
-                  str(tmp_path / "out"), "--log_samples", "--batch_size", "4"])
+                  str(tmp_path / "out"), "--log_samples", "--batch_size", "4",
+                  "--max_batch_size", "8", "--device", "cpu", "--trust_remote_code"])
     assert ("batch_size= is now mc_batch_size=" in capsys.readouterr().err) is (kind == "mdm")
     results = json.loads(open(next(
         os.path.join(d, f) for d, _, fs in os.walk(tmp_path / "out") for f in fs
@@ -284,3 +308,43 @@ def test_harness_cli_errors_are_one_line(runs, tmp_path, capsys, monkeypatch):
                           "--include_path", str(tmp_path)])
         err = capsys.readouterr().err.strip().splitlines()
         assert e.value.code == 2 and err[-1].startswith("error: ") and says in err[-1], err[-1]
+
+
+def test_task_file_mistakes_are_one_line_naming_the_file_row_and_field(tmp_path, capsys,
+                                                                        monkeypatch):
+    """Checked before the model loads (model= names none): without the checks lm-eval fails
+    on these with a traceback, says only "Tasks not found", or scores a row with no answer."""
+    pytest.importorskip("lm_eval", reason="the `eval` extra (bash launch/setup.sh eval)")
+    from mdm_jax.eval import harness
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    mc, yaml = tmp_path / "mc.jsonl", tmp_path / "tiny_mc.yaml"
+    row = '{"context": "a b", "choices": [" c", " d"], "answer": 0}'
+
+    def rows(*lines):
+        return lambda: mc.write_text("\n".join(lines) + "\n")
+
+    def edit(old, new):
+        return lambda: yaml.write_text(yaml.read_text().replace(old, new))
+
+    for mistake, says in (
+            (rows(row, '{"context": "x", "answer": 1}'),
+             f'{mc} line 2: no "choices" field (task tiny_mc\'s doc_to_choice reads it)'),
+            (rows(row, row, '{"context": "x", "choices": [" y"]}'),
+             f'{mc} line 3: no "answer" field (task tiny_mc\'s doc_to_target reads it)'),
+            (rows(row, '{"context": "x" "choices": [" y"], "answer": 0}'),
+             f"{mc} line 2: not JSON"),
+            (edit("output_type: multiple_choice", "output_type multiple_choice\n  x: ["),
+             f"{yaml}: not valid YAML"),
+            (edit("task: tiny_mc\n", ""), f"{yaml}: no task: key"),
+            (edit("dataset_path: json\n", ""), f"{yaml} (task tiny_mc): no dataset_path: key"),
+            (edit("mc.jsonl", "gone.jsonl"),
+             f"{yaml} (task tiny_mc): data file {tmp_path / 'gone.jsonl'} not found")):
+        _tasks(tmp_path)
+        mistake()
+        with pytest.raises(SystemExit) as e:
+            harness.main(["--model", "mdm_jax", "--model_args", "model=unloaded", "--tasks",
+                          "tiny_mc", "--include_path", str(tmp_path)])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and err[-1].startswith(f"error: {says}"), (says, err[-1])

@@ -17,7 +17,9 @@ multiple-choice tasks, whose accuracy does not read it), and for generate_until 
 `steps` (default: one per token), `block_length`, `remasking`, `temperature`, `max_gen_toks`
 (when the task gives none). An option the family has no use for (mc_num on the ARM's exact
 likelihood, remasking on its sampler), if given, is refused by name, as is a key the model
-does not have. lm-eval's own `--batch_size` is not used.
+does not have (all such keys, with the key meant when one is close). Of what lm-eval passes
+itself (`--batch_size`, `--max_batch_size`, `--device`, `--trust_remote_code`) none is used.
+The CLI checks the requested tasks' YAML and JSONL files first (`tasks.check_task_files`).
 
 Requests are scored together: all loglikelihood requests of a run in calls of request_batch
 chunks grouped by length (likelihood.loglikelihoods), greedy checks and greedy MDM generation
@@ -30,6 +32,7 @@ as the harness's own models do), after a BOS.
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import sys
 
@@ -52,6 +55,12 @@ GREEDY_CHECK = {"auto": "auto", "always": "always", "true": "always", "1": "alwa
                 "no": "never"}
 # Old model_args names, read as the new ones with a note on stderr until the next release.
 OLD_NAMES = {"workdir": "model", "path": "model", "batch_size": "mc_batch_size"}
+# What lm-eval 0.4.13 itself passes, accepted and not used: simple_evaluate's own settings
+# beside model_args (--batch_size, --max_batch_size, --device; each only when set; requests
+# are batched by request_batch, on the devices JAX sees), and the trust_remote_code=True its
+# --trust_remote_code puts into model_args (no code is downloaded here).
+LM_EVAL_KEYS = ("batch_size", "max_batch_size", "device")
+LM_EVAL_MODEL_ARGS = ("trust_remote_code",)
 
 
 def _number(key: str, value, kind: type):
@@ -139,15 +148,24 @@ class MDMJaxLM(LM):
 
     @classmethod
     def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None):
-        """model_args as a dict; an unknown key is an error that lists the keys. lm-eval's own
-        settings beside them (`additional_config`: its --batch_size, --device) are not used:
-        requests are batched by `request_batch`, on the devices JAX sees."""
+        """model_args as a dict; an unknown key is an error that names it, a close match and
+        the keys. Beside them lm-eval passes only its own settings, which are accepted and not
+        used (LM_EVAL_KEYS); any other is refused, since it would change nothing here."""
         keys = [k for k in inspect.signature(cls.__init__).parameters if k != "self"]
-        unknown = [k for k in arg_dict if k not in keys]
+        shown = [k for k in keys if k not in OLD_NAMES]
+        unknown = [k for k in arg_dict if k not in keys and k not in LM_EVAL_MODEL_ARGS]
         if unknown:
-            raise EvalError(f"model_args {unknown[0]}=: no such key; the keys are "
-                            f"{', '.join(k for k in keys if k not in OLD_NAMES)}")
-        return cls(**arg_dict)
+            close = [m[0] + "=" for k in unknown if (m := difflib.get_close_matches(k, shown, 1))]
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise EvalError(f"model_args {', '.join(k + '=' for k in unknown)}: no such "
+                            f"key{'s' if len(unknown) > 1 else ''}{hint}; the keys are "
+                            f"{', '.join(shown)}")
+        other = [k for k, v in (additional_config or {}).items()
+                 if v is not None and k not in LM_EVAL_KEYS]  # None: not set (lm-eval's rule)
+        if other:
+            raise EvalError(f"{other[0]}= passed beside model_args is not an lm-eval setting "
+                            f"mdm_jax knows (those are {', '.join(LM_EVAL_KEYS)}); drop it")
+        return cls(**{k: v for k, v in arg_dict.items() if k not in LM_EVAL_MODEL_ARGS})
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
@@ -264,15 +282,34 @@ class MDMJaxLM(LM):
         return out
 
 
+def _task_args(argv: list[str]) -> tuple[str | None, list[str]]:
+    """(--include_path, --tasks) as lm-eval's CLI reads them (tasks split at commas)."""
+    import argparse
+
+    p = argparse.ArgumentParser(add_help=False, allow_abbrev=False, exit_on_error=False)
+    p.add_argument("--include_path")
+    p.add_argument("--tasks", "-t", nargs="+", default=[])
+    try:
+        known, _ = p.parse_known_args(argv)
+    except argparse.ArgumentError:  # lm-eval's own parser says what is wrong
+        return None, []
+    return known.include_path, [t for arg in known.tasks for t in arg.split(",") if t]
+
+
 def main(argv=None) -> None:
     """The harness's own CLI (lm_eval 0.4), with `mdm_jax` registered; errors the user can
-    fix (an unknown task, bad model_args) are one `error:` line and exit code 2."""
+    fix (an unknown task, bad model_args, a task file's mistake) are one `error:` line and
+    exit code 2. The requested tasks' files are checked before lm-eval reads them."""
     from lm_eval.__main__ import cli_evaluate
 
     from mdm_jax.errors import UserError, debug, fail
+    from mdm_jax.eval.tasks import check_task_files, skipped_yamls
 
-    sys.argv = ["lm-eval", *(sys.argv[1:] if argv is None else argv)]
+    argv = sys.argv[1:] if argv is None else list(argv)
+    include, tasks = _task_args(argv)
+    sys.argv = ["lm-eval", *argv]
     try:
+        check_task_files(include, tasks)
         cli_evaluate()
     except UserError as e:
         if debug():
@@ -282,8 +319,13 @@ def main(argv=None) -> None:
         if debug() or not any(s in str(e) for s in ("Tasks not found", "not found",
                                                      "Attempted to load")):
             raise
-        fail(f"{str(e).strip().splitlines()[0]} (list the tasks with --include_path DIR and "
-             f"`lm-eval ls tasks`)")
+        said = str(e).strip().splitlines()[0]
+        # lm-eval dropped the YAMLs it could not read without a word: name them instead
+        skipped = skipped_yamls(include) if include and "Tasks not found" in said else []
+        if skipped:
+            more = f" (and {len(skipped) - 1} more)" if len(skipped) > 1 else ""
+            fail(f"{skipped[0]}{more}; lm-eval skips such a file, hence: {said}")
+        fail(f"{said} (list the tasks with --include_path DIR and `lm-eval ls tasks`)")
 
 
 if __name__ == "__main__":

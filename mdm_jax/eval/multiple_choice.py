@@ -4,27 +4,23 @@ logs beside the validation ELBO when `config.data.eval_tasks` names such files."
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
 
 from mdm_jax.eval.likelihood import Estimator, EvalError, loglikelihoods
+from mdm_jax.eval.tasks import read_rows
 
 
 def read_questions(path: str, limit: int = 0) -> list[dict]:
-    try:
-        rows = [json.loads(line) for line in open(path, encoding="utf-8") if line.strip()]
-    except (OSError, ValueError) as e:
-        raise EvalError(f"task file {path}: {e}; build it with python -m mdm_jax.eval.tasks"
-                        ) from None
+    need = "a multiple-choice row needs context, choices and answer"
+    rows = read_rows(path, dict.fromkeys(("context", "choices", "answer"), need))
     bad = [i for i, r in enumerate(rows, 1) if not (
-        isinstance(r, dict) and isinstance(r.get("context"), str)
-        and isinstance(r.get("choices"), list) and isinstance(r.get("answer"), int)
-        and 0 <= r["answer"] < len(r["choices"]))]
+        isinstance(r["context"], str) and isinstance(r["choices"], list)
+        and isinstance(r["answer"], int) and 0 <= r["answer"] < len(r["choices"]))]
     if bad:
-        raise EvalError(f"task file {path} line {bad[0]}: needs \"context\", \"choices\" and "
-                        f"an \"answer\" index into the choices")
+        raise EvalError(f"task file {path} row {bad[0]}: needs a \"context\" string, a "
+                        f"\"choices\" list and an \"answer\" index into the choices")
     return rows[:limit] if limit else rows
 
 
