@@ -6,6 +6,8 @@
    target <= 1.5x the parameter bytes (float32).
 3. In another child, restores the parameters and saves the same tensors with a plain
    `safetensors.numpy.save_file`, for the MB/s baseline.
+4. Imports the export folder back (`python -m mdm_jax.export.load`, a child) and reads its
+   peak RSS, also above a child that only imports the libraries.
 
     python benchmarks/export.py                     # 336M, llada-hf (streamed safetensors)
     python benchmarks/export.py --format litgpt     # adds the .pth state dict
@@ -56,6 +58,10 @@ ckpt = Checkpointer(workdir)
 ckpt.save(1, state, None, resolved_config(c, trainer), {"preset": preset}, force=True)
 ckpt.close()
 """
+
+
+# What an import process holds before it reads a byte: its libraries.
+CHILD_IMPORTS = "import jax, torch, transformers, orbax.checkpoint; jax.devices()"
 
 
 def _child(cmd: list[str]) -> tuple[float, float, str]:
@@ -111,6 +117,19 @@ def main() -> None:
     print(f"plain safetensors save_file of the same tensors: {save_s:.1f}s = "
           f"{mb / save_s:,.0f} MB/s (write only); whole child {base_s:.1f}s")
     print(f"ratio export / (plain restore + save) wall time: {exp_s / base_s:.2f}")
+    # The import side: the export folder back into a workdir (the weights alone)
+    back = os.path.join(args.workdir, f"{args.preset}_{args.format}_imported")
+    if os.path.isdir(back):
+        import shutil
+
+        shutil.rmtree(back)
+    imp_s, imp_rss, _ = _child([sys.executable, "-m", "mdm_jax.export.load", "--format",
+                                args.format, "--model", out_dir, "--out", back])
+    bare_s, bare_rss, _ = _child([sys.executable, "-c", CHILD_IMPORTS])
+    print(f"import ({args.format}) peak RSS {imp_rss / 1e6:,.0f} MB = "
+          f"{imp_rss / param_bytes:.2f}x the parameters (target <= 1.5x); "
+          f"{(imp_rss - bare_rss) / param_bytes:.2f}x above a process that only imports its "
+          f"libraries ({bare_rss / 1e6:,.0f} MB); {imp_s:.1f}s")
 
 
 if __name__ == "__main__":

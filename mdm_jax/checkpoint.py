@@ -438,13 +438,22 @@ class StepReader:
             raise self.error(_damage(self.directory, self.step, e, self.steps)) from e
 
 
-def saved_param_shapes(directory: str, step: int) -> dict[str, tuple]:
-    """{"blocks/wq": shape, ...} of the params saved at `step`, read from the state item's
-    own array metadata (no array is read)."""
+def _saved_state_tree(directory: str, step: int) -> dict:
+    """The state item's tree of array metadata at `step` (no array is read)."""
     tree = ocp.PyTreeCheckpointer().metadata(storage.join(directory, str(step), "state"))
-    tree = getattr(tree.item_metadata, "tree", tree.item_metadata)["params"]
+    return getattr(tree.item_metadata, "tree", tree.item_metadata)
+
+
+def saved_param_shapes(directory: str, step: int) -> dict[str, tuple]:
+    """{"blocks/wq": shape, ...} of the params saved at `step`."""
+    tree = _saved_state_tree(directory, step)["params"]
     flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
     return {checksum.path_name(path): tuple(leaf.shape) for path, leaf in flat}
+
+
+def weights_only(directory: str, step: int) -> bool:
+    """Whether `step` holds the weights alone (an import: no optimizer state, no counters)."""
+    return "opt_state" not in _saved_state_tree(directory, step)
 
 
 def read_step(workdir: str, step: int | None = None, read=None, error=CheckpointError):

@@ -30,6 +30,7 @@ from mdm_jax.checkpoint import (
     CheckpointError,
     abstract_with_shardings,
     saved_param_shapes,
+    weights_only,
 )
 from mdm_jax.presets import get_preset
 from mdm_jax.profiling import StepProfiler
@@ -287,9 +288,34 @@ def check_param_tree(ckpt, abstract_params, config_json: dict) -> None:
           "checkpoints are intact.")
 
 
+def restore_weights_only(c, trainer: Trainer, ckpt, step: int) -> TrainState:
+    """The train state of a step that holds the weights alone (an import): those weights on
+    the mesh, a fresh optimizer state and counters, the step kept."""
+    from mdm_jax.checkpoint import read_step
+
+    target = abstract_with_shardings(trainer.abstract_state, trainer.state_sharding).params
+    params, _ = read_step(c.workdir, step, lambda reader: reader.params(target),
+                          error=CheckpointError)
+    state = trainer.create_state(c.seed)
+    with trainer.context():
+        state = state.replace(params=params, step=jax.device_put(
+            jnp.asarray(step, state.step.dtype), state.step.sharding))
+    if jax.process_index() == 0:
+        print(f"[mdm_jax] starting from the weights of {ckpt.directory}/{step} (imported: "
+              f"the optimizer starts fresh)", flush=True)
+    return state
+
+
 def _restore_or_init(c, trainer: Trainer, ckpt, train_iter, config_json: dict) -> TrainState:
     same_data = check_resume(ckpt, config_json)
     check_param_tree(ckpt, trainer.abstract_state.params, config_json)
+    steps = ckpt.all_steps()
+    try:
+        imported = bool(steps) and weights_only(ckpt.directory, steps[-1])
+    except Exception:  # noqa: BLE001  (unreadable: restore_latest reports the damage)
+        imported = False
+    if imported:
+        return restore_weights_only(c, trainer, ckpt, steps[-1])
     target = abstract_with_shardings(trainer.abstract_state, trainer.state_sharding)
     state, step = ckpt.restore_latest(target, train_iter if same_data else None)
     if state is None:

@@ -145,8 +145,15 @@ def test_trained_checkpoint_exports_and_trains_again(tiny_data, tmp_path):
     assert meta["tokenizer"] == "tokenizer.model"  # shipped: the run's tokenizer is found
     # The imported checkpoint is a run that training continues from.
     assert import_checkpoint("litgpt", str(tmp_path / "lit"), str(tmp_path / "back")) == 10
+    from mdm_jax.checkpoint import weights_only
+
+    back = str(tmp_path / "back" / "checkpoints")
+    assert weights_only(back, 10)  # the weights alone: no optimizer state to hold in memory
     again = train(config(tmp_path / "back", 13))
-    assert int(again.state.step) == 13
+    assert int(again.state.step) == 13 and 10 < again.history[0]["step"] <= 13
+    # It trained the imported weights: its loss is at the original run's level
+    assert again.history[0]["loss"] < min(h["loss"] for h in result.history) + 0.1
+    assert not weights_only(back, 13)  # training saved the whole state
 
 
 def test_bfloat16_export_rounds_each_weight(tmp_path):

@@ -241,7 +241,7 @@ def read_leaves(fmt: str, get: Callable[[str], np.ndarray], keys: set[str], dims
         if tuple(array.shape) != want:
             raise ExportError(f"{source}: tensor {name} has shape {tuple(array.shape)}, "
                               f"expected {want}")
-        values = entry.from_torch(dims, array.astype(np.float32))
+        values = entry.from_torch(dims, array.astype(np.float32, copy=False))
         for leaf, value in zip(entry.leaves, values, strict=True):
             out[(leaf, layer)] = value
     return out
@@ -249,7 +249,9 @@ def read_leaves(fmt: str, get: Callable[[str], np.ndarray], keys: set[str], dims
 
 def params_tree(leaves: dict[tuple[str, int | None], np.ndarray], dims: Dims,
                 scanned: bool = True) -> dict:
-    """The mdm_jax parameter tree (nn.scan layout: per-layer leaves stacked on axis 0)."""
+    """The mdm_jax parameter tree (nn.scan layout: per-layer leaves stacked on axis 0).
+    Consumes `leaves`: each layer's array is dropped once stacked, so the stacking never holds
+    two copies of the model."""
     tree: dict = {}
 
     def put(node: dict, path: list[str], value) -> None:
@@ -259,13 +261,12 @@ def params_tree(leaves: dict[tuple[str, int | None], np.ndarray], dims: Dims,
 
     per_layer = sorted({leaf for leaf, layer in leaves if layer is not None})
     for leaf in per_layer:
-        layers = [leaves[(leaf, i)] for i in range(dims.n_layer)]
+        layers = [leaves.pop((leaf, i)) for i in range(dims.n_layer)]
         if scanned:
             put(tree, ["blocks", *leaf.split("/")], np.stack(layers))
         else:
             for i, value in enumerate(layers):
                 put(tree, [f"block_{i}", *leaf.split("/")], value)
-    for (leaf, layer), value in leaves.items():
-        if layer is None:
-            put(tree, leaf.split("/"), value)
+    for (leaf, _), value in leaves.items():  # the global leaves: all that is left
+        put(tree, leaf.split("/"), value)
     return tree
