@@ -11,15 +11,20 @@ Facts relied on (read from the tools' own source / reference, 2026-11):
 - gcloud compute tpus tpu-vm: create NAME --zone --accelerator-type --version [--spot];
   describe NAME --zone --format='value(state)' gives READY, PREEMPTED, TERMINATED, ...;
   ssh/scp take --worker=all (the default is worker 0 alone).
-- Slurm 22.05: srun no longer inherits --cpus-per-task from sbatch (pass it to srun).
+- Slurm 22.05: srun no longer inherits --cpus-per-task from sbatch (pass it to srun);
+  `srun --kill-on-bad-exit=1` kills the whole step at the first task that exits non-zero (any
+  code) or by a signal; a step's signals (scancel, --signal) reach every process of a task.
 """
 
 from __future__ import annotations
 
 import os
 import shlex
+import signal
 import subprocess
+import sys
 import textwrap
+import time
 
 from conftest import write_study
 
@@ -72,8 +77,8 @@ def test_slurm_launcher_checks_then_trains_and_requeues_on_preemption():
     lines = out.stdout.splitlines()
     assert lines[1] == ("srun --kill-on-bad-exit=1 --cpus-per-task=32 .venv/bin/python -m "
                         "mdm_jax.distributed --check")
-    assert lines[2] == ("srun --kill-on-bad-exit=1 --cpus-per-task=32 .venv/bin/python -m "
-                        "mdm_jax.train --config=experiments/smdm.py:1028M "
+    assert lines[2] == ("srun --kill-on-bad-exit=1 --cpus-per-task=32 bash launch/slurm_task.sh "
+                        ".venv/bin/python -m mdm_jax.train --config=experiments/smdm.py:1028M "
                         "--config.preemption_exit_code=42")
     header = [line for line in open(os.path.join(ROOT, "launch/slurm.sbatch"))
               if line.startswith("#SBATCH")]
@@ -81,7 +86,39 @@ def test_slurm_launcher_checks_then_trains_and_requeues_on_preemption():
                    "--signal=TERM@300", "--open-mode=append"):
         assert any(option in line for line in header), option
     script = open(os.path.join(ROOT, "launch/slurm.sbatch")).read()
-    assert 'if [ "$rc" = 42 ]' in script and 'scontrol requeue "$SLURM_JOB_ID"' in script
+    assert 'scontrol requeue "$SLURM_JOB_ID"' in script
+
+
+def test_slurm_task_turns_a_saved_preemption_into_a_good_exit(tmp_path):
+    """srun would kill every task at the first exit 42: the wrapper makes it 0 and leaves the
+    batch script a mark, passes any other code on (a kill as 128+N), and outlives the SIGTERM
+    that Slurm sends to every process of the task while the trainer saves."""
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    env = _env(MDM_JAX_SLURM_MARKS=str(marks))
+
+    def task(code, procid):
+        return subprocess.Popen(["bash", "launch/slurm_task.sh", sys.executable, "-c", code],
+                                cwd=ROOT, env=dict(env, SLURM_PROCID=procid),
+                                start_new_session=True)
+
+    assert task("raise SystemExit(42)", "3").wait(timeout=60) == 0
+    assert os.listdir(marks) == ["3"]
+    assert task("raise SystemExit(3)", "4").wait(timeout=60) == 3
+    assert task("import os, signal; os.kill(os.getpid(), signal.SIGKILL)", "4").wait(
+        timeout=60) == 128 + signal.SIGKILL
+    assert os.listdir(marks) == ["3"]
+    ready = tmp_path / "ready"
+    trainer = task("import pathlib, signal, sys, time\n"
+                   "signal.signal(signal.SIGTERM, lambda *_: sys.exit(42))  # saves, exits 42\n"
+                   f"pathlib.Path({str(ready)!r}).touch()\ntime.sleep(120)", "5")
+    end = time.monotonic() + 60
+    while not ready.exists():
+        assert trainer.poll() is None and time.monotonic() < end
+        time.sleep(0.05)  # polling for the handler to be in place
+    os.killpg(trainer.pid, signal.SIGTERM)  # the shell and the trainer, as slurmstepd does
+    assert trainer.wait(timeout=60) == 0
+    assert sorted(os.listdir(marks)) == ["3", "5"]
 
 
 def test_tpu_vm_launcher(tmp_path):

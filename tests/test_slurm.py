@@ -1,8 +1,10 @@
 """A real Slurm 22.05 on localhost (slurmctld + slurmd + munge from Debian's slurm-wlm) runs
 launch/slurm.sbatch with 2 tasks on CPU devices: both processes join jax.distributed, train and
-checkpoint; `scancel --signal=TERM` makes them save the same step and exit 42; the script
-requeues the job, which resumes and finishes with losses bitwise identical to an uninterrupted
-job. The sweep's Slurm backend leaves a run alone while its job is still queued or running.
+checkpoint; `scancel --signal=TERM` makes them save the same step and exit 42 (task 1's save
+slowed down on purpose, and srun never kills a task for it); the script requeues the job, which
+resumes and finishes with losses bitwise identical to an uninterrupted job. A task killed
+outright fails the job with a one-line hint to resubmit. The sweep's Slurm backend leaves a run
+alone while its job is still queued or running.
 Skipped, with the reason, where the Slurm daemons are not installed (`.ci/run` installs them).
 """
 
@@ -12,6 +14,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -52,10 +55,42 @@ def _env(conf: str) -> dict:
     return env
 
 
-def _config(tmp_path, tiny_data, workdir) -> str:
+# Loaded by each trainer with its config: task 1 writes its data position slowly at every
+# final save (the preemption's and the run's last), as a slow disk would.
+SLOW_FINAL_SAVE = """
+import os, time
+if os.environ.get("SLURM_PROCID") == "1":
+    import grain.checkpoint
+    from mdm_jax.checkpoint import Checkpointer
+    final, save, write = [False], Checkpointer.save, grain.checkpoint.CheckpointHandler.save
+
+    def save_noting_final(self, *args, force=False, **kwargs):
+        final[0] = force
+        return save(self, *args, force=force, **kwargs)
+
+    def slow_write(self, *args, **kwargs):
+        if final[0]:
+            time.sleep(5)
+        write(self, *args, **kwargs)
+        if final[0]:
+            print("[test] task 1 wrote its slow save", flush=True)
+
+    Checkpointer.save, grain.checkpoint.CheckpointHandler.save = save_noting_final, slow_write
+"""
+
+# Loaded by each trainer with its config: where to find task 1's trainer, to kill it.
+WRITE_PID = """
+import os
+with open(os.path.join(WORKDIR, f"task{os.environ['SLURM_PROCID']}.pid"), "w") as f:
+    f.write(str(os.getpid()))
+"""
+
+
+def _config(tmp_path, tiny_data, workdir, prelude: str = "") -> str:
     path = tmp_path / f"cfg_{os.path.basename(workdir)}.py"
     path.write_text(
-        f"import sys\nsys.path.insert(0, {TESTS!r})\nfrom conftest import nano_config\n\n"
+        f"import sys\nsys.path.insert(0, {TESTS!r})\nfrom conftest import nano_config\n"
+        f"WORKDIR = {str(workdir)!r}\n{prelude}\n"
         "def get_config():\n"
         "    return nano_config(**{"
         f"'data.train_dir': {tiny_data['train']!r}, 'data.eval_dir': '', "
@@ -108,7 +143,7 @@ def test_sbatch_joins_trains_saves_on_sigterm_and_resumes_after_requeue(slurm, t
     for d in (ref_dir, run_dir):
         d.mkdir()
     ref = _sbatch(slurm, _config(tmp_path, tiny_data, ref_dir), ref_dir)
-    job = _sbatch(slurm, _config(tmp_path, tiny_data, run_dir), run_dir)
+    job = _sbatch(slurm, _config(tmp_path, tiny_data, run_dir, SLOW_FINAL_SAVE), run_dir)
     # Preempt the job once it is training (a few steps logged), as Slurm would.
     end = time.monotonic() + 300
     while _logged_steps(run_dir) < 3:
@@ -130,10 +165,39 @@ def test_sbatch_joins_trains_saves_on_sigterm_and_resumes_after_requeue(slurm, t
     assert f"requeueing job {job}" in log and f"resumed from {run_dir}/checkpoints/" \
         f"{saved.group(1)}" in log
     assert 3 <= int(saved.group(1)) < STEPS
+    # Task 1's slow saves finished, and no task's exit was a bad exit to srun: srun never
+    # killed the tasks (it would at the first exit 42, mid-save or not).
+    assert log.count("[test] task 1 wrote its slow save") == 2, log[-3000:]
+    assert not re.search(r"srun: .*(Exited with exit code|Terminating StepId)", log), log[-3000:]
     # The requeued run continued exactly: every step's loss equals the uninterrupted job's.
     losses, reference = _losses(run_dir), _losses(ref_dir)
     assert sorted(losses) == list(range(1, STEPS + 1)) == sorted(reference)
     assert losses == reference
+
+
+def test_a_task_killed_outright_fails_the_job_with_a_hint_to_resubmit(slurm, tiny_data,
+                                                                      tmp_path):
+    run_dir = tmp_path / "killed"
+    run_dir.mkdir()
+    config = _config(tmp_path, tiny_data, run_dir, WRITE_PID)
+    job = _sbatch(slurm, config, run_dir)
+    end = time.monotonic() + 300
+    while not (run_dir / "checkpoints" / "10").exists():  # a finished save to resume from
+        assert time.monotonic() < end, _job(slurm, job)
+        assert _job(slurm, job).get("JobState") in ("PENDING", "RUNNING"), _job(slurm, job)
+        time.sleep(0.2)  # polling the trainer's progress
+    os.kill(int((run_dir / "task1.pid").read_text()), signal.SIGKILL)  # as the OOM killer would
+    final = _wait(slurm, job, lambda j: j.get("JobState") in ("COMPLETED", "FAILED",
+                                                                "CANCELLED", "TIMEOUT"))
+    log = open(os.path.join(run_dir, f"slurm-{job}.out"), errors="replace").read()
+    assert (final["JobState"], final["ExitCode"], final["Restarts"]) == ("FAILED", "137:0",
+                                                                         "0"), log[-3000:]
+    hints = [line for line in log.splitlines() if line.startswith("[slurm] a training task")]
+    assert hints == [
+        "[slurm] a training task was killed by SIGKILL (exit 137) and only a preemption that "
+        "saved (exit 42) requeues: resubmit the job with the same options (sbatch ... "
+        f"launch/slurm.sbatch --config={config}) and it resumes from its last checkpoint"], \
+        log[-3000:]
 
 
 def test_sweep_does_not_resubmit_a_run_whose_job_is_queued_or_running(slurm, tiny_data,
