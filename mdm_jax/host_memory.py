@@ -8,7 +8,10 @@ Serving every allocation from one arena's heap and never trimming it makes the s
 the first step's pages, as tcmalloc would (measured the same; see BUILD_NOTES "Speed").
 
 `tune()` runs when mdm_jax is imported, before jax allocates. Memory is then kept at its peak
-for the life of the process, which is what a training or inference process wants. Set
+for the life of the process, which is what a training or inference process wants. A process
+that alternates two programs with large temporaries (training and its evaluations) calls
+`trim()` between them: without it, the second program's buffers rarely fit the first one's freed
+chunks and the heap grows by their sum instead of their maximum. Set
 MDM_JAX_MALLOC=system to keep glibc's defaults; nothing is done under other C libraries (musl,
 macOS) or when another allocator was preloaded.
 """
@@ -23,11 +26,12 @@ import platform
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
 
 tuned = False  # whether tune() changed the allocator in this process
+_libc = None
 
 
 def tune() -> bool:
     """Apply the settings once; returns whether they are in effect."""
-    global tuned
+    global tuned, _libc
     if tuned:
         return True
     if (os.environ.get("MDM_JAX_MALLOC", "") == "system" or platform.system() != "Linux"
@@ -40,4 +44,13 @@ def tune() -> bool:
     tuned = bool(libc.mallopt(_M_MMAP_MAX, 0)            # no per-allocation mmap/munmap
                  and libc.mallopt(_M_TRIM_THRESHOLD, -1)  # never shrink the heap (-1: SIZE_MAX)
                  and libc.mallopt(_M_ARENA_MAX, 1))      # one heap: threads share freed pages
+    _libc = libc if tuned else None
     return tuned
+
+
+def trim() -> None:
+    """Hand the heap's free pages back to the kernel (glibc's malloc_trim), where tune() keeps
+    them: between two programs whose temporaries would otherwise add up. The next run of a
+    program faults its temporaries in once more (about one step's worth)."""
+    if _libc is not None:
+        _libc.malloc_trim(0)

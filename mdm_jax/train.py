@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_flags
 
-from mdm_jax import autofit, compile_cache, errors, flops, storage
+from mdm_jax import autofit, compile_cache, errors, flops, host_memory, storage
 from mdm_jax import config as config_lib
 from mdm_jax.checkpoint import (
     Checkpointer,
@@ -459,8 +459,10 @@ class TrainLoop:
 
         def run_hooks(step: int, due: list[Hook]) -> None:
             scores = {}
-            for hook in due:
+            host_memory.trim()  # evaluation's temporaries take the train step's pages, and
+            for hook in due:    # give theirs back after: the heap holds the larger, not both
                 scores.update(hook.fn(trainer, state) or {})
+            host_memory.trim()
             for name in [k for k, v in scores.items() if isinstance(v, list)]:
                 writer.text(step, name, scores.pop(name))  # texts: the end-of-run samples
             if not scores:
