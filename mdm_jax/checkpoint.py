@@ -94,24 +94,28 @@ class _OrbaxErrorsToDebug(logging.Filter):
         return True
 
 
-class _UnretrievedWriteErrorsToDebug(logging.Filter):
-    """asyncio reports, when it collects them, the TensorStore writes of a failed save that
-    nobody awaited ("Task exception was never retrieved ... os_error_code=28"): the failure
-    was already reported as the one `error:` line; kept at DEBUG unless MDM_JAX_DEBUG."""
+class _UnretrievedTensorStoreErrorsToDebug(logging.Filter):
+    """asyncio reports, whenever the garbage collector gets to them, the TensorStore futures of
+    a failed call that nobody awaited once the first failure was raised ("Task exception was
+    never retrieved"): the writes of a failed save (os_error_code=28), and the array reads of
+    a damaged step (one undecompressable index node fails the opening of every array: dozens of
+    tracebacks around the one "damaged and was skipped" line). The failure was reported once
+    already; these are kept at DEBUG unless MDM_JAX_DEBUG."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if debug() or "never retrieved" not in record.getMessage():
             return True
         exc = record.exc_info[1] if record.exc_info else None
         text = f"{record.getMessage()} {exc!r}"
-        return not ("os_error_code" in text or "RESOURCE_EXHAUSTED" in text
-                    or "No space left" in text)
+        # (_wrap_awaitable: the task asyncio makes around a TensorStore future)
+        return not ("_wrap_awaitable" in text or "os_error_code" in text
+                    or "RESOURCE_EXHAUSTED" in text or "No space left" in text)
 
 
 @functools.cache
 def _quiet_orbax_errors() -> None:
     logging.getLogger("absl").addFilter(_OrbaxErrorsToDebug())
-    logging.getLogger("asyncio").addFilter(_UnretrievedWriteErrorsToDebug())
+    logging.getLogger("asyncio").addFilter(_UnretrievedTensorStoreErrorsToDebug())
     # After a failed save, TensorStore's pending writes complete onto Orbax's closed event loop
     # and each reports "Event loop is closed" as an unraisable error: noise, not news.
     previous = sys.unraisablehook
@@ -149,7 +153,8 @@ class Checkpointer:
                  every_minutes: float = 0.0, read_only: bool = False):
         self.directory = storage.join(workdir, "checkpoints")  # local or gs://
         if jax.process_index() == 0 and not read_only:  # inference may read a read-only copy
-            _check_writable(self.directory)
+            with storage.waiting(self.directory, "opening the checkpoints"):
+                _check_writable(self.directory)
         self.every = every
         self.every_minutes = every_minutes
         self._last_save_time = time.monotonic()
@@ -162,7 +167,9 @@ class Checkpointer:
             enable_async_checkpointing=True,
             enable_background_delete=True,  # pruning old steps must not stall the loop
         )
-        self.manager = ocp.CheckpointManager(self.directory, item_names=ITEMS, options=options)
+        with storage.waiting(self.directory, "listing the checkpoints"):
+            self.manager = ocp.CheckpointManager(self.directory, item_names=ITEMS,
+                                                 options=options)
         self._writing: int | None = None  # the step of the save running in the background
         self._failure_reported = False
         self._state_bytes = 0  # of the last state saved, to say how much space a save needs
@@ -200,8 +207,9 @@ class Checkpointer:
         try:
             # The fingerprints also go into the step's own metadata (_CHECKPOINT_METADATA):
             # a step that lost its `meta` folder is still checked, never trusted blindly.
-            saved = self.manager.save(step, args=args, force=True,
-                                      custom_metadata={"checksums": sums})
+            with storage.waiting(self.directory, f"saving step {step}"):
+                saved = self.manager.save(step, args=args, force=True,
+                                          custom_metadata={"checksums": sums})
         except Exception as e:  # noqa: BLE001  (TensorStore raises ValueError for OS errors)
             raise self._failed(step, e) from e
         if saved:
@@ -218,7 +226,8 @@ class Checkpointer:
         step = self._writing
         try:
             if wait:
-                self.manager.wait_until_finished()
+                with storage.waiting(self.directory, f"saving step {step}"):
+                    self.manager.wait_until_finished()
             else:
                 self.manager.check_for_errors()
         except Exception as e:  # noqa: BLE001
@@ -262,7 +271,8 @@ class Checkpointer:
         if data_iterator is not None:
             restore_args["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         saved = self.fingerprints(step, meta)  # before reading any array
-        restored = self.manager.restore(step, args=ocp.args.Composite(**restore_args))
+        with storage.waiting(self.directory, f"reading step {step}"):
+            restored = self.manager.restore(step, args=ocp.args.Composite(**restore_args))
         check_fingerprints(self.directory, step, restored["state"], saved)
         return restored["state"]
 
@@ -312,6 +322,11 @@ class Checkpointer:
         aside = storage.as_path(self.directory).parent / DAMAGED_DIR
         if jax.process_index() == 0:
             aside.mkdir(parents=True, exist_ok=True)
+            # Object storage has no empty folders, and a rename needs its target's folder
+            # (etils): an object in it makes it exist.
+            if storage.is_remote(self.directory):
+                storage.write_text(aside / "README.txt",
+                                   "damaged checkpoints that mdm_jax moved out of the way\n")
             for step in steps:
                 target = aside / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
                 (storage.as_path(self.directory) / str(step)).rename(target)
@@ -333,7 +348,8 @@ class Checkpointer:
     def wait(self) -> None:
         self.raise_if_failed(wait=True)
         if not self._failure_reported:  # Orbax would raise the reported failure again
-            self.manager.wait_until_finished()
+            with storage.waiting(self.directory, "finishing the last save"):
+                self.manager.wait_until_finished()
 
     def close(self) -> None:
         """Wait for the last save and release Orbax's threads; a failure already reported

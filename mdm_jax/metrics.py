@@ -24,6 +24,7 @@ class MetricWriter:
         are dropped, so the file keeps one row per step when that run is resumed; the
         trackers drop them too. `config`: the resolved config, the trackers' hyper-parameters."""
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
+        self._workdir = workdir
         self._jsonl = None
         self._trackers = []
         self._remote_path = None
@@ -32,9 +33,13 @@ class MetricWriter:
         self._last_flush = time.monotonic()
         if self.enabled:
             root = storage.as_path(workdir)
-            root.mkdir(parents=True, exist_ok=True)
             path = root / "metrics.jsonl"
-            lines = path.read_text().splitlines(keepends=True) if path.exists() else []
+
+            def read() -> list[str]:
+                root.mkdir(parents=True, exist_ok=True)
+                return path.read_text().splitlines(keepends=True) if path.exists() else []
+
+            lines = storage.retrying(str(path), "reading", read)
             kept = [line for line in lines if _logged_at_or_before(line, resume_step)]
             if storage.is_remote(workdir):
                 self._remote_path = path
@@ -45,8 +50,9 @@ class MetricWriter:
                     tmp.write_text("".join(kept))
                     tmp.replace(path)
                 self._jsonl = open(path, "a", buffering=1)
-            self._trackers = trackers_lib.start(trackers_lib.parse(",".join(trackers)), workdir,
-                                                config or {}, resume_step)
+            with storage.waiting(workdir, "starting the trackers"):
+                self._trackers = trackers_lib.start(trackers_lib.parse(",".join(trackers)),
+                                                    workdir, config or {}, resume_step)
 
     def _append(self, row: dict) -> None:
         line = json.dumps(row) + "\n"
@@ -79,10 +85,11 @@ class MetricWriter:
         if not self.enabled:
             return
         if self._remote_path is not None:
-            self._remote_path.write_text("".join(self._remote_lines))
+            storage.write_text(self._remote_path, "".join(self._remote_lines))
             self._last_flush = time.monotonic()
-        for tracker in self._trackers:
-            tracker.flush()
+        with storage.waiting(self._workdir, "writing the trackers' files"):
+            for tracker in self._trackers:
+                tracker.flush()
 
     def close(self) -> None:
         if self._remote_path is not None:

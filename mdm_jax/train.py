@@ -431,10 +431,11 @@ class TrainLoop:
         ckpt = Checkpointer(c.workdir, every=c.checkpoint_every, keep=c.checkpoint_keep,
                             keep_period=c.checkpoint_keep_period,
                             every_minutes=c.checkpoint_minutes)
-        state = _restore_or_init(c, trainer, ckpt, train_iter, config_json)
+        with storage.waiting(ckpt.directory, "reading the checkpoints"):
+            state = _restore_or_init(c, trainer, ckpt, train_iter, config_json)
         if pindex == 0:  # a readable copy of what the checkpoints hold
-            (storage.as_path(c.workdir) / "config.json").write_text(
-                json.dumps(config_json, indent=1) + "\n")
+            storage.write_text(storage.join(c.workdir, "config.json"),
+                               json.dumps(config_json, indent=1) + "\n")
         meta = {"preset": c.model.preset, "mesh": dict(trainer.mesh.shape),
                 "process_count": jax.process_count(), "devices": trainer.mesh.size,
                 "device_kind": jax.devices()[0].device_kind}
@@ -493,7 +494,9 @@ class TrainLoop:
                 t_last, steps_since = time.perf_counter(), 0
                 for step in bar:
                     with profiler.step(step + 1):
-                        state, metrics = step_fn(state, trainer.to_global(next(train_iter)))
+                        with storage.waiting(c.data.train_dir, "reading training data"):
+                            batch = next(train_iter)  # (watched only when the data is remote)
+                        state, metrics = step_fn(state, trainer.to_global(batch))
                     if profiler.after(step + 1, (state, metrics)) and pindex == 0:
                         bar.write(f"[mdm_jax] profile of steps {c.profile.steps} written under "
                                   f"{c.workdir}/plugins/profile (tensorboard --logdir "

@@ -229,6 +229,41 @@ def test_changed_checkpoint_bytes_are_caught_on_restore_export_and_resume(tiny_d
     assert all(np.isfinite(h["loss"]) for h in resumed.history)
 
 
+@pytest.mark.parametrize("debug", [False, True])
+def test_the_unawaited_failures_of_a_damaged_step_print_no_traceback(tmp_path, monkeypatch,
+                                                                     caplog, debug):
+    """One undecompressable index node fails the opening of every array of a step: Orbax raises
+    the first failure (reported as the one "damaged and was skipped" line) and asyncio reports
+    each of the others, whenever the garbage collector meets it, as "Task exception was never
+    retrieved" with a traceback (dozens around that line). Here one TensorStore open fails
+    unawaited, as in asyncio.gather: shown only with MDM_JAX_DEBUG."""
+    import asyncio
+    import gc
+
+    import tensorstore as ts
+
+    Checkpointer(str(tmp_path / "run")).close()  # installs mdm_jax's logging filters
+    if debug:
+        monkeypatch.setenv("MDM_JAX_DEBUG", "1")
+    else:
+        monkeypatch.delenv("MDM_JAX_DEBUG", raising=False)
+    spec = {"driver": "zarr", "kvstore": {"driver": "file", "path": str(tmp_path / "none")}}
+
+    async def fail_unawaited():
+        task = asyncio.ensure_future(ts.open(spec, open=True))  # wrapped as gather wraps it
+        await asyncio.wait([task])  # finished with an error nobody retrieves
+
+    loop = asyncio.new_event_loop()
+    loop.run_until_complete(fail_unawaited())
+    loop.close()
+    with caplog.at_level("ERROR", logger="asyncio"):
+        gc.collect()  # asyncio reports the task when it is collected
+    unretrieved = [r for r in caplog.records if "never retrieved" in r.getMessage()]
+    assert len(unretrieved) == int(debug), caplog.text
+    if debug:
+        assert "_wrap_awaitable" in unretrieved[0].getMessage()
+
+
 def test_fingerprints_agree_on_host_on_device_and_across_shardings():
     import jax
     import jax.numpy as jnp

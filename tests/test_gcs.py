@@ -8,16 +8,21 @@ documented endpoint setting:
 - EPATH_USE_TF=false: with TensorFlow installed etils would use tf.io.gfile, whose GCS address
   is built in (no emulator setting exists for it).
 A study run trains with its workdir on gs://, reading data prepared onto gs://, is killed with
-SIGKILL, resumes bitwise, is collected by the sweep, and exports straight from gs://.
+SIGKILL, resumes bitwise, is collected by the sweep, and exports straight from gs://. A run whose
+storage stops answering (the server stopped with SIGSTOP: connections are accepted, never
+answered) says so while it waits, and finishes once the server answers again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.parse
 import urllib.request
@@ -25,9 +30,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import SEQ_LEN, write_study
+from conftest import REPO, SEQ_LEN, trainer_command, write_study
 
-from mdm_jax import flops
+from mdm_jax import flops, storage
 from mdm_jax.presets import get_preset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,8 +48,8 @@ pytestmark = pytest.mark.slow
 class Bucket:
     """The bucket through the plain JSON API (the test's own view, independent of gcsfs)."""
 
-    def __init__(self, url: str):
-        self.url = url
+    def __init__(self, url: str, server: subprocess.Popen | None = None):
+        self.url, self.server = url, server
         self._call("POST", "/storage/v1/b?project=test", json.dumps({"name": BUCKET}).encode(),
                    {"Content-Type": "application/json"})
 
@@ -63,6 +68,11 @@ class Bucket:
     def read(self, name: str) -> bytes:
         return self._call("GET", f"/storage/v1/b/{BUCKET}/o/{urllib.parse.quote(name, '')}"
                                  f"?alt=media")
+
+    def write(self, name: str, data: bytes) -> None:
+        self._call("POST", f"/upload/storage/v1/b/{BUCKET}/o?uploadType=media&name="
+                           f"{urllib.parse.quote(name, '')}", data,
+                   {"Content-Type": "application/octet-stream"})
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +98,7 @@ def gcs(tmp_path_factory):
         end = time.monotonic() + 30
         while True:
             try:
-                yield url, Bucket(url)
+                yield url, Bucket(url, server)
                 break
             except OSError:
                 assert server.poll() is None and time.monotonic() < end, "server did not start"
@@ -197,3 +207,137 @@ def test_gs_workdir_trains_is_killed_resumes_bitwise_exports_and_collects(gcs, t
     assert sorted(exported) == sorted(from_local)
     for name, tensor in exported.items():
         np.testing.assert_array_equal(tensor, from_local[name])
+
+
+@contextlib.contextmanager
+def _paused(bucket: Bucket):
+    """The server stopped (SIGSTOP) as in an outage: the kernel still accepts connections, the
+    server answers none of them until SIGCONT."""
+    os.kill(bucket.server.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(bucket.server.pid, signal.SIGCONT)
+
+
+WAITING = re.compile(r"\[mdm_jax\] waiting for (gs://\S+) \((.*)\): no answer for \d+ s "
+                     r"\(retrying; storage outage\?\)")
+
+
+def test_a_stalled_storage_call_is_reported_and_a_slow_one_is_not(gcs, monkeypatch):
+    url, bucket = gcs
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", url)
+    monkeypatch.setenv(storage.WAIT_ENV, "0.5")
+    said, reported, asked = [], threading.Event(), threading.Event()
+    real_answers = storage.answers
+
+    def answers(path, timeout=10.0):
+        verdict = real_answers(path, timeout)
+        asked.set()
+        return verdict
+
+    def say(line):
+        said.append(f"[mdm_jax] {line}")
+        reported.set()
+
+    monkeypatch.setattr(storage, "answers", answers)
+    monkeypatch.setattr(storage, "_say", say)
+    path = f"gs://{BUCKET}/run/checkpoints"
+    with storage.waiting(path, "saving step 4"):  # slow, but the service answers
+        assert asked.wait(30), "the watchdog never looked"
+    assert said == []
+    with storage.waiting(path, "saving step 6"):
+        with _paused(bucket):
+            assert reported.wait(30), "no line while the service did not answer"
+    assert WAITING.fullmatch(said[0]).groups() == (path, "saving step 6"), said
+    assert re.fullmatch(rf"\[mdm_jax\] {path} answered again after \d+ s \(saving step 6\); "
+                        r"continuing", said[-1]), said
+
+
+def test_a_rewrite_is_retried_while_storage_does_not_answer(gcs, monkeypatch):
+    import portpicker
+
+    url, _ = gcs
+    said = []
+    monkeypatch.setattr(storage, "_say", said.append)
+    monkeypatch.setenv(storage.WAIT_ENV, "1")
+    path = f"gs://{BUCKET}/run/metrics.jsonl"
+    # A failure while the service answers is the caller's to report: raised, no retry.
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", url)
+    with pytest.raises(PermissionError):
+        storage.retrying(path, "writing", lambda: (_ for _ in ()).throw(PermissionError("no")))
+    assert said == []
+    # Nothing listens: the failures (as a client raises them once its own retries are spent)
+    # are retried, one line each with the time waited, until the call succeeds.
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{portpicker.pick_unused_port()}")
+    tries = []
+
+    def write():
+        tries.append(time.monotonic())
+        if len(tries) < 3:
+            raise ConnectionRefusedError("Connect call failed")
+        return "written"
+
+    assert storage.retrying(path, "writing", write) == "written"
+    assert len(said) == 2 and all(re.fullmatch(
+        rf"writing {path} failed: no answer from storage \(ConnectionRefusedError: Connect call "
+        rf"failed\); retrying in \d+ s, waited \d+ s so far \(storage outage\?\)", line)
+        for line in said), said
+    assert tries[2] - tries[0] >= 3  # backed off 1 s, then 2 s
+    monkeypatch.setattr(storage, "GIVE_UP_S", 0.0)
+    with pytest.raises(storage.StorageError, match=r"^writing gs://.* failed: the storage "
+                                                   r"service has not answered for \d+ s"):
+        storage.retrying(path, "writing", lambda: (_ for _ in ()).throw(TimeoutError()))
+
+
+def test_a_run_says_it_waits_for_storage_that_stopped_answering_and_finishes(gcs, tiny_data,
+                                                                            tmp_path):
+    url, bucket = gcs
+    env = dict(_env(url), MDM_JAX_STORAGE_WAIT_S="2", PYTHONUNBUFFERED="1")
+    steps, log = 40, tmp_path / "train.log"
+    with open(log, "w") as out:
+        run = subprocess.Popen(trainer_command(tiny_data, f"gs://{BUCKET}/stall", steps, 2),
+                               cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
+    end = time.monotonic() + 300
+    while not any(n.endswith("checkpoints/2/commit_success.txt")
+                  for n in bucket.names("stall/")):
+        assert run.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < end, "no checkpoint 2 on gs:// in time"
+        time.sleep(0.2)  # polling the bucket
+    with _paused(bucket):  # until the run has said it waits
+        while not WAITING.search(log.read_text()):
+            assert run.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < end, f"no waiting line:\n{log.read_text()[-3000:]}"
+            time.sleep(0.2)  # polling the log
+    assert run.wait(timeout=300) == 0, log.read_text()[-3000:]
+    text = log.read_text()
+    assert "answered again after" in text and "Traceback" not in text, text[-3000:]
+    losses = _losses(bucket.read("stall/metrics.jsonl").decode())
+    assert sorted(losses) == list(range(1, steps + 1))
+
+
+def test_a_damaged_step_on_gs_is_set_aside_with_one_line_and_no_traceback(gcs, tiny_data):
+    """Resuming past a step whose arrays no longer decompress moves every object of that step
+    aside; gcsfs logged a traceback per object (the emulator refuses its move request, as some
+    buckets do) around our one line, and the move itself failed for want of a folder."""
+    url, bucket = gcs
+    env = {k: v for k, v in _env(url).items() if k != "MDM_JAX_DEBUG"}
+    workdir = f"gs://{BUCKET}/damaged"
+    first = subprocess.run(trainer_command(tiny_data, workdir, 6, 2), cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    (node,) = bucket.names("damaged/checkpoints/6/state/d/")  # the root of the arrays' index
+    bucket.write(node, bytes(b ^ 0xFF for b in bucket.read(node)))
+    resumed = subprocess.run(trainer_command(tiny_data, workdir, 8, 2), cwd=REPO, env=env,
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    damaged = [line for line in resumed.stderr.splitlines() if "damaged" in line]
+    assert len(damaged) == 2, resumed.stderr[-3000:]
+    assert (f"checkpoint 6 under {workdir}/checkpoints is damaged and was skipped (ValueError: "
+            f"DATA_LOSS") in damaged[0]
+    assert f"moved damaged checkpoint {workdir}/checkpoints/6 to " in damaged[1]
+    assert not re.search("Traceback|HttpError|moveTo", resumed.stderr), resumed.stderr[-3000:]
+    assert any(n.startswith("damaged/checkpoints_damaged/6-") and n.endswith("/state/" + node
+               .rsplit("/state/", 1)[1]) for n in bucket.names("damaged/checkpoints_damaged/"))
+    losses = _losses(bucket.read("damaged/metrics.jsonl").decode())
+    assert sorted(losses) == list(range(1, 9))  # steps 5 and 6 trained again from step 4
