@@ -480,6 +480,7 @@ class TrainLoop:
             with trainer.context():
                 t0, hits = time.perf_counter(), compile_cache.hits()
                 step_fn = trainer.step.lower(state, trainer.abstract_step_inputs()[1]).compile()
+                host_memory.trim()  # the compiler's freed memory, which no step reuses
                 if pindex == 0 and start < c.steps:
                     cached = " (from the compile cache)" if compile_cache.hits() > hits else ""
                     print(f"[mdm_jax] train step compiled in {time.perf_counter() - t0:.1f}s"
