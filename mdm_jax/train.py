@@ -11,6 +11,7 @@ own (`train(config, hooks=(Hook(fn, every=100),))`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -493,10 +494,13 @@ class TrainLoop:
                 bar = tqdm(range(start, c.steps), initial=start, total=c.steps, desc="train",
                            disable=pindex != 0 or not terminal, dynamic_ncols=True)
                 t_last, steps_since = time.perf_counter(), 0
+                # Remote data is watched for outages; local data costs the loop nothing.
+                watch_data = storage.is_remote(c.data.train_dir)
                 for step in bar:
                     with profiler.step(step + 1):
-                        with storage.waiting(c.data.train_dir, "reading training data"):
-                            batch = next(train_iter)  # (watched only when the data is remote)
+                        with (storage.waiting(c.data.train_dir, "reading training data")
+                              if watch_data else contextlib.nullcontext()):
+                            batch = next(train_iter)
                         state, metrics = step_fn(state, trainer.to_global(batch))
                     if profiler.after(step + 1, (state, metrics)) and pindex == 0:
                         bar.write(f"[mdm_jax] profile of steps {c.profile.steps} written under "
