@@ -117,7 +117,9 @@ def _quiet_orbax_errors() -> None:
     logging.getLogger("absl").addFilter(_OrbaxErrorsToDebug())
     logging.getLogger("asyncio").addFilter(_UnretrievedTensorStoreErrorsToDebug())
     # After a failed save, TensorStore's pending writes complete onto Orbax's closed event loop
-    # and each reports "Event loop is closed" as an unraisable error: noise, not news.
+    # and each reports "Event loop is closed" as an unraisable error: noise, not news. Likewise
+    # the other array reads of a damaged step, abandoned once the first one failed, report
+    # their own failure whenever the garbage collector closes their coroutines.
     previous = sys.unraisablehook
 
     def hook(unraisable) -> None:
@@ -126,7 +128,8 @@ def _quiet_orbax_errors() -> None:
                        and unraisable.object is None
                        and str(unraisable.exc_value) == "Event loop is closed")
         failed_write = "os_error_code" in text or "No space left" in text  # reported already
-        if (closed_loop or failed_write) and not debug():
+        abandoned_read = "_read_array_index_and_device_put" in repr(unraisable.object)
+        if (closed_loop or failed_write or abandoned_read) and not debug():
             return
         previous(unraisable)
 

@@ -257,3 +257,30 @@ def test_cuda12_extra_is_offered_beside_cuda13():
     assert "jax[cuda12]==0.10.2" in extras["cuda12"].split()
     for name in ("cuda", "cuda12", "tpu"):  # pods keep workdirs on gs://
         assert any(line.startswith("gcsfs==") for line in extras[name].split())
+
+
+def test_the_test_runner_keeps_an_xdist_group_on_one_worker(tmp_path):
+    """launch/test.sh runs `--dist loadgroup` so that tests sharing one machine-wide resource
+    (one localhost Slurm on fixed ports, libtpu's lock file) never run side by side. pytest 9
+    with pytest-xdist 3.8 dropped the groups without a word: the two Slurm tests started two
+    clusters on the same ports and one job failed at random."""
+    (tmp_path / "test_grouped.py").write_text(textwrap.dedent("""
+        import os
+        import pytest
+
+        pytestmark = pytest.mark.xdist_group("one_resource")
+
+        @pytest.mark.parametrize("i", range(4))
+        def test_note_worker(i, tmp_path_factory):
+            out = tmp_path_factory.getbasetemp().parent.parent / "workers"
+            with open(out, "a") as f:
+                f.write(os.environ["PYTEST_XDIST_WORKER"] + "\\n")
+    """))
+    (tmp_path / "base").mkdir()
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "2", "--dist", "loadgroup",
+                          "-p", "no:cacheprovider", "--basetemp", str(tmp_path / "base" / "t"),
+                          str(tmp_path / "test_grouped.py")],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    workers = (tmp_path / "base" / "workers").read_text().split()
+    assert len(workers) == 4 and len(set(workers)) == 1, workers

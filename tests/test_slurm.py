@@ -132,6 +132,11 @@ def _losses(workdir) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
+def _log_tail(workdir, job_id) -> str:
+    path = os.path.join(workdir, f"slurm-{job_id}.out")
+    return open(path, errors="replace").read()[-3000:] if os.path.exists(path) else "(no log)"
+
+
 def _logged_steps(workdir) -> int:
     path = os.path.join(workdir, "metrics.jsonl")
     return sum(1 for _ in open(path)) if os.path.exists(path) else 0
@@ -147,8 +152,9 @@ def test_sbatch_joins_trains_saves_on_sigterm_and_resumes_after_requeue(slurm, t
     # Preempt the job once it is training (a few steps logged), as Slurm would.
     end = time.monotonic() + 300
     while _logged_steps(run_dir) < 3:
-        assert time.monotonic() < end, _job(slurm, job)
-        assert _job(slurm, job).get("JobState") in ("PENDING", "RUNNING"), _job(slurm, job)
+        assert time.monotonic() < end, (_job(slurm, job), _log_tail(run_dir, job))
+        assert _job(slurm, job).get("JobState") in ("PENDING", "RUNNING"), (
+            _job(slurm, job), _log_tail(run_dir, job))
         time.sleep(0.2)  # polling the trainer's progress
     subprocess.run(["scancel", "--signal=TERM", job], env=_env(slurm), check=True, timeout=30)
     final = _wait(slurm, job, lambda j: j.get("JobState") in ("COMPLETED", "FAILED",
@@ -183,8 +189,9 @@ def test_a_task_killed_outright_fails_the_job_with_a_hint_to_resubmit(slurm, tin
     job = _sbatch(slurm, config, run_dir)
     end = time.monotonic() + 300
     while not (run_dir / "checkpoints" / "10").exists():  # a finished save to resume from
-        assert time.monotonic() < end, _job(slurm, job)
-        assert _job(slurm, job).get("JobState") in ("PENDING", "RUNNING"), _job(slurm, job)
+        assert time.monotonic() < end, (_job(slurm, job), _log_tail(run_dir, job))
+        assert _job(slurm, job).get("JobState") in ("PENDING", "RUNNING"), (
+            _job(slurm, job), _log_tail(run_dir, job))
         time.sleep(0.2)  # polling the trainer's progress
     os.kill(int((run_dir / "task1.pid").read_text()), signal.SIGKILL)  # as the OOM killer would
     final = _wait(slurm, job, lambda j: j.get("JobState") in ("COMPLETED", "FAILED",
