@@ -112,6 +112,22 @@ class _UnretrievedTensorStoreErrorsToDebug(logging.Filter):
                     or "RESOURCE_EXHAUSTED" in text or "No space left" in text)
 
 
+def _host_array_handlers() -> ocp.handlers.DefaultCheckpointHandlerRegistry:
+    """The items of a step whose state is host numpy arrays left alone while saved. Orbax's
+    default copies every host array before writing it (in case the caller changes it) and
+    compresses each with zstd, which together took 1.85x the arrays' bytes on top of them; here
+    the arrays are written from where they are, uncompressed (float weights barely compress),
+    for about 0.02x. The layout on disk is the trainer's (OCDBT, zarr): every reader reads it."""
+    arrays = ocp.type_handlers.create_type_handler_registry(
+        (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)))
+    registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+    registry.add("state", ocp.args.PyTreeSave, ocp.PyTreeCheckpointHandler(
+        use_compression=False, type_handler_registry=arrays))
+    for item in ("config", "meta"):
+        registry.add(item, ocp.args.JsonSave)
+    return registry
+
+
 @functools.cache
 def _quiet_orbax_errors() -> None:
     logging.getLogger("absl").addFilter(_OrbaxErrorsToDebug())
@@ -153,7 +169,11 @@ class Checkpointer:
     `keep_period`-th step permanently."""
 
     def __init__(self, workdir: str, every: int = 0, keep: int = 3, keep_period: int = 0,
-                 every_minutes: float = 0.0, read_only: bool = False):
+                 every_minutes: float = 0.0, read_only: bool = False,
+                 host_arrays: bool = False):
+        """`host_arrays`: every state saved is a tree of numpy arrays that nothing changes until
+        the save has finished (an import's weights): written as they are (see
+        `_host_array_handlers`)."""
         self.directory = storage.join(workdir, "checkpoints")  # local or gs://
         if jax.process_index() == 0 and not read_only:  # inference may read a read-only copy
             with storage.waiting(self.directory, "opening the checkpoints"):
@@ -170,9 +190,11 @@ class Checkpointer:
             enable_async_checkpointing=True,
             enable_background_delete=True,  # pruning old steps must not stall the loop
         )
+        self.host_arrays = host_arrays
+        layout = (dict(handler_registry=_host_array_handlers()) if host_arrays
+                  else dict(item_names=ITEMS))
         with storage.waiting(self.directory, "listing the checkpoints"):
-            self.manager = ocp.CheckpointManager(self.directory, item_names=ITEMS,
-                                                 options=options)
+            self.manager = ocp.CheckpointManager(self.directory, options=options, **layout)
         self._writing: int | None = None  # the step of the save running in the background
         self._failure_reported = False
         self._state_bytes = 0  # of the last state saved, to say how much space a save needs
@@ -198,7 +220,8 @@ class Checkpointer:
         sums = checksum.fingerprints(state)
         self._state_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(state))
         items = dict(
-            state=ocp.args.StandardSave(state),
+            state=(ocp.args.PyTreeSave(state) if self.host_arrays
+                   else ocp.args.StandardSave(state)),
             config=ocp.args.JsonSave(config_json),
             meta=ocp.args.JsonSave(dict(meta or {}, step=step, saved_at=time.time(),
                                         versions=dict(package_versions()), checksums=sums)),

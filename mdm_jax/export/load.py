@@ -49,13 +49,14 @@ def import_checkpoint(fmt: str, src: str, out: str, preset: str | None = None,
             jax.tree_util.tree_map(lambda x: tuple(np.shape(x)), params) != shapes:
         raise ExportError(f"{src}: the parameter tree does not match preset "
                           f"{c.model.preset}")
-    ckpt = Checkpointer(out)
+    ckpt = Checkpointer(out, host_arrays=True)
     if step in ckpt.all_steps():
         raise ExportError(f"{out} already has a checkpoint at step {step}; choose another "
                           f"--out (nothing was overwritten)")
-    # The weights alone, as the host arrays they were read into: no optimizer state, no copy
-    # on a device (a whole train state was 5.8x the parameter bytes). The first training run
-    # on this workdir makes the optimizer state (train.restore_weights_only).
+    # The weights alone, as the host arrays they were read into and written from where they
+    # are: no optimizer state, no copy on a device or in Orbax (a whole train state was 5.8x
+    # the parameter bytes). The first training run on this workdir makes the optimizer state
+    # (train.restore_weights_only).
     params = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), params)
     ckpt.save(step, {"params": params}, None, resolved_config(c, trainer),
               {"preset": c.model.preset, "imported_from": os.path.abspath(contents.src),
