@@ -8,7 +8,7 @@
 
 Config argument: "smdm" (default; SMDM's grid), "micro" (the first MDM + ARM micro study),
 "micro_families" (five families, budgets that bracket every minimum), "micro_v2" (the second
-micro study: 4x the batch, 4 budgets over 1.3 decades, per-family lr, the low-variance bound;
+micro study: 4x the batch, 3 budgets over 0.86 decades, per-family lr, the low-variance bound;
 "micro_v2,K": its first K budgets, to run it budget by budget into the same folder)
 or "micro_v2_lr,LR" (its lr sweep at one LR; experiments/micro_v2_lr.py runs them all).
 Fields:
@@ -66,20 +66,20 @@ MICRO_FAMILIES_GRID = (
     "7.5e12: 4K,13K,27K,56K,107K,214K,443K",
 )
 
-# The second micro study: 4x the batch (64 x 128 = 8,192 tokens a step) and four budgets over
-# 1.3 decades, 2.2e12-4.4e13, each row's sizes (about 1.5x apart) around each kind of family's
+# The second micro study: 4x the batch (64 x 128 = 8,192 tokens a step) and three budgets over
+# 0.86 decades, 2.2e12-1.6e13, each row's sizes (about 1.5x apart) around each kind of family's
 # minimum: the diffusion families' below the ARM's. A first row at 8e11 (the lr sweep's
 # budget) was dropped: at this batch the masked families' best size there was the smallest
-# preset (BUILD_NOTES "Study v2").
+# preset. The top budget holds the MDM and the ARM alone, five and six sizes around the minima
+# the lower budgets point to, and 4.4e13 was dropped: the planned grid's last two budgets were
+# about 20 hours of this 2-core machine (BUILD_NOTES "Study v2").
 DIFFUSION = "mdm,mdm-ce,uniform,eso"
 MICRO_V2_GRID = (
     "2.2e12: 4K,13K,19K,27K,40K,56K,83K,107K,160K,214K",
     f"5.9e12 [{DIFFUSION}]: 4K,13K,19K,27K,40K,56K,83K,107K,160K",
     "5.9e12 [arm]: 13K,19K,27K,40K,56K,83K,107K,160K,214K",
-    f"1.6e13 [{DIFFUSION}]: 19K,27K,40K,56K,83K,107K,160K,214K",
-    "1.6e13 [arm]: 40K,56K,83K,107K,160K,214K,333K,443K",
-    f"4.4e13 [{DIFFUSION}]: 40K,56K,83K,107K,160K,214K",
-    "4.4e13 [arm]: 107K,160K,214K,333K,443K,600K",
+    "1.6e13 [mdm]: 19K,27K,40K,56K,83K",
+    "1.6e13 [arm]: 56K,83K,107K,160K,214K,333K",
 )
 # Its learning-rate sweep (experiments/micro_v2_lr.py): the smallest budget, one size near
 # each kind of family's minimum there, every lr a factor of 2 apart.
