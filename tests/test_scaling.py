@@ -169,8 +169,34 @@ def test_fit_flags_minima_at_the_edge_of_the_grid(tmp_path):
     result = fit.fit(rows)
     assert not any(m.bracketed for m in result["families"]["mdm"]["_minima"])
     assert "not bracketed" in fit.report(result)
-    with pytest.raises(plan.StudyError, match=r"mdm: 2 budget\(s\); the scaling fits need 3"):
+    with pytest.raises(plan.StudyError,
+                       match=r"2 budget\(s\) per family at most; the scaling fits need 3"):
         fit.fit([r for r in rows if r["budget"] < 1e12])
+
+
+def test_a_family_at_two_budgets_gets_its_minima_and_multiplier_but_no_laws(tmp_path):
+    """A study whose top budget trains some families only: those at 2 budgets get their minima
+    and their multiplier from the fit they share with the ARM (5 minima, 3 parameters), and no
+    power laws of their own; the others are fitted as usual."""
+    path = tmp_path / "results.csv"
+    _synthetic(path, alpha=0.062, beta={"mdm": 0.63, "uniform": 0.55, "arm": 0.58},
+               multiplier={"mdm": 16.0, "uniform": 40.0})
+    rows = [r for r in fit.read_results(str(path))
+            if r["family"] != "uniform" or r["budget"] in (6e18, 1e19)]
+    result = fit.fit(rows, bootstrap=20)
+    uniform, mdm = result["families"]["uniform"], result["families"]["mdm"]
+    assert uniform["alpha"] is None and uniform["beta"] is None and len(uniform["minima"]) == 2
+    assert uniform["alpha_interval"] is None
+    assert uniform["compute_multiplier"] == pytest.approx(40.0, rel=0.05)
+    assert result["multipliers"]["uniform/arm"]["at_budget"] == {}
+    assert result["multipliers"]["uniform/arm"]["bootstrap_interval"] is not None
+    assert mdm["alpha"] == pytest.approx(0.062, rel=0.02)
+    assert mdm["compute_multiplier"] == pytest.approx(16.0, rel=0.02)
+    text = fit.report(result)
+    assert "UNIFORM: minima at 2 budget(s); its own power laws need 3" in text
+    assert re.search(r"UNIFORM compute multiplier for the ARM's loss: 4\d\.?\d*x", text)
+    fit.plot(rows, result, str(tmp_path / "fig.png"))
+    json.dumps(fit.public(result))  # the --json output
 
 
 def _edge_rows(edges):

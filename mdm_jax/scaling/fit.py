@@ -184,16 +184,19 @@ def _groups(rows: list[dict]) -> dict[str, list[tuple]]:
     return out
 
 
-def _family_fit(family: str, curves: list[tuple]) -> tuple[list[Minimum], PowerLaw, PowerLaw]:
-    """The IsoFLOP minima of (budget, sizes, losses, ...) curves, and L*(C) and N*(C)."""
+def _family_fit(family: str, curves: list[tuple]) -> tuple[list[Minimum], PowerLaw | None,
+                                                           PowerLaw | None]:
+    """The IsoFLOP minima of (budget, sizes, losses, ...) curves, and L*(C) and N*(C); the laws
+    are None below 3 budgets (two points fit any power law exactly, with no error to report)."""
     minima = [isoflop_minimum(n, loss, budget) for budget, n, loss, *_ in curves]
-    if len(minima) < 3:  # two points fix a line exactly: an exponent without an error
-        raise StudyError(f"{family}: {len(minima)} budget(s); the scaling fits need 3 or "
-                         f"more (two points fit any power law exactly, with no error to "
-                         f"report); add budgets to the grid")
+    if len(minima) < MIN_BUDGETS:
+        return minima, None, None
     cs = np.array([m.budget for m in minima])
     return (minima, power_law(cs, np.array([m.loss_opt for m in minima])),
             power_law(cs, np.array([m.n_opt for m in minima])))
+
+
+MIN_BUDGETS = 3  # for a family's own power laws; its multiplier needs 2 (the fit is shared)
 
 
 def fit(rows: list[dict], bootstrap: int = 0, seed: int = 0, level: float = 0.95) -> dict:
@@ -203,10 +206,17 @@ def fit(rows: list[dict], bootstrap: int = 0, seed: int = 0, level: float = 0.95
     out = {"families": {}}
     groups = _groups(rows)
     fits = {family: _family_fit(family, curves) for family, curves in groups.items()}
+    if not any(law is not None for _, law, _ in fits.values()):
+        most = max(len(minima) for minima, _, _ in fits.values())
+        raise StudyError(f"{most} budget(s) per family at most; the scaling fits need "
+                         f"{MIN_BUDGETS} or more (two points fit any power law exactly, with "
+                         f"no error to report); add budgets to the grid")
     for family, (minima, loss_law, n_law) in fits.items():
-        out["families"][family] = {
+        laws = {} if loss_law is None else {
             "alpha": -loss_law.exponent, "alpha_se": loss_law.exponent_se, "a": loss_law.coef,
-            "beta": n_law.exponent, "beta_se": n_law.exponent_se, "b": n_law.coef,
+            "beta": n_law.exponent, "beta_se": n_law.exponent_se, "b": n_law.coef}
+        out["families"][family] = {
+            **{k: None for k in ("alpha", "alpha_se", "a", "beta", "beta_se", "b")}, **laws,
             "minima": [dataclasses.asdict(m) | {"coeffs": list(m.coeffs)} for m in minima],
             "_laws": (loss_law, n_law), "_minima": minima,
         }
@@ -217,7 +227,8 @@ def fit(rows: list[dict], bootstrap: int = 0, seed: int = 0, level: float = 0.95
     fams = out["families"]
     out["multipliers"] = {}
     for family, reference in COMPARISONS:
-        if {family, reference} <= fams.keys():
+        if {family, reference} <= fams.keys() and min(
+                len(fams[f]["_minima"]) for f in (family, reference)) >= 2:
             k = _multiplier(fams[family]["_minima"], fams[reference]["_minima"],
                             fams[family]["_laws"][0], fams[reference]["_laws"][0],
                             (family, reference))
@@ -264,6 +275,9 @@ def resample_fits(groups: dict[str, list[tuple]], replicates: int, seed: int) ->
             except (StudyError, np.linalg.LinAlgError):  # < 3 distinct sizes at a budget
                 rep[family] = None
                 continue
+            if loss_law is None:  # too few budgets for its own laws: its minima still count
+                rep[family] = (math.nan, math.nan, minima)
+                continue
             ok = math.isfinite(loss_law.exponent) and math.isfinite(n_law.exponent)
             rep[family] = (-loss_law.exponent, n_law.exponent, minima) if ok else None
         draws.append(rep)
@@ -282,6 +296,9 @@ def _interval(values: list, level: float) -> tuple[list[float] | None, int]:
 def _add_intervals(out: dict, draws: list[dict], level: float) -> None:
     for family, d in out["families"].items():
         got = [rep[family] for rep in draws]
+        if d["alpha"] is None:  # no laws of its own to give intervals for
+            d["alpha_interval"] = d["beta_interval"] = d["bootstrap_dropped"] = None
+            continue
         d["alpha_interval"], d["bootstrap_dropped"] = _interval(
             [None if g is None else g[0] for g in got], level)
         d["beta_interval"], _ = _interval([None if g is None else g[1] for g in got], level)
@@ -314,7 +331,8 @@ def _multiplier(mdm: list[Minimum], arm: list[Minimum], mdm_law: PowerLaw,
     # d log k / d y_i for every minimum: the parameters are linear in y.
     sensitivity = grad @ np.linalg.inv(design.T @ design) @ design.T
     at_budget = {}
-    for m in arm:  # separate exponents: solve a_m (k C)^-alpha_m = a_a C^-alpha_a for k
+    for m in arm if mdm_law is not None and arm_law is not None else ():
+        # separate exponents: solve a_m (k C)^-alpha_m = a_a C^-alpha_a for k
         target = float(arm_law(m.budget))
         at_budget[f"{m.budget:.3g}"] = (target / mdm_law.coef) ** (1 / mdm_law.exponent) / m.budget
     return {"shared_alpha": 10 ** log_k, "shared_alpha_log10_se": log_k_se,
@@ -405,10 +423,14 @@ def report(result: dict) -> str:
         return f"; {level} {lo} to {hi}" + (f", {n} dropped" if n else "")
 
     for family, d in result["families"].items():
-        lines.append(f"{family.upper()}: L*(C) = {d['a']:.4g} * C^-{d['alpha']:.4f} "
-                     f"(alpha +- {d['alpha_se']:.4f}{span(d, 'alpha_interval', '.4f')});  "
-                     f"N*(C) = {d['b']:.4g} * C^{d['beta']:.3f} (beta +- {d['beta_se']:.3f}"
-                     f"{span(d, 'beta_interval', '.3f', dropped=False)})")
+        if d["alpha"] is None:
+            lines.append(f"{family.upper()}: minima at {len(d['_minima'])} budget(s); its own "
+                         f"power laws need {MIN_BUDGETS}")
+        else:
+            lines.append(f"{family.upper()}: L*(C) = {d['a']:.4g} * C^-{d['alpha']:.4f} "
+                         f"(alpha +- {d['alpha_se']:.4f}{span(d, 'alpha_interval', '.4f')});  "
+                         f"N*(C) = {d['b']:.4g} * C^{d['beta']:.3f} (beta +- {d['beta_se']:.3f}"
+                         f"{span(d, 'beta_interval', '.3f', dropped=False)})")
         for m in d["_minima"]:
             flag = "" if m.bracketed else "  (not bracketed: best run shown; widen the grid)"
             lines.append(f"  C={m.budget:.3g}: N*={m.n_opt:,.0f}  L*={m.loss_opt:.4f}{flag}")
@@ -420,9 +442,10 @@ def report(result: dict) -> str:
                      f"{multiplier_label(k)} (x/ {spread:.2f} one s.e."
                      f"{span(k, 'bootstrap_interval', '.3g', 'x')}; shared alpha "
                      f"{k['alpha_shared']:.4f}); +1% on {family}'s losses: "
-                     f"{shift['family']:.3g}x, +1% on {reference}'s: {shift['reference']:.3g}x; "
-                     f"per budget: "
-                     + ", ".join(f"{c}: {v:.3g}x" for c, v in k["at_budget"].items()))
+                     f"{shift['family']:.3g}x, +1% on {reference}'s: {shift['reference']:.3g}x"
+                     + ("; per budget: " + ", ".join(f"{c}: {v:.3g}x"
+                                                     for c, v in k["at_budget"].items())
+                        if k["at_budget"] else ""))
         if k.get("minima_bracketed", True):
             continue
         if k["bound"] == "upper":
@@ -484,6 +507,12 @@ def figure(rows: list[dict], result: dict):
         loss_law, n_law = d["_laws"]
         cs = np.array([m.budget for m in d["_minima"]])
         span = np.geomspace(cs.min() / 1.5, cs.max() * 1.5, 50)
+        if loss_law is None:  # its minima alone, joined
+            loss_ax.plot(cs, [m.loss_opt for m in d["_minima"]], marker, linestyle=line,
+                         label=f"{family.upper()}: minima")
+            n_ax.plot(cs, [m.n_opt for m in d["_minima"]], marker, linestyle=line,
+                      label=f"{family.upper()}: minima")
+            continue
         loss_ax.plot(cs, [m.loss_opt for m in d["_minima"]], marker, color="k")
         loss_ax.plot(span, loss_law(span), linestyle=line,
                      label=f"{family.upper()}: L* ~ C^-{d['alpha']:.3f}")
