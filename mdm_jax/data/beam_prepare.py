@@ -34,6 +34,7 @@ import bisect
 import difflib
 import hashlib
 import json
+import logging
 import os
 import shutil
 import sys
@@ -51,6 +52,16 @@ from mdm_jax.data import prepare as prep
 from mdm_jax.data.tokenizer import Tokenizer, TokenizerNotFoundError
 from mdm_jax.errors import ArgumentParser, positive_int, run_main
 
+
+class _NoApitoolsNotice(logging.Filter):
+    """Beam says at import that its BigQuery client is missing whenever google-cloud-* is
+    installed without apitools (the gcs and dev extras): nothing here uses BigQuery."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("apitools not found")
+
+
+logging.getLogger().addFilter(_NoApitoolsNotice())
 try:
     import apache_beam as beam
     from apache_beam.io.filesystem import CompressionTypes
@@ -58,6 +69,7 @@ try:
     from apache_beam.metrics import Metrics
     from apache_beam.metrics.metric import MetricsFilter
     from apache_beam.options.pipeline_options import PipelineOptions
+    from apache_beam.runners import create_runner
 except ImportError:  # the entry point says how to install it
     beam = None
 
@@ -270,10 +282,8 @@ def _run(pipeline: beam.Pipeline) -> dict[str, int]:
 def pipeline_options(runner: str, beam_args: Sequence[str]) -> PipelineOptions:
     """Beam's options for ``runner`` and the runner's own flags; an unknown flag is an error
     (Beam would only log it, and a mistyped --temp_location would be silently ignored)."""
-    runner = RUNNERS.get(runner.lower(), runner)
-    options = PipelineOptions([*beam_args, f"--runner={runner}"])
     parsers = []
-    options.get_all_options(add_extra_args_fn=parsers.append)  # Beam's parser, every option
+    PipelineOptions([]).get_all_options(add_extra_args_fn=parsers.append)  # every option
     _, unknown = parsers[0].parse_known_args(list(beam_args))
     if unknown:
         name = unknown[0].split("=", 1)[0]
@@ -282,7 +292,14 @@ def pipeline_options(runner: str, beam_args: Sequence[str]) -> PipelineOptions:
         hint = f"; did you mean {near[0]}?" if near else ""
         raise prep.PrepareError(f"{name} is neither an option of mdm_jax.data.beam_prepare nor "
                                 f"a Beam pipeline option{hint} (see --help)")
-    return options
+    name = RUNNERS.get(runner.lower(), runner)
+    try:
+        create_runner(name)
+    except (ValueError, ImportError) as e:
+        extra = " (the dataflow runner needs the beam-gcp extra)" if "ataflow" in name else ""
+        raise prep.PrepareError(f"--runner {runner}: {' '.join(str(e).split())}{extra}; use one "
+                                f"of {', '.join(RUNNERS)} or a Beam runner's name") from e
+    return PipelineOptions([*beam_args, f"--runner={name}"])
 
 
 def prepare_beam(
