@@ -296,9 +296,15 @@ def pipeline_options(runner: str, beam_args: Sequence[str]) -> PipelineOptions:
     try:
         create_runner(name)
     except (ValueError, ImportError) as e:
-        extra = " (the dataflow runner needs the beam-gcp extra)" if "ataflow" in name else ""
-        raise prep.PrepareError(f"--runner {runner}: {' '.join(str(e).split())}{extra}; use one "
-                                f"of {', '.join(RUNNERS)} or a Beam runner's name") from e
+        raise prep.PrepareError(f"--runner {runner}: {' '.join(str(e).split())}; use one of "
+                                f"{', '.join(RUNNERS)} or a Beam runner's name") from e
+    if name == "DataflowRunner":
+        try:  # imported only when the job is submitted: say it now, not after the work
+            import apache_beam.runners.dataflow.internal.apiclient  # noqa: F401
+        except ImportError as e:
+            raise prep.PrepareError(f"--runner {runner} needs Beam's Google Cloud clients "
+                                    f"({e}); install the beam-gcp extra: bash launch/setup.sh "
+                                    f"beam-gcp") from e
     return PipelineOptions([*beam_args, f"--runner={name}"])
 
 
