@@ -12,6 +12,8 @@ that keeps no document at all is an error.
 
     python -m mdm_jax.data.prepare --input SlimPajama --output prepared/train \
         --tokenizer tokenizer.model --split train --workers 8
+
+The same output from many machines: ``python -m mdm_jax.data.beam_prepare`` (Apache Beam).
 """
 
 from __future__ import annotations
