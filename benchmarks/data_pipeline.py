@@ -4,6 +4,7 @@
     python benchmarks/data_pipeline.py --input data_cache/demo_corpus \
         --tokenizer data_cache/demo_tokenizer.model --workers 2 --seq-len 2048
     python benchmarks/data_pipeline.py --trainer-tokens-per-s 5500 --json
+    python benchmarks/data_pipeline.py --beam          # + prepare on Beam's DirectRunner
 
 Two ratios, each measured side by side in one run (repeats alternate baseline and subject and
 the medians are compared, so a shared machine's drift cancels out):
@@ -15,6 +16,12 @@ the medians are compared, so a shared machine's drift cancels out):
    raw encode tokens/s``; the target is >= 0.8 (pipeline overhead <= 20%). With --workers > 1
    both sides time their own process pool's start-up (spawn, imports, tokenizer load) and
    shut-down, as a real run pays them; the start-up alone is measured and printed separately.
+   With --beam, a third table: at 1 and 2 workers, raw SentencePiece, `prepare` (--workers W)
+   and `mdm_jax.data.beam_prepare` on the DirectRunner (direct_num_workers=W, multi_processing:
+   each worker a separate process, as on a cluster), each timed end to end in the same round,
+   rounds repeated and medians compared; ratios against raw SentencePiece at the same W. Beam's
+   fixed cost (start-up of two pipelines and their workers) is timed on a one-document corpus
+   in the same round, and the rate after it reported too: that is what a long run sees.
 2. loader: ``mdm_jax.data.loader.make_train_iterator`` (shuffled ArrayRecord reads, batching)
    in tokens/s per host, against the rate the trainer consumes tokens: ``--trainer-tokens-per-s``
    (default 5,500: the tiny preset on this CPU, ``benchmarks/train_step.py --preset tiny
@@ -132,6 +139,58 @@ def bench_prepare(input_dir: Path, tok: Path, split: str, seq_len: int, workers:
             "ratio": raw / pipe, "target": ">= 0.8", "prepared": str(out)}
 
 
+def bench_beam(input_dir: Path, tok: Path, split: str, seq_len: int, repeats: int,
+               scratch: Path, workers: tuple[int, ...] = (1, 2)) -> list[dict]:
+    """Raw SentencePiece, `prepare` and Beam's DirectRunner side by side at each worker count."""
+    from mdm_jax.data import beam_prepare
+
+    per_file = _texts(input_dir, split)
+    chunks = [f[i : i + 256] for f in per_file for i in range(0, len(f), 256)]
+    # Beam's fixed cost (two pipelines, their workers' start-up) on one short document: the
+    # per-token rate after it is what a long run on a cluster sees.
+    tiny = scratch / "beam_tiny_corpus"
+    (tiny / split / "chunk1").mkdir(parents=True, exist_ok=True)
+    (tiny / split / "chunk1" / "one.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(
+        json.dumps({"text": per_file[0][0]}).encode()))
+    rows = []
+    for w in workers:
+        beam_args = [f"--direct_num_workers={w}", "--direct_running_mode=multi_processing"]
+        times: dict[str, list[float]] = {"raw": [], "prepare": [], "beam": [], "beam_fixed": []}
+        tokens = 0
+        for r in range(repeats):
+            t0 = time.perf_counter()
+            tokens = _raw_encode(chunks, tok, w)
+            times["raw"].append(time.perf_counter() - t0)
+            out = scratch / f"scaling_prepare_{w}_{r}"
+            t0 = time.perf_counter()
+            m = prepare.prepare(input_dir, out, tok, split=split, seq_len=seq_len, workers=w)
+            times["prepare"].append(time.perf_counter() - t0)
+            assert m["tokens"] == tokens
+            shutil.rmtree(out)
+            out = scratch / f"scaling_beam_{w}_{r}"
+            t0 = time.perf_counter()
+            m = beam_prepare.prepare_beam(input_dir, out, tok, split=split, seq_len=seq_len,
+                                          log=lambda *a, **k: None, beam_args=beam_args)
+            times["beam"].append(time.perf_counter() - t0)
+            assert m["tokens"] == tokens
+            shutil.rmtree(out)
+            t0 = time.perf_counter()
+            beam_prepare.prepare_beam(tiny, out, tok, split=split, seq_len=seq_len,
+                                      log=lambda *a, **k: None, beam_args=beam_args)
+            times["beam_fixed"].append(time.perf_counter() - t0)
+            shutil.rmtree(out)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        beam_marginal = tokens / max(med["beam"] - med["beam_fixed"], 1e-9)
+        rows.append({"workers": w, "tokens": tokens, "runs_s": times,
+                     **{f"{k}_tok_s": tokens / med[k] for k in ("raw", "prepare", "beam")},
+                     "beam_fixed_s": med["beam_fixed"], "beam_after_fixed_tok_s": beam_marginal,
+                     "beam_after_fixed_vs_raw": beam_marginal * med["raw"] / tokens,
+                     "prepare_vs_raw": med["raw"] / med["prepare"],
+                     "beam_vs_raw": med["raw"] / med["beam"],
+                     "beam_vs_prepare": med["prepare"] / med["beam"]})
+    return rows
+
+
 def bench_loader(data_dir: str, batch: int, batches: int, worker_count: int, repeats: int,
                  trainer_tok_s: float, h100_tok_s: float) -> dict:
     from mdm_jax.data import loader
@@ -168,6 +227,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--loader-workers", type=int, default=0, help="Grain worker processes")
     p.add_argument("--trainer-tokens-per-s", type=float, default=5500.0)
     p.add_argument("--h100-tokens-per-s", type=float, default=70000.0)
+    p.add_argument("--beam", action="store_true",
+                   help="also time prepare on Beam's DirectRunner against prepare and raw "
+                        "SentencePiece at 1 and 2 workers (needs the beam extra)")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
 
@@ -191,6 +253,8 @@ def main(argv: list[str] | None = None) -> dict:
                             a.trainer_tokens_per_s, a.h100_tokens_per_s)
         result = {"input": str(input_dir), "tokenizer": str(tok), "seq_len": a.seq_len,
                   "prepare": prep, "loader": load}
+        if a.beam:
+            result["beam"] = bench_beam(input_dir, tok, a.split, a.seq_len, a.repeats, scratch)
     if a.json:
         print(json.dumps(result, indent=1))
     else:
@@ -209,6 +273,14 @@ def main(argv: list[str] | None = None) -> dict:
               f"x{load['ratio_vs_trainer']:,.1f} the trainer's {a.trainer_tokens_per_s:,.0f} "
               f"tok/s (target >= 20), x{load['ratio_vs_h100_1028M']:,.1f} an H100's "
               f"{a.h100_tokens_per_s:,.0f} tok/s at 1028M")
+        for row in result.get("beam", []):
+            print(f"scaling  workers={row['workers']}: raw SentencePiece "
+                  f"{row['raw_tok_s']:,.0f} tok/s | prepare {row['prepare_tok_s']:,.0f} tok/s "
+                  f"(x{row['prepare_vs_raw']:.2f} raw) | Beam DirectRunner "
+                  f"{row['beam_tok_s']:,.0f} tok/s (x{row['beam_vs_raw']:.2f} raw, "
+                  f"x{row['beam_vs_prepare']:.2f} prepare); Beam after its fixed "
+                  f"{row['beam_fixed_s']:.1f}s: {row['beam_after_fixed_tok_s']:,.0f} tok/s "
+                  f"(x{row['beam_after_fixed_vs_raw']:.2f} raw)")
     return result
 
 

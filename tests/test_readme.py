@@ -91,6 +91,28 @@ COMMANDS: dict[str, Run | NotHere] = {
     "python -m mdm_jax.data.prepare --input /data/SlimPajama-627B --split validation "
     "--output /data/slimpajama_2048/validation --tokenizer /data/llama2/tokenizer.model":
         NotHere("as above"),
+    # Beam: the DirectRunner here (after demo.sh's shards, which it must equal); no cluster
+    "bash launch/setup.sh beam": NotHere("installs an extra; .ci/run installs it before the "
+                                         "suite, and the next command runs with it"),
+    "python -m mdm_jax.data.beam_prepare --input data_cache/demo_corpus --split train "
+    "--output data_cache/demo_beam_128/train --tokenizer data_cache/demo_tokenizer.model "
+    "--seq-len 128 --runner direct --direct_num_workers 2 --direct_running_mode "
+    "multi_processing": Run(),
+    "diff -r data_cache/demo_prepared_128/train data_cache/demo_beam_128/train && echo "
+    "identical": Run(),
+    "python -m mdm_jax.data.beam_prepare --input gs://BUCKET/SlimPajama-627B --split train "
+    "--output gs://BUCKET/slimpajama_2048/train --tokenizer gs://BUCKET/llama2/tokenizer.model "
+    "--seq-len 2048 --runner dataflow --project PROJECT --region us-central1 "
+    "--temp_location gs://BUCKET/beam_tmp --worker_machine_type n2-standard-8 "
+    "--max_num_workers 64 --setup_file ./pyproject.toml "
+    "--requirements_file launch/beam_requirements.txt": NotHere(
+        "Google Cloud Dataflow, which this machine cannot reach; tests/test_data_beam.py runs "
+        "the same pipelines on the DirectRunner in multi-process mode"),
+    "python -m mdm_jax.data.beam_prepare --input gs://BUCKET/SlimPajama-627B --split train "
+    "--output gs://BUCKET/slimpajama_2048/train --tokenizer gs://BUCKET/llama2/tokenizer.model "
+    "--seq-len 2048 --runner flink --flink_master JOBMANAGER:8081 --flink_version 1.19 "
+    "--parallelism 128 --environment_type DOCKER --setup_file ./pyproject.toml": NotHere(
+        "a Flink cluster; as above"),
     # PyTorch export and import (before the sampling command that reads an export)
     "python -m mdm_jax.export --model runs/tiny_mdm --format litgpt --out exports/tiny_lit":
         Run(),

@@ -12,6 +12,8 @@ that keeps no document at all is an error.
 
     python -m mdm_jax.data.prepare --input SlimPajama --output prepared/train \
         --tokenizer tokenizer.model --split train --workers 8
+
+The same output from many machines: ``python -m mdm_jax.data.beam_prepare`` (Apache Beam).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import shutil
 import sys
 import time
 from collections import Counter, deque
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -141,7 +143,13 @@ def iter_lines(path: str | Path) -> Iterator[bytes]:
     except OSError as e:
         raise BadFileError(path, f"cannot open it ({e.strerror or e})") from e
     with f:
-        yield from io.BufferedReader(_ZstdRaw(f, path), buffer_size=_ZSTD_CHUNK)
+        yield from read_lines(f, path)
+
+
+def read_lines(f: io.BufferedIOBase, path: str | Path) -> Iterator[bytes]:
+    """The raw lines of the open ``.jsonl.zst`` stream ``f`` (a local file or an object store's
+    reader); ``path`` names it in errors."""
+    yield from io.BufferedReader(_ZstdRaw(f, Path(path)), buffer_size=_ZSTD_CHUNK)
 
 
 def classify_line(
@@ -243,14 +251,18 @@ def _init_worker(tokenizer: str | Tokenizer, drop_sources: Sequence[str] = (),
 
 
 def _encode_lines(lines: list[bytes]) -> dict:
+    assert _TOKENIZER is not None, "call _init_worker first"
+    return encode_lines(lines, _TOKENIZER, _DROP, _REQUIRE_SOURCE, _DTYPE)
+
+
+def encode_lines(lines: Sequence[bytes], tok: Tokenizer, drop: Collection[str] = frozenset(),
+                 require_source: bool = False, dtype: str = "uint16") -> dict:
     """Tokens (+EOS per document) of a batch of raw lines, with document/source/skip counts."""
-    tok = _TOKENIZER
-    assert tok is not None, "call _init_worker first"
     texts: list[str] = []
     srcs: list[str] = []
     skipped: Counter[str] = Counter()
     for line in lines:
-        doc = classify_line(line, _DROP, _REQUIRE_SOURCE)
+        doc = classify_line(line, drop, require_source)
         if doc is None:
             continue
         text, source, reason = doc
@@ -260,22 +272,23 @@ def _encode_lines(lines: list[bytes]) -> dict:
             texts.append(text)
             srcs.append(source)
     sources: Counter[str] = Counter()
-    tokens = np.zeros(0, _DTYPE)
+    tokens = np.zeros(0, dtype)
     if texts:
         eos = tok.eos_id
         ids = tok.encode_batch(texts)
         for d, src in zip(ids, srcs, strict=True):
             d.append(eos)
             sources[src] += len(d)
-        tokens = np.fromiter(itertools.chain.from_iterable(ids), _DTYPE,
+        tokens = np.fromiter(itertools.chain.from_iterable(ids), dtype,
                              count=sum(sources.values()))
     return dict(tokens=tokens, documents=len(texts), sources=sources, skipped=skipped)
 
 
-def _line_batches(path: Path) -> Iterator[list[bytes]]:
+def line_batches(lines: Iterable[bytes]) -> Iterator[list[bytes]]:
+    """Raw lines cut into batches of at most _BATCH_LINES lines or about _BATCH_BYTES bytes."""
     batch: list[bytes] = []
     size = 0
-    for line in iter_lines(path):
+    for line in lines:
         batch.append(line)
         size += len(line)
         if len(batch) >= _BATCH_LINES or size >= _BATCH_BYTES:
@@ -305,6 +318,25 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def shard_name(split: str, k: int) -> str:
+    """Shard k holds blocks [k * shard_blocks, (k + 1) * shard_blocks) of the packed stream."""
+    return f"{split}-{k:05d}.array_record"
+
+
+def write_array_record(path: str | Path, blocks: np.ndarray) -> str:
+    """Write ``blocks`` (one record per row) to ``path`` as ArrayRecord; returns its sha256."""
+    # group_size:1 keeps each block independently readable: Grain reads at random.
+    writer = ArrayRecordWriter(str(path), "group_size:1")
+    if not writer.ok():
+        raise OSError(f"cannot open ArrayRecord writer for {path}")
+    for row in blocks:
+        writer.write(row.tobytes())
+    writer.close()
+    # The finished file's checksum (read back from the page cache just written), so a run
+    # can tell a swapped or damaged shard from the one prepared here.
+    return file_sha256(path)
+
+
 class _ShardWriter:
     """Cuts the token stream into blocks and writes fixed-size ArrayRecord shards atomically."""
 
@@ -317,26 +349,14 @@ class _ShardWriter:
         self._chunks: list[np.ndarray] = []  # tokens not yet in a shard, in order
         self._pending_len = 0
 
-    def shard_name(self, k: int) -> str:
-        return f"{self.split}-{k:05d}.array_record"
-
     def pending_path(self, k: int | None = None) -> Path:
         k = len(self.shards) if k is None else k
         return self.output_dir / f"pending-{k:05d}.tokens"
 
     def _write_shard(self, blocks: np.ndarray) -> None:
-        name = self.shard_name(len(self.shards))
+        name = shard_name(self.split, len(self.shards))
         tmp = self.output_dir / (name + ".tmp")
-        # group_size:1 keeps each block independently readable: Grain reads at random.
-        writer = ArrayRecordWriter(str(tmp), "group_size:1")
-        if not writer.ok():
-            raise OSError(f"cannot open ArrayRecord writer for {tmp}")
-        for row in blocks:
-            writer.write(row.tobytes())
-        writer.close()
-        # The finished file's checksum (read back from the page cache just written), so a run
-        # can tell a swapped or damaged shard from the one prepared here.
-        sha256 = file_sha256(tmp)
+        sha256 = write_array_record(tmp, blocks)
         os.replace(tmp, self.output_dir / name)
         self.shards.append({"file": name, "blocks": len(blocks), "sha256": sha256})
 
@@ -435,14 +455,14 @@ def check_output_dir(path: str | Path, flag: str = "--output") -> None:
             return
 
 
-def _check_positive(**values: int) -> None:
+def check_positive(**values: int) -> None:
     for name, value in values.items():
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             raise PrepareError(f"{name} (--{name.replace('_', '-')}) must be a positive "
                                f"integer, got {value!r}")
 
 
-def _no_document_message(root: Path, n_files: int, skipped: dict[str, int],
+def no_document_message(root: str | Path, n_files: int, skipped: dict[str, int],
                          bad_files: list[dict], drop: Collection[str]) -> str:
     """Why a run kept nothing, and what to change."""
     why = []
@@ -467,6 +487,82 @@ def _no_document_message(root: Path, n_files: int, skipped: dict[str, int],
         fixes.append("re-download the bad files")
     return (f"{root}: kept no document from {n_files} input file(s) ({'; '.join(why)}); "
             + ("; ".join(fixes) or "check --input and --split"))
+
+
+def resolve_drop(drop_sources: Sequence[str], keep_sources: Sequence[str] | None) -> set[str]:
+    """The sources to drop: ``drop_sources``, or every source not in ``keep_sources``."""
+    for name, given in (("drop_sources", drop_sources), ("keep_sources", keep_sources or ())):
+        unknown = set(given) - SOURCE_NAMES
+        if unknown:
+            raise PrepareError(f"{name} (--{name.replace('_', '-')}) {sorted(unknown)} are not "
+                               f"source names; known: {sorted(SOURCE_NAMES)}")
+    if keep_sources is not None:
+        return SOURCE_NAMES - set(keep_sources)
+    return set(drop_sources)
+
+
+def token_dtype(vocab_size: int) -> str:
+    return "uint16" if vocab_size <= 65536 else "int32"
+
+
+def input_record(input_dir: str, input_files: list[str], input_bytes: list[int], split: str,
+                 seq_len: int, tokenizer_sha256: str, drop: Collection[str], shard_blocks: int,
+                 require_source: bool) -> dict:
+    """What the output is made from (the manifest's ``inputs``): a run whose record matches a
+    finished manifest's has nothing to do."""
+    inputs = {
+        "input_dir": input_dir,
+        "input_files": input_files,
+        "input_bytes": input_bytes,
+        "split": split,
+        "seq_len": seq_len,
+        "tokenizer_sha256": tokenizer_sha256,
+        "drop_sources": sorted(drop),
+        "shard_blocks": shard_blocks,
+    }
+    if require_source:  # only when set, so outputs made before the option still match
+        inputs["require_source"] = True
+    return inputs
+
+
+def reusable_manifest(old: dict | None, inputs: dict, manifest_path: str | Path,
+                      input_dir: str | Path, shard_exists: Callable[[str], bool],
+                      skip_bad_files: bool) -> dict | None:
+    """``old`` when it was made from ``inputs`` and all its shards are there (a file it skipped
+    is an error unless ``skip_bad_files``), else None."""
+    if old is None or old.get("inputs") != inputs or not all(
+            shard_exists(s["file"]) for s in old["shards"]):
+        return None
+    bad = old.get("skipped_files") or []
+    if bad and not skip_bad_files:
+        raise BadFileError(f"{str(input_dir).rstrip('/')}/{bad[0]['file']}",
+                           f"{bad[0]['reason']} (skipped by the run that wrote "
+                           f"{manifest_path})", SKIP_BAD_FILES_HINT)
+    return old
+
+
+def make_manifest(documents: int, tokens: int, tail: int, sources: dict[str, int],
+                  skipped: dict[str, int], bad_files: list[dict], tok: Tokenizer,
+                  shards: list[dict], inputs: dict) -> dict:
+    """The manifest the loader reads; every field comes from the counts and the inputs."""
+    return {
+        "documents": documents,
+        "tokens": tokens,
+        "blocks": sum(s["blocks"] for s in shards),
+        "tail_tokens_dropped": tail,
+        "sources": dict(sorted(sources.items())),
+        "skipped": {r: skipped.get(r, 0) for r in SKIP_REASONS},
+        "skipped_files": bad_files,
+        "tokenizer": str(tok.path),
+        "tokenizer_sha256": tok.sha256,
+        "vocab_size": tok.vocab_size,
+        "eos_id": tok.eos_id,
+        "seq_len": inputs["seq_len"],
+        "dtype": token_dtype(tok.vocab_size),
+        "split": inputs["split"],
+        "shards": shards,
+        "inputs": inputs,
+    }
 
 
 def prepare(
@@ -496,42 +592,20 @@ def prepare(
     settings is returned without redoing work; an interrupted run resumes after the last input
     file it finished and ends with the same bytes as an uninterrupted one.
     """
-    _check_positive(seq_len=seq_len, shard_blocks=shard_blocks, workers=workers)
-    drop = set(drop_sources)
-    for name, given in (("drop_sources", drop_sources), ("keep_sources", keep_sources or ())):
-        unknown = set(given) - SOURCE_NAMES
-        if unknown:
-            raise PrepareError(f"{name} (--{name.replace('_', '-')}) {sorted(unknown)} are not "
-                               f"source names; known: {sorted(SOURCE_NAMES)}")
-    if keep_sources is not None:
-        drop = SOURCE_NAMES - set(keep_sources)
+    check_positive(seq_len=seq_len, shard_blocks=shard_blocks, workers=workers)
+    drop = resolve_drop(drop_sources, keep_sources)
     input_dir, output_dir = Path(input_dir), Path(output_dir)
     check_output_dir(output_dir)
     tok = Tokenizer.load(tokenizer_path)
     files = list_input_files(input_dir, split)
-    dtype = "uint16" if tok.vocab_size <= 65536 else "int32"
-    inputs = {
-        "input_dir": str(input_dir.resolve()),
-        "input_files": [str(p.relative_to(input_dir)) for p in files],
-        "input_bytes": [p.stat().st_size for p in files],
-        "split": split,
-        "seq_len": seq_len,
-        "tokenizer_sha256": tok.sha256,
-        "drop_sources": sorted(drop),
-        "shard_blocks": shard_blocks,
-    }
-    if require_source:  # only when set, so outputs made before the option still match
-        inputs["require_source"] = True
+    dtype = token_dtype(tok.vocab_size)
+    inputs = input_record(str(input_dir.resolve()), [str(p.relative_to(input_dir)) for p in files],
+                          [p.stat().st_size for p in files], split, seq_len, tok.sha256, drop,
+                          shard_blocks, require_source)
     manifest_path = output_dir / MANIFEST
-    old = _read_json(manifest_path)
-    if old is not None and old.get("inputs") == inputs and all(
-        (output_dir / s["file"]).is_file() for s in old["shards"]
-    ):
-        bad = old.get("skipped_files") or []
-        if bad and not skip_bad_files:
-            raise BadFileError(input_dir / bad[0]["file"],
-                               f"{bad[0]['reason']} (skipped by the run that wrote "
-                               f"{manifest_path})", SKIP_BAD_FILES_HINT)
+    old = reusable_manifest(_read_json(manifest_path), inputs, manifest_path, input_dir,
+                            lambda name: (output_dir / name).is_file(), skip_bad_files)
+    if old is not None:
         return old
 
     try:
@@ -632,7 +706,7 @@ def prepare(
         else:
             _init_worker(tok, *init_args[1:])
         for path in files[first:]:
-            batches = _line_batches(path)
+            batches = line_batches(iter_lines(path))
             while True:
                 try:
                     lines = next(batches, None)
@@ -665,7 +739,7 @@ def prepare(
         while queue:
             consume()
         if counts["documents"] == 0:
-            raise PrepareError(_no_document_message(input_dir / split, len(files), dict(skipped),
+            raise PrepareError(no_document_message(input_dir / split, len(files), dict(skipped),
                                                     counts["bad_files"], drop))
     except UserError:
         bar.leave = False  # the error line replaces the bar
@@ -676,24 +750,8 @@ def prepare(
             pool.terminate()
     tail = writer.finish()
 
-    manifest = {
-        "documents": counts["documents"],
-        "tokens": counts["tokens"],
-        "blocks": sum(s["blocks"] for s in writer.shards),
-        "tail_tokens_dropped": tail,
-        "sources": dict(sorted(sources.items())),
-        "skipped": {r: skipped.get(r, 0) for r in SKIP_REASONS},
-        "skipped_files": counts["bad_files"],
-        "tokenizer": str(tok.path),
-        "tokenizer_sha256": tok.sha256,
-        "vocab_size": tok.vocab_size,
-        "eos_id": tok.eos_id,
-        "seq_len": seq_len,
-        "dtype": dtype,
-        "split": split,
-        "shards": writer.shards,
-        "inputs": inputs,
-    }
+    manifest = make_manifest(counts["documents"], counts["tokens"], tail, sources, skipped,
+                             counts["bad_files"], tok, writer.shards, inputs)
     _atomic_write_text(manifest_path, json.dumps(manifest, indent=1) + "\n")
     writer.clean(keep_pending=False)
     progress_path.unlink(missing_ok=True)
