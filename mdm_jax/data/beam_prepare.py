@@ -50,7 +50,7 @@ import numpy as np
 from mdm_jax import storage
 from mdm_jax.data import prepare as prep
 from mdm_jax.data.tokenizer import Tokenizer, TokenizerNotFoundError
-from mdm_jax.errors import ArgumentParser, positive_int, run_main
+from mdm_jax.errors import ArgumentParser, run_main
 
 
 class _NoApitoolsNotice(logging.Filter):
@@ -463,26 +463,12 @@ def _main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--output", required=True,
                    help="directory for shards and manifest.json (local, or gs:// for a cluster)")
     p.add_argument("--tokenizer", required=True, help="SentencePiece .model file (local or gs://)")
-    p.add_argument("--split", default="train")
-    p.add_argument("--seq-len", type=positive_int, default=2048)
-    p.add_argument("--shard-blocks", type=positive_int, default=8192)
-    p.add_argument("--drop-sources", default="RedPajamaGithub",
-                   help="comma-separated meta.redpajama_set_name values to drop")
-    p.add_argument("--keep-sources", default=None,
-                   help="comma-separated set names to keep (overrides --drop-sources)")
-    p.add_argument("--require-source", action="store_true",
-                   help="skip records with no meta.redpajama_set_name (missing_source)")
-    p.add_argument("--skip-bad-files", action="store_true",
-                   help="leave out a truncated or corrupt input file (listed under "
-                        "skipped_files in manifest.json) instead of stopping")
+    prep.add_corpus_arguments(p)
     p.add_argument("--runner", default="direct",
                    help=f"{'|'.join(RUNNERS)} (or a Beam runner class name); every option this "
                         f"command does not know is passed to it")
     a, beam_args = p.parse_known_args(argv)
-
-    def names(s: str | None) -> list[str] | None:
-        return None if s is None else [x.strip() for x in s.split(",") if x.strip()]
-
+    names = prep.source_names
     start = time.perf_counter()
 
     def log(*args, **kwargs):

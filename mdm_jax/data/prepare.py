@@ -767,21 +767,10 @@ def upload(local_dir: str | Path, remote_dir: str, shard_files: Sequence[str]) -
             shutil.copyfileobj(src, dst, length=16 << 20)
 
 
-def cli(argv: Sequence[str] | None = None) -> None:
-    run_main(_main, argv)
-
-
-def _main(argv: Sequence[str] | None = None) -> None:
-    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--input", required=True, help="SlimPajama-style root holding {split}/chunk*/")
-    p.add_argument("--output", required=True,
-                   help="directory for shards and manifest.json (local, or gs://BUCKET/PATH: "
-                        "written in --staging first, then uploaded, manifest last)")
-    p.add_argument("--staging", default=None,
-                   help="local directory for a gs:// --output (default: prepare_staging/SPLIT)")
-    p.add_argument("--tokenizer", required=True, help="SentencePiece .model file")
+def add_corpus_arguments(p: argparse.ArgumentParser) -> None:
+    """The options that decide what is read and how it is packed, for every prepare command
+    (this one, and data/beam_prepare.py's): the same names, defaults and meaning."""
     p.add_argument("--split", default="train")
-    p.add_argument("--workers", type=positive_int, default=1)
     p.add_argument("--seq-len", type=positive_int, default=2048)
     p.add_argument("--shard-blocks", type=positive_int, default=8192)
     p.add_argument("--drop-sources", default="RedPajamaGithub",
@@ -795,11 +784,30 @@ def _main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--skip-bad-files", action="store_true",
                    help="skip an input file that is truncated or corrupt (listed under "
                         "skipped_files in manifest.json) instead of stopping")
+
+
+def source_names(text: str | None) -> list[str] | None:
+    """A --drop-sources/--keep-sources value as a list (None: the option was not given)."""
+    return None if text is None else [x.strip() for x in text.split(",") if x.strip()]
+
+
+def cli(argv: Sequence[str] | None = None) -> None:
+    run_main(_main, argv)
+
+
+def _main(argv: Sequence[str] | None = None) -> None:
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--input", required=True, help="SlimPajama-style root holding {split}/chunk*/")
+    p.add_argument("--output", required=True,
+                   help="directory for shards and manifest.json (local, or gs://BUCKET/PATH: "
+                        "written in --staging first, then uploaded, manifest last)")
+    p.add_argument("--staging", default=None,
+                   help="local directory for a gs:// --output (default: prepare_staging/SPLIT)")
+    p.add_argument("--tokenizer", required=True, help="SentencePiece .model file")
+    p.add_argument("--workers", type=positive_int, default=1)
+    add_corpus_arguments(p)
     a = p.parse_args(argv)
-
-    def names(s: str | None) -> list[str] | None:
-        return None if s is None else [x.strip() for x in s.split(",") if x.strip()]
-
+    names = source_names
     start = time.perf_counter()
     remote = storage.is_remote(a.output)
     local_out = (a.staging or os.path.join("prepare_staging", a.split)) if remote else a.output
