@@ -3,12 +3,18 @@
 # Idempotent: a stamp records what was installed; an unchanged setup.cfg + extras is a no-op.
 # The `accelerators` extra (compile-only TPU/GPU targets for mdm_jax.aot) goes into its own
 # .venv-accelerators: libtpu in .venv would make every CPU process try to start a TPU runtime.
+# The `beam` and `beam-gcp` extras (mdm_jax.data.beam_prepare) go into .venv-beam: Beam 2.77
+# needs protobuf < 7, and sentencepiece 0.2.3's model proto (the tokenizer's chat pieces, the
+# llada-hf tokenizer export) refuses a protobuf runtime older than 7.36.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="${*:-}"
 py="${PYTHON:-python3}"
 venv=.venv
-case " $extras " in *" accelerators "*) venv=.venv-accelerators ;; esac
+case " $extras " in
+  *" accelerators "*) venv=.venv-accelerators ;;
+  *" beam "*|*" beam-gcp "*) venv=.venv-beam ;;
+esac
 hash="$(sha256sum setup.cfg pyproject.toml | sha256sum | cut -c1-16)"
 want="$hash extras=[${extras}]"
 stamp=$venv/.mdm_jax_installed

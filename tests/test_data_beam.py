@@ -1,13 +1,16 @@
 """`prepare` on Apache Beam (mdm_jax.data.beam_prepare) against `prepare` on one machine: the
 same blocks in the same shards, the same bad-record counts (through Beam's metrics), reruns that
-finish what an interrupted run left, and one error line for a mistake."""
+finish what an interrupted run left, and one error line for a mistake. Beam runs in its own
+environment, .venv-beam (`bash launch/setup.sh beam`: Beam needs protobuf < 7, which
+sentencepiece's model proto refuses), so each pipeline runs there, in a subprocess, and `prepare`
+here: the two environments must write the same bytes."""
 
 from __future__ import annotations
 
 import json
 import random
+import re
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,9 +19,32 @@ import sentencepiece as spm
 import zstandard
 from conftest import REPO
 
-pytest.importorskip("apache_beam", reason="apache-beam is not installed (the beam extra)")
+BEAM_PYTHON = Path(REPO) / ".venv-beam" / "bin" / "python"
+if not BEAM_PYTHON.exists():
+    pytest.skip("no .venv-beam: bash launch/setup.sh beam", allow_module_level=True)
 
 from mdm_jax.data import beam_prepare, loader, prepare, train_tokenizer  # noqa: E402
+
+# Runs prepare_beam(**JSON) in .venv-beam and prints its manifest, or what stopped it.
+DRIVER = """
+import json, sys
+from mdm_jax.data import beam_prepare, prepare
+try:
+    m = beam_prepare.prepare_beam(**json.loads(sys.argv[1]), log=lambda *a, **k: None)
+except beam_prepare.Interrupted:
+    m = {"interrupted": True}
+except prepare.PrepareError as e:
+    m = {"error": type(e).__name__, "message": str(e)}
+print(json.dumps(m))
+"""
+
+
+def _in_beam_env(**kw) -> dict:
+    kw = {k: str(v) if isinstance(v, Path) else v for k, v in kw.items()}
+    done = subprocess.run([str(BEAM_PYTHON), "-c", DRIVER, json.dumps(kw)], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 SEQ_LEN = 16
 MULTI = ["--direct_num_workers=2", "--direct_running_mode=multi_processing"]
@@ -81,8 +107,8 @@ def _dir_bytes(d: Path) -> dict[str, bytes]:
 
 def _beam(corpus, out, **kw):
     raw, tok, _, _ = corpus
-    return beam_prepare.prepare_beam(raw, out, tok, seq_len=SEQ_LEN,
-                                     **{"shard_blocks": 7, "log": lambda *a, **k: None, **kw})
+    return _in_beam_env(input_dir=raw, output_dir=out, tokenizer_path=tok, seq_len=SEQ_LEN,
+                        **{"shard_blocks": 7, **kw})
 
 
 @pytest.mark.e2e
@@ -127,8 +153,7 @@ def test_rerun_after_interruption_finishes_with_the_same_bytes(corpus, tmp_path)
     out = tmp_path / "beam"
     # A finished output made with other settings: its manifest goes before any work starts.
     _beam(corpus, out, shard_blocks=4)
-    with pytest.raises(beam_prepare.Interrupted):
-        _beam(corpus, out, stop_after="tokenize")
+    assert _beam(corpus, out, stop_after="tokenize") == {"interrupted": True}
     assert not (out / prepare.MANIFEST).exists()
     work = out / beam_prepare.WORK
     records = sorted(work.glob("*.json"))
@@ -139,8 +164,7 @@ def test_rerun_after_interruption_finishes_with_the_same_bytes(corpus, tmp_path)
     tokens = work / "000002.tokens"
     tokens.write_bytes(tokens.read_bytes()[:10])
     (work / "000003.tokens.tmp-0123456789ab").write_bytes(b"junk")
-    with pytest.raises(beam_prepare.Interrupted):
-        m = _beam(corpus, out, stop_after="pack", beam_args=MULTI)
+    assert _beam(corpus, out, stop_after="pack", beam_args=MULTI) == {"interrupted": True}
     assert not (out / prepare.MANIFEST).exists()
     m = _beam(corpus, out)
     assert m["beam_metrics"]["files_reused"] == 5  # all of the second attempt's work is kept
@@ -160,12 +184,13 @@ def test_bad_file_stops_or_is_skipped_as_prepare_does(corpus, tmp_path):
     shutil.copytree(raw, tmp_path / "raw")
     bad = prepare.list_input_files(tmp_path / "raw", "train")[2]
     bad.write_bytes(bad.read_bytes()[:-30])  # truncated mid-frame
-    kw = dict(seq_len=SEQ_LEN, shard_blocks=7, log=lambda *a, **k: None)
-    with pytest.raises(prepare.BadFileError, match=f"{bad.name}.*--skip-bad-files"):
-        beam_prepare.prepare_beam(tmp_path / "raw", tmp_path / "beam", tok, **kw)
+    kw = dict(input_dir=tmp_path / "raw", output_dir=tmp_path / "beam", tokenizer_path=tok,
+              seq_len=SEQ_LEN, shard_blocks=7)
+    stopped = _in_beam_env(**kw)
+    assert stopped["error"] == "BadFileError", stopped
+    assert re.search(f"{bad.name}.*--skip-bad-files", stopped["message"]), stopped
     assert not (tmp_path / "beam" / prepare.MANIFEST).exists()
-    m = beam_prepare.prepare_beam(tmp_path / "raw", tmp_path / "beam", tok,
-                                  skip_bad_files=True, **kw)
+    m = _in_beam_env(skip_bad_files=True, **kw)
     want = prepare.prepare(tmp_path / "raw", tmp_path / "local", tok, seq_len=SEQ_LEN,
                            shard_blocks=7, skip_bad_files=True)
     assert m["skipped_files"] == want["skipped_files"] == [
@@ -176,7 +201,7 @@ def test_bad_file_stops_or_is_skipped_as_prepare_does(corpus, tmp_path):
 
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mdm_jax.data.beam_prepare", *args], cwd=cwd,
+    return subprocess.run([str(BEAM_PYTHON), "-m", "mdm_jax.data.beam_prepare", *args], cwd=cwd,
                           capture_output=True, text=True, timeout=120)
 
 

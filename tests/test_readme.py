@@ -94,13 +94,15 @@ COMMANDS: dict[str, Run | NotHere] = {
     # Beam: the DirectRunner here (after demo.sh's shards, which it must equal); no cluster
     "bash launch/setup.sh beam": NotHere("installs an extra; .ci/run installs it before the "
                                          "suite, and the next command runs with it"),
-    "python -m mdm_jax.data.beam_prepare --input data_cache/demo_corpus --split train "
+    ".venv-beam/bin/python -m mdm_jax.data.beam_prepare --input data_cache/demo_corpus "
+    "--split train "
     "--output data_cache/demo_beam_128/train --tokenizer data_cache/demo_tokenizer.model "
     "--seq-len 128 --runner direct --direct_num_workers 2 --direct_running_mode "
     "multi_processing": Run(),
     "diff -r data_cache/demo_prepared_128/train data_cache/demo_beam_128/train && echo "
     "identical": Run(),
-    "python -m mdm_jax.data.beam_prepare --input gs://BUCKET/SlimPajama-627B --split train "
+    ".venv-beam/bin/python -m mdm_jax.data.beam_prepare --input gs://BUCKET/SlimPajama-627B "
+    "--split train "
     "--output gs://BUCKET/slimpajama_2048/train --tokenizer gs://BUCKET/llama2/tokenizer.model "
     "--seq-len 2048 --runner dataflow --project PROJECT --region us-central1 "
     "--temp_location gs://BUCKET/beam_tmp --worker_machine_type n2-standard-8 "
@@ -108,7 +110,8 @@ COMMANDS: dict[str, Run | NotHere] = {
     "--requirements_file launch/beam_requirements.txt": NotHere(
         "Google Cloud Dataflow, which this machine cannot reach; tests/test_data_beam.py runs "
         "the same pipelines on the DirectRunner in multi-process mode"),
-    "python -m mdm_jax.data.beam_prepare --input gs://BUCKET/SlimPajama-627B --split train "
+    ".venv-beam/bin/python -m mdm_jax.data.beam_prepare --input gs://BUCKET/SlimPajama-627B "
+    "--split train "
     "--output gs://BUCKET/slimpajama_2048/train --tokenizer gs://BUCKET/llama2/tokenizer.model "
     "--seq-len 2048 --runner flink --flink_master JOBMANAGER:8081 --flink_version 1.19 "
     "--parallelism 128 --environment_type DOCKER --setup_file ./pyproject.toml": NotHere(
@@ -301,6 +304,8 @@ def _sandbox(root: Path) -> dict:
         shutil.copy(Path(REPO) / name, root / name)
     os.symlink(Path(REPO) / "mdm_jax", root / "mdm_jax")
     os.symlink(sys.prefix, root / ".venv")
+    if (Path(REPO) / ".venv-beam").is_dir():  # Beam's own environment (launch/setup.sh beam)
+        os.symlink(Path(REPO) / ".venv-beam", root / ".venv-beam")
     # What a user would have at hand: a text to score, prompts to answer.
     (root / "some.txt").write_text("KING. My lord, the night is fair and the crown is ours.\n"
                                    * 40)
@@ -341,6 +346,9 @@ def test_the_readme_runs_as_written(tmp_path):
             not_here.append(f"{key}\n    -> {how.why}")
             continue
         lang, script = scripts[key]
+        if ("beam_prepare" in key or "demo_beam" in key) and not (root / ".venv-beam").exists():
+            not_here.append(f"{key}\n    -> no .venv-beam here (bash launch/setup.sh beam)")
+            continue
         if key.startswith("python -m mdm_jax.scaling.fit"):
             # the results of a finished study: the committed micro study's stand in
             shutil.copy(Path(REPO) / "experiments" / "results" / "micro" / "results.csv",
