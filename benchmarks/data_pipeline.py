@@ -4,7 +4,7 @@
     python benchmarks/data_pipeline.py --input data_cache/demo_corpus \
         --tokenizer data_cache/demo_tokenizer.model --workers 2 --seq-len 2048
     python benchmarks/data_pipeline.py --trainer-tokens-per-s 5500 --json
-    python benchmarks/data_pipeline.py --beam          # + prepare on Beam's DirectRunner
+    .venv-beam/bin/python benchmarks/data_pipeline.py --beam   # + prepare on Beam's DirectRunner
 
 Two ratios, each measured side by side in one run (repeats alternate baseline and subject and
 the medians are compared, so a shared machine's drift cancels out):
@@ -229,7 +229,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--h100-tokens-per-s", type=float, default=70000.0)
     p.add_argument("--beam", action="store_true",
                    help="also time prepare on Beam's DirectRunner against prepare and raw "
-                        "SentencePiece at 1 and 2 workers (needs the beam extra)")
+                        "SentencePiece at 1 and 2 workers (run it with .venv-beam/bin/python: "
+                        "bash launch/setup.sh beam)")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
 
