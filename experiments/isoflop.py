@@ -70,15 +70,16 @@ MICRO_FAMILIES_GRID = (
 # 0.86 decades, 2.2e12-1.6e13, each row's sizes (about 1.5x apart) around each kind of family's
 # minimum: the diffusion families' below the ARM's. A first row at 8e11 (the lr sweep's
 # budget) was dropped: at this batch the masked families' best size there was the smallest
-# preset. The top budget holds the MDM and the ARM alone, five and six sizes around the minima
-# the lower budgets point to, and 4.4e13 was dropped: the planned grid's last two budgets were
+# preset. The top budget holds the MDM and the ARM alone, seven and six sizes around the minima
+# the lower budgets point to (107K and 160K added once the MDM's loss still fell at 56K), and
+# 4.4e13 was dropped: the planned grid's last two budgets were
 # about 20 hours of this 2-core machine (BUILD_NOTES "Study v2").
 DIFFUSION = "mdm,mdm-ce,uniform,eso"
 MICRO_V2_GRID = (
     "2.2e12: 4K,13K,19K,27K,40K,56K,83K,107K,160K,214K",
     f"5.9e12 [{DIFFUSION}]: 4K,13K,19K,27K,40K,56K,83K,107K,160K",
     "5.9e12 [arm]: 13K,19K,27K,40K,56K,83K,107K,160K,214K",
-    "1.6e13 [mdm]: 19K,27K,40K,56K,83K",
+    "1.6e13 [mdm]: 19K,27K,40K,56K,83K,107K,160K",
     "1.6e13 [arm]: 56K,83K,107K,160K,214K,333K",
 )
 # Its learning-rate sweep (experiments/micro_v2_lr.py): the smallest budget, one size near
