@@ -114,8 +114,8 @@ def test_sweep_reports_diverged_runs_apart_and_does_not_relaunch_them(tmp_path):
     for run in (nan_run, inf_run):
         shutil.rmtree(run.workdir)
     assert sweep.status(nan_run) == "new"
-    written, missing, diverged = sweep.collect(list(runs.values()), str(results))
-    assert (written, len(missing), diverged) == (1, 2, [])
+    written, missing, diverged, kept = sweep.collect(list(runs.values()), str(results))
+    assert (written, len(missing), diverged, kept) == (1, 2, [], [])
     assert not (tmp_path / "out" / "diverged.csv").exists()
 
 

@@ -522,7 +522,7 @@ def test_collect_fills_loss_se_from_the_final_eval_row(tmp_path):
         writer.write(run.steps, metrics, prefix="eval_")  # as the trainer logs its last eval
         writer.close()
     path = tmp_path / "results.csv"
-    written, missing, _ = sweep.collect(list(runs.values()), str(path))
+    written, missing, _, _ = sweep.collect(list(runs.values()), str(path))
     assert (written, [r.preset for r in missing]) == (2, ["27K"])
     rows = list(csv.DictReader(open(path)))
     assert list(rows[0]) == list(sweep.RESULT_COLUMNS)
@@ -530,6 +530,50 @@ def test_collect_fills_loss_se_from_the_final_eval_row(tmp_path):
     assert [(r["preset"], r["loss"], r["loss_se"]) for r in rows] == [
         ("4K", "5.250000", "0.0123"), ("13K", "5.000000", "")]
     assert [r["loss_se"] for r in fit.read_results(str(path))] == [0.0123, 0.0]
+
+
+def test_collect_keeps_the_rows_no_workdir_replaces(tmp_path):
+    """A results file holds what was trained, on this machine or another: collecting rewrites
+    a row only where a workdir here holds that run, finished or diverged."""
+    from mdm_jax.metrics import MetricWriter
+
+    config = write_study(tmp_path / "study.py", {"grid": ("2e11: 4K,13K,27K",),
+                                                 "sweep_dir": str(tmp_path / "sweep")})
+    runs = {r.preset: r for r in plan.expand(_load(config))}
+    for preset, loss in [("4K", 5.25), ("27K", float("nan"))]:
+        writer = MetricWriter(runs[preset].workdir, enabled=True)
+        writer.write(runs[preset].steps, {"loss": loss}, prefix="eval_")
+        writer.close()
+    path = tmp_path / "results.csv"
+    header = ",".join(sweep.RESULT_COLUMNS)
+    path.write_text(f"{header}\n"
+                    "mdm,4K,4144,2e+11,10,100,9.000000,0.1\n"  # replaced: its workdir finished
+                    "mdm,13K,13408,2e+11,10,100,4.900000,0.01\n"  # trained elsewhere: kept
+                    "mdm,27K,27000,2e+11,10,100,4.800000,\n"  # its rerun diverged: dropped
+                    "arm,4K,4144,8e+11,10,100,4.000000,0\n")  # another budget: kept
+    out = _cli("mdm_jax.scaling.sweep", f"--config={config}", "--collect-only",
+               f"--results={path}")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "wrote 3 result(s)" in out.stdout and "(2 kept from the file" in out.stdout
+    rows = [(r["family"], r["preset"], r["budget"], r["loss"], r["loss_se"])
+            for r in csv.DictReader(open(path))]
+    assert rows == [("mdm", "4K", "2e+11", "5.250000", ""),
+                    ("mdm", "13K", "2e+11", "4.900000", "0.01"),
+                    ("arm", "4K", "8e+11", "4.000000", "0")]
+    assert [r["budget"] for r in fit.read_results(str(path))] == [2e11, 2e11, 8e11]
+    # Collecting again changes nothing; a file that is not a results file is refused.
+    again = _cli("mdm_jax.scaling.sweep", f"--config={config}", "--collect-only",
+                 f"--results={path}")
+    assert again.returncode == 0 and [
+        (r["family"], r["preset"], r["budget"], r["loss"], r["loss_se"])
+        for r in csv.DictReader(open(path))] == rows
+    other = tmp_path / "notes.csv"
+    other.write_text("name,value\nx,1\n")
+    bad = _cli("mdm_jax.scaling.sweep", f"--config={config}", "--collect-only",
+               f"--results={other}")
+    assert bad.returncode == 2 and bad.stderr.strip().startswith("error: ") \
+        and "is not a results file" in bad.stderr, bad.stderr
+    assert other.read_text() == "name,value\nx,1\n"
 
 
 def _sweep_study(tiny_data, tmp_path, presets="13K,27K", budget_steps=6, extra=()):

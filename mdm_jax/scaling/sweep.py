@@ -236,31 +236,46 @@ def command(study: ml_collections.ConfigDict, run: Run, backend: str) -> list[st
     raise StudyError(f"--backend {backend!r}; valid: local, slurm, tpu")
 
 
-def collect(runs: list[Run], path: str) -> tuple[int, list[Run], list[tuple[Run, str]]]:
+def collect(runs: list[Run], path: str
+            ) -> tuple[int, list[Run], list[tuple[Run, str]], list[dict]]:
     """Write results.csv for every finished run, and diverged.csv beside it for every run that
     diverged (a stale diverged.csv is removed when none did). Returns (rows written, runs
-    still missing, [(diverged run, why)]).
+    still missing, [(diverged run, why)], rows kept from the file as it was).
 
     results.csv holds only finished runs with a finite loss, so every reader (scaling.fit, a
     notebook, a spreadsheet) can put each row on a curve without first filtering a status
     column; the diverged runs are a separate listing with the reason and the workdir.
+
+    A row already in the file stays unless a workdir replaces it: a run whose workdir holds a
+    finished (or diverged) run of the same family, size and budget. The rows of runs trained
+    on another machine, of workdirs since deleted, or of budgets outside this grid (a study
+    run budget by budget, `micro_v2,K`) are the user's results, not stale ones.
     """
     rows, missing, diverged, diverged_rows = [], [], [], []
+    out = storage.as_path(path)
+    earlier = _earlier_rows(out)
     for run in runs:
         loss, why, se = _outcome(run)
+        key = _row_key(run.family, run.preset, run.budget)
         row = {"family": run.family, "preset": run.preset,
                "non_embedding_params": run.non_embedding_params,
                "budget": f"{run.budget:.6g}", "steps": run.steps, "tokens": run.tokens}
         if why is not None:
+            earlier.pop(key, None)
             diverged.append((run, why))
             diverged_rows.append(row | {"run_id": run.run_id, "loss": str(loss),
                                         "reason": why, "workdir": run.workdir})
         elif loss is None:
-            missing.append(run)
+            if key in earlier:
+                rows.append(earlier.pop(key) | {"kept": True})
+            else:
+                missing.append(run)
         else:
+            earlier.pop(key, None)
             rows.append(row | {"loss": f"{loss:.6f}",
                                "loss_se": "" if se is None else f"{se:.6g}"})
-    out = storage.as_path(path)
+    rows += [row | {"kept": True} for row in earlier.values()]  # budgets outside this grid
+    kept = [row for row in rows if row.pop("kept", False)]
     listing = storage.as_path(diverged_path(path))
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -272,7 +287,33 @@ def collect(runs: list[Run], path: str) -> tuple[int, list[Run], list[tuple[Run,
     except OSError as e:
         raise StudyError(f"cannot write the results beside {out}: {e}; give a writable "
                          f"--results path") from None
-    return len(rows), missing, diverged
+    return len(rows), missing, diverged, kept
+
+
+def _row_key(family: str, preset: str, budget) -> tuple[str, str, str]:
+    return family, preset, f"{float(budget):.6g}"
+
+
+def _earlier_rows(out) -> dict[tuple[str, str, str], dict]:
+    """The rows of an existing results file, by (family, preset, budget)."""
+    try:
+        text = out.read_text() if out.exists() else ""
+    except OSError as e:
+        raise StudyError(f"cannot read the existing results {out}: {e}; give another "
+                         f"--results path") from None
+    reader = csv.DictReader(io.StringIO(text))
+    if text and not {"family", "preset", "budget"} <= set(reader.fieldnames or ()):
+        raise StudyError(f"{out} is not a results file (its header is {reader.fieldnames}); "
+                         f"move it aside or give another --results path")
+    earlier = {}
+    for line, row in enumerate(reader, start=2):
+        try:
+            key = _row_key(row["family"], row["preset"], row["budget"])
+        except (TypeError, ValueError):
+            raise StudyError(f"{out}:{line}: budget {row.get('budget')!r} is not a number; "
+                             f"fix or delete that row") from None
+        earlier[key] = {c: row.get(c) or "" for c in RESULT_COLUMNS}
+    return earlier
 
 
 def _write_csv(path, columns: tuple[str, ...], rows: list[dict]) -> None:
@@ -523,8 +564,10 @@ def _main(study) -> None:
             submit(study, todo, f.backend)
     if dry_run:
         return
-    written, missing, diverged = collect(runs, results)
+    written, missing, diverged, kept = collect(runs, results)
     print(f"[sweep] wrote {written} result(s) to {results}"
+          + (f" ({len(kept)} kept from the file: no workdir here replaces them)" if kept
+             else "")
           + (f"; {len(missing)} run(s) not finished yet" if missing else ""), flush=True)
     if diverged:
         print(f"[sweep] {len(diverged)} run(s) diverged, left out of the results and not "
