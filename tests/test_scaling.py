@@ -509,6 +509,16 @@ def test_committed_results_without_loss_se_fit_as_before(study):
     assert all(k["bootstrap_interval"] for k in ours["multipliers"].values())
 
 
+def test_the_second_study_fits_as_committed():
+    """experiments/results/micro_v2: its fit.json is the CLI's fit (1000 resamples, seed 0) of
+    the results.csv beside it, intervals and 1% sensitivities included."""
+    folder = os.path.join(ROOT, "experiments", "results", "micro_v2")
+    rows = fit.read_results(os.path.join(folder, "results.csv"))
+    assert all(r["loss_se"] > 0 for r in rows if r["family"] != "arm")
+    ours = json.loads(json.dumps(fit.public(fit.fit(rows, bootstrap=1000, seed=0))))
+    _same(json.load(open(os.path.join(folder, "fit.json"))), ours)
+
+
 def test_collect_fills_loss_se_from_the_final_eval_row(tmp_path):
     from mdm_jax.metrics import MetricWriter
 
