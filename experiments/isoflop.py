@@ -66,14 +66,15 @@ MICRO_FAMILIES_GRID = (
     "7.5e12: 4K,13K,27K,56K,107K,214K,443K",
 )
 
-# The second micro study: 4x the batch (64 x 128 = 8,192 tokens a step) and three budgets over
-# 0.86 decades, 2.2e12-1.6e13, each row's sizes (about 1.5x apart) around each kind of family's
+# The second micro study: 4x the batch (64 x 128 = 8,192 tokens a step) and four budgets over
+# 1.30 decades, 2.2e12-4.4e13, each row's sizes (about 1.5x apart) around each kind of family's
 # minimum: the diffusion families' below the ARM's. A first row at 8e11 (the lr sweep's
 # budget) was dropped: at this batch the masked families' best size there was the smallest
-# preset. The top budget holds the MDM and the ARM alone, seven and six sizes around the minima
-# the lower budgets point to (107K and 160K added once the MDM's loss still fell at 56K), and
-# 4.4e13 was dropped: the planned grid's last two budgets were
-# about 20 hours of this 2-core machine (BUILD_NOTES "Study v2").
+# preset. The two top budgets hold the MDM and the ARM alone (all five families there were
+# about 20 hours of this 2-core machine; BUILD_NOTES "Study v2"): at 1.6e13 seven and six sizes
+# around the minima the lower budgets point to (107K and 160K added once the MDM's loss still
+# fell at 56K); at 4.4e13 five each around the fits' extrapolated optima (the MDM's held below
+# its fit's 180K: at 1.6e13 every size above 83K was step-limited).
 DIFFUSION = "mdm,mdm-ce,uniform,eso"
 MICRO_V2_GRID = (
     "2.2e12: 4K,13K,19K,27K,40K,56K,83K,107K,160K,214K",
@@ -81,6 +82,8 @@ MICRO_V2_GRID = (
     "5.9e12 [arm]: 13K,19K,27K,40K,56K,83K,107K,160K,214K",
     "1.6e13 [mdm]: 19K,27K,40K,56K,83K,107K,160K",
     "1.6e13 [arm]: 56K,83K,107K,160K,214K,333K",
+    "4.4e13 [mdm]: 56K,83K,107K,160K,214K",
+    "4.4e13 [arm]: 214K,333K,443K,600K,853K",
 )
 # Its learning-rate sweep (experiments/micro_v2_lr.py): the smallest budget, one size near
 # each kind of family's minimum there, every lr a factor of 2 apart.

@@ -61,7 +61,7 @@ def test_the_study_runs_budget_by_budget_and_its_runs_read_the_chosen_lr(tmp_pat
     isoflop = experiment("isoflop")
     full = isoflop.get_config("micro_v2")
     budgets = sorted({b for b, _, _ in parse_grid(full.grid)})
-    assert len(budgets) == 3 and budgets[-1] / budgets[0] >= 10 ** 0.85 and full.batch == 64
+    assert len(budgets) >= 4 and budgets[-1] / budgets[0] >= 10 ** 1.3 and full.batch == 64
     two = isoflop.get_config("micro_v2,2")
     assert {b for b, _, _ in parse_grid(two.grid)} == set(budgets[:2])
     assert two.sweep_dir == full.sweep_dir  # one folder, budget by budget
@@ -71,7 +71,7 @@ def test_the_study_runs_budget_by_budget_and_its_runs_read_the_chosen_lr(tmp_pat
                      if r.family == f and r.budget == budgets[-1]) for f in ("mdm", "arm")}
     assert top["arm"][0] > top["mdm"][0] and top["arm"][-1] > top["mdm"][-1]
     assert {r.family for r in runs if r.budget == budgets[-1]} == {"mdm", "arm"}
-    assert {r.family for r in runs if r.budget == budgets[-2]} == {
+    assert {r.family for r in runs if r.budget == budgets[1]} == {
         "mdm", "mdm-ce", "uniform", "eso", "arm"}
     for bad, needle in (("1e12 [mdm: 4K", "must read"), ("1e12 [mdn]: 4K", "names 'mdn'")):
         with pytest.raises(StudyError, match=needle):
