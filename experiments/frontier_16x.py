@@ -86,6 +86,8 @@ def rescored_nll(scorer, scorer_tok, model_tok, rows, prompt_len: int) -> tuple[
     counts = weight.sum(axis=1).astype(np.float64)
     mean = totals.sum() / counts.sum()
     k = len(totals)
+    if k < 2:
+        return float(mean), float("nan")  # one sample: no spread to measure
     se = math.sqrt(np.sum((totals - mean * counts) ** 2) / (k * (k - 1))) / counts.mean()
     return float(mean), float(se)
 

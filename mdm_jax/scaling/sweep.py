@@ -251,7 +251,7 @@ def collect(runs: list[Run], path: str
     on another machine, of workdirs since deleted, or of budgets outside this grid (a study
     run budget by budget, `micro_v2,K`) are the user's results, not stale ones.
     """
-    rows, missing, diverged, diverged_rows = [], [], [], []
+    rows, missing, diverged, diverged_rows, kept = [], [], [], [], []
     out = storage.as_path(path)
     earlier = _earlier_rows(out)
     for run in runs:
@@ -267,15 +267,16 @@ def collect(runs: list[Run], path: str
                                         "reason": why, "workdir": run.workdir})
         elif loss is None:
             if key in earlier:
-                rows.append(earlier.pop(key) | {"kept": True})
+                kept.append(earlier.pop(key))
+                rows.append(kept[-1])
             else:
                 missing.append(run)
         else:
             earlier.pop(key, None)
             rows.append(row | {"loss": f"{loss:.6f}",
                                "loss_se": "" if se is None else f"{se:.6g}"})
-    rows += [row | {"kept": True} for row in earlier.values()]  # budgets outside this grid
-    kept = [row for row in rows if row.pop("kept", False)]
+    kept += earlier.values()  # rows of budgets or sizes outside this grid
+    rows += earlier.values()
     listing = storage.as_path(diverged_path(path))
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
