@@ -58,13 +58,6 @@ def train_mdm(preset: str, budget: float, workdir: str) -> None:
                    check=True, cwd=REPO)
 
 
-def final_eval_loss(workdir: str) -> float:
-    """The last validation bound a run logged (its metrics.jsonl)."""
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f if '"eval_loss"' in line]
-    return rows[-1]["eval_loss"]
-
-
 def rescored_nll(scorer, scorer_tok, model_tok, rows, prompt_len: int) -> tuple[float, float]:
     """Mean NLL per scorer token of the decoded samples, each re-encoded after BOS, and its
     standard error over the samples (a ratio estimate: samples differ in token count)."""
@@ -145,6 +138,7 @@ def main(argv=None) -> None:
 
     from mdm_jax.data.tokenizer import Tokenizer
     from mdm_jax.inference import MDMSampler, generate, load
+    from mdm_jax.plot import read_run
     from mdm_jax.presets import get_preset
     from mdm_jax.scaling.fit import fit, read_results
 
@@ -182,7 +176,7 @@ def main(argv=None) -> None:
                              **r})
         print(json.dumps(out_rows[-1]), flush=True)
     bounds = {"ARM": arm_row["loss"], "MDM 1x": mdm_row["loss"],
-              "MDM 16x": final_eval_loss(mdm_dir)}
+              "MDM 16x": read_run(mdm_dir).evals[-1][1]}  # its last logged bound
     cmd = "python experiments/frontier_16x.py " + " ".join(argv or sys.argv[1:])
     result = {"command": cmd.strip(), "budget": a.budget, "multiple": a.multiple,
               "mdm_n_star": n_star, "mdm_preset": preset,
