@@ -199,6 +199,33 @@ def test_a_family_at_two_budgets_gets_its_minima_and_multiplier_but_no_laws(tmp_
     json.dumps(fit.public(result))  # the --json output
 
 
+def test_a_budget_still_training_is_left_out_and_listed(tmp_path):
+    """Mid-sweep: a (family, budget) with fewer than 3 sizes finished has no curve yet. The fit
+    is the fit without it, says what it left out, and the CLI fits the file as it stands."""
+    path = tmp_path / "results.csv"
+    _synthetic(path, alpha=0.062, beta={"mdm": 0.63, "arm": 0.58}, multiplier={"mdm": 16.0})
+    rows = fit.read_results(str(path))
+    top = max(r["budget"] for r in rows)
+    done = [r for r in rows if r["budget"] < top]
+    arm_top = sorted((r for r in rows if r["budget"] == top and r["family"] == "arm"),
+                     key=lambda r: r["non_embedding_params"])
+    partial = done + arm_top[:2] + arm_top[:1]  # two sizes (one run twice) of the ARM at the top
+    result, without = fit.fit(partial, bootstrap=20), fit.fit(done, bootstrap=20)
+    assert result["left_out"] == [{"family": "arm", "budget": top, "runs": 3, "sizes": 2}]
+    assert without["left_out"] == []
+    assert fit.public(result) == {**fit.public(without), "left_out": result["left_out"]}
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(partial[0]))
+        writer.writeheader()
+        writer.writerows(partial)
+    done_cli = _cli("mdm_jax.scaling.fit", "--results", str(path), "--bootstrap", "0")
+    assert done_cli.returncode == 0, done_cli.stderr
+    assert (f"ARM at C={top:.3g}: 3 finished run(s) at 2 size(s), left out of the fits until 3 "
+            f"sizes have finished") in done_cli.stdout
+    with pytest.raises(plan.StudyError, match="no family has a budget with 3 or more sizes"):
+        fit.fit(arm_top[:2])
+
+
 def _edge_rows(edges):
     """Noise-free MDM and ARM IsoFLOP curves (alpha 0.062, the MDM 16x the ARM's compute) where
     each (family, budget) in `edges` lost its sizes up to 1.5x its optimum: its best run sits at

@@ -21,6 +21,10 @@ and the number dropped is reported (the intervals are thus conditional on every 
 Beside each multiplier is its sensitivity to a 1% shift: the multiplier refitted with every
 loss of the family (then of the reference) times 1.01.
 
+A (family, budget) with fewer than 3 distinct sizes finished (a sweep still running, a budget
+not yet started) has no IsoFLOP curve yet: it is left out of every fit and listed as such, so
+a study can be fitted, and its results committed, while its sweep goes on.
+
     python -m mdm_jax.scaling.fit --results results.csv --plot isoflop.png [--json]
 """
 
@@ -184,6 +188,21 @@ def _groups(rows: list[dict]) -> dict[str, list[tuple]]:
     return out
 
 
+def _split_incomplete(groups: dict[str, list[tuple]]) -> tuple[dict, list[dict]]:
+    """(the curves with 3 or more distinct sizes, [what was left out: family, budget, runs,
+    sizes]); a family with no such curve is dropped from the first."""
+    kept, left_out = {}, []
+    for family, curves in groups.items():
+        for curve in curves:
+            budget, n = curve[0], curve[1]
+            if len(np.unique(n)) >= 3:
+                kept.setdefault(family, []).append(curve)
+            else:
+                left_out.append({"family": family, "budget": float(budget), "runs": len(n),
+                                 "sizes": int(len(np.unique(n)))})
+    return kept, left_out
+
+
 def _family_fit(family: str, curves: list[tuple]) -> tuple[list[Minimum], PowerLaw | None,
                                                            PowerLaw | None]:
     """The IsoFLOP minima of (budget, sizes, losses, ...) curves, and L*(C) and N*(C); the laws
@@ -203,8 +222,11 @@ def fit(rows: list[dict], bootstrap: int = 0, seed: int = 0, level: float = 0.95
     """Minima per family and budget, the two power laws per family and the compute multipliers,
     each multiplier's sensitivity to +1% on one family's losses and, with `bootstrap`
     resamples (the CLI's default 1000), percentile intervals at `level` (module docstring)."""
-    out = {"families": {}}
-    groups = _groups(rows)
+    groups, left_out = _split_incomplete(_groups(rows))
+    out = {"families": {}, "left_out": left_out}
+    if not groups:
+        raise StudyError("no family has a budget with 3 or more sizes finished; an IsoFLOP "
+                         "curve needs 3 (let the sweep finish, then collect it again)")
     fits = {family: _family_fit(family, curves) for family, curves in groups.items()}
     if not any(law is not None for _, law, _ in fits.values()):
         most = max(len(minima) for minima, _, _ in fits.values())
@@ -434,6 +456,10 @@ def report(result: dict) -> str:
         for m in d["_minima"]:
             flag = "" if m.bracketed else "  (not bracketed: best run shown; widen the grid)"
             lines.append(f"  C={m.budget:.3g}: N*={m.n_opt:,.0f}  L*={m.loss_opt:.4f}{flag}")
+    for gap in result.get("left_out", []):
+        lines.append(f"{gap['family'].upper()} at C={gap['budget']:.3g}: {gap['runs']} finished "
+                     f"run(s) at {gap['sizes']} size(s), left out of the fits until 3 sizes "
+                     f"have finished")
     for pair, k in result.get("multipliers", {}).items():
         family, reference = (f.upper() for f in pair.split("/"))
         spread = 10 ** k["shared_alpha_log10_se"]
