@@ -20,6 +20,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -340,7 +341,7 @@ def test_the_readme_runs_as_written(tmp_path):
     scripts = {key: (lang, script) for key, lang, script in readme_commands(text)}
     scripts[".venv/bin/python -m mdm_jax.train --config=experiments/tiny.py:arm"] = (
         "bash", ".venv/bin/python -m mdm_jax.train --config=experiments/tiny.py:arm")
-    not_here, failed = [], []
+    not_here, failed, seconds = [], [], {}
     for key, how in COMMANDS.items():
         if isinstance(how, NotHere):
             not_here.append(f"{key}\n    -> {how.why}")
@@ -353,12 +354,17 @@ def test_the_readme_runs_as_written(tmp_path):
             # the results of a finished study: the committed micro study's stand in
             shutil.copy(Path(REPO) / "experiments" / "results" / "micro" / "results.csv",
                         root / "results.csv")
+        start = time.monotonic()
         out, problem = _run(lang, script, how.extra, root, env)
+        seconds[key] = time.monotonic() - start
         if problem:
             failed.append(problem)  # the walk goes on: one run shows every failing command
         elif key == "bash launch/demo.sh":
             assert "samples" in out and (root / "runs" / "tiny_mdm" / "checkpoints").is_dir()
     print("README commands not run here:\n" + "\n".join(not_here))
+    # where the walk's time goes (pytest -s or -rP shows it): the suite's longest test
+    print("The walk's commands, slowest first:\n" + "\n".join(
+        f"{s:7.1f} s  {key[:100]}" for key, s in sorted(seconds.items(), key=lambda kv: -kv[1])))
     assert not failed, "\n\n".join(failed)
     assert (root / "exports" / "tiny_llada" / "config.json").exists()
     assert (root / "answers.jsonl").read_text().count("\n") == 4  # 2 prompts x --num 2
